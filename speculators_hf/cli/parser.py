@@ -1,0 +1,70 @@
+"""One CLI mechanism: `HfArgumentParser` over argument dataclasses, plus `--config file.yaml`.
+
+YAML values become defaults and flags given on the command line override them; unknown YAML keys are an error.
+A `UserError` (or `ValueError` from argument validation) prints one line and exits 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+from ..utils import UserError
+
+
+def make_parser(dataclass_types, prog: str | None = None, description: str | None = None) -> HfArgumentParser:
+    types = dataclass_types if isinstance(dataclass_types, Sequence) else [dataclass_types]
+    parser = HfArgumentParser(types, prog=prog, description=description or (types[0].__doc__ or "").strip())
+    parser.add_argument("--config", default=None, help="YAML file of flag values (flags on the command line win).")
+    return parser
+
+
+def parse(parser: HfArgumentParser, argv: list[str] | None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        if not path.exists():
+            raise UserError(f"--config {path} does not exist.")
+        values = yaml.safe_load(path.read_text()) or {}
+        dests = {a.dest for a in parser._actions}
+        unknown = sorted(k for k in values if k.replace("-", "_") not in dests)
+        if unknown:
+            raise UserError(f"--config {path}: unknown keys {unknown}.")
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    *outputs, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    rest = [r for i, r in enumerate(rest) if not (r == "--config" or (i > 0 and rest[i - 1] == "--config"))]
+    rest = [r for r in rest if not r.startswith("--config=")]
+    if rest:
+        raise UserError(f"unrecognised arguments: {' '.join(rest)} (see --help).")
+    return outputs
+
+
+def run_command(dataclass_types, fn: Callable, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Parse, run `fn(*args)`, and turn user errors into one line on stderr and exit status 2."""
+    parser = make_parser(dataclass_types, prog=prog)
+    try:
+        args = parse(parser, argv)
+        fn(*args)
+    except UserError as err:
+        print(f"{prog or parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # raised by dataclass validation inside HfArgumentParser
+        if err.__traceback__ is not None and _raised_in_post_init(err):
+            print(f"{prog or parser.prog}: error: {err}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+def _raised_in_post_init(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "__post_init__":
+            return True
+        tb = tb.tb_next
+    return False

@@ -1,0 +1,117 @@
+"""The on-disk format of datagen's output, and a memory-mapped reader for training.
+
+An output folder holds `data-00000.safetensors`, `data-00001.safetensors`, ... and `index.json`. Each shard packs many
+samples end to end:
+
+    input_ids       int64  [N]            N = total tokens of the shard's samples
+    loss_mask       uint8  [N]            1 on assistant tokens
+    hidden_states   dtype  [N, L, H]      L = aux layers + the last layer (pre-norm), in `layer_ids` order
+    sample_offsets  int64  [S + 1]        sample s spans [sample_offsets[s], sample_offsets[s + 1])
+    sample_ids      int64  [S]            the sample's row in the tokenized dataset (for resume and provenance)
+
+`index.json` lists the finished shards in order; a shard file exists only once it is complete (temp file + rename),
+and `index.json` is rewritten atomically after each one, so a killed run leaves a consistent folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..utils import UserError, atomic_path, write_json
+
+INDEX_FILE = "index.json"
+SHARD_FORMAT = "speculators_hf.shards"
+SHARD_FORMAT_VERSION = 1
+
+
+def shard_name(k: int) -> str:
+    return f"data-{k:05d}.safetensors"
+
+
+def write_shard(path: str | Path, samples: list[dict[str, torch.Tensor]], sample_ids: list[int]) -> dict:
+    """Write samples (`input_ids [T]`, `loss_mask [T]`, `hidden_states [T, L, H]`) as one shard, atomically.
+
+    Returns the shard's entry for `index.json`.
+    """
+    lengths = [len(s["input_ids"]) for s in samples]
+    offsets = torch.zeros(len(samples) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor(lengths).cumsum(0)
+    tensors = {
+        "input_ids": torch.cat([s["input_ids"].long() for s in samples]),
+        "loss_mask": torch.cat([s["loss_mask"].to(torch.uint8) for s in samples]),
+        "hidden_states": torch.cat([s["hidden_states"] for s in samples]).contiguous(),
+        "sample_offsets": offsets,
+        "sample_ids": torch.tensor(sample_ids, dtype=torch.long),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": SHARD_FORMAT, "version": str(SHARD_FORMAT_VERSION)})
+    return {"file": path.name, "num_samples": len(samples), "num_tokens": int(offsets[-1]),
+            "first_sample_id": int(sample_ids[0]), "last_sample_id": int(sample_ids[-1])}
+
+
+def read_index(data_dir: str | Path) -> dict | None:
+    path = Path(data_dir) / INDEX_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_index(data_dir: str | Path, index: dict) -> None:
+    write_json(Path(data_dir) / INDEX_FILE, index)
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Random access to the samples of a datagen output folder, read lazily from memory-mapped safetensors.
+
+    `dataset[i]` is `{"input_ids": [T] int64, "loss_mask": [T] int64, "hidden_states": [T, L, H]}`.
+    """
+
+    def __init__(self, data_dir: str | Path):
+        self.data_dir = Path(data_dir)
+        index = read_index(self.data_dir)
+        if index is not None:
+            files = [self.data_dir / s["file"] for s in index["shards"]]
+        else:
+            files = sorted(self.data_dir.glob("data-*.safetensors"))
+        if not files:
+            raise UserError(f"No datagen shards (data-*.safetensors) in {self.data_dir}.")
+        self.files = files
+        self.offsets: list[torch.Tensor] = []
+        self._where: list[tuple[int, int]] = []
+        for k, file in enumerate(files):
+            with safe_open(str(file), "pt") as f:
+                offsets = f.get_tensor("sample_offsets")
+                if k == 0:
+                    self.hidden_shape = tuple(f.get_slice("hidden_states").get_shape()[1:])  # (L, H)
+            self.offsets.append(offsets)
+            self._where += [(k, s) for s in range(len(offsets) - 1)]
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def _handle(self, k: int):
+        if k not in self._handles:  # opened lazily, so each DataLoader worker maps its own files
+            self._handles[k] = safe_open(str(self.files[k]), "pt")
+        return self._handles[k]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handles": {}}
+
+    def sample_length(self, i: int) -> int:
+        k, s = self._where[i]
+        return int(self.offsets[k][s + 1] - self.offsets[k][s])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        k, s = self._where[i]
+        a, b = int(self.offsets[k][s]), int(self.offsets[k][s + 1])
+        f = self._handle(k)
+        return {
+            "input_ids": f.get_slice("input_ids")[a:b].long(),
+            "loss_mask": f.get_slice("loss_mask")[a:b].long(),
+            "hidden_states": f.get_slice("hidden_states")[a:b],
+        }

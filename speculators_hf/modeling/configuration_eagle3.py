@@ -1,0 +1,240 @@
+"""Configuration of an EAGLE-3 draft model.
+
+`Eagle3Config` is a `LlamaConfig` (the draft decoder's shape, RoPE and norms, all taken from the verifier) plus the
+EAGLE-3 fields. On disk it is written in the "speculators" format that vLLM reads: the decoder fields nest under
+`transformer_layer_config`, and `speculators_config` names the verifier and the number of speculative tokens. It also
+reads flat configs (the EAGLE authors' research format) and configs written by vllm-project/speculators.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig, PreTrainedConfig
+
+from ..utils import UserError
+
+# Fields of the top level of a speculators-format config.json, next to `transformer_layer_config`.
+EAGLE3_FIELDS = (
+    "draft_vocab_size",
+    "norm_before_residual",
+    "norm_before_fc",
+    "norm_output",
+    "target_hidden_size",
+    "eagle_aux_hidden_state_layer_ids",
+)
+# Our own training choices, kept at the top level too (vLLM ignores them).
+TRAINING_FIELDS = ("train_lm_head", "verifier_num_hidden_layers", "speculative_tokens", "verifier_name_or_path",
+                   "verifier_architectures")
+# PreTrainedConfig bookkeeping that belongs at the top level, never inside `transformer_layer_config`.
+TOP_LEVEL_KEYS = ("architectures", "dtype", "torch_dtype", "transformers_version", "model_type", "auto_map",
+                  "_name_or_path", "speculators_version")
+LAYER_CONFIG_DROP = ("architectures", "dtype", "transformers_version", "auto_map", "_name_or_path", "output_attentions",
+                     "output_hidden_states", "return_dict", "chunk_size_feed_forward", "problem_type",
+                     "tie_word_embeddings", "use_cache", "pretraining_tp", "id2label", "label2id", "is_encoder_decoder",
+                     "tokenizer_class", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def default_aux_layer_ids(num_hidden_layers: int) -> list[int]:
+    """vLLM's default aux layer ids `[2, n//2, n-3]`, made distinct for verifiers with fewer than 8 layers.
+
+    Ids follow vLLM's convention: id `i` is the *input* to decoder layer `i` (hidden + residual), id `n` the pre-norm
+    output of the last layer.
+    """
+    n = num_hidden_layers
+    ids = [2, n // 2, n - 3]
+    if len(set(ids)) == 3 and all(0 < i < n for i in ids):
+        return ids
+    if n < 4:
+        raise UserError(f"A verifier needs at least 4 decoder layers for 3 distinct aux layers; it has {n}.")
+    return [1, n // 2, n - 1] if n // 2 not in (1, n - 1) else [1, 2, n - 1]
+
+
+@strict
+class Eagle3Config(LlamaConfig):
+    r"""
+    The draft decoder shape (every `LlamaConfig` field) plus:
+
+    Args:
+        draft_vocab_size (`int`): size of the draft vocabulary `Vd` (the lm_head rows); `d2t`/`t2d` map it to the
+            verifier vocabulary (`vocab_size`).
+        eagle_aux_hidden_state_layer_ids (`list[int]`): verifier layers whose states are fused, in vLLM's convention
+            (id `i` = input to decoder layer `i`). These are the ids vLLM captures at serve time.
+        norm_before_residual (`bool`): residual of the first layer is `hidden_norm(h)` instead of `h`.
+        norm_before_fc (`bool`): Eagle 3.1: RMSNorm over the `3H` aux concatenation before `fc`.
+        norm_output (`bool`): Eagle 3.1: the carried hidden state is the final-norm output rather than the pre-norm.
+        target_hidden_size (`int`, *optional*): verifier hidden size when it differs from the draft's.
+        train_lm_head (`bool`): whether lm_head trains (initialised from the verifier's rows either way).
+        speculative_tokens (`int`): draft tokens per step when served (`num_speculative_tokens` in vLLM).
+        verifier_name_or_path (`str`): hub id (preferred) or path of the verifier; vLLM's auto mode serves it.
+        verifier_architectures (`list[str]`): the verifier's architectures.
+        verifier_num_hidden_layers (`int`): the verifier's decoder layer count (to validate aux ids).
+    """
+
+    model_type = "speculators"  # what vLLM maps speculators-format checkpoints to
+
+    draft_vocab_size: int | None = None
+    eagle_aux_hidden_state_layer_ids: list[int] | None = None
+    norm_before_residual: bool = True
+    norm_before_fc: bool = False
+    norm_output: bool = False
+    target_hidden_size: int | None = None
+    train_lm_head: bool = True
+    speculative_tokens: int = 3
+    verifier_name_or_path: str | None = None
+    verifier_architectures: list[str] | None = None
+    verifier_num_hidden_layers: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.draft_vocab_size is None:
+            self.draft_vocab_size = self.vocab_size
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        if not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise UserError(
+                f"draft_vocab_size={self.draft_vocab_size} must be in [1, vocab_size={self.vocab_size}] "
+                "(the draft vocabulary is a subset of the verifier's)."
+            )
+        ids = self.eagle_aux_hidden_state_layer_ids
+        if ids is not None and self.verifier_num_hidden_layers is not None:
+            bad = [i for i in ids if not 0 <= i <= self.verifier_num_hidden_layers]
+            if bad or len(set(ids)) != len(ids):
+                raise UserError(
+                    f"aux layer ids {ids} must be distinct and in [0, {self.verifier_num_hidden_layers}] "
+                    f"(the verifier has {self.verifier_num_hidden_layers} decoder layers; vLLM convention: id i is "
+                    f"the input to layer i)."
+                )
+        if self.speculative_tokens < 1:
+            raise UserError(f"speculative_tokens must be >= 1, got {self.speculative_tokens}")
+
+    @property
+    def num_aux_layers(self) -> int:
+        return len(self.eagle_aux_hidden_state_layer_ids or (0, 0, 0))
+
+    # ------------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def from_verifier(
+        cls,
+        verifier_config: PreTrainedConfig,
+        *,
+        draft_vocab_size: int | None = None,
+        num_hidden_layers: int = 1,
+        aux_layer_ids: list[int] | None = None,
+        verifier_name_or_path: str | None = None,
+        **kwargs: Any,
+    ) -> Eagle3Config:
+        """Draft config whose decoder shape, RoPE and `max_position_embeddings` come from the verifier.
+
+        Args:
+            verifier_config: the verifier's config (multimodal configs are reduced to their text config).
+            draft_vocab_size: draft vocabulary size (default: the verifier's vocabulary).
+            num_hidden_layers: draft decoder layers (default 1).
+            aux_layer_ids: aux layer ids in vLLM's convention (default `[2, n//2, n-3]`).
+            verifier_name_or_path: the hub id to record for serving (default: the config's `name_or_path`).
+            **kwargs: any other `Eagle3Config` field (`norm_before_fc=True`, `train_lm_head=False`, ...).
+        """
+        text = verifier_config.get_text_config()
+        n = text.num_hidden_layers
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        shape = dict(
+            vocab_size=text.vocab_size,
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_attention_heads=text.num_attention_heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+            head_dim=head_dim,
+            hidden_act=getattr(text, "hidden_act", "silu"),
+            rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+            max_position_embeddings=text.max_position_embeddings,
+            rope_parameters=copy.deepcopy(getattr(text, "rope_parameters", None)),
+            attention_bias=getattr(text, "attention_bias", False),
+            mlp_bias=getattr(text, "mlp_bias", False),
+            pad_token_id=getattr(text, "pad_token_id", None),
+        )
+        if kwargs.get("max_position_embeddings", shape["max_position_embeddings"]) < shape["max_position_embeddings"]:
+            raise UserError(
+                f"max_position_embeddings={kwargs['max_position_embeddings']} is smaller than the verifier's "
+                f"{shape['max_position_embeddings']}: vLLM would clip the draft's RoPE at serve time. Leave it unset."
+            )
+        name = verifier_name_or_path or getattr(verifier_config, "name_or_path", None) or None
+        return cls(
+            **{**shape, **kwargs},
+            num_hidden_layers=num_hidden_layers,
+            draft_vocab_size=draft_vocab_size or text.vocab_size,
+            eagle_aux_hidden_state_layer_ids=list(aux_layer_ids or default_aux_layer_ids(n)),
+            verifier_num_hidden_layers=n,
+            verifier_name_or_path=name,
+            verifier_architectures=list(getattr(verifier_config, "architectures", None) or []),
+            architectures=["Eagle3DraftModel"],
+        )
+
+    # -------------------------------------------------------------------------------------- speculators format
+
+    def to_dict(self) -> dict[str, Any]:
+        """The speculators-format dict vLLM reads (decoder fields nested under `transformer_layer_config`)."""
+        flat = super().to_dict()
+        top = {k: flat.pop(k) for k in TOP_LEVEL_KEYS if k in flat}
+        eagle = {k: flat.pop(k) for k in EAGLE3_FIELDS}
+        training = {k: flat.pop(k) for k in TRAINING_FIELDS}
+        layer = {k: v for k, v in flat.items() if k not in LAYER_CONFIG_DROP}
+        layer["model_type"] = "llama"
+        return {
+            **top,
+            "speculators_model_type": "eagle3",
+            "speculators_config": {
+                "algorithm": "eagle3",
+                "default_proposal_method": "greedy",
+                "proposal_methods": [
+                    {
+                        "proposal_type": "greedy",
+                        "speculative_tokens": training["speculative_tokens"],
+                        "verifier_accept_k": 1,
+                        "accept_tolerance": 0.0,
+                    }
+                ],
+                "verifier": {
+                    "name_or_path": training["verifier_name_or_path"],
+                    "architectures": training["verifier_architectures"] or [],
+                },
+            },
+            "transformer_layer_config": layer,
+            **eagle,
+            "fc_norm": False,
+            "train_lm_head": training["train_lm_head"],
+            "verifier_num_hidden_layers": training["verifier_num_hidden_layers"],
+            "tie_word_embeddings": False,
+        }
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        # vLLM builds the draft config from `transformer_layer_config` alone, without Llama defaults: write it whole.
+        return self.to_dict()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        return super().from_dict(flatten_config_dict(config_dict), **kwargs)
+
+
+def flatten_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """Speculators-format (or research-format) config dict -> flat `Eagle3Config` kwargs."""
+    d = copy.deepcopy(config_dict)
+    layer = d.pop("transformer_layer_config", None)
+    if layer is None:  # already flat: our own kwargs or the EAGLE authors' research config
+        d.pop("model_type", None)
+        return d
+    layer.pop("model_type", None)
+    spec = d.pop("speculators_config", None) or {}
+    methods = spec.get("proposal_methods") or [{}]
+    verifier = spec.get("verifier") or {}
+    for key in ("speculators_model_type", "speculators_version", "fc_norm", "model_type", "auto_map", "torch_dtype"):
+        d.pop(key, None)
+    out = {**layer, **d}
+    out.setdefault("speculative_tokens", methods[0].get("speculative_tokens", 3))
+    out.setdefault("verifier_name_or_path", verifier.get("name_or_path"))
+    out.setdefault("verifier_architectures", verifier.get("architectures"))
+    out.setdefault("norm_before_residual", True)  # vLLM's default when the key is missing
+    return out

@@ -1,0 +1,322 @@
+"""The EAGLE-3 draft model: a Llama decoder fed with fused verifier hidden states.
+
+One draft step (`Eagle3DraftModel.forward`):
+
+    g   = [h_a ‖ h_b ‖ h_c]                       aux verifier states         [B, T, 3 * Ht]
+    h   = fc(g)            (first step)  or the carried draft state           [B, T, H]
+    e   = embed_tokens(x)  (frozen copy of the verifier's embedding)          [B, T, H]
+    h   = layer_0([input_layernorm(e) ‖ hidden_norm(h)])   q/k/v read 2H      [B, T, H]
+    h   = layer_i(h)  for the later (plain Llama) layers
+    out = lm_head(norm(h))                                 draft vocab        [B, T, Vd]
+
+Draft index `j` is verifier token `j + d2t[j]`. Names and shapes match what vLLM's `Eagle3LlamaForCausalLM` loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from ..utils import UserError
+from .configuration_eagle3 import Eagle3Config
+
+
+@dataclass
+class Eagle3Output(ModelOutput):
+    """Output of one draft step.
+
+    Args:
+        logits (`torch.FloatTensor` of shape `[B, T, draft_vocab_size]`): logits over the draft vocabulary.
+        hidden_states (`torch.FloatTensor` of shape `[B, T, H]`): the state carried into the next draft step
+            (post-norm when `config.norm_output`, else pre-norm).
+        past_key_values (`Cache`, *optional*): the updated cache.
+    """
+
+    logits: torch.FloatTensor | None = None
+    hidden_states: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+
+
+class Eagle3FirstDecoderLayer(LlamaDecoderLayer):
+    """Llama decoder layer whose attention reads `[input_layernorm(embeds) ‖ hidden_norm(hidden)]` (2H wide)."""
+
+    def __init__(self, config: Eagle3Config, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        # ##### EAGLE-3: q/k/v take 2H; a second input norm for the hidden state #####
+        attn, width, bias = self.self_attn, 2 * config.hidden_size, config.attention_bias
+        attn.q_proj = nn.Linear(width, config.num_attention_heads * attn.head_dim, bias=bias)
+        attn.k_proj = nn.Linear(width, config.num_key_value_heads * attn.head_dim, bias=bias)
+        attn.v_proj = nn.Linear(width, config.num_key_value_heads * attn.head_dim, bias=bias)
+        self.hidden_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm_before_residual = config.norm_before_residual
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        embeds = self.input_layernorm(inputs_embeds)  # [B, T, H]
+        normed = self.hidden_norm(hidden_states)  # [B, T, H]
+        residual = normed if self.norm_before_residual else hidden_states
+        # Self Attention over the 2H concatenation
+        attn_out, _ = self.self_attn(
+            hidden_states=torch.cat([embeds, normed], dim=-1),  # [B, T, 2H]
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + attn_out
+        # Fully Connected
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class Eagle3PreTrainedModel(PreTrainedModel):
+    config: Eagle3Config
+    config_class = Eagle3Config
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Eagle3FirstDecoderLayer", "LlamaDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # Frozen verifier parts used only to build training targets: never saved, rebuilt by `from_verifier`.
+    _keys_to_ignore_on_save = ["verifier_norm.weight", "verifier_lm_head.weight"]
+    _keys_to_ignore_on_load_missing = [r"verifier_norm\.weight", r"verifier_lm_head\.weight"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Eagle3DraftModel) and module.d2t is not None:
+            # Identity mapping until a real one is loaded (target id j for draft index j).
+            module.d2t.zero_()
+            module.t2d.zero_()
+            module.t2d[: module.config.draft_vocab_size] = True
+
+
+class Eagle3DraftModel(Eagle3PreTrainedModel):
+    """EAGLE-3 draft model (see the module docstring). Build one with `Eagle3DraftModel.from_verifier`."""
+
+    def __init__(self, config: Eagle3Config):
+        super().__init__(config)
+        H, V, Vd = config.hidden_size, config.vocab_size, config.draft_vocab_size
+        Ht = config.target_hidden_size or H
+        fused = config.num_aux_layers * Ht
+
+        self.embed_tokens = nn.Embedding(V, H, config.pad_token_id)
+        self.embed_tokens.weight.requires_grad_(False)  # a copy of the verifier's, frozen
+        self.input_norm = LlamaRMSNorm(fused, eps=config.rms_norm_eps) if config.norm_before_fc else None
+        self.fc = nn.Linear(fused, H, bias=False)
+        self.layers = nn.ModuleList(
+            [Eagle3FirstDecoderLayer(config, 0)] + [LlamaDecoderLayer(config, i) for i in range(1, config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(H, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(H, Vd, bias=False)
+        self.lm_head.weight.requires_grad_(config.train_lm_head)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+
+        # Draft -> verifier vocabulary: target id = j + d2t[j]; t2d marks the verifier ids in the draft vocabulary.
+        if Vd != V:
+            self.register_buffer("d2t", torch.zeros(Vd, dtype=torch.long))
+            self.register_buffer("t2d", torch.zeros(V, dtype=torch.bool))
+        else:
+            self.d2t = self.t2d = None
+
+        # Frozen verifier parts for training targets: final norm and the lm_head rows of the draft vocabulary.
+        self.verifier_norm = LlamaRMSNorm(Ht, eps=config.rms_norm_eps)
+        self.verifier_lm_head = nn.Linear(Ht, Vd, bias=False)
+        self.verifier_norm.requires_grad_(False)
+        self.verifier_lm_head.requires_grad_(False)
+
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    # ------------------------------------------------------------------------------------------- one draft step
+
+    def fuse(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
+        """`[B, T, num_aux * Ht]` concatenated verifier aux states -> `[B, T, H]` draft input state."""
+        if self.input_norm is not None:
+            aux_hidden_states = self.input_norm(aux_hidden_states)
+        return self.fc(aux_hidden_states)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        aux_hidden_states: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        **kwargs,
+    ) -> Eagle3Output:
+        """One draft step.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `[B, T]`): verifier token ids (the token *after* each state).
+            aux_hidden_states (`torch.Tensor` of shape `[B, T, num_aux * Ht]`): fused verifier aux states (first
+                step). Exactly one of `aux_hidden_states` and `hidden_states` is given.
+            hidden_states (`torch.Tensor` of shape `[B, T, H]`): the state carried from the previous draft step.
+            position_ids (`torch.LongTensor` of shape `[B, T]`): positions (default: after the cached ones).
+            attention_mask (`torch.Tensor`, *optional*): a prepared 4D mask `[B, 1, T, S]` (bool, True = attend) or a
+                flex `BlockMask`; default: causal over the cache.
+            past_key_values (`Cache`, *optional*): the draft's KV cache.
+        """
+        if (aux_hidden_states is None) == (hidden_states is None):
+            raise ValueError("Pass exactly one of `aux_hidden_states` (first step) and `hidden_states` (later steps).")
+        if aux_hidden_states is not None:
+            hidden_states = self.fuse(aux_hidden_states)  # [B, T, H]
+        inputs_embeds = self.embed_tokens(input_ids).to(hidden_states.dtype)  # [B, T, H]
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        attention_mask = self._prepare_attention_mask(attention_mask, inputs_embeds, past_key_values, position_ids)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+
+        layer_kwargs = dict(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = self.layers[0](inputs_embeds, hidden_states, **layer_kwargs)
+        for layer in self.layers[1:]:
+            hidden_states = layer(hidden_states, **layer_kwargs)
+
+        normed = self.norm(hidden_states)  # [B, T, H]
+        logits = self.lm_head(normed)  # [B, T, Vd]
+        carried = normed if self.config.norm_output else hidden_states
+        return Eagle3Output(logits=logits, hidden_states=carried, past_key_values=past_key_values)
+
+    def _prepare_attention_mask(self, mask, inputs_embeds, past_key_values, position_ids):
+        if mask is None:
+            return create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=None,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+            )
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and self.config._attn_implementation == "eager":
+            zero = torch.zeros((), dtype=inputs_embeds.dtype, device=mask.device)
+            return torch.where(mask, zero, torch.finfo(inputs_embeds.dtype).min)  # additive mask for eager
+        return mask
+
+    # ------------------------------------------------------------------------------------- targets and drafting
+
+    def draft_to_target_ids(self, draft_ids: torch.LongTensor) -> torch.LongTensor:
+        """Map draft-vocabulary indices to verifier token ids (`j + d2t[j]`)."""
+        return draft_ids if self.d2t is None else draft_ids + self.d2t[draft_ids]
+
+    @torch.no_grad()
+    def verifier_logits(self, verifier_last_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Verifier logits over the draft vocabulary from its *pre-norm* last hidden state `[..., Ht]`."""
+        return self.verifier_lm_head(self.verifier_norm(verifier_last_hidden_states))
+
+    @torch.no_grad()
+    def draft(
+        self,
+        input_ids: torch.LongTensor,
+        aux_hidden_states: torch.Tensor,
+        num_tokens: int,
+        past_key_values: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
+    ) -> tuple[torch.LongTensor, Cache]:
+        """Greedily draft `num_tokens` tokens after the prompt, returned as verifier token ids `[B, num_tokens]`.
+
+        `input_ids[:, t]` is the token after verifier state `aux_hidden_states[:, t]` (the inputs are shifted by one,
+        as in training). Pass the returned cache back in to extend a draft incrementally; the caller crops it.
+        """
+        past_key_values = past_key_values if past_key_values is not None else DynamicCache(config=self.config)
+        out = self(input_ids, aux_hidden_states=aux_hidden_states, position_ids=position_ids,
+                   past_key_values=past_key_values, use_cache=True)
+        tokens = []
+        for step in range(num_tokens):
+            next_ids = self.draft_to_target_ids(out.logits[:, -1:].argmax(-1))  # [B, 1]
+            tokens.append(next_ids)
+            if step + 1 < num_tokens:
+                out = self(next_ids, hidden_states=out.hidden_states[:, -1:], past_key_values=past_key_values,
+                           use_cache=True)
+        return torch.cat(tokens, dim=1), past_key_values
+
+    # -------------------------------------------------------------------------------------------- vocab mapping
+
+    def set_vocab_mapping(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        """Install `d2t` (int64 offsets `[Vd]`) and `t2d` (bool `[V]`), checking that they agree with the config."""
+        from ..vocab import validate_vocab_mapping
+
+        validate_vocab_mapping(d2t, t2d, self.config.draft_vocab_size, self.config.vocab_size)
+        if self.d2t is None:
+            return  # full vocabulary: identity mapping, nothing stored (as vLLM expects)
+        self.d2t.copy_(torch.as_tensor(d2t, dtype=torch.long))
+        self.t2d.copy_(torch.as_tensor(t2d, dtype=torch.bool))
+
+    # --------------------------------------------------------------------------------------------- constructors
+
+    @classmethod
+    def from_verifier(
+        cls,
+        verifier_name_or_path: str,
+        d2t: torch.Tensor | None = None,
+        t2d: torch.Tensor | None = None,
+        *,
+        hub_id: str | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+        **config_kwargs,
+    ) -> Eagle3DraftModel:
+        """A new draft for a verifier, reading only the tensors it needs from the verifier's safetensors.
+
+        Args:
+            verifier_name_or_path: hub id or local folder of the verifier.
+            d2t, t2d: the vocabulary mapping (`speculators_hf.vocab`); without them the draft uses the full vocabulary.
+            hub_id: the verifier id to record for `vllm serve` (default: `verifier_name_or_path` when it is not a
+                local path; a local absolute path breaks when folders move).
+            **config_kwargs: `Eagle3Config.from_verifier` options (`num_hidden_layers`, `aux_layer_ids`, ...).
+        """
+        from transformers import AutoConfig
+
+        from .verifier_weights import load_verifier_tensors, recorded_verifier_name
+
+        verifier_config = AutoConfig.from_pretrained(verifier_name_or_path)
+        draft_vocab_size = len(d2t) if d2t is not None else None
+        config = Eagle3Config.from_verifier(
+            verifier_config,
+            draft_vocab_size=draft_vocab_size,
+            verifier_name_or_path=hub_id or recorded_verifier_name(verifier_name_or_path),
+            **config_kwargs,
+        )
+        model = cls(config)
+        if d2t is not None:
+            model.set_vocab_mapping(torch.as_tensor(d2t), torch.as_tensor(t2d))
+        tensors = load_verifier_tensors(verifier_name_or_path, verifier_config)
+        with torch.no_grad():
+            model.embed_tokens.weight.copy_(tensors["embed_tokens"])
+            model.verifier_norm.weight.copy_(tensors["norm"])
+            rows = tensors["lm_head"][model.draft_to_target_ids(torch.arange(config.draft_vocab_size))]  # [Vd, Ht]
+            model.lm_head.weight.copy_(rows)
+            model.verifier_lm_head.weight.copy_(rows)
+        return model.to(torch_dtype)

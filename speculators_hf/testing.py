@@ -1,0 +1,231 @@
+"""A tiny offline verifier kit: a Llama-style verifier and a real tokenizer, built locally in seconds.
+
+Used by the tests, the examples, the benchmarks and the embedded default of the pipeline. Nothing here touches the
+network: the tokenizer is trained with `tokenizers` on real chat text that ships inside the `chitchat-dataset` wheel
+(MIT), and the verifier is either random (`"random"`) or trained for a few hundred steps on that text (`"peaked"`) so
+that its next-token distributions are peaked and a draft has something real to learn.
+
+Everything is cached under `$SPECULATORS_HF_CACHE` (default `~/.cache/speculators_hf`), keyed by the build recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .utils import get_logger
+
+logger = get_logger(__name__)
+
+KIT_VERSION = 2  # bump when a recipe below changes, so old caches are not reused
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+# Head size 32 is one that vLLM's CPU attention supports; 4 layers keep vLLM's aux ids distinct as [1, 2, 3].
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+VOCAB_SIZE = 2048
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPECULATORS_HF_CACHE", Path.home() / ".cache" / "speculators_hf"))
+
+
+def _recipe_dir(name: str, recipe: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "tiny" / f"{name}-{digest}"
+
+
+def _build_atomically(target: Path, build) -> Path:
+    """Run `build(tmp_dir)` and move the result to `target`; a concurrent or killed build never leaves half a folder."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+def chitchat_conversations(limit: int | None = None, offset: int = 0) -> Iterator[list[dict]]:
+    """Real human-human chats from the `chitchat-dataset` wheel, as `messages` (`user`/`assistant` alternating)."""
+    try:
+        import chitchat_dataset
+    except ImportError as err:
+        raise RuntimeError(
+            "The tiny kit needs real chat text from the `chitchat-dataset` package: pip install 'speculators_hf[demo]'"
+        ) from err
+    path = Path(chitchat_dataset.__file__).parent / "dataset.json"
+    data = json.loads(path.read_text())
+    keys = sorted(data)[offset:]
+    if limit is not None:
+        keys = keys[:limit]
+    for key in keys:
+        turns = [" ".join(u["text"].strip() for u in group) for group in data[key]["messages"]]
+        turns = [t for t in turns if t]
+        if len(turns) < 2:
+            continue
+        yield [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+def write_chat_jsonl(path: str | Path, limit: int, offset: int = 0) -> Path:
+    """Write `limit` chitchat conversations as JSONL rows `{"messages": [...]}` (a local chat file for datagen)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for messages in chitchat_conversations(limit, offset):
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE tokenizer trained locally on chitchat text, with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    recipe = {"kit": KIT_VERSION, "vocab_size": vocab_size, "template": CHATML_TEMPLATE}
+    target = _recipe_dir("tokenizer", recipe)
+
+    def build(tmp: Path) -> None:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        texts = (m["content"] for conv in chitchat_conversations(3000) for m in conv)
+        tok.train_from_iterator(texts, trainer=trainer)
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token=None,
+            eos_token="<|im_end|>",
+            pad_token="<|pad|>",
+            unk_token=None,
+        )
+        fast.chat_template = CHATML_TEMPLATE
+        fast.save_pretrained(tmp)
+        (tmp / "config.json").write_text(json.dumps(recipe))  # marks the build as complete
+
+    path = _build_atomically(target, build)
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+# ------------------------------------------------------------------------------------------------------ verifier
+
+
+def tiny_llama_config(vocab_size: int = VOCAB_SIZE, **overrides):
+    from transformers import LlamaConfig
+
+    kwargs = {**TINY_LLAMA, "vocab_size": vocab_size, **overrides}
+    return LlamaConfig(**kwargs)
+
+
+def _chat_token_stream(tokenizer, limit: int, offset: int = 0) -> torch.Tensor:
+    ids: list[int] = []
+    for messages in chitchat_conversations(limit, offset):
+        ids += tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _train_briefly(model, tokenizer, steps: int, seq_len: int = 128, batch_size: int = 16, seed: int = 0) -> float:
+    """Plain next-token training on chat text, just long enough to make the verifier's predictions peaked."""
+    stream = _chat_token_stream(tokenizer, limit=2500)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=generator)
+        batch = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])  # [B, T]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return loss.item()
+
+
+def tiny_verifier(kind: str = "random", tie_word_embeddings: bool = False, train_steps: int = 400) -> Path:
+    """Path of a cached tiny Llama verifier folder (sharded safetensors + index, tokenizer with chat template).
+
+    Args:
+        kind (`str`): `"random"` (seeded random weights) or `"peaked"` (trained briefly on real chat text).
+        tie_word_embeddings (`bool`): tie lm_head to the input embedding, as some real checkpoints do.
+        train_steps (`int`): optimizer steps for the `"peaked"` verifier (~1 min on 2 cores at the default).
+    """
+    if kind not in ("random", "peaked"):
+        raise ValueError(f"kind must be 'random' or 'peaked', got {kind!r}")
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    recipe = {
+        "kit": KIT_VERSION,
+        "kind": kind,
+        "config": TINY_LLAMA,
+        "tie": tie_word_embeddings,
+        "vocab": len(tokenizer),
+        "steps": train_steps if kind == "peaked" else 0,
+    }
+    target = _recipe_dir(f"verifier-{kind}", recipe)
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(0)
+        config = tiny_llama_config(
+            vocab_size=len(tokenizer),
+            tie_word_embeddings=tie_word_embeddings,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+        )
+        model = LlamaForCausalLM(config)
+        if kind == "peaked":
+            logger.info("Training the tiny peaked verifier for %d steps (cached afterwards)...", train_steps)
+            final = _train_briefly(model, tokenizer, train_steps)
+            logger.info("Tiny peaked verifier: final training loss %.3f", final)
+        model.generation_config.do_sample = False
+        # Small shards so that loaders are tested against the sharded layout real checkpoints use.
+        model.save_pretrained(tmp, max_shard_size="300KB")
+        tokenizer.save_pretrained(tmp)
+
+    return _build_atomically(target, build)

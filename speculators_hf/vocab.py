@@ -1,0 +1,161 @@
+"""Stage 2: token frequencies -> a draft vocabulary (`d2t.npy`, `t2d.npy`).
+
+`d2t[j]` is an int64 *offset*: draft index `j` is verifier token `j + d2t[j]` (vLLM's convention); `t2d` is a bool mask
+over the verifier vocabulary, True on the `Vd` selected ids. The selection is the `Vd` most frequent loss-masked tokens
+(ties to the lower id), padded with the lowest unused ids when fewer were seen, sorted ascending.
+
+    python -m speculators_hf.vocab --token-freq-path out/token_freq.pt --draft-vocab-size 32000 \\
+        --target-model-path meta-llama/Llama-3.1-8B-Instruct --output-path out
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .utils import UserError, atomic_path, get_logger
+
+logger = get_logger(__name__)
+
+
+def load_token_freq(path: str | Path) -> dict[int, int]:
+    """Read `token_freq.pt`: a `{token_id: count}` dict (the seed's layout) or a dense count tensor."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--token-freq-path {path} does not exist (datagen writes token_freq.pt into its output dir).")
+    obj = torch.load(path, weights_only=True)
+    if isinstance(obj, torch.Tensor):
+        counts = obj.long()
+        return {int(i): int(counts[i]) for i in torch.nonzero(counts).flatten()}
+    if isinstance(obj, Mapping):
+        return {int(k): int(v) for k, v in obj.items()}
+    raise UserError(f"{path} holds a {type(obj).__name__}; expected a dict token_id -> count or a count tensor.")
+
+
+def build_vocab_mapping(
+    token_freq: Mapping[int, int], draft_vocab_size: int, target_vocab_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Returns `(d2t, t2d)`: int64 offsets `[Vd]` and a bool mask `[V]`."""
+    if draft_vocab_size > target_vocab_size:
+        raise UserError(
+            f"--draft-vocab-size {draft_vocab_size} is larger than the target vocabulary ({target_vocab_size})."
+        )
+    too_big = [t for t in token_freq if not 0 <= t < target_vocab_size]
+    if too_big:
+        raise UserError(
+            f"token_freq has ids up to {max(too_big)} but the target vocabulary has {target_vocab_size} tokens: "
+            "pass the verifier the data was generated with (--target-model-path) or the right --target-vocab-size."
+        )
+    seen = [t for t, c in token_freq.items() if c > 0]
+    ranked = sorted(seen, key=lambda t: (-token_freq[t], t))[:draft_vocab_size]
+    if len(ranked) < draft_vocab_size:
+        logger.warning(
+            "Only %d distinct tokens were seen for a draft vocabulary of %d; padding with the lowest unused ids.",
+            len(ranked), draft_vocab_size,
+        )
+        chosen = set(ranked)
+        pad = (t for t in range(target_vocab_size) if t not in chosen)
+        ranked += [next(pad) for _ in range(draft_vocab_size - len(ranked))]
+    selected = np.sort(np.asarray(ranked, dtype=np.int64))
+    d2t = selected - np.arange(draft_vocab_size, dtype=np.int64)
+    t2d = np.zeros(target_vocab_size, dtype=bool)
+    t2d[selected] = True
+    return d2t, t2d
+
+
+def validate_vocab_mapping(d2t, t2d, draft_vocab_size: int, target_vocab_size: int) -> None:
+    """Check that `d2t`/`t2d` agree with each other and with the two vocabulary sizes; one-line errors."""
+    d2t = torch.as_tensor(np.asarray(d2t)).long()
+    t2d = torch.as_tensor(np.asarray(t2d)).bool()
+    if d2t.numel() != draft_vocab_size:
+        raise UserError(f"d2t has {d2t.numel()} entries but the draft vocabulary has {draft_vocab_size}.")
+    if t2d.numel() != target_vocab_size:
+        raise UserError(
+            f"t2d has {t2d.numel()} entries but the verifier vocabulary has {target_vocab_size}: the mapping was built "
+            "for another tokenizer; rebuild it with `python -m speculators_hf.vocab`."
+        )
+    if int(t2d.sum()) != draft_vocab_size:
+        raise UserError(f"t2d marks {int(t2d.sum())} tokens but the draft vocabulary has {draft_vocab_size}.")
+    target = torch.arange(draft_vocab_size) + d2t
+    if target.min() < 0 or target.max() >= target_vocab_size or not torch.equal(
+        torch.sort(target).values, torch.nonzero(t2d).flatten()
+    ):
+        raise UserError("d2t and t2d disagree: {j + d2t[j]} must be exactly the ids where t2d is True.")
+
+
+def save_vocab_mapping(output_dir: str | Path, d2t: np.ndarray, t2d: np.ndarray) -> tuple[Path, Path]:
+    output_dir = Path(output_dir)
+    paths = output_dir / "d2t.npy", output_dir / "t2d.npy"
+    for path, arr in zip(paths, (d2t, t2d)):
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+    return paths
+
+
+def load_vocab_mapping(d2t_path: str | Path, t2d_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    for flag, path in (("--d2t-path", d2t_path), ("--t2d-path", t2d_path)):
+        if not Path(path).exists():
+            raise UserError(f"{flag} {path} does not exist (build it with `python -m speculators_hf.vocab`).")
+    d2t = torch.from_numpy(np.load(d2t_path, allow_pickle=False)).long()
+    t2d = torch.from_numpy(np.load(t2d_path, allow_pickle=False)).bool()
+    return d2t, t2d
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+@dataclass
+class VocabArguments:
+    """Build the draft vocabulary from datagen's token frequencies."""
+
+    token_freq_path: str = field(metadata={"help": "token_freq.pt written by datagen (counts of loss-masked tokens)."})
+    draft_vocab_size: int = field(default=32000, metadata={"help": "Draft vocabulary size Vd."})
+    target_vocab_size: int | None = field(
+        default=None, metadata={"help": "Verifier vocabulary size V (or give --target-model-path)."}
+    )
+    target_model_path: str | None = field(
+        default=None, metadata={"help": "Verifier id or folder; its config gives V and is checked against the data."}
+    )
+    output_path: str = field(default=".", metadata={"help": "Folder for d2t.npy and t2d.npy."})
+
+    def __post_init__(self):
+        if self.target_vocab_size is None and self.target_model_path is None:
+            raise UserError("Give --target-vocab-size N or --target-model-path M (the verifier's vocabulary size).")
+
+
+def run(args: VocabArguments) -> tuple[Path, Path]:
+    target_vocab_size = args.target_vocab_size
+    if args.target_model_path is not None:
+        from transformers import AutoConfig
+
+        model_vocab = AutoConfig.from_pretrained(args.target_model_path).get_text_config().vocab_size
+        if target_vocab_size is not None and target_vocab_size != model_vocab:
+            raise UserError(
+                f"--target-vocab-size {target_vocab_size} disagrees with {args.target_model_path} ({model_vocab})."
+            )
+        target_vocab_size = model_vocab
+    freq = load_token_freq(args.token_freq_path)
+    d2t, t2d = build_vocab_mapping(freq, args.draft_vocab_size, target_vocab_size)
+    paths = save_vocab_mapping(args.output_path, d2t, t2d)
+    covered = sum(freq.get(int(t), 0) for t in np.nonzero(t2d)[0])
+    total = max(sum(freq.values()), 1)
+    logger.warning(
+        "Draft vocabulary %d/%d covers %.2f%% of loss-masked tokens -> %s, %s",
+        args.draft_vocab_size, target_vocab_size, 100 * covered / total, *paths,
+    )
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli.parser import run_command
+
+    return run_command(VocabArguments, lambda a: run(a), argv, prog="speculators-hf vocab")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
