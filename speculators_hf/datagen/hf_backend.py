@@ -1,0 +1,85 @@
+"""Hidden-state extraction with transformers: any causal LM, CPU or GPU, in vLLM's layer-id convention.
+
+Layer id `i < n` is the input to decoder layer `i` (a forward pre-hook on that layer); id `n` is the last layer's
+output *before* the final norm (a pre-hook on the norm). `output_hidden_states[n]` would be post-norm: not used.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..utils import UserError
+
+
+def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
+    """The decoder stack of a causal LM: `(decoder, layers, final_norm)`."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    norm = getattr(decoder, "norm", None) or getattr(decoder, "ln_f", None) or getattr(decoder, "final_layernorm", None)
+    if layers is None or norm is None:
+        raise UserError(f"Cannot find the decoder layers and final norm of {type(model).__name__}.")
+    return decoder, layers, norm
+
+
+def check_layer_ids(layer_ids: list[int], num_hidden_layers: int) -> None:
+    bad = [i for i in layer_ids if not 0 <= i <= num_hidden_layers]
+    if bad:
+        raise UserError(
+            f"--layer-ids {layer_ids}: {bad} out of range; the verifier has {num_hidden_layers} decoder layers, so ids "
+            f"run from 0 (embeddings) to {num_hidden_layers} (last layer, pre-norm); id i is the input to layer i."
+        )
+
+
+class HFHiddenStatesBackend:
+    """Extract `[T, len(layer_ids), H]` hidden states per sample with a transformers forward pass.
+
+    Args:
+        model: a loaded causal LM (its dtype is the dtype of the states).
+        layer_ids: ids in vLLM's convention, aux ids then the last layer `n`.
+    """
+
+    def __init__(self, model: nn.Module, layer_ids: list[int]):
+        self.model = model.eval()
+        self.decoder, self.layers, self.norm = decoder_parts(model)
+        self.num_hidden_layers = len(self.layers)
+        check_layer_ids(layer_ids, self.num_hidden_layers)
+        self.layer_ids = list(layer_ids)
+
+    @classmethod
+    def from_pretrained(cls, path: str, layer_ids: list[int], dtype: torch.dtype | str = "auto", device: str = "cpu",
+                        attn_implementation: str = "sdpa") -> HFHiddenStatesBackend:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        return cls(model.to(device), layer_ids)
+
+    @torch.no_grad()
+    def extract(self, batch: list[list[int]]) -> list[torch.Tensor]:
+        """Token id lists -> one `[T_i, L, H]` tensor per sample (right-padded forward, padding dropped)."""
+        device = next(self.model.parameters()).device
+        lengths = [len(ids) for ids in batch]
+        T = max(lengths)
+        input_ids = torch.zeros(len(batch), T, dtype=torch.long, device=device)
+        attention_mask = torch.zeros(len(batch), T, dtype=torch.long, device=device)
+        for b, ids in enumerate(batch):
+            input_ids[b, : len(ids)] = torch.as_tensor(ids)
+            attention_mask[b, : len(ids)] = 1
+
+        captured: dict[int, torch.Tensor] = {}
+
+        def capture(layer_id):
+            def hook(module, args, kwargs):
+                captured[layer_id] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+            return hook
+
+        modules = {i: (self.layers[i] if i < self.num_hidden_layers else self.norm) for i in self.layer_ids}
+        handles = [m.register_forward_pre_hook(capture(i), with_kwargs=True) for i, m in modules.items()]
+        try:
+            self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        stacked = torch.stack([captured[i] for i in self.layer_ids], dim=2)  # [B, T, L, H]
+        return [stacked[b, :n].cpu() for b, n in enumerate(lengths)]
