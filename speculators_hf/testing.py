@@ -59,7 +59,7 @@ def _recipe_dir(name: str, recipe: dict) -> Path:
 
 
 def _build_atomically(target: Path, build) -> Path:
-    """Run `build(tmp_dir)` and move the result to `target`; a concurrent or killed build never leaves half a folder."""
+    """Run `build(tmp_dir)` and move the result to `target`; a killed build never leaves half a folder."""
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

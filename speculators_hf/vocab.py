@@ -55,7 +55,8 @@ def build_vocab_mapping(
     if len(ranked) < draft_vocab_size:
         logger.warning(
             "Only %d distinct tokens were seen for a draft vocabulary of %d; padding with the lowest unused ids.",
-            len(ranked), draft_vocab_size,
+            len(ranked),
+            draft_vocab_size,
         )
         chosen = set(ranked)
         pad = (t for t in range(target_vocab_size) if t not in chosen)
@@ -75,14 +76,16 @@ def validate_vocab_mapping(d2t, t2d, draft_vocab_size: int, target_vocab_size: i
         raise UserError(f"d2t has {d2t.numel()} entries but the draft vocabulary has {draft_vocab_size}.")
     if t2d.numel() != target_vocab_size:
         raise UserError(
-            f"t2d has {t2d.numel()} entries but the verifier vocabulary has {target_vocab_size}: the mapping was built "
-            "for another tokenizer; rebuild it with `python -m speculators_hf.vocab`."
+            f"t2d has {t2d.numel()} entries but the verifier vocabulary has {target_vocab_size}: the mapping was "
+            "built for another tokenizer; rebuild it with `python -m speculators_hf.vocab`."
         )
     if int(t2d.sum()) != draft_vocab_size:
         raise UserError(f"t2d marks {int(t2d.sum())} tokens but the draft vocabulary has {draft_vocab_size}.")
     target = torch.arange(draft_vocab_size) + d2t
-    if target.min() < 0 or target.max() >= target_vocab_size or not torch.equal(
-        torch.sort(target).values, torch.nonzero(t2d).flatten()
+    if (
+        target.min() < 0
+        or target.max() >= target_vocab_size
+        or not torch.equal(torch.sort(target).values, torch.nonzero(t2d).flatten())
     ):
         raise UserError("d2t and t2d disagree: {j + d2t[j]} must be exactly the ids where t2d is True.")
 
@@ -146,7 +149,10 @@ def run(args: VocabArguments) -> tuple[Path, Path]:
     total = max(sum(freq.values()), 1)
     logger.warning(
         "Draft vocabulary %d/%d covers %.2f%% of loss-masked tokens -> %s, %s",
-        args.draft_vocab_size, target_vocab_size, 100 * covered / total, *paths,
+        args.draft_vocab_size,
+        target_vocab_size,
+        100 * covered / total,
+        *paths,
     )
     return paths
 

@@ -16,7 +16,9 @@ def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module
     """The decoder stack of a causal LM: `(decoder, layers, final_norm)`."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
-    norm = getattr(decoder, "norm", None) or getattr(decoder, "ln_f", None) or getattr(decoder, "final_layernorm", None)
+    norm = (
+        getattr(decoder, "norm", None) or getattr(decoder, "ln_f", None) or getattr(decoder, "final_layernorm", None)
+    )
     if layers is None or norm is None:
         raise UserError(f"Cannot find the decoder layers and final norm of {type(model).__name__}.")
     return decoder, layers, norm
@@ -26,8 +28,8 @@ def check_layer_ids(layer_ids: list[int], num_hidden_layers: int) -> None:
     bad = [i for i in layer_ids if not 0 <= i <= num_hidden_layers]
     if bad:
         raise UserError(
-            f"--layer-ids {layer_ids}: {bad} out of range; the verifier has {num_hidden_layers} decoder layers, so ids "
-            f"run from 0 (embeddings) to {num_hidden_layers} (last layer, pre-norm); id i is the input to layer i."
+            f"--layer-ids {layer_ids}: {bad} out of range; the verifier has {num_hidden_layers} decoder layers, so "
+            f"ids run from 0 (embeddings) to {num_hidden_layers} (last layer, pre-norm); id i is the input to layer i."
         )
 
 
@@ -47,8 +49,14 @@ class HFHiddenStatesBackend:
         self.layer_ids = list(layer_ids)
 
     @classmethod
-    def from_pretrained(cls, path: str, layer_ids: list[int], dtype: torch.dtype | str = "auto", device: str = "cpu",
-                        attn_implementation: str = "sdpa") -> HFHiddenStatesBackend:
+    def from_pretrained(
+        cls,
+        path: str,
+        layer_ids: list[int],
+        dtype: torch.dtype | str = "auto",
+        device: str = "cpu",
+        attn_implementation: str = "sdpa",
+    ) -> HFHiddenStatesBackend:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)

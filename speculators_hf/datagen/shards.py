@@ -51,8 +51,13 @@ def write_shard(path: str | Path, samples: list[dict[str, torch.Tensor]], sample
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": SHARD_FORMAT, "version": str(SHARD_FORMAT_VERSION)})
-    return {"file": path.name, "num_samples": len(samples), "num_tokens": int(offsets[-1]),
-            "first_sample_id": int(sample_ids[0]), "last_sample_id": int(sample_ids[-1])}
+    return {
+        "file": path.name,
+        "num_samples": len(samples),
+        "num_tokens": int(offsets[-1]),
+        "first_sample_id": int(sample_ids[0]),
+        "last_sample_id": int(sample_ids[-1]),
+    }
 
 
 def read_index(data_dir: str | Path) -> dict | None:

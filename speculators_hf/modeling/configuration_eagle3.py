@@ -26,15 +26,46 @@ EAGLE3_FIELDS = (
     "eagle_aux_hidden_state_layer_ids",
 )
 # Our own training choices, kept at the top level too (vLLM ignores them).
-TRAINING_FIELDS = ("train_lm_head", "verifier_num_hidden_layers", "speculative_tokens", "verifier_name_or_path",
-                   "verifier_architectures")
+TRAINING_FIELDS = (
+    "train_lm_head",
+    "verifier_num_hidden_layers",
+    "speculative_tokens",
+    "verifier_name_or_path",
+    "verifier_architectures",
+)
 # PreTrainedConfig bookkeeping that belongs at the top level, never inside `transformer_layer_config`.
-TOP_LEVEL_KEYS = ("architectures", "dtype", "torch_dtype", "transformers_version", "model_type", "auto_map",
-                  "_name_or_path", "speculators_version")
-LAYER_CONFIG_DROP = ("architectures", "dtype", "transformers_version", "auto_map", "_name_or_path", "output_attentions",
-                     "output_hidden_states", "return_dict", "chunk_size_feed_forward", "problem_type",
-                     "tie_word_embeddings", "use_cache", "pretraining_tp", "id2label", "label2id", "is_encoder_decoder",
-                     "tokenizer_class", "bos_token_id", "eos_token_id", "pad_token_id")
+TOP_LEVEL_KEYS = (
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+    "model_type",
+    "auto_map",
+    "_name_or_path",
+    "speculators_version",
+)
+LAYER_CONFIG_DROP = (
+    "architectures",
+    "dtype",
+    "transformers_version",
+    "auto_map",
+    "_name_or_path",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "problem_type",
+    "tie_word_embeddings",
+    "use_cache",
+    "pretraining_tp",
+    "id2label",
+    "label2id",
+    "is_encoder_decoder",
+    "tokenizer_class",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 def default_aux_layer_ids(num_hidden_layers: int) -> list[int]:
@@ -50,6 +81,23 @@ def default_aux_layer_ids(num_hidden_layers: int) -> list[int]:
     if n < 4:
         raise UserError(f"A verifier needs at least 4 decoder layers for 3 distinct aux layers; it has {n}.")
     return [1, n // 2, n - 1] if n // 2 not in (1, n - 1) else [1, 2, n - 1]
+
+
+def check_eagle3_fields(draft_vocab_size, vocab_size, aux_layer_ids, verifier_num_hidden_layers, speculative_tokens):
+    if not 0 < draft_vocab_size <= vocab_size:
+        raise UserError(
+            f"draft_vocab_size={draft_vocab_size} must be in [1, vocab_size={vocab_size}] "
+            "(the draft vocabulary is a subset of the verifier's)."
+        )
+    if aux_layer_ids is not None and verifier_num_hidden_layers is not None:
+        n = verifier_num_hidden_layers
+        if any(not 0 <= i <= n for i in aux_layer_ids) or len(set(aux_layer_ids)) != len(aux_layer_ids):
+            raise UserError(
+                f"aux layer ids {aux_layer_ids} must be distinct and in [0, {n}] (the verifier has {n} decoder "
+                "layers; vLLM convention: id i is the input to layer i)."
+            )
+    if speculative_tokens < 1:
+        raise UserError(f"speculative_tokens must be >= 1, got {speculative_tokens}")
 
 
 @strict
@@ -94,22 +142,13 @@ class Eagle3Config(LlamaConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
-        if not 0 < self.draft_vocab_size <= self.vocab_size:
-            raise UserError(
-                f"draft_vocab_size={self.draft_vocab_size} must be in [1, vocab_size={self.vocab_size}] "
-                "(the draft vocabulary is a subset of the verifier's)."
-            )
-        ids = self.eagle_aux_hidden_state_layer_ids
-        if ids is not None and self.verifier_num_hidden_layers is not None:
-            bad = [i for i in ids if not 0 <= i <= self.verifier_num_hidden_layers]
-            if bad or len(set(ids)) != len(ids):
-                raise UserError(
-                    f"aux layer ids {ids} must be distinct and in [0, {self.verifier_num_hidden_layers}] "
-                    f"(the verifier has {self.verifier_num_hidden_layers} decoder layers; vLLM convention: id i is "
-                    f"the input to layer i)."
-                )
-        if self.speculative_tokens < 1:
-            raise UserError(f"speculative_tokens must be >= 1, got {self.speculative_tokens}")
+        check_eagle3_fields(
+            self.draft_vocab_size,
+            self.vocab_size,
+            self.eagle_aux_hidden_state_layer_ids,
+            self.verifier_num_hidden_layers,
+            self.speculative_tokens,
+        )
 
     @property
     def num_aux_layers(self) -> int:
@@ -162,11 +201,16 @@ class Eagle3Config(LlamaConfig):
                 f"{shape['max_position_embeddings']}: vLLM would clip the draft's RoPE at serve time. Leave it unset."
             )
         name = verifier_name_or_path or getattr(verifier_config, "name_or_path", None) or None
+        aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(n))
+        # Checked here too so that callers get the UserError itself, not a dataclass validation wrapper.
+        check_eagle3_fields(
+            draft_vocab_size or text.vocab_size, text.vocab_size, aux_layer_ids, n, kwargs.get("speculative_tokens", 3)
+        )
         return cls(
             **{**shape, **kwargs},
             num_hidden_layers=num_hidden_layers,
             draft_vocab_size=draft_vocab_size or text.vocab_size,
-            eagle_aux_hidden_state_layer_ids=list(aux_layer_ids or default_aux_layer_ids(n)),
+            eagle_aux_hidden_state_layer_ids=aux_layer_ids,
             verifier_num_hidden_layers=n,
             verifier_name_or_path=name,
             verifier_architectures=list(getattr(verifier_config, "architectures", None) or []),

@@ -24,7 +24,6 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from ..utils import UserError
 from .configuration_eagle3 import Eagle3Config
 
 
@@ -122,7 +121,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         self.input_norm = LlamaRMSNorm(fused, eps=config.rms_norm_eps) if config.norm_before_fc else None
         self.fc = nn.Linear(fused, H, bias=False)
         self.layers = nn.ModuleList(
-            [Eagle3FirstDecoderLayer(config, 0)] + [LlamaDecoderLayer(config, i) for i in range(1, config.num_hidden_layers)]
+            [Eagle3FirstDecoderLayer(config, 0)]
+            + [LlamaDecoderLayer(config, i) for i in range(1, config.num_hidden_layers)]
         )
         self.norm = LlamaRMSNorm(H, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(H, Vd, bias=False)
@@ -252,15 +252,21 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         as in training). Pass the returned cache back in to extend a draft incrementally; the caller crops it.
         """
         past_key_values = past_key_values if past_key_values is not None else DynamicCache(config=self.config)
-        out = self(input_ids, aux_hidden_states=aux_hidden_states, position_ids=position_ids,
-                   past_key_values=past_key_values, use_cache=True)
+        out = self(
+            input_ids,
+            aux_hidden_states=aux_hidden_states,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=True,
+        )
         tokens = []
         for step in range(num_tokens):
             next_ids = self.draft_to_target_ids(out.logits[:, -1:].argmax(-1))  # [B, 1]
             tokens.append(next_ids)
             if step + 1 < num_tokens:
-                out = self(next_ids, hidden_states=out.hidden_states[:, -1:], past_key_values=past_key_values,
-                           use_cache=True)
+                out = self(
+                    next_ids, hidden_states=out.hidden_states[:, -1:], past_key_values=past_key_values, use_cache=True
+                )
         return torch.cat(tokens, dim=1), past_key_values
 
     # -------------------------------------------------------------------------------------------- vocab mapping

@@ -17,8 +17,11 @@ logger = get_logger(__name__)
 
 # Tensor name patterns, most specific first; `layers.` is never matched, so a decoder-layer norm is never taken.
 PATTERNS = {
-    "embed_tokens": [r"^(model\.)?(language_model\.)?(model\.)?embed_tokens\.weight$", r"(^|\.)embed_tokens\.weight$",
-                     r"(^|\.)wte\.weight$"],
+    "embed_tokens": [
+        r"^(model\.)?(language_model\.)?(model\.)?embed_tokens\.weight$",
+        r"(^|\.)embed_tokens\.weight$",
+        r"(^|\.)wte\.weight$",
+    ],
     "norm": [r"^(model\.)?(language_model\.)?(model\.)?norm\.weight$", r"^(transformer\.)?ln_f\.weight$"],
     "lm_head": [r"^(language_model\.)?lm_head\.weight$", r"(^|\.)lm_head\.weight$"],
 }
