@@ -318,3 +318,17 @@ def test_sdpa_and_eager_agree():
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("drop", ["d2t", "t2d", "fc.weight", "layers.0.hidden_norm.weight"])
+def test_checkpoint_missing_tensors_is_an_error(tmp_path, drop):
+    from safetensors.torch import load_file, save_file
+
+    model = Eagle3DraftModel(Eagle3Config.from_verifier(tiny_llama_config(), draft_vocab_size=VD))
+    model.set_vocab_mapping(*mapping())
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors[drop]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=f"missing tensors.*{drop}"):
+        Eagle3DraftModel.from_pretrained(tmp_path)

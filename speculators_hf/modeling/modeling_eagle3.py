@@ -24,6 +24,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from ..utils import UserError
 from .configuration_eagle3 import Eagle3Config
 
 
@@ -282,6 +283,22 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         self.t2d.copy_(torch.as_tensor(t2d, dtype=torch.bool))
 
     # --------------------------------------------------------------------------------------------- constructors
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but a checkpoint missing draft tensors is an error, not a warning.
+
+        A draft without its `d2t` would silently map draft index `j` to verifier token `j` (vLLM does exactly that).
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = sorted(k for k in info["missing_keys"] if not k.startswith("verifier_"))
+        if missing:
+            raise UserError(
+                f"Draft checkpoint {pretrained_model_name_or_path} is missing tensors {missing}; re-export it "
+                "(Eagle3DraftModel.save_pretrained) or convert it with `speculators-hf export`."
+            )
+        return (model, info) if want_info else model
 
     @classmethod
     def from_verifier(
