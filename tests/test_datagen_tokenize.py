@@ -1,0 +1,143 @@
+"""Loss masks from chat templates (token by token, three template styles) and the fingerprint-cached map."""
+
+import json
+
+import pytest
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+from speculators_hf.datagen.sources import load_source
+from speculators_hf.datagen.tokenize import tokenize_conversation, tokenize_dataset
+from speculators_hf.utils import UserError
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hi, how are you?"},
+    {"role": "assistant", "content": "good thanks. and you?"},
+    {"role": "user", "content": "fine"},
+    {"role": "assistant", "content": "great to hear"},
+]
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + "
+    "m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Mistral style: no generation prompt at all, assistant text follows [/INST] and ends with eos.
+INST_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+# The assistant text follows "Assistant: " with a space, so byte-level BPE merges " good" across the boundary.
+MERGING_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] + eos_token + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_verifier_path):
+    return AutoTokenizer.from_pretrained(tiny_verifier_path)
+
+
+def runs(tokenizer, ids, mask):
+    """Decode the maximal runs of equal mask values: [(mask, text), ...]."""
+    out, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or mask[i] != mask[start]:
+            out.append((mask[start], tokenizer.decode(ids[start:i])))
+            start = i
+    return out
+
+
+def assistant_texts(result, tokenizer):
+    return [text for m, text in runs(tokenizer, result["input_ids"], result["loss_mask"]) if m]
+
+
+def test_chatml_mask_token_by_token(tokenizer):
+    result = tokenize_conversation(tokenizer, CHAT, seq_length=1000)
+    assert result["skip_reason"] == "" and not result["boundary_merge"]
+    assert result["input_ids"] == tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=False)
+    assert runs(tokenizer, result["input_ids"], result["loss_mask"]) == [
+        (0, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi, how are you?<|im_end|>\n"
+            "<|im_start|>assistant\n"),
+        (1, "good thanks. and you?<|im_end|>\n"),
+        (0, "<|im_start|>user\nfine<|im_end|>\n<|im_start|>assistant\n"),
+        (1, "great to hear<|im_end|>\n"),
+    ]
+
+
+def test_llama3_header_mask(tokenizer):
+    tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials, "bos_token": "<|begin_of_text|>"})
+    result = tokenize_conversation(tok, CHAT, seq_length=1000, chat_template=LLAMA3_TEMPLATE)
+    pieces = runs(tok, result["input_ids"], result["loss_mask"])
+    assert [text for m, text in pieces if m] == ["good thanks. and you?<|eot_id|>", "great to hear<|eot_id|>"]
+    assert pieces[0][1].startswith("<|begin_of_text|><|start_header_id|>system")
+    assert pieces[-2][1].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_template_without_generation_prompt(tokenizer):
+    result = tokenize_conversation(tokenizer, CHAT[1:], seq_length=1000, chat_template=INST_TEMPLATE)
+    assert assistant_texts(result, tokenizer) == ["good thanks. and you?<|im_end|>", "great to hear<|im_end|>"]
+    assert runs(tokenizer, result["input_ids"], result["loss_mask"])[0] == (0, "[INST] hi, how are you? [/INST]")
+
+
+def test_boundary_merge_falls_back_to_offsets(tokenizer):
+    result = tokenize_conversation(tokenizer, CHAT[1:3], seq_length=1000, chat_template=MERGING_TEMPLATE)
+    assert result["boundary_merge"]
+    assert result["input_ids"] == tokenizer(tokenizer.apply_chat_template(
+        CHAT[1:3], tokenize=False, chat_template=MERGING_TEMPLATE), add_special_tokens=False)["input_ids"]
+    assert assistant_texts(result, tokenizer) == [" good thanks. and you?<|im_end|>\n"]
+
+
+def test_truncation_and_skips(tokenizer):
+    full = tokenize_conversation(tokenizer, CHAT, seq_length=1000)
+    first_assistant = full["loss_mask"].index(1)
+    cut = tokenize_conversation(tokenizer, CHAT, seq_length=first_assistant + 2)
+    assert cut["input_ids"] == full["input_ids"][: first_assistant + 2]
+    assert cut["loss_mask"] == full["loss_mask"][: first_assistant + 2]
+    assert tokenize_conversation(tokenizer, CHAT, seq_length=first_assistant)["skip_reason"].startswith("no assistant")
+    assert tokenize_conversation(tokenizer, CHAT[:2], seq_length=100)["skip_reason"] == "no assistant turn"
+
+
+def test_empty_think_block_is_not_supervised(tokenizer):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>\n\n</think>\n\nhello"}]
+    assert assistant_texts(tokenize_conversation(tokenizer, chat, 100), tokenizer) == ["hello<|im_end|>\n"]
+
+
+def _write_jsonl(path, chats):
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    return path
+
+
+def test_map_cache_hit_and_misses(tokenizer, tmp_path):
+    chats = [CHAT, CHAT[1:3], CHAT[:2]]
+    cache = tmp_path / "cache"
+    raw = load_source(str(_write_jsonl(tmp_path / "a.jsonl", chats)), cache_dir=str(cache))
+    first, stats = tokenize_dataset(raw, tokenizer, 64, cache_dir=str(cache))
+    assert not stats["cache_hit"] and stats["num_skipped"] == 1 and stats["skip_reasons"] == {"no assistant turn": 1}
+    raw_again = load_source(str(tmp_path / "a.jsonl"), cache_dir=str(cache))
+    second, stats2 = tokenize_dataset(raw_again, tokenizer, 64, cache_dir=str(cache))
+    assert stats2["cache_hit"] and stats2["fingerprint"] == stats["fingerprint"]
+    assert second.cache_files[0]["filename"] == stats["cache_file"]
+    assert second["input_ids"] == first["input_ids"]
+    # Any change of parameters, template, tokenizer or data misses the cache.
+    assert not tokenize_dataset(raw_again, tokenizer, 65, cache_dir=str(cache))[1]["cache_hit"]
+    assert not tokenize_dataset(raw_again, tokenizer, 64, INST_TEMPLATE, cache_dir=str(cache))[1]["cache_hit"]
+    other_tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    other_tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    assert not tokenize_dataset(raw_again, other_tok, 64, cache_dir=str(cache))[1]["cache_hit"]
+    changed = load_source(str(_write_jsonl(tmp_path / "b.jsonl", chats[:2])), cache_dir=str(cache))
+    assert not tokenize_dataset(changed, tokenizer, 64, cache_dir=str(cache))[1]["cache_hit"]
+
+
+def test_all_skipped_explains_the_template(tokenizer, tmp_path):
+    raw = Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}] * 3)
+    with pytest.raises(UserError, match="all 3 chats were skipped.*--chat-template") as err:
+        tokenize_dataset(raw, tokenizer, 64, cache_dir=str(tmp_path))
+    assert "\n" not in str(err.value)
+    only_users = Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}]}] * 2)
+    with pytest.raises(UserError, match=r"no assistant turn.*roles \['user'\].*<\|im_start\|>user"):
+        tokenize_dataset(only_users, tokenizer, 64, cache_dir=str(tmp_path))
