@@ -37,11 +37,14 @@ class Eagle3Output(ModelOutput):
         hidden_states (`torch.FloatTensor` of shape `[B, T, H]`): the state carried into the next draft step
             (post-norm when `config.norm_output`, else pre-norm).
         past_key_values (`Cache`, *optional*): the updated cache.
+        target_logits (`torch.FloatTensor` of shape `[B, T, draft_vocab_size]`, *optional*): the verifier's logits
+            over the draft vocabulary, when `verifier_last_hidden_states` was given (training targets).
     """
 
     logits: torch.FloatTensor | None = None
     hidden_states: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
+    target_logits: torch.FloatTensor | None = None
 
 
 class Eagle3FirstDecoderLayer(LlamaDecoderLayer):
@@ -169,6 +172,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool = False,
+        verifier_last_hidden_states: torch.Tensor | None = None,
         **kwargs,
     ) -> Eagle3Output:
         """One draft step.
@@ -182,6 +186,9 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             attention_mask (`torch.Tensor`, *optional*): a prepared 4D mask `[B, 1, T, S]` (bool, True = attend) or a
                 flex `BlockMask`; default: causal over the cache.
             past_key_values (`Cache`, *optional*): the draft's KV cache.
+            verifier_last_hidden_states (`torch.Tensor` of shape `[B, T, Ht]`, *optional*): the verifier's pre-norm
+                last hidden states; when given, `target_logits` are computed inside forward (so that wrappers such as
+                FSDP have the frozen verifier head gathered).
         """
         if (aux_hidden_states is None) == (hidden_states is None):
             raise ValueError("Pass exactly one of `aux_hidden_states` (first step) and `hidden_states` (later steps).")
@@ -211,7 +218,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         normed = self.norm(hidden_states)  # [B, T, H]
         logits = self.lm_head(normed)  # [B, T, Vd]
         carried = normed if self.config.norm_output else hidden_states
-        return Eagle3Output(logits=logits, hidden_states=carried, past_key_values=past_key_values)
+        targets = None if verifier_last_hidden_states is None else self.verifier_logits(verifier_last_hidden_states)
+        return Eagle3Output(logits=logits, hidden_states=carried, past_key_values=past_key_values, target_logits=targets)
 
     def _prepare_attention_mask(self, mask, inputs_embeds, past_key_values, position_ids):
         if mask is None:

@@ -1,0 +1,149 @@
+"""Arguments of the training stage: what draft to build (`Eagle3ModelArguments`) and how to train it
+(`Eagle3TrainingArguments`, a `TrainingArguments` with the seed's flags and draft-friendly defaults).
+
+The seed's `scripts/train.py` flags keep their names and defaults: `--epochs` (= `--num-train-epochs`), `--lr`
+(= `--learning-rate`), `--save-path` (= `--output-dir`), `--logger` (= `--report-to`), `--log-dir`, `--run-name`,
+`--total-seq-len`, `--ttt-steps`, `--ttt-step-loss-decay`, `--no-resume-from-checkpoint`. Every other
+`TrainingArguments` field is available too; dashes and underscores are both accepted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..utils import UserError
+from .collator import LOSS_MASK_ALIGNMENTS
+
+LOGGERS = ("trackio", "wandb", "tensorboard")
+
+
+@dataclass
+class Eagle3ModelArguments:
+    """Which verifier, data and vocabulary the draft is built from."""
+
+    verifier_name_or_path: str = field(metadata={"help": "Verifier hub id or folder (the model the data came from)."})
+    data_path: str = field(default="./data", metadata={"help": "Folder of datagen shards (or the seed's data_*.pt)."})
+    data_format_version: int | None = field(
+        default=None,
+        metadata={"help": "0 or 1: the seed's data_*.pt formats; 2: datagen shards. Default: detected from the files."},
+    )
+    num_layers: int = field(default=1, metadata={"help": "Draft decoder layers."})
+    d2t_path: str | None = field(
+        default=None,
+        metadata={"help": "d2t.npy of the draft vocabulary (default: <data-path>/d2t.npy, else ./d2t.npy, else the "
+                  "full verifier vocabulary)."},
+    )
+    t2d_path: str | None = field(default=None, metadata={"help": "t2d.npy (default: next to d2t.npy)."})
+    aux_layer_ids: list[int] | None = field(
+        default=None,
+        metadata={"help": "Aux layer ids in vLLM's convention (default: those recorded by datagen, else [2, n//2, n-3])."},
+    )
+    norm_before_fc: bool = field(default=False, metadata={"help": "Eagle 3.1: RMSNorm over the fused aux states."})
+    norm_output: bool = field(default=False, metadata={"help": "Eagle 3.1: carry the final-norm output between steps."})
+    train_lm_head: bool = field(default=True, metadata={"help": "Train the draft lm_head (initialised from the verifier)."})
+    verifier_hub_id: str | None = field(
+        default=None, metadata={"help": "Hub id recorded in the checkpoint for `vllm serve` (when training from a folder)."}
+    )
+
+
+@dataclass
+class Eagle3TrainingArguments(TrainingArguments):
+    r"""
+    `TrainingArguments` plus the EAGLE-3 training-time-test (TTT) objective.
+
+    > Parameters of the objective
+
+    ttt_steps (`int`, defaults to 3): draft steps unrolled per position (K).
+    ttt_step_loss_decay (`float`, defaults to 1.0): the loss is `sum_k decay**k * loss_k`.
+    total_seq_len (`int`, defaults to 8192): tokens per packed row.
+    loss_mask_alignment (`str`, defaults to `"predicted"`): row t counts when the token it predicts (`l_{t+2}`,
+        "predicted") or the token it reads (`l_{t+1}`, "input", vllm-project/speculators) is an assistant token.
+    hidden_states_noise (`float`, defaults to 0.0): uniform noise `U(-a, a)` on the aux states while training (peers
+        use 0.05).
+    eval_split (`float`, defaults to 0.1): fraction of samples held out for evaluation (seeded by `data_seed`/`seed`).
+    """
+
+    # The seed's flags, as aliases of the TrainingArguments fields they set.
+    output_dir: str | None = field(
+        default="./checkpoints",
+        metadata={"aliases": ["--save-path", "--save_path"],
+                  "help": "Checkpoints: <save-path>/<epoch>/ drafts, <save-path>/checkpoint-<step>/ resume states."},
+    )
+    num_train_epochs: float = field(default=20, metadata={"aliases": ["--epochs"], "help": "Training epochs."})
+    learning_rate: float = field(default=1e-4, metadata={"aliases": ["--lr"], "help": "Peak learning rate (AdamW)."})
+    report_to: None | str | list[str] = field(
+        default="none",
+        metadata={"aliases": ["--logger"], "help": f"Logger: one of {', '.join(LOGGERS)} (empty or 'none': none)."},
+    )
+    log_dir: str = field(default="./logs", metadata={"help": "Local folder of the logger's files."})
+    no_resume_from_checkpoint: bool = field(
+        default=False, metadata={"help": "Start from scratch even when <save-path> holds a checkpoint."}
+    )
+    # TTT objective and data
+    ttt_steps: int = field(default=3, metadata={"help": "TTT steps K unrolled per position."})
+    ttt_step_loss_decay: float = field(default=1.0, metadata={"help": "Loss weight decay**k of step k."})
+    total_seq_len: int = field(default=8192, metadata={"help": "Tokens per packed row."})
+    loss_mask_alignment: str = field(
+        default="predicted",
+        metadata={"help": "Row t is supervised when the token it predicts (predicted: l_{t+2}) or reads (input: "
+                  "l_{t+1}) is an assistant token.", "choices": list(LOSS_MASK_ALIGNMENTS)},
+    )
+    hidden_states_noise: float = field(
+        default=0.0, metadata={"help": "Uniform noise U(-a, a) added to the aux states while training (peers: 0.05)."}
+    )
+    eval_split: float = field(default=0.1, metadata={"help": "Fraction of samples held out for evaluation."})
+    # Draft-friendly defaults of TrainingArguments fields
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast with fp32 master weights (default: on CUDA, off on CPU)."}
+    )
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Packed rows per device and step."})
+    per_device_eval_batch_size: int = field(default=1, metadata={"help": "Packed rows per device in evaluation."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint (epoch: one draft per epoch)."})
+    eval_strategy: str | None = field(default=None, metadata={"help": "Default: 'epoch' when --eval-split > 0."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    warmup_steps: float = field(default=0.01, metadata={"help": "Warmup steps (a fraction < 1 of all steps)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every batch key (needed)."})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
+        if self.report_to in ("", None, []):
+            self.report_to = "none"
+        reporters = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        bad = [r for r in reporters if r not in (*LOGGERS, "none", "all", "mlflow", "comet_ml", "dvclive", "swanlab")]
+        if bad:
+            raise UserError(f"--logger {bad[0]!r}: choose one of {', '.join(LOGGERS)} (or leave it empty).")
+        if self.eval_strategy is None:
+            self.eval_strategy = "epoch" if self.eval_split > 0 else "no"
+        if self.ttt_steps < 1:
+            raise UserError(f"--ttt-steps must be >= 1, got {self.ttt_steps}.")
+        if self.total_seq_len < 2:
+            raise UserError(f"--total-seq-len must be >= 2, got {self.total_seq_len}.")
+        if not 0 <= self.eval_split < 1:
+            raise UserError(f"--eval-split must be in [0, 1), got {self.eval_split}.")
+        self.label_names = []  # the loss needs no labels; evaluation still computes it
+        self.prediction_loss_only = True
+        super().__post_init__()
+
+    def apply_logging_env(self) -> None:
+        """Point the loggers at `log_dir` (their integrations read these variables), unless already set."""
+        log_dir = os.path.abspath(self.log_dir)
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(log_dir, "tensorboard", self.run_name or ""))
+        os.environ.setdefault("WANDB_DIR", log_dir)
+        os.environ.setdefault("TRACKIO_DIR", os.path.join(log_dir, "trackio"))
+        os.makedirs(log_dir, exist_ok=True)
+
+    def checkpoint_to_resume(self) -> str | None:
+        """`--resume-from-checkpoint` if given; else the last checkpoint under `--save-path` (unless disabled)."""
+        if self.resume_from_checkpoint:
+            return self.resume_from_checkpoint
+        if self.no_resume_from_checkpoint or not os.path.isdir(self.output_dir):
+            return None
+        return get_last_checkpoint(self.output_dir)

@@ -1,0 +1,33 @@
+"""`speculators-hf train`: train an EAGLE-3 draft on datagen's output (Trainer + accelerate).
+
+    speculators-hf train --verifier-name-or-path meta-llama/Llama-3.1-8B-Instruct --data-path ./data \\
+        --save-path ./checkpoints --epochs 20 --lr 1e-4 --total-seq-len 8192 --ttt-steps 3 --logger tensorboard
+    accelerate launch --config_file accelerate_configs/ddp.yaml -m speculators_hf.training.cli ...   (multi-GPU)
+"""
+
+from __future__ import annotations
+
+from ..cli.parser import run_command
+from .arguments import Eagle3ModelArguments, Eagle3TrainingArguments
+from .setup import build_datasets, build_draft
+from .trainer import Eagle3Trainer
+
+
+def train(model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments) -> Eagle3Trainer:
+    """Check the inputs, build the draft and train it (resuming from the last checkpoint unless disabled)."""
+    train_dataset, eval_dataset, layer_ids = build_datasets(model_args, args)
+    model = build_draft(model_args, train_dataset, layer_ids)
+    trainer = Eagle3Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset)
+    trainer.train(resume_from_checkpoint=args.checkpoint_to_resume())
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    # `parse` also returns the namespace of `--config`: ignored here.
+    return run_command(
+        (Eagle3ModelArguments, Eagle3TrainingArguments), lambda m, t, *_: train(m, t), argv, prog="speculators-hf train"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""Per-sample alignment and packing into `[B, total_seq_len]` rows with document ids and per-document positions.
+
+Alignment of one sample (tokens `x`, aux states `g`, verifier last state `y`, loss mask `l`, `T` tokens):
+
+    row t (t = 0 .. T-2)   input_ids = x_{t+1}   aux = g_t   verifier_last = y_{t+1}   position = t
+                           predicts x_{t+2}; target distribution = softmax(verifier head(norm(y_{t+1})))
+
+Loss mask of row t (`loss_mask_alignment`):
+    "predicted" (default)  l_{t+2}: the predicted token is an assistant token. This supervises exactly the tokens the
+                           draft proposes when serving: the first assistant token of a turn (predicted from the
+                           template's header) is a target; the token after the turn's last one is not.
+    "input"                l_{t+1}: the input token is an assistant token (vllm-project/speculators' choice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOSS_MASK_ALIGNMENTS = ("predicted", "input")
+
+
+def align_sample(sample: dict[str, torch.Tensor], loss_mask_alignment: str = "predicted") -> dict[str, torch.Tensor]:
+    """One sample `{input_ids [T], loss_mask [T], hidden_states [T, L, H]}` -> aligned rows of length `T - 1`."""
+    x, lm, hs = sample["input_ids"], sample["loss_mask"], sample["hidden_states"]
+    T = len(x)
+    if loss_mask_alignment == "predicted":
+        mask = torch.cat([lm[2:], lm.new_zeros(min(1, T - 1))])  # l_{t+2}; the last row predicts past the end
+    elif loss_mask_alignment == "input":
+        mask = lm[1:]  # l_{t+1}
+    else:
+        raise ValueError(f"loss_mask_alignment must be one of {LOSS_MASK_ALIGNMENTS}, got {loss_mask_alignment!r}")
+    return {
+        "input_ids": x[1:],  # [T-1]
+        "aux_hidden_states": hs[:-1, :-1].reshape(T - 1, -1),  # [T-1, (L-1) H]
+        "verifier_last_hidden_states": hs[1:, -1],  # [T-1, H]
+        "loss_mask": mask,  # [T-1]
+        "position_ids": torch.arange(T - 1),  # [T-1]
+    }
+
+
+@dataclass
+class DataCollatorForEagle3:
+    """Packs each group of samples (one item of `PackedDataset`) into one row of `total_seq_len` positions.
+
+    Returns `input_ids`, `position_ids`, `loss_mask`, `document_ids` (`[B, S]`, -1 on padding), `aux_hidden_states`
+    (`[B, S, (L-1) H]`) and `verifier_last_hidden_states` (`[B, S, H]`), where `S = total_seq_len`.
+    """
+
+    total_seq_len: int
+    loss_mask_alignment: str = "predicted"
+    dtype: torch.dtype | None = None  # the hidden states' dtype in the batch (None: as stored)
+
+    def __call__(self, packs: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        return {key: torch.stack([row[key] for row in map(self.pack_row, packs)]) for key in self.KEYS}
+
+    KEYS = ("input_ids", "position_ids", "loss_mask", "document_ids", "aux_hidden_states", "verifier_last_hidden_states")
+
+    def pack_row(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        S = self.total_seq_len
+        rows = [align_sample(s, self.loss_mask_alignment) for s in samples]
+        used = sum(len(r["input_ids"]) for r in rows)
+        if used > S:
+            raise ValueError(f"a pack of {used} aligned tokens does not fit total_seq_len={S}")
+        pad = S - used
+        doc = torch.cat([torch.full((len(r["input_ids"]),), d) for d, r in enumerate(rows)] + [torch.full((pad,), -1)])
+        out = {"document_ids": doc.long()}  # [S]
+        for key in ("input_ids", "position_ids", "loss_mask"):
+            out[key] = torch.cat([r[key].long() for r in rows] + [torch.zeros(pad, dtype=torch.long)])  # [S]
+        for key in ("aux_hidden_states", "verifier_last_hidden_states"):
+            parts = [r[key] if self.dtype is None else r[key].to(self.dtype) for r in rows]
+            out[key] = torch.cat(parts + [parts[0].new_zeros(pad, parts[0].shape[-1])])  # [S, D]
+        return out

@@ -1,0 +1,154 @@
+"""Training data: datagen shards (and the seed's per-sample `.pt` files) as lazy `torch` datasets, packed into rows.
+
+Every sample is `{"input_ids": [T], "loss_mask": [T], "hidden_states": [T, L, H]}` with `L` = the aux layers then the
+verifier's last layer (pre-norm). Formats (`--data-format-version`):
+
+    0    data_*.pt   {"input_ids", "loss_mask", "hidden_state": [T, 3H], "target": [T, H]}     (seed, v0)
+    1    data_*.pt   {"input_ids", "loss_mask", "hidden_states": [[T, H] x 4]}                (seed, v1)
+    2    data-*.safetensors + index.json (speculators_hf.datagen.shards), memory-mapped       (ours)
+
+`.pt` files are read one at a time with `torch.load(weights_only=True, mmap=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..datagen.shards import ShardDataset
+from ..utils import UserError, get_logger
+
+logger = get_logger(__name__)
+
+SHARD_FORMAT_VERSION = 2
+
+
+def _natural_key(path: Path):
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
+
+
+def detect_format(data_path: Path) -> int:
+    if list(data_path.glob("data-*.safetensors")) or (data_path / "index.json").exists():
+        return SHARD_FORMAT_VERSION
+    files = sorted(data_path.rglob("*.pt"))
+    files = [f for f in files if f.name != "token_freq.pt"]
+    if not files:
+        raise UserError(f"--data-path {data_path}: no datagen shards (data-*.safetensors) or data_*.pt files found.")
+    keys = torch.load(files[0], weights_only=True, mmap=True, map_location="cpu").keys()
+    return 0 if "hidden_state" in keys else 1
+
+
+class PtFileDataset(torch.utils.data.Dataset):
+    """The seed's one-file-per-sample formats (v0 and v1), standardised to `hidden_states [T, L, H]`."""
+
+    def __init__(self, files: list[Path], version: int):
+        if not files:
+            raise UserError("No data_*.pt files found.")
+        self.files, self.version = files, version
+        first = self[0]["hidden_states"]
+        self.hidden_shape = tuple(first.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def sample_length(self, i: int) -> int:
+        return len(torch.load(self.files[i], weights_only=True, mmap=True, map_location="cpu")["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        d = torch.load(self.files[i], weights_only=True, mmap=True, map_location="cpu")
+        if self.version == 0:
+            aux, last = d["hidden_state"], d["target"]  # [T, 3H], [T, H]
+            hs = torch.cat([aux.view(len(aux), -1, last.shape[-1]), last[:, None]], dim=1)  # [T, 4, H]
+        else:
+            hs = torch.stack(list(d["hidden_states"]), dim=1)  # [T, L, H]
+        return {"input_ids": d["input_ids"].long(), "loss_mask": d["loss_mask"].long(), "hidden_states": hs}
+
+
+def open_dataset(data_path: str | Path, version: int | None = None) -> torch.utils.data.Dataset:
+    """The samples below `data_path` in format `version` (None: detected)."""
+    data_path = Path(data_path)
+    if not data_path.is_dir():
+        raise UserError(f"--data-path {data_path} is not a folder (run `speculators-hf datagen` first).")
+    version = detect_format(data_path) if version is None else version
+    if version == SHARD_FORMAT_VERSION:
+        return ShardDataset(data_path)
+    if version not in (0, 1):
+        raise UserError(f"--data-format-version {version}: expected 0, 1 (seed .pt files) or 2 (datagen shards).")
+    files = sorted((f for f in data_path.rglob("*.pt") if f.name != "token_freq.pt"), key=_natural_key)
+    if not files:
+        raise UserError(f"--data-path {data_path}: no data_*.pt files for --data-format-version {version}.")
+    return PtFileDataset(files, version)
+
+
+def data_layer_ids(data_path: str | Path, version: int | None) -> list[int] | None:
+    """Layer ids (aux..., last) recorded by datagen, in vLLM's convention (seed v0/v1 ids are one layer deeper)."""
+    for name in ("data_config.json", "index.json"):
+        path = Path(data_path) / name
+        if path.exists():
+            ids = json.loads(path.read_text()).get("layer_ids")
+            if ids:
+                if version in (0, 1):  # v0.3.0 captured the *output* of layer i = the input of layer i + 1
+                    ids = [i + 1 for i in ids[:-1]] + [ids[-1] + 1]
+                return [int(i) for i in ids]
+    return None
+
+
+def train_eval_split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded random split of `range(n)` into (train, held-out) indices."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = 0 if eval_fraction <= 0 else max(1, round(n * eval_fraction))
+    if n_eval >= n:
+        raise UserError(f"--eval-split {eval_fraction} leaves no training samples out of {n}.")
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def pack(lengths: list[int], total_seq_len: int) -> list[list[int]]:
+    """First-fit-decreasing packing of sample lengths into bins of `total_seq_len` tokens (deterministic)."""
+    too_long = [(n, i) for i, n in enumerate(lengths) if n > total_seq_len]
+    if too_long:
+        n, i = max(too_long)
+        raise UserError(
+            f"--total-seq-len {total_seq_len} is smaller than sample {i} ({n} aligned tokens; {len(too_long)} samples "
+            f"do not fit): raise --total-seq-len to at least {n} or regenerate the data with a shorter --seq-length."
+        )
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(total_seq_len - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Groups of samples that fill one row of `total_seq_len` aligned tokens; `DataCollatorForEagle3` concatenates them.
+
+    The aligned length of a sample of `T` tokens is `T - 1` (see `collator.align_sample`).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, indices: list[int], total_seq_len: int):
+        self.dataset = dataset
+        lengths = [dataset.sample_length(i) - 1 for i in indices]
+        self.packs = [[indices[j] for j in group] for group in pack(lengths, total_seq_len)]
+        self.num_tokens = sum(lengths)
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, i: int) -> list[dict[str, torch.Tensor]]:
+        return [self.dataset[j] for j in self.packs[i]]
+
+
+def add_uniform_noise(hidden_states: torch.Tensor, magnitude: float) -> torch.Tensor:
+    """`hidden_states + U(-magnitude, magnitude)` (the usual light augmentation of the aux states)."""
+    if magnitude <= 0:
+        return hidden_states
+    return hidden_states + torch.empty_like(hidden_states).uniform_(-magnitude, magnitude)

@@ -1,0 +1,100 @@
+"""Everything checked and built before training starts: datasets, vocabulary mapping, the draft.
+
+All input problems surface here as one-line `UserError`s, before any training step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from ..modeling import Eagle3DraftModel
+from ..utils import UserError, get_logger
+from ..vocab import load_vocab_mapping, validate_vocab_mapping
+from .arguments import Eagle3ModelArguments, Eagle3TrainingArguments
+from .data import PackedDataset, data_layer_ids, detect_format, open_dataset, train_eval_split
+
+logger = get_logger(__name__)
+
+
+def resolve_vocab_mapping(model_args: Eagle3ModelArguments) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(d2t, t2d)` from the flags, else `<data-path>/{d2t,t2d}.npy`, else `./{d2t,t2d}.npy`, else None (full vocab)."""
+    if model_args.d2t_path is not None:
+        t2d_path = model_args.t2d_path or str(Path(model_args.d2t_path).with_name("t2d.npy"))
+        return load_vocab_mapping(model_args.d2t_path, t2d_path)
+    if model_args.t2d_path is not None:
+        raise UserError("--t2d-path needs --d2t-path too.")
+    for folder in (Path(model_args.data_path), Path(".")):
+        if (folder / "d2t.npy").exists() and (folder / "t2d.npy").exists():
+            return load_vocab_mapping(folder / "d2t.npy", folder / "t2d.npy")
+    logger.warning("No d2t.npy/t2d.npy found: the draft predicts over the full verifier vocabulary.")
+    return None
+
+
+def _check_data(dataset, model_args: Eagle3ModelArguments, verifier_config, aux_ids: list[int]) -> None:
+    text = verifier_config.get_text_config()
+    num_layers, hidden = dataset.hidden_shape  # (L, H)
+    if hidden != text.hidden_size:
+        raise UserError(
+            f"--data-path {model_args.data_path}: hidden states have size {hidden} but verifier "
+            f"{model_args.verifier_name_or_path} has hidden_size {text.hidden_size}: the data came from another model."
+        )
+    if num_layers != len(aux_ids) + 1:
+        raise UserError(
+            f"--data-path {model_args.data_path}: {num_layers} hidden-state layers per token, expected "
+            f"{len(aux_ids) + 1} (aux layers {aux_ids} + the last layer)."
+        )
+    max_id = max(int(dataset[i]["input_ids"].max()) for i in range(min(len(dataset), 16)))
+    if max_id >= text.vocab_size:
+        raise UserError(
+            f"--data-path {model_args.data_path}: token id {max_id} >= the verifier's vocabulary ({text.vocab_size})."
+        )
+
+
+def build_datasets(
+    model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments
+) -> tuple[PackedDataset, PackedDataset | None, list[int] | None]:
+    """Open, check, split and pack the data. Returns `(train, held_out or None, layer ids recorded by datagen)`."""
+    path = Path(model_args.data_path)
+    if not path.is_dir():
+        raise UserError(f"--data-path {path} does not exist (run `speculators-hf datagen` first).")
+    version = model_args.data_format_version if model_args.data_format_version is not None else detect_format(path)
+    dataset = open_dataset(path, version)
+    if len(dataset) == 0:
+        raise UserError(f"--data-path {path} holds no samples.")
+    train_idx, eval_idx = train_eval_split(len(dataset), args.eval_split, args.data_seed or 0)
+    train = PackedDataset(dataset, train_idx, args.total_seq_len)
+    held_out = PackedDataset(dataset, eval_idx, args.total_seq_len) if eval_idx else None
+    return train, held_out, data_layer_ids(path, version)
+
+
+def build_draft(
+    model_args: Eagle3ModelArguments, train_dataset: PackedDataset, layer_ids: list[int] | None = None
+) -> Eagle3DraftModel:
+    """A new draft for the verifier, checked against the data; flex attention on CUDA, sdpa elsewhere."""
+    verifier_config = AutoConfig.from_pretrained(model_args.verifier_name_or_path)
+    n = verifier_config.get_text_config().num_hidden_layers
+    aux_ids = model_args.aux_layer_ids or (layer_ids[:-1] if layer_ids else None)
+    if layer_ids and layer_ids[-1] != n:
+        raise UserError(f"datagen's last layer id is {layer_ids[-1]}, but the verifier has {n} layers (expected {n}).")
+    from ..modeling.configuration_eagle3 import default_aux_layer_ids
+
+    aux_ids = list(aux_ids or default_aux_layer_ids(n))
+    _check_data(train_dataset.dataset, model_args, verifier_config, aux_ids)
+    mapping = resolve_vocab_mapping(model_args)
+    if mapping is not None:
+        validate_vocab_mapping(*mapping, len(mapping[0]), verifier_config.get_text_config().vocab_size)
+    d2t, t2d = mapping if mapping is not None else (None, None)
+    model = Eagle3DraftModel.from_verifier(
+        model_args.verifier_name_or_path, d2t, t2d,
+        hub_id=model_args.verifier_hub_id,
+        num_hidden_layers=model_args.num_layers,
+        aux_layer_ids=aux_ids,
+        norm_before_fc=model_args.norm_before_fc,
+        norm_output=model_args.norm_output,
+        train_lm_head=model_args.train_lm_head,
+    )
+    model.set_attn_implementation("flex_attention" if torch.cuda.is_available() else "sdpa")
+    return model

@@ -1,0 +1,142 @@
+"""`Eagle3Trainer`: a thin `transformers.Trainer` whose loss is the EAGLE-3 training-time-test (TTT) unroll.
+
+Everything else (loop, accumulation, schedules, DDP/FSDP via accelerate, checkpoints, resume, loggers) is Trainer's.
+Additions: `compute_loss` (K draft steps sharing one KV cache), step metrics through `_metrics` + `log`, and one
+loadable draft per epoch in `<output_dir>/<epoch>/` next to Trainer's `checkpoint-<step>/` resume states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+from transformers import Trainer
+from transformers.cache_utils import DynamicCache
+
+from ..utils import get_logger
+from .arguments import Eagle3TrainingArguments
+from .collator import DataCollatorForEagle3
+from .data import add_uniform_noise
+from .losses import STEP_STATS, metrics_from_stats, shift_for_step, step_statistics, ttt_attention_mask, ttt_block_mask
+
+logger = get_logger(__name__)
+
+TRAINING_CONFIG_FILE = "training_config.json"
+
+
+class Eagle3Trainer(Trainer):
+    """Trains an `Eagle3DraftModel` on packed rows from `DataCollatorForEagle3`.
+
+    Args:
+        model (`Eagle3DraftModel`): the draft (fp32 master weights; `Trainer` applies bf16 autocast when `args.bf16`).
+        args (`Eagle3TrainingArguments`): training arguments, including `ttt_steps` and `ttt_step_loss_decay`.
+        train_dataset, eval_dataset (`PackedDataset`): groups of samples, one packed row each.
+        data_collator: default `DataCollatorForEagle3(args.total_seq_len, args.loss_mask_alignment)`.
+    """
+
+    args: Eagle3TrainingArguments
+
+    def __init__(self, model, args: Eagle3TrainingArguments, train_dataset=None, eval_dataset=None,
+                 data_collator=None, **kwargs):
+        args.apply_logging_env()
+        if data_collator is None:
+            data_collator = DataCollatorForEagle3(args.total_seq_len, args.loss_mask_alignment)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         data_collator=data_collator, **kwargs)
+        self.model_accepts_loss_kwargs = False  # the loss is a per-row masked mean: let Trainer scale it for GA
+        self._metrics: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
+        self._interval_start: dict[str, float | None] = {"train": None, "eval": None}
+
+    # ------------------------------------------------------------------------------------------------------- loss
+
+    def _attention_mask(self, document_ids: torch.Tensor, step: int):
+        if self.model.config._attn_implementation == "flex_attention":
+            return ttt_block_mask(document_ids, step)
+        return ttt_attention_mask(document_ids, step)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`sum_k decay**k * KL_k`: K draft steps over one packed batch, each fed the previous step's hidden state."""
+        mode = "train" if model.training else "eval"
+        if self._interval_start[mode] is None:
+            self._interval_start[mode] = time.perf_counter()
+        input_ids, position_ids = inputs["input_ids"], inputs["position_ids"]  # [B, S]
+        loss_mask, document_ids = inputs["loss_mask"], inputs["document_ids"]  # [B, S]
+        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+        aux = inputs["aux_hidden_states"].to(dtype)  # [B, S, 3H]
+        if mode == "train":
+            aux = add_uniform_noise(aux, self.args.hidden_states_noise)
+
+        cache = DynamicCache(config=self.model.config)
+        hidden, targets, prev_correct = None, None, None
+        loss, stats = 0.0, []
+        for k in range(self.args.ttt_steps):
+            out = model(
+                input_ids=shift_for_step(input_ids, k),  # teacher forcing: ground truth shifted by k
+                aux_hidden_states=aux if k == 0 else None,
+                hidden_states=hidden,  # the previous step's output, not detached
+                position_ids=position_ids + k,
+                attention_mask=self._attention_mask(document_ids, k),
+                past_key_values=cache,
+                use_cache=True,
+                verifier_last_hidden_states=inputs["verifier_last_hidden_states"].to(dtype) if k == 0 else None,
+            )
+            targets = out.target_logits if k == 0 else targets  # [B, S, Vd]
+            step_loss, step_stats, prev_correct = step_statistics(
+                out.logits, targets, loss_mask, document_ids, k, prev_correct
+            )
+            loss = loss + self.args.ttt_step_loss_decay**k * step_loss
+            stats.append(step_stats)  # [B, 5]
+            hidden = out.hidden_states  # [B, S, H]
+
+        tokens = (document_ids >= 0).sum(-1, keepdim=True).float()  # [B, 1]
+        self._record(mode, torch.cat([torch.stack(stats, 1).flatten(1), tokens], dim=1))
+        return (loss, None) if return_outputs else loss
+
+    def _record(self, mode: str, per_row: torch.Tensor) -> None:
+        """Sum per-row statistics across processes (`gather_for_metrics` drops the padding of uneven last batches)."""
+        summed = self.accelerator.gather_for_metrics(per_row.detach()).sum(0).cpu().double()
+        previous = self._metrics[mode]
+        self._metrics[mode] = summed if previous is None else previous + summed
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ---------------------------------------------------------------------------------------------------- logging
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        summed, started = self._metrics[mode], self._interval_start[mode]
+        if summed is not None:
+            K = (len(summed) - 1) // len(STEP_STATS)
+            metrics = metrics_from_stats(summed[:-1].view(K, len(STEP_STATS)))
+            metrics["tokens_per_second"] = float(summed[-1]) / max(time.perf_counter() - started, 1e-9)
+            if mode == "eval":
+                metrics = {f"eval_{key}": val for key, val in metrics.items()}
+            logs.update(metrics)
+        self._metrics[mode], self._interval_start[mode] = None, None
+        super().log(logs, start_time)
+
+    # ---------------------------------------------------------------------------------------------------- saving
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            keys = ("ttt_steps", "ttt_step_loss_decay", "loss_mask_alignment", "total_seq_len", "hidden_states_noise")
+            config = {key: getattr(self.args, key) for key in keys}
+            config["loss_mask_alignment_note"] = (
+                "row t (input x_{t+1}, predicting x_{t+2}) is supervised when l_{t+2} = 1 (predicted) / l_{t+1} = 1 (input)"
+            )
+            with open(os.path.join(output_dir or self.args.output_dir, TRAINING_CONFIG_FILE), "w") as f:
+                json.dump(config, f, indent=2)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's resumable checkpoint, plus a loadable draft in `<output_dir>/<epoch>/` at each epoch's end."""
+        super()._save_checkpoint(model, trial)
+        epoch = self.state.epoch
+        if epoch is not None and abs(epoch - round(epoch)) < 1e-6 and round(epoch) > 0:
+            self.save_model(os.path.join(self.args.output_dir, str(round(epoch) - 1)))
