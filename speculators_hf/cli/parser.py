@@ -6,6 +6,7 @@ A `UserError` (or `ValueError` from argument validation) prints one line and exi
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +38,8 @@ def parse(parser: HfArgumentParser, argv: list[str] | None):
             raise UserError(f"--config {path}: unknown keys {unknown}.")
         parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
     *outputs, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    # HfArgumentParser appends a Namespace holding arguments outside the dataclasses (here: --config); drop it.
+    outputs = [o for o in outputs if not isinstance(o, argparse.Namespace)]
     rest = [r for i, r in enumerate(rest) if not (r == "--config" or (i > 0 and rest[i - 1] == "--config"))]
     rest = [r for r in rest if not r.startswith("--config=")]
     if rest:

@@ -10,7 +10,7 @@ PROG = "python -m speculators_hf.datagen"
 def main(argv: list[str] | None = None) -> int:
     from ..cli.parser import run_command
 
-    def run(args: DatagenArguments, *_) -> None:  # run_command also passes the namespace holding --config
+    def run(args: DatagenArguments) -> None:
         from .builder import build_dataset
 
         build_dataset(args)
