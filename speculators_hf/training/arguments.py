@@ -110,9 +110,11 @@ class Eagle3TrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every batch key (needed)."})
 
     def __post_init__(self):
-        if self.bf16 is None:
-            import torch
+        import torch
 
+        if not torch.cuda.is_available():
+            self.use_cpu = True  # so that `accelerate launch` on CPU processes forms one gloo group (MULTI_CPU)
+        if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
         if self.report_to in ("", None, []):
             self.report_to = "none"

@@ -16,7 +16,7 @@ from .trainer import Eagle3Trainer
 def train(model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments) -> Eagle3Trainer:
     """Check the inputs, build the draft and train it (resuming from the last checkpoint unless disabled)."""
     train_dataset, eval_dataset, layer_ids = build_datasets(model_args, args)
-    model = build_draft(model_args, train_dataset, layer_ids)
+    model = build_draft(model_args, train_dataset, layer_ids, seed=args.seed)
     trainer = Eagle3Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset)
     trainer.train(resume_from_checkpoint=args.checkpoint_to_resume())
     return trainer

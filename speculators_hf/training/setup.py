@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, set_seed
 
 from ..modeling import Eagle3DraftModel
 from ..utils import UserError, get_logger
@@ -71,9 +71,10 @@ def build_datasets(
 
 
 def build_draft(
-    model_args: Eagle3ModelArguments, train_dataset: PackedDataset, layer_ids: list[int] | None = None
+    model_args: Eagle3ModelArguments, train_dataset: PackedDataset, layer_ids: list[int] | None = None, seed: int = 42
 ) -> Eagle3DraftModel:
-    """A new draft for the verifier, checked against the data; flex attention on CUDA, sdpa elsewhere."""
+    """A new draft for the verifier (initialised with `seed`), checked against the data; flex attention on CUDA,
+    sdpa elsewhere."""
     verifier_config = AutoConfig.from_pretrained(model_args.verifier_name_or_path)
     n = verifier_config.get_text_config().num_hidden_layers
     aux_ids = model_args.aux_layer_ids or (layer_ids[:-1] if layer_ids else None)
@@ -87,6 +88,7 @@ def build_draft(
     if mapping is not None:
         validate_vocab_mapping(*mapping, len(mapping[0]), verifier_config.get_text_config().vocab_size)
     d2t, t2d = mapping if mapping is not None else (None, None)
+    set_seed(seed)
     model = Eagle3DraftModel.from_verifier(
         model_args.verifier_name_or_path, d2t, t2d,
         hub_id=model_args.verifier_hub_id,
