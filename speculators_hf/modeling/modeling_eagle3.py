@@ -298,8 +298,15 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
         A draft without its `d2t` would silently map draft index `j` to verifier token `j` (vLLM does exactly that).
         """
+        from .research_format import RESEARCH_KEY_MAPPING, is_research_checkpoint
+
         want_info = kwargs.pop("output_loading_info", False)
+        research = "key_mapping" not in kwargs and is_research_checkpoint(pretrained_model_name_or_path)
+        if research:  # the EAGLE authors' format names layer 0 `midlayer.*`
+            kwargs["key_mapping"] = RESEARCH_KEY_MAPPING
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        if research:
+            model._weight_conversions = []  # save_pretrained writes our names, never `midlayer.*` again
         missing = sorted(k for k in info["missing_keys"] if not k.startswith("verifier_"))
         if missing:
             raise UserError(

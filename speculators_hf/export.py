@@ -1,0 +1,381 @@
+"""Stage 6: check (and convert) a draft checkpoint so that vLLM serves it as an EAGLE-3 draft.
+
+    speculators-hf export --checkpoint out/checkpoint --verifier-hub-id meta-llama/Llama-3.1-8B-Instruct
+
+`check_checkpoint` compares `config.json` and `model.safetensors` with exactly what vLLM's eagle3 speculators loader
+reads (names, shapes, dtypes, config keys) and with the vocabulary mapping; vLLM itself accepts a draft without `d2t`
+silently (draft index i then means target id i), so this check must. A checkpoint in the EAGLE authors' research format
+(flat config, `midlayer.*`) is converted into the speculators format; `--verifier-hub-id` sets the verifier that
+`vllm serve <draft>` (auto mode) serves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .utils import UserError, get_logger, write_json
+
+logger = get_logger(__name__)
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# transformer_layer_config keys vLLM builds the draft decoder from.
+LAYER_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_hidden_layers",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "vocab_size",
+    "hidden_act",
+)
+# Files copied along with the checkpoint when exporting into another folder.
+SIDE_FILES = (
+    "eval_card.json",
+    "eval_card.md",
+    "training_args.json",
+    "trainer_state.json",
+    "data_config.json",
+    "README.md",
+    "generation_config.json",
+)
+
+
+# ------------------------------------------------------------------------------------------------------ check
+
+
+def expected_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype kind: "float" | "int64" | "bool") of every tensor vLLM loads, from the config."""
+    layer = config["transformer_layer_config"]
+    H, V, inter = layer["hidden_size"], layer["vocab_size"], layer["intermediate_size"]
+    heads, kv = layer["num_attention_heads"], layer.get("num_key_value_heads") or layer["num_attention_heads"]
+    hd = layer.get("head_dim") or H // heads
+    Vd = config.get("draft_vocab_size") or V
+    fused = len(config.get("eagle_aux_hidden_state_layer_ids") or (0, 0, 0)) * (config.get("target_hidden_size") or H)
+    out = {
+        "embed_tokens.weight": ((V, H), "float"),
+        "fc.weight": ((H, fused), "float"),
+        "norm.weight": ((H,), "float"),
+        "lm_head.weight": ((Vd, H), "float"),
+    }
+    for i in range(layer["num_hidden_layers"]):
+        width, p = (2 * H if i == 0 else H), f"layers.{i}."
+        out |= {
+            p + "self_attn.q_proj.weight": ((heads * hd, width), "float"),
+            p + "self_attn.k_proj.weight": ((kv * hd, width), "float"),
+            p + "self_attn.v_proj.weight": ((kv * hd, width), "float"),
+            p + "self_attn.o_proj.weight": ((H, heads * hd), "float"),
+            p + "mlp.gate_proj.weight": ((inter, H), "float"),
+            p + "mlp.up_proj.weight": ((inter, H), "float"),
+            p + "mlp.down_proj.weight": ((H, inter), "float"),
+            p + "input_layernorm.weight": ((H,), "float"),
+            p + "post_attention_layernorm.weight": ((H,), "float"),
+        }
+    out["layers.0.hidden_norm.weight"] = ((H,), "float")
+    if config.get("norm_before_fc"):
+        out["input_norm.weight"] = ((fused,), "float")
+    if Vd != V:
+        out |= {"d2t": ((Vd,), "int64"), "t2d": ((V,), "bool")}
+    return out
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    return "float" if dtype in FLOAT_DTYPES else {torch.int64: "int64", torch.bool: "bool"}.get(dtype, str(dtype))
+
+
+def load_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of `model.safetensors` (or of the shards its index lists)."""
+    from safetensors.torch import load_file
+
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for f in files for k, v in load_file(path / f).items()}
+    raise UserError(f"{path} has no model.safetensors: export it with save_pretrained or `speculators-hf export`.")
+
+
+def _config_problems(config: dict) -> tuple[list[str], list[str]]:
+    errors, warnings = [], []
+    if config.get("speculators_model_type") != "eagle3":
+        errors.append(f"speculators_model_type is {config.get('speculators_model_type')!r}, vLLM needs 'eagle3'")
+    spec = config.get("speculators_config") or {}
+    methods = spec.get("proposal_methods") or [{}]
+    if not methods[0].get("speculative_tokens"):
+        errors.append("speculators_config.proposal_methods[0].speculative_tokens is missing")
+    name = (spec.get("verifier") or {}).get("name_or_path")
+    if not name:
+        errors.append("speculators_config.verifier.name_or_path is missing (set it with --verifier-hub-id)")
+    elif Path(name).is_absolute():
+        warnings.append(
+            f"the recorded verifier is the local path {name}: `vllm serve <draft>` breaks when folders "
+            "move; set a hub id with --verifier-hub-id"
+        )
+    layer = config.get("transformer_layer_config") or {}
+    missing = [k for k in LAYER_KEYS if k not in layer]
+    if missing:
+        errors.append(f"transformer_layer_config lacks {missing}")
+    if layer and layer.get("model_type") not in ("llama", "qwen3"):
+        errors.append(f"transformer_layer_config.model_type {layer.get('model_type')!r} is not llama or qwen3")
+    if "rope_parameters" not in layer and "rope_theta" not in layer:
+        errors.append("transformer_layer_config has no rope_parameters (the verifier's RoPE)")
+    if "draft_vocab_size" not in config:
+        errors.append("draft_vocab_size is missing")
+    ids = config.get("eagle_aux_hidden_state_layer_ids")
+    if not ids:
+        errors.append("eagle_aux_hidden_state_layer_ids is missing: vLLM would capture its default (2, n//2, n-3)")
+    elif len(set(ids)) != len(ids) or (
+        config.get("verifier_num_hidden_layers")
+        and not all(0 <= i <= config["verifier_num_hidden_layers"] for i in ids)
+    ):
+        errors.append(f"eagle_aux_hidden_state_layer_ids {ids} are not distinct layer ids of the verifier")
+    if "norm_before_residual" not in config:
+        warnings.append("norm_before_residual is missing: vLLM assumes True")
+    return errors, warnings
+
+
+def _tensor_problems(config: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
+    expected = expected_tensors(config)
+    layer = config["transformer_layer_config"]
+    V, Vd = layer["vocab_size"], config.get("draft_vocab_size") or layer["vocab_size"]
+    errors = []
+    missing = [n for n in expected if n not in tensors]
+    if Vd != V and "d2t" in missing:
+        errors.append(
+            f"d2t is missing although draft_vocab_size {Vd} != vocab_size {V}: vLLM would silently read "
+            "draft index i as target id i"
+        )
+    missing = [n for n in missing if n not in ("d2t", "t2d")] + (["t2d"] if "t2d" in missing else [])
+    if missing:
+        errors.append(f"missing tensors {missing}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        hint = " (full draft vocabulary: vLLM expects no d2t/t2d)" if {"d2t", "t2d"} & set(extra) else ""
+        errors.append(f"unexpected tensors {extra}{hint}")
+    floats = set()
+    for name, (shape, kind) in expected.items():
+        if name not in tensors:
+            continue
+        t = tensors[name]
+        if tuple(t.shape) != shape:
+            errors.append(f"{name} has shape {list(t.shape)}, expected {list(shape)}")
+        if _dtype_kind(t.dtype) != kind:
+            errors.append(f"{name} has dtype {t.dtype}, expected {kind}")
+        if kind == "float":
+            floats.add(t.dtype)
+    if len(floats) > 1:
+        errors.append(f"mixed float dtypes {sorted(map(str, floats))}")
+    if "d2t" in tensors and "t2d" in tensors and not errors:
+        from .vocab import validate_vocab_mapping
+
+        try:
+            validate_vocab_mapping(tensors["d2t"], tensors["t2d"], Vd, V)
+        except UserError as err:
+            errors.append(str(err).rstrip("."))
+    return errors
+
+
+def find_problems(path: str | Path) -> tuple[list[str], list[str]]:
+    """`(errors, warnings)` of a speculators-format checkpoint folder against what vLLM loads."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json: not a checkpoint folder.")
+    config = json.loads((path / "config.json").read_text())
+    if "speculators_config" not in config:
+        return [f"{path} is not in the speculators format (flat config): convert it with `speculators-hf export`"], []
+    errors, warnings = _config_problems(config)
+    if not any("transformer_layer_config" in e for e in errors):
+        errors += _tensor_problems(config, load_checkpoint_tensors(path))
+    return errors, warnings
+
+
+def check_checkpoint(path: str | Path) -> list[str]:
+    """Raise a one-line `UserError` naming every problem that would make vLLM fail or serve the draft wrongly.
+
+    Returns:
+        `list[str]`: warnings (the checkpoint serves, but e.g. auto mode breaks when folders move).
+    """
+    errors, warnings = find_problems(path)
+    if errors:
+        raise UserError(f"{path}: " + "; ".join(errors) + ".")
+    for w in warnings:
+        logger.warning(w)
+    return warnings
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+
+
+def set_verifier_name(path: str | Path, name_or_path: str) -> None:
+    """Record the verifier that `vllm serve <draft>` serves (`speculators_config.verifier.name_or_path`)."""
+    config_path = Path(path) / "config.json"
+    config = json.loads(config_path.read_text())
+    config.setdefault("speculators_config", {}).setdefault("verifier", {})["name_or_path"] = name_or_path
+    write_json(config_path, config)
+
+
+def convert_research_checkpoint(
+    path: str | Path, output_dir: str | Path, verifier: str | None = None, aux_layer_ids: list[int] | None = None
+) -> Path:
+    """EAGLE authors' research checkpoint (flat config, `midlayer.*`) -> speculators format in `output_dir`.
+
+    Args:
+        verifier: hub id or folder of the verifier: its layer count gives the default aux ids `[2, n//2, n-3]`, its
+            `max_position_embeddings` replaces a smaller one (which would clip RoPE in vLLM), and its embedding fills
+            a missing `embed_tokens.weight`. Recorded as the verifier unless the config names one.
+        aux_layer_ids: explicit aux ids (vLLM convention) instead of the verifier's default.
+    """
+    from transformers import AutoConfig
+
+    from .modeling import Eagle3Config, Eagle3DraftModel, default_aux_layer_ids
+    from .modeling.research_format import load_research_state_dict
+
+    path = Path(path)
+    flat = json.loads((path / "config.json").read_text())
+    for key in ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "auto_map"):
+        flat.pop(key, None)
+    tensors = load_research_state_dict(path)
+    vconf = AutoConfig.from_pretrained(verifier).get_text_config() if verifier else None
+    n = vconf.num_hidden_layers if vconf is not None else flat.get("verifier_num_hidden_layers")
+    ids = aux_layer_ids or flat.get("eagle_aux_hidden_state_layer_ids") or (default_aux_layer_ids(n) if n else None)
+    if ids is None:
+        raise UserError(
+            f"{path}: no aux layer ids in the config; pass --verifier (for [2, n//2, n-3]) or --aux-layer-ids."
+        )
+    if vconf is not None and flat.get("max_position_embeddings", 0) < vconf.max_position_embeddings:
+        logger.warning(
+            "Raising max_position_embeddings %s to the verifier's %d (vLLM would clip RoPE).",
+            flat.get("max_position_embeddings"),
+            vconf.max_position_embeddings,
+        )
+        flat["max_position_embeddings"] = vconf.max_position_embeddings
+    name = flat.pop("verifier_name_or_path", None) or verifier
+    if name is None:
+        raise UserError(f"{path}: the config names no verifier; pass --verifier-hub-id or --verifier.")
+    config = Eagle3Config(
+        **{
+            **flat,
+            "eagle_aux_hidden_state_layer_ids": list(ids),
+            "verifier_num_hidden_layers": n,
+            "verifier_name_or_path": name,
+            "architectures": ["Eagle3DraftModel"],
+            "tie_word_embeddings": False,
+        }
+    )
+    if "embed_tokens.weight" not in tensors:
+        if verifier is None:
+            raise UserError(f"{path} has no embed_tokens.weight; pass --verifier to copy the verifier's embedding.")
+        from .modeling.verifier_weights import load_verifier_tensors
+
+        tensors["embed_tokens.weight"] = load_verifier_tensors(verifier, AutoConfig.from_pretrained(verifier))[
+            "embed_tokens"
+        ].to(tensors["fc.weight"].dtype)
+    model = Eagle3DraftModel(config)
+    result = model.load_state_dict(tensors, strict=False)
+    saved = set(model.state_dict()) - set(model._keys_to_ignore_on_save or ())
+    missing = sorted(set(result.missing_keys) & saved)
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"{path}: research checkpoint does not match its config: missing {missing}, "
+            f"unexpected {sorted(result.unexpected_keys)}."
+        )
+    model.to(tensors["fc.weight"].dtype).save_pretrained(output_dir)
+    return Path(output_dir)
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output_dir: str | Path | None = None,
+    verifier_hub_id: str | None = None,
+    verifier: str | None = None,
+    aux_layer_ids: list[int] | None = None,
+) -> tuple[Path, list[str]]:
+    """Convert when needed, record the verifier id, check. Returns `(served folder, warnings)`."""
+    from .modeling.research_format import is_research_checkpoint
+
+    src = Path(checkpoint)
+    if not (src / "config.json").is_file():
+        raise UserError(f"--checkpoint {src} has no config.json.")
+    if is_research_checkpoint(src):
+        out = Path(output_dir) if output_dir else src.with_name(src.name + "-speculators")
+        convert_research_checkpoint(src, out, verifier=verifier or verifier_hub_id, aux_layer_ids=aux_layer_ids)
+    elif output_dir and Path(output_dir).resolve() != src.resolve():
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "model.safetensors", "model.safetensors.index.json", *SIDE_FILES):
+            if (src / name).is_file():
+                shutil.copy2(src / name, out / name)
+        index = src / "model.safetensors.index.json"
+        for shard in set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else ():
+            shutil.copy2(src / shard, out / shard)
+    else:
+        out = src
+    if verifier_hub_id:
+        set_verifier_name(out, verifier_hub_id)
+    return out, check_checkpoint(out)
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+@dataclass
+class ExportArguments:
+    """Check a draft checkpoint against what vLLM's EAGLE-3 loader reads; convert research checkpoints."""
+
+    checkpoint: str = field(metadata={"help": "Draft checkpoint folder (speculators or EAGLE research format)."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Write the served checkpoint here (default: in place; `<checkpoint>-speculators` for a "
+            "research checkpoint)."
+        },
+    )
+    verifier_hub_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Verifier recorded in speculators_config.verifier.name_or_path, which `vllm serve <draft>` "
+            "serves. Use a hub id: a local absolute path breaks when folders move."
+        },
+    )
+    verifier: str | None = field(
+        default=None,
+        metadata={
+            "help": "Verifier folder or hub id to read (research checkpoints only: layer count, "
+            "max_position_embeddings and a missing embedding)."
+        },
+    )
+    aux_layer_ids: list[int] | None = field(
+        default=None, metadata={"help": "Aux layer ids for a research checkpoint (default [2, n//2, n-3])."}
+    )
+
+
+def run(args: ExportArguments) -> Path:
+    out, warnings = export_checkpoint(
+        args.checkpoint, args.output_dir, args.verifier_hub_id, args.verifier, args.aux_layer_ids
+    )
+    config = json.loads((out / "config.json").read_text())
+    print(
+        f"OK {out}: vLLM-servable EAGLE-3 draft for {config['speculators_config']['verifier']['name_or_path']}"
+        f" (draft vocab {config['draft_vocab_size']}, aux ids {config['eagle_aux_hidden_state_layer_ids']})"
+    )
+    for w in warnings:
+        print(f"warning: {w}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli.parser import run_command
+
+    return run_command(ExportArguments, run, argv, prog="speculators-hf export")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

