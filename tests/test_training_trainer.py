@@ -1,0 +1,125 @@
+"""Eagle3Trainer on the tiny verifier kit (CPU): learning, checkpoints, packing isolation, input errors, loggers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from speculators_hf.cli.parser import make_parser, parse
+from speculators_hf.datagen.shards import shard_name, write_index, write_shard
+from speculators_hf.modeling import Eagle3DraftModel
+from speculators_hf.training import Eagle3ModelArguments, Eagle3Trainer, Eagle3TrainingArguments
+from speculators_hf.training.cli import main
+from speculators_hf.training.collator import DataCollatorForEagle3
+from speculators_hf.training.setup import build_datasets, build_draft
+
+sys.path.insert(0, str(Path(__file__).parent))
+from training_data import make_training_data, save_bad_vocab, train_argv  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def peaked_data(peaked_verifier_path, tmp_path_factory):
+    return make_training_data(peaked_verifier_path, tmp_path_factory.mktemp("data"), num_samples=32)
+
+
+def parse_args(argv):
+    return parse(make_parser((Eagle3ModelArguments, Eagle3TrainingArguments)), argv)[:2]
+
+
+def test_training_learns_and_writes_loadable_epoch_drafts(peaked_verifier_path, peaked_data, tmp_path):
+    save = tmp_path / "ckpt"
+    model_args, args = parse_args(train_argv(
+        peaked_verifier_path, peaked_data, save, "--epochs", "4", "--lr", "2e-3", "--eval-split", "0.25",
+        "--eval-on-start", "true", "--logging-steps", "2", "--save-total-limit", "1",
+    ))
+    train_ds, eval_ds, layer_ids = build_datasets(model_args, args)
+    model = build_draft(model_args, train_ds, layer_ids, seed=args.seed)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = Eagle3Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds)
+    trainer.train()
+
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[n]), f"Parameter {n} has not changed."
+    train_logs = [h for h in trainer.state.log_history if "loss_0" in h]
+    evals = [h for h in trainer.state.log_history if "eval_acc_0" in h]
+    assert {"acc_1", "cond_acc_2", "tau_sim", "tokens_per_second", "loss_2"} <= set(train_logs[0])
+    assert train_logs[-1]["loss"] < train_logs[0]["loss"]
+    assert evals[-1]["eval_acc_0"] > evals[0]["eval_acc_0"] + 0.05, evals  # trained beats untrained, held out
+    assert evals[-1]["eval_tau_sim"] > evals[0]["eval_tau_sim"]
+
+    for epoch in range(4):
+        assert (save / str(epoch) / "config.json").exists()
+    draft = Eagle3DraftModel.from_pretrained(save / "3")
+    assert torch.equal(draft.d2t, model.d2t) and torch.equal(draft.fc.weight, model.fc.weight)
+    assert draft.config.eagle_aux_hidden_state_layer_ids == [1, 2, 3]
+    assert json.loads((save / "3" / "training_config.json").read_text())["loss_mask_alignment"] == "predicted"
+
+
+def test_packing_does_not_leak_across_documents(tiny_verifier_path, peaked_data, tmp_path):
+    model_args, args = parse_args(train_argv(tiny_verifier_path, peaked_data, tmp_path, "--ttt-steps", "3"))
+    train_ds, _, layer_ids = build_datasets(model_args, args)
+    model = build_draft(model_args, train_ds, layer_ids).eval()
+    trainer = Eagle3Trainer(model=model, args=args, train_dataset=train_ds)
+    a, b = train_ds.dataset[0], train_ds.dataset[1]
+    b_changed = {**b, "input_ids": torch.flip(b["input_ids"], [0]), "hidden_states": torch.randn_like(b["hidden_states"])}
+    a_only = {**a}
+
+    def loss_of_a(first, second):
+        collator = DataCollatorForEagle3(total_seq_len=256)
+        batch = collator([[first, {**second, "loss_mask": torch.zeros_like(second["loss_mask"])}]])
+        with torch.no_grad():
+            return trainer.compute_loss(model, batch).item()
+
+    reference = loss_of_a(a_only, b)
+    assert loss_of_a(a_only, b_changed) == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    # and document a is not "alone" by accident: with b's mask on, the loss moves
+    collator = DataCollatorForEagle3(total_seq_len=256)
+    with torch.no_grad():
+        both = trainer.compute_loss(model, collator([[a, b_changed]])).item()
+    assert both != pytest.approx(reference)
+
+
+def test_bad_inputs_give_one_line_errors(peaked_verifier_path, peaked_data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad_hidden = tmp_path / "bad_hidden"
+    sample = {"input_ids": torch.arange(20), "loss_mask": torch.ones(20, dtype=torch.long),
+              "hidden_states": torch.randn(20, 4, 32)}
+    write_index(bad_hidden, {"shards": [write_shard(bad_hidden / shard_name(0), [sample], [0])]})
+    bad_vocab = save_bad_vocab(tmp_path / "vocab")
+    cases = {
+        "empty": train_argv(peaked_verifier_path, empty, tmp_path / "c1"),
+        "size 32": train_argv(peaked_verifier_path, bad_hidden, tmp_path / "c2"),
+        "t2d has 1000": train_argv(peaked_verifier_path, peaked_data, tmp_path / "c3", "--d2t-path",
+                                   str(bad_vocab / "d2t.npy"), "--t2d-path", str(bad_vocab / "t2d.npy")),
+        "--total-seq-len 16": train_argv(peaked_verifier_path, peaked_data, tmp_path / "c4") + ["--total-seq-len", "16"],
+    }
+    for expected, argv in cases.items():
+        assert main(argv) == 2, expected
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+        assert len(err) == 1 and err[0].startswith("speculators-hf train: error:"), (expected, err)
+        assert ("no datagen shards" in err[0].lower() or expected in err[0]), (expected, err)
+        assert not (tmp_path / f"c{list(cases).index(expected) + 1}").exists()  # nothing trained or written
+
+    # the same through the console script: non-zero exit, one stderr line, no traceback
+    proc = subprocess.run([sys.executable, "-c", "from speculators_hf.cli import main; raise SystemExit(main())", "train",
+                           *cases["empty"]],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb", "trackio"])
+def test_each_logger_writes_locally(logger, tiny_verifier_path, peaked_data, tmp_path, monkeypatch):
+    for var in ("TENSORBOARD_LOGGING_DIR", "WANDB_DIR", "TRACKIO_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    log_dir = tmp_path / "logs"
+    argv = train_argv(tiny_verifier_path, peaked_data, tmp_path / "ckpt", "--max-steps", "2", "--logger", logger,
+                      "--log-dir", str(log_dir), "--run-name", "t", "--save-strategy", "no")
+    assert main(argv) == 0
+    files = [p for p in log_dir.rglob("*") if p.is_file()]
+    assert files, f"{logger} wrote nothing under {log_dir}"
