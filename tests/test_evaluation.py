@@ -1,0 +1,178 @@
+"""Online speculative decoding in transformers: output equals the verifier's greedy output; counters; eval card."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from draft_fit import chat_prompts, fit_draft
+
+from speculators_hf.evaluation import (
+    build_eval_card,
+    evaluate_transformers,
+    greedy_baseline,
+    load_prompts,
+    render_eval_card,
+    write_eval_card,
+)
+from speculators_hf.modeling import Eagle3DraftModel
+from speculators_hf.testing import write_chat_jsonl
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_verifier_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)  # tiny models: one thread is several times faster on a shared 2-core box
+    verifier = AutoModelForCausalLM.from_pretrained(tiny_verifier_path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_verifier_path)
+    prompts = chat_prompts(tokenizer, 4) + [[5, 17, 300, 41, 1000, 7]]
+    reference, _ = greedy_baseline(verifier, prompts, MAX_NEW, tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    random_draft = Eagle3DraftModel.from_verifier(str(tiny_verifier_path), hub_id="org/v", aux_layer_ids=[1, 2, 3])
+    torch.manual_seed(0)
+    fitted = Eagle3DraftModel.from_verifier(str(tiny_verifier_path), hub_id="org/v", aux_layer_ids=[1, 2, 3])
+    fit_draft(fitted, verifier, prompts, MAX_NEW, steps=100)
+    return dict(
+        verifier=verifier,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        reference=reference,
+        random=random_draft,
+        fitted=fitted,
+    )
+
+
+def _check_counters(result, k):
+    assert result.num_draft_tokens == k * result.num_drafts
+    assert len(result.accepted_per_position) == k
+    assert all(a >= b for a, b in zip(result.accepted_per_position, result.accepted_per_position[1:]))  # chain
+    # the prefill emits one token per prompt, then each step its accepted tokens + 1 (the last step may overshoot)
+    emitted = result.num_prompts + result.num_drafts + result.num_accepted_tokens
+    assert 0 <= emitted - sum(map(len, result.output_ids)) <= k * result.num_prompts
+
+
+def test_random_draft_output_equals_verifier_greedy(setup):
+    result = evaluate_transformers(
+        setup["random"], setup["verifier"], setup["prompts"], 3, MAX_NEW, setup["tokenizer"].eos_token_id
+    )
+    assert result.output_ids == setup["reference"] == result.baseline_ids
+    assert result.matches_baseline
+    _check_counters(result, 3)
+    assert result.tau < 1.2  # a random draft is (almost) never accepted
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_agreeing_draft_output_equals_verifier_greedy(setup, k):
+    result = evaluate_transformers(
+        setup["fitted"],
+        setup["verifier"],
+        setup["prompts"],
+        k,
+        MAX_NEW,
+        setup["tokenizer"].eos_token_id,
+        baseline=False,
+    )
+    print(f"K={k}: tau {result.tau:.3f}, acceptance {result.acceptance_per_position}")
+    assert result.output_ids == setup["reference"]
+    _check_counters(result, k)
+    assert result.tau > 1.5  # whole chains, bonus tokens and cache cropping are all exercised
+    if k > 1:
+        assert result.accepted_per_position[-1] > 0
+
+
+def test_stops_at_eos_like_generate(setup):
+    eos = setup["reference"][0][6]  # a token the verifier emits: pretend it is EOS
+    prompts = setup["prompts"][:2]
+    reference, _ = greedy_baseline(setup["verifier"], prompts, MAX_NEW, eos)
+    result = evaluate_transformers(setup["fitted"], setup["verifier"], prompts, 3, MAX_NEW, eos, baseline=False)
+    assert result.output_ids == reference
+    assert result.output_ids[0][-1] == eos and len(result.output_ids[0]) <= 7
+
+
+def test_eval_card_has_every_field(setup, tmp_path):
+    result = evaluate_transformers(
+        setup["fitted"], setup["verifier"], setup["prompts"], 3, MAX_NEW, setup["tokenizer"].eos_token_id
+    )
+    dataset = {"path": "chat.jsonl", "num_prompts": 5, "offset": 0, "max_new_tokens": MAX_NEW}
+    card = build_eval_card(
+        [result],
+        draft="d",
+        verifier="v",
+        dataset=dataset,
+        offline={"tau_sim": 2.5, "cond_acc_k": [0.9, 0.5, 0.3], "ttt_steps": 3},
+    )
+    json_path, md_path = write_eval_card(card, tmp_path)
+    saved = json.loads(json_path.read_text())
+    run = saved["runs"][0]
+    for key in (
+        "engine",
+        "engine_version",
+        "num_speculative_tokens",
+        "temperature",
+        "proposal",
+        "tau",
+        "acceptance_per_position",
+        "speedup",
+        "spec_seconds",
+        "baseline_seconds",
+        "batch_size",
+    ):
+        assert run[key] is not None, key
+    assert run["proposal"] == "chain" and run["temperature"] == 0.0 and run["output_matches_verifier_greedy"]
+    assert saved["hardware"]["cpu_cores"] >= 1 and saved["dataset"]["path"] == "chat.jsonl"
+    md = md_path.read_text()
+    assert (
+        f"{run['tau']:.3f}" in md
+        and abs(run["tau"] - result.tau) < 1e-3
+        and "2.500" in md
+        and "| transformers |" in md
+    )
+    assert md == render_eval_card(saved)
+
+
+def test_load_prompts_formats(setup, tmp_path):
+    path = write_chat_jsonl(tmp_path / "chat.jsonl", 6)
+    with open(path, "a") as f:
+        f.write(json.dumps({"prompt_token_ids": [1, 2, 3]}) + "\n")
+    tok = setup["tokenizer"]
+    prompts = load_prompts(path, tok, num_prompts=100)
+    assert prompts[-1] == [1, 2, 3]
+    first = json.loads(path.read_text().splitlines()[0])["messages"][:1]
+    assert prompts[0] == tok.apply_chat_template(first, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert load_prompts(path, tok, num_prompts=2, offset=1)[0] == prompts[1]
+
+
+def test_cli_prints_table_and_writes_card(setup, tiny_verifier_path, tmp_path):
+    setup["fitted"].save_pretrained(tmp_path / "draft")
+    chat = write_chat_jsonl(tmp_path / "chat.jsonl", 8)
+    cli = str(Path(sys.executable).with_name("speculators-hf"))
+    done = subprocess.run(
+        [
+            cli,
+            "evaluate",
+            "--draft",
+            str(tmp_path / "draft"),
+            "--verifier",
+            str(tiny_verifier_path),
+            "--prompts",
+            str(chat),
+            "--num-prompts",
+            "3",
+            "--max-new-tokens",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| transformers |" in done.stdout and "tau" in done.stdout
+    card = json.loads((tmp_path / "draft" / "eval_card.json").read_text())
+    assert card["runs"][0]["num_prompts"] == 3 and card["runs"][0]["output_matches_verifier_greedy"] is True
+    assert (tmp_path / "draft" / "eval_card.md").is_file()
