@@ -145,7 +145,7 @@ def build_dataset(args: DatagenArguments, backend: HiddenStatesBackend | None = 
         write_token_freq(plan, Path(args.token_freq_path or output_dir / "token_freq.pt"))
     if args.data_parallel_size > 1:
         _run_replicas(args)
-        written = {}
+        written = {"shards": 0, "samples": 0, "tokens": 0}  # counted by the replicas
     else:
         written = _extract_and_write(plan, backend)
     summary = _finish(plan, written, time.perf_counter() - start)
@@ -273,6 +273,8 @@ def _run_replicas(args: DatagenArguments) -> None:
         env = dict(os.environ)
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[i * tp : (i + 1) * tp])
+        else:  # CPU replicas share the cores instead of each taking all of them
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
         cmd = [sys.executable, "-m", "speculators_hf.datagen", *_to_argv(child)]
         procs.append(subprocess.Popen(cmd, env=env))
     failed = [i for i, p in enumerate(procs) if p.wait() != 0]

@@ -50,7 +50,8 @@ def write_shard(path: str | Path, samples: list[dict[str, torch.Tensor]], sample
     }
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": SHARD_FORMAT, "version": str(SHARD_FORMAT_VERSION)})
+        # One metadata key: safetensors writes its metadata map in hash order, so two keys would make reruns differ.
+        save_file(tensors, str(tmp), metadata={"format": f"{SHARD_FORMAT}/{SHARD_FORMAT_VERSION}"})
     return {
         "file": path.name,
         "num_samples": len(samples),
