@@ -45,8 +45,9 @@ def test_block_mask_matches_dense():
         block = ttt_block_mask(doc, step).to_dense()  # block-level only: check the mask_mod instead
         assert block.shape[-1] * 128 >= dense.shape[-1]
         mod = ttt_block_mask(doc, step).mask_mod
-        q, kv = torch.meshgrid(torch.arange(256, device="cuda"), torch.arange(dense.shape[-1], device="cuda"),
-                               indexing="ij")
+        q, kv = torch.meshgrid(
+            torch.arange(256, device="cuda"), torch.arange(dense.shape[-1], device="cuda"), indexing="ij"
+        )
         zero = torch.zeros((), dtype=torch.long, device="cuda")
         assert torch.equal(mod(zero, zero, q, kv), dense)
 
@@ -69,8 +70,11 @@ def test_alignment_of_a_hand_built_sample():
 
 def test_collator_packs_documents_with_ids_and_positions():
     def sample(n):
-        return {"input_ids": torch.arange(n), "loss_mask": torch.ones(n, dtype=torch.long),
-                "hidden_states": torch.randn(n, 4, 2)}
+        return {
+            "input_ids": torch.arange(n),
+            "loss_mask": torch.ones(n, dtype=torch.long),
+            "hidden_states": torch.randn(n, 4, 2),
+        }
 
     batch = DataCollatorForEagle3(total_seq_len=10)([[sample(4), sample(5)]])
     assert batch["document_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 1, -1, -1, -1]]

@@ -31,10 +31,25 @@ def parse_args(argv):
 
 def test_training_learns_and_writes_loadable_epoch_drafts(peaked_verifier_path, peaked_data, tmp_path):
     save = tmp_path / "ckpt"
-    model_args, args = parse_args(train_argv(
-        peaked_verifier_path, peaked_data, save, "--epochs", "4", "--lr", "2e-3", "--eval-split", "0.25",
-        "--eval-on-start", "true", "--logging-steps", "2", "--save-total-limit", "1",
-    ))
+    model_args, args = parse_args(
+        train_argv(
+            peaked_verifier_path,
+            peaked_data,
+            save,
+            "--epochs",
+            "4",
+            "--lr",
+            "2e-3",
+            "--eval-split",
+            "0.25",
+            "--eval-on-start",
+            "true",
+            "--logging-steps",
+            "2",
+            "--save-total-limit",
+            "1",
+        )
+    )
     train_ds, eval_ds, layer_ids = build_datasets(model_args, args)
     model = build_draft(model_args, train_ds, layer_ids, seed=args.seed)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -65,7 +80,11 @@ def test_packing_does_not_leak_across_documents(tiny_verifier_path, peaked_data,
     model = build_draft(model_args, train_ds, layer_ids).eval()
     trainer = Eagle3Trainer(model=model, args=args, train_dataset=train_ds)
     a, b = train_ds.dataset[0], train_ds.dataset[1]
-    b_changed = {**b, "input_ids": torch.flip(b["input_ids"], [0]), "hidden_states": torch.randn_like(b["hidden_states"])}
+    b_changed = {
+        **b,
+        "input_ids": torch.flip(b["input_ids"], [0]),
+        "hidden_states": torch.randn_like(b["hidden_states"]),
+    }
     a_only = {**a}
 
     def loss_of_a(first, second):
@@ -87,28 +106,48 @@ def test_bad_inputs_give_one_line_errors(peaked_verifier_path, peaked_data, tmp_
     empty = tmp_path / "empty"
     empty.mkdir()
     bad_hidden = tmp_path / "bad_hidden"
-    sample = {"input_ids": torch.arange(20), "loss_mask": torch.ones(20, dtype=torch.long),
-              "hidden_states": torch.randn(20, 4, 32)}
+    sample = {
+        "input_ids": torch.arange(20),
+        "loss_mask": torch.ones(20, dtype=torch.long),
+        "hidden_states": torch.randn(20, 4, 32),
+    }
     write_index(bad_hidden, {"shards": [write_shard(bad_hidden / shard_name(0), [sample], [0])]})
     bad_vocab = save_bad_vocab(tmp_path / "vocab")
     cases = {
         "empty": train_argv(peaked_verifier_path, empty, tmp_path / "c1"),
         "size 32": train_argv(peaked_verifier_path, bad_hidden, tmp_path / "c2"),
-        "t2d has 1000": train_argv(peaked_verifier_path, peaked_data, tmp_path / "c3", "--d2t-path",
-                                   str(bad_vocab / "d2t.npy"), "--t2d-path", str(bad_vocab / "t2d.npy")),
-        "--total-seq-len 16": train_argv(peaked_verifier_path, peaked_data, tmp_path / "c4") + ["--total-seq-len", "16"],
+        "t2d has 1000": train_argv(
+            peaked_verifier_path,
+            peaked_data,
+            tmp_path / "c3",
+            "--d2t-path",
+            str(bad_vocab / "d2t.npy"),
+            "--t2d-path",
+            str(bad_vocab / "t2d.npy"),
+        ),
+        "--total-seq-len 16": train_argv(peaked_verifier_path, peaked_data, tmp_path / "c4")
+        + ["--total-seq-len", "16"],
     }
     for expected, argv in cases.items():
         assert main(argv) == 2, expected
         err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
         assert len(err) == 1 and err[0].startswith("speculators-hf train: error:"), (expected, err)
-        assert ("no datagen shards" in err[0].lower() or expected in err[0]), (expected, err)
+        assert "no datagen shards" in err[0].lower() or expected in err[0], (expected, err)
         assert not (tmp_path / f"c{list(cases).index(expected) + 1}").exists()  # nothing trained or written
 
     # the same through the console script: non-zero exit, one stderr line, no traceback
-    proc = subprocess.run([sys.executable, "-c", "from speculators_hf.cli import main; raise SystemExit(main())", "train",
-                           *cases["empty"]],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from speculators_hf.cli import main; raise SystemExit(main())",
+            "train",
+            *cases["empty"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
@@ -118,8 +157,21 @@ def test_each_logger_writes_locally(logger, tiny_verifier_path, peaked_data, tmp
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     log_dir = tmp_path / "logs"
-    argv = train_argv(tiny_verifier_path, peaked_data, tmp_path / "ckpt", "--max-steps", "2", "--logger", logger,
-                      "--log-dir", str(log_dir), "--run-name", "t", "--save-strategy", "no")
+    argv = train_argv(
+        tiny_verifier_path,
+        peaked_data,
+        tmp_path / "ckpt",
+        "--max-steps",
+        "2",
+        "--logger",
+        logger,
+        "--log-dir",
+        str(log_dir),
+        "--run-name",
+        "t",
+        "--save-strategy",
+        "no",
+    )
     assert main(argv) == 0
     files = [p for p in log_dir.rglob("*") if p.is_file()]
     assert files, f"{logger} wrote nothing under {log_dir}"

@@ -23,15 +23,23 @@ def tokenize_chat(tokenizer, messages: list[dict], max_len: int) -> tuple[list[i
     for j, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:j], tokenize=True, return_dict=False,
-                                                  add_generation_prompt=True))
+        start = len(
+            tokenizer.apply_chat_template(messages[:j], tokenize=True, return_dict=False, add_generation_prompt=True)
+        )
         end = len(tokenizer.apply_chat_template(messages[: j + 1], tokenize=True, return_dict=False))
         mask[start:end] = [1] * (end - start)
     return ids[:max_len], mask[:max_len]
 
 
-def make_training_data(verifier_path: str | Path, out_dir: str | Path, num_samples: int = 24, max_len: int = 96,
-                       offset: int = 0, samples_per_shard: int = 16, draft_vocab_size: int | None = 512) -> Path:
+def make_training_data(
+    verifier_path: str | Path,
+    out_dir: str | Path,
+    num_samples: int = 24,
+    max_len: int = 96,
+    offset: int = 0,
+    samples_per_shard: int = 16,
+    draft_vocab_size: int | None = 512,
+) -> Path:
     """Write datagen-style shards (+ index.json with layer ids, + d2t.npy/t2d.npy when `draft_vocab_size`)."""
     from transformers import AutoTokenizer
 
@@ -62,9 +70,28 @@ def make_training_data(verifier_path: str | Path, out_dir: str | Path, num_sampl
 def train_argv(verifier: Path, data: Path, save: Path, *extra: str) -> list[str]:
     """CLI flags for a quick CPU run."""
     return [
-        "--verifier-name-or-path", str(verifier), "--data-path", str(data), "--save-path", str(save),
-        "--total-seq-len", "256", "--epochs", "1", "--logging-steps", "1", "--eval-split", "0", "--seed", "0",
-        "--report-to", "none", "--disable-tqdm", "true", "--dataloader-num-workers", "0",
+        "--verifier-name-or-path",
+        str(verifier),
+        "--data-path",
+        str(data),
+        "--save-path",
+        str(save),
+        "--total-seq-len",
+        "256",
+        "--epochs",
+        "1",
+        "--logging-steps",
+        "1",
+        "--eval-split",
+        "0",
+        "--seed",
+        "0",
+        "--report-to",
+        "none",
+        "--disable-tqdm",
+        "true",
+        "--dataloader-num-workers",
+        "0",
         *extra,
     ]
 

@@ -219,7 +219,9 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         logits = self.lm_head(normed)  # [B, T, Vd]
         carried = normed if self.config.norm_output else hidden_states
         targets = None if verifier_last_hidden_states is None else self.verifier_logits(verifier_last_hidden_states)
-        return Eagle3Output(logits=logits, hidden_states=carried, past_key_values=past_key_values, target_logits=targets)
+        return Eagle3Output(
+            logits=logits, hidden_states=carried, past_key_values=past_key_values, target_logits=targets
+        )
 
     def _prepare_attention_mask(self, mask, inputs_embeds, past_key_values, position_ids):
         if mask is None:

@@ -29,24 +29,35 @@ class Eagle3ModelArguments:
     data_path: str = field(default="./data", metadata={"help": "Folder of datagen shards (or the seed's data_*.pt)."})
     data_format_version: int | None = field(
         default=None,
-        metadata={"help": "0 or 1: the seed's data_*.pt formats; 2: datagen shards. Default: detected from the files."},
+        metadata={
+            "help": "0 or 1: the seed's data_*.pt formats; 2: datagen shards (default: detected)."
+        },
     )
     num_layers: int = field(default=1, metadata={"help": "Draft decoder layers."})
     d2t_path: str | None = field(
         default=None,
-        metadata={"help": "d2t.npy of the draft vocabulary (default: <data-path>/d2t.npy, else ./d2t.npy, else the "
-                  "full verifier vocabulary)."},
+        metadata={
+            "help": "d2t.npy of the draft vocabulary (default: <data-path>/d2t.npy, else ./d2t.npy, else the "
+            "full verifier vocabulary)."
+        },
     )
     t2d_path: str | None = field(default=None, metadata={"help": "t2d.npy (default: next to d2t.npy)."})
     aux_layer_ids: list[int] | None = field(
         default=None,
-        metadata={"help": "Aux layer ids in vLLM's convention (default: those recorded by datagen, else [2, n//2, n-3])."},
+        metadata={
+            "help": "Aux layer ids, vLLM convention (default: recorded by datagen, else [2, n//2, n-3])."
+        },
     )
     norm_before_fc: bool = field(default=False, metadata={"help": "Eagle 3.1: RMSNorm over the fused aux states."})
-    norm_output: bool = field(default=False, metadata={"help": "Eagle 3.1: carry the final-norm output between steps."})
-    train_lm_head: bool = field(default=True, metadata={"help": "Train the draft lm_head (initialised from the verifier)."})
+    norm_output: bool = field(
+        default=False, metadata={"help": "Eagle 3.1: carry the final-norm output."}
+    )
+    train_lm_head: bool = field(
+        default=True, metadata={"help": "Train the draft lm_head."}
+    )
     verifier_hub_id: str | None = field(
-        default=None, metadata={"help": "Hub id recorded in the checkpoint for `vllm serve` (when training from a folder)."}
+        default=None,
+        metadata={"help": "Verifier hub id recorded for `vllm serve`."},
     )
 
 
@@ -70,8 +81,10 @@ class Eagle3TrainingArguments(TrainingArguments):
     # The seed's flags, as aliases of the TrainingArguments fields they set.
     output_dir: str | None = field(
         default="./checkpoints",
-        metadata={"aliases": ["--save-path", "--save_path"],
-                  "help": "Checkpoints: <save-path>/<epoch>/ drafts, <save-path>/checkpoint-<step>/ resume states."},
+        metadata={
+            "aliases": ["--save-path", "--save_path"],
+            "help": "Checkpoints: <save-path>/<epoch>/ drafts, <save-path>/checkpoint-<step>/ resume states.",
+        },
     )
     num_train_epochs: float = field(default=20, metadata={"aliases": ["--epochs"], "help": "Training epochs."})
     learning_rate: float = field(default=1e-4, metadata={"aliases": ["--lr"], "help": "Peak learning rate (AdamW)."})
@@ -89,8 +102,11 @@ class Eagle3TrainingArguments(TrainingArguments):
     total_seq_len: int = field(default=8192, metadata={"help": "Tokens per packed row."})
     loss_mask_alignment: str = field(
         default="predicted",
-        metadata={"help": "Row t is supervised when the token it predicts (predicted: l_{t+2}) or reads (input: "
-                  "l_{t+1}) is an assistant token.", "choices": list(LOSS_MASK_ALIGNMENTS)},
+        metadata={
+            "help": "Row t is supervised when the token it predicts (predicted: l_{t+2}) or reads (input: "
+            "l_{t+1}) is an assistant token.",
+            "choices": list(LOSS_MASK_ALIGNMENTS),
+        },
     )
     hidden_states_noise: float = field(
         default=0.0, metadata={"help": "Uniform noise U(-a, a) added to the aux states while training (peers: 0.05)."}

@@ -25,7 +25,10 @@ def train(model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments) -> Ea
 def main(argv: list[str] | None = None) -> int:
     # `parse` also returns the namespace of `--config`: ignored here.
     return run_command(
-        (Eagle3ModelArguments, Eagle3TrainingArguments), lambda m, t, *_: train(m, t), argv, prog="speculators-hf train"
+        (Eagle3ModelArguments, Eagle3TrainingArguments),
+        lambda m, t, *_: train(m, t),
+        argv,
+        prog="speculators-hf train",
     )
 
 

@@ -55,7 +55,14 @@ class DataCollatorForEagle3:
     def __call__(self, packs: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
         return {key: torch.stack([row[key] for row in map(self.pack_row, packs)]) for key in self.KEYS}
 
-    KEYS = ("input_ids", "position_ids", "loss_mask", "document_ids", "aux_hidden_states", "verifier_last_hidden_states")
+    KEYS = (
+        "input_ids",
+        "position_ids",
+        "loss_mask",
+        "document_ids",
+        "aux_hidden_states",
+        "verifier_last_hidden_states",
+    )
 
     def pack_row(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         S = self.total_seq_len

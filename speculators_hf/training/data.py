@@ -129,7 +129,7 @@ def pack(lengths: list[int], total_seq_len: int) -> list[list[int]]:
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """Groups of samples that fill one row of `total_seq_len` aligned tokens; `DataCollatorForEagle3` concatenates them.
+    """Groups of samples filling one row of `total_seq_len` aligned tokens (`DataCollatorForEagle3` joins them).
 
     The aligned length of a sample of `T` tokens is `T - 1` (see `collator.align_sample`).
     """

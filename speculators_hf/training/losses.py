@@ -5,8 +5,8 @@ Notation (one packed row of `T` positions; `k` = TTT step, `0 <= k < K`):
     row t, step 0     input (g_t, x_{t+1})         predicts x_{t+2}    target row t       (verifier state y_{t+1})
     row t, step k     input (h^{k-1}_t, x_{t+1+k}) predicts x_{t+2+k}  target row t + k
 
-Step k's logits at row `t` are compared with the targets at row `t + k`; the last `k` rows drop out, and so does any row
-whose row `t + k` lies in another document (packing) or in padding (`document_ids == -1`).
+Step k's logits at row `t` are compared with the targets at row `t + k`; the last `k` rows drop out, and so does any
+row whose row `t + k` lies in another document (packing) or in padding (`document_ids == -1`).
 
 Attention at step k (`ttt_attention_mask`): row t sees the step-0 keys `s <= t` of its own document plus its own
 position's key in every later step `1..k` (one diagonal per step). Padding rows see only themselves.

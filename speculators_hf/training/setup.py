@@ -20,7 +20,7 @@ logger = get_logger(__name__)
 
 
 def resolve_vocab_mapping(model_args: Eagle3ModelArguments) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`(d2t, t2d)` from the flags, else `<data-path>/{d2t,t2d}.npy`, else `./{d2t,t2d}.npy`, else None (full vocab)."""
+    """`(d2t, t2d)` from the flags, else `<data-path>/{d2t,t2d}.npy`, else `./`, else None (full vocabulary)."""
     if model_args.d2t_path is not None:
         t2d_path = model_args.t2d_path or str(Path(model_args.d2t_path).with_name("t2d.npy"))
         return load_vocab_mapping(model_args.d2t_path, t2d_path)
@@ -90,7 +90,9 @@ def build_draft(
     d2t, t2d = mapping if mapping is not None else (None, None)
     set_seed(seed)
     model = Eagle3DraftModel.from_verifier(
-        model_args.verifier_name_or_path, d2t, t2d,
+        model_args.verifier_name_or_path,
+        d2t,
+        t2d,
         hub_id=model_args.verifier_hub_id,
         num_hidden_layers=model_args.num_layers,
         aux_layer_ids=aux_ids,

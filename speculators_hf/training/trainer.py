@@ -38,13 +38,20 @@ class Eagle3Trainer(Trainer):
 
     args: Eagle3TrainingArguments
 
-    def __init__(self, model, args: Eagle3TrainingArguments, train_dataset=None, eval_dataset=None,
-                 data_collator=None, **kwargs):
+    def __init__(
+        self, model, args: Eagle3TrainingArguments, train_dataset=None, eval_dataset=None, data_collator=None, **kwargs
+    ):
         args.apply_logging_env()
         if data_collator is None:
             data_collator = DataCollatorForEagle3(args.total_seq_len, args.loss_mask_alignment)
-        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         data_collator=data_collator, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=data_collator,
+            **kwargs,
+        )
         self.model_accepts_loss_kwargs = False  # the loss is a per-row masked mean: let Trainer scale it for GA
         self._metrics: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._interval_start: dict[str, float | None] = {"train": None, "eval": None}
@@ -129,7 +136,7 @@ class Eagle3Trainer(Trainer):
             keys = ("ttt_steps", "ttt_step_loss_decay", "loss_mask_alignment", "total_seq_len", "hidden_states_noise")
             config = {key: getattr(self.args, key) for key in keys}
             config["loss_mask_alignment_note"] = (
-                "row t (input x_{t+1}, predicting x_{t+2}) is supervised when l_{t+2} = 1 (predicted) / l_{t+1} = 1 (input)"
+                "row t (input x_{t+1}, predicting x_{t+2}) counts when l_{t+2} = 1 (predicted) or l_{t+1} = 1 (input)"
             )
             with open(os.path.join(output_dir or self.args.output_dir, TRAINING_CONFIG_FILE), "w") as f:
                 json.dump(config, f, indent=2)

@@ -1,0 +1,96 @@
+"""`examples/train_eagle3.py` launched as users run it: 2-process DDP on CPU, and resume after a kill."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from training_data import make_training_data, train_argv  # noqa: E402
+
+ROOT = Path(__file__).parent.parent
+EXAMPLE = str(ROOT / "examples" / "train_eagle3.py")
+
+
+@pytest.fixture(scope="module")
+def data(tiny_verifier_path, tmp_path_factory):
+    return make_training_data(tiny_verifier_path, tmp_path_factory.mktemp("data"), num_samples=16, max_len=64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_ranks_agree(tiny_verifier_path, data, tmp_path):
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [
+        accelerate,
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        EXAMPLE,
+        *train_argv(
+            tiny_verifier_path,
+            data,
+            tmp_path / "ckpt",
+            "--epochs",
+            "2",
+            "--total-seq-len",
+            "128",
+            "--eval-split",
+            "0.25",
+        ),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pattern = r"\[process (\d)\] trained weights checksum ([-+]?\d\.\d{12}e[-+]\d+)"
+    sums = dict(re.findall(pattern, proc.stdout + proc.stderr))
+    assert set(sums) == {"0", "1"} and sums["0"] == sums["1"], sums
+    assert (tmp_path / "ckpt" / "1" / "model.safetensors").exists()
+
+
+def _run(argv, cwd, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, EXAMPLE, *argv],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        **kwargs,
+    )
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_verifier_path, data, tmp_path):
+    common = ["--epochs", "3", "--total-seq-len", "128", "--hidden-states-noise", "0.05"]
+    full = _run(train_argv(tiny_verifier_path, data, tmp_path / "full", *common), tmp_path)
+    assert full.wait(timeout=300) == 0, full.stderr.read()[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    proc = _run(train_argv(tiny_verifier_path, data, killed_dir, *common), tmp_path)
+    deadline = time.time() + 300
+    while not (killed_dir / "0" / "model.safetensors").exists():  # killed during the second epoch
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "2").exists()
+
+    resumed = _run(train_argv(tiny_verifier_path, data, killed_dir, *common), tmp_path)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    a = load_file(tmp_path / "full" / "2" / "model.safetensors")
+    b = load_file(killed_dir / "2" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k].float() - b[k].float()).abs().max() <= 1e-5, k
