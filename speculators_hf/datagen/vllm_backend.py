@@ -69,7 +69,8 @@ class VLLMHiddenStatesBackend:
     Args:
         model_path (`str`): the verifier (hub id or folder).
         layer_ids (`list[int]`): ids in vLLM's convention, aux ids then the last layer `n`.
-        max_model_len (`int`): the longest sample (datagen's `--seq-length`).
+        max_model_len (`int`): the longest sample (datagen's `--seq-length`); vLLM gets one more position for the
+            one token each request generates.
         dtype (`str`): vLLM dtype (`"auto"` = the verifier's).
         tensor_parallel_size (`int`), gpu_memory_utilization (`float`), seed (`int`): passed to `vllm.LLM`.
         storage_dir (`str`, *optional*): where the connector writes per-request files (a temp dir by default).
@@ -96,7 +97,7 @@ class VLLMHiddenStatesBackend:
             dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
+            max_model_len=max_model_len + 1,
             seed=seed,
             enable_prefix_caching=False,
             enforce_eager=True,
