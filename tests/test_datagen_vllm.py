@@ -72,6 +72,7 @@ def test_token_ids_changed_by_vllm_fail_loudly(vllm_backend, prompts, monkeypatc
     monkeypatch.setattr(vllm_backend.llm, "generate", tampered)
     with pytest.raises(RuntimeError, match="vLLM processed .* prompt tokens but datagen sent"):
         vllm_backend.extract(prompts[1:2])
+    assert not list(vllm_backend._storage.iterdir())  # the request's files are removed even when it fails
 
 
 def test_build_dataset_with_vllm_matches_transformers(vllm_backend, tiny_verifier_path, tmp_path):

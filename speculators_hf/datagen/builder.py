@@ -145,7 +145,7 @@ def build_dataset(args: DatagenArguments, backend: HiddenStatesBackend | None = 
         write_token_freq(plan, Path(args.token_freq_path or output_dir / "token_freq.pt"))
     if args.data_parallel_size > 1:
         _run_replicas(args)
-        written = {"shards": 0, "samples": 0, "tokens": 0}  # counted by the replicas
+        written = {"shards": 0, "samples": 0, "tokens": 0, "seconds": 0.0}  # counted by the replicas
     else:
         written = _extract_and_write(plan, backend)
     summary = _finish(plan, written, time.perf_counter() - start)
@@ -195,13 +195,14 @@ def write_token_freq(plan: Plan, path: Path) -> dict[int, int]:
 def _extract_and_write(plan: Plan, backend: HiddenStatesBackend | None = None) -> dict:
     args = plan.args
     todo = [k for k in range(len(plan.shards)) if k % args.world_size == args.rank and not plan.is_done(k)]
-    written = {"shards": 0, "samples": 0, "tokens": 0}
+    written = {"shards": 0, "samples": 0, "tokens": 0, "seconds": 0.0}
     if not todo:
         return written
     owned = backend is None
     if owned:
         backend = make_backend(plan.backend, args.target_model_path, plan.layer_ids, plan.dtype, args.seq_length,
                                args.tensor_parallel_size, args.gpu_memory_utilization, args.seed)
+    started = time.perf_counter()  # after the backend is up: tokens/s measures extraction + writing only
     total = sum(plan.lengths[i] for k in todo for i in plan.shards[k])
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"Hidden states ({backend.name})",
                disable=args.rank != 0 and args.world_size > 1)
@@ -216,6 +217,7 @@ def _extract_and_write(plan: Plan, backend: HiddenStatesBackend | None = None) -
             bar.update(tokens)
     finally:
         bar.close()
+        written["seconds"] = round(time.perf_counter() - started, 3)
         if owned:
             backend.close()
     return written
@@ -308,14 +310,14 @@ def _finish(plan: Plan, written: dict, seconds: float) -> dict:
         "shards": len(done),
         "bytes": sum(p.stat().st_size for p in files),
         "seconds": round(seconds, 2),
-        "this_run": {**written, "tokens_per_second": round(written["tokens"] / max(seconds, 1e-9), 1)},
+        "this_run": {**written, "tokens_per_second": round(written["tokens"] / max(written["seconds"], 1e-9), 1)},
     }
     if plan.args.data_format_version == 2:
         _update_index(plan)
     if complete:
         write_json(output_dir / DATA_CONFIG, data_config(plan, status="complete", summary=summary))
     logger.warning(
-        "datagen %s: %d samples, %d tokens, %d skipped, %d shards, %.1f MB in %s, %.1f s (%.0f tokens/s this run)",
+        "datagen %s: %d samples, %d tokens, %d skipped, %d shards, %.1f MB in %s, %.1f s (%.0f tokens/s extracting)",
         "complete" if complete else "partial", summary["samples"], summary["tokens"], summary["skipped"],
         summary["shards"], summary["bytes"] / 1e6, output_dir, seconds, summary["this_run"]["tokens_per_second"],
     )

@@ -63,6 +63,18 @@ def _has_dist(name: str) -> bool:
         return False
 
 
+def _remove_when_written(path: str) -> None:
+    """Wait for the connector's writer to release the file's lock (as `load_hidden_states` does), then delete both."""
+    import fcntl
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import cleanup_hidden_states
+
+    if os.path.exists(path + ".lock"):
+        with open(path + ".lock") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+    cleanup_hidden_states(path)
+
+
 class VLLMHiddenStatesBackend:
     """Extract `[T, len(layer_ids), H]` hidden states per sample with vLLM.
 
@@ -113,36 +125,37 @@ class VLLMHiddenStatesBackend:
     def extract(self, batch: list[list[int]]) -> list[torch.Tensor]:
         """Token id lists -> one `[T_i, L, H]` tensor per sample; fails loudly if vLLM saw other tokens."""
         from vllm import SamplingParams
-        from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import (
-            cleanup_hidden_states,
-            load_hidden_states,
-        )
 
         prompts = [{"prompt_token_ids": list(ids)} for ids in batch]
         outputs = self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
-        states = []
-        for ids, out in zip(batch, outputs):
-            if list(out.prompt_token_ids) != list(ids):
-                raise RuntimeError(
-                    f"vLLM processed {len(out.prompt_token_ids)} prompt tokens but datagen sent {len(ids)} "
-                    "different ones; refusing to write hidden states that do not match the stored input_ids."
-                )
-            path = (out.kv_transfer_params or {}).get("hidden_states_path")
-            if path is None:
-                raise RuntimeError("vLLM returned no hidden_states_path: is the hidden-states KV connector active?")
-            data = load_hidden_states(path)
-            cleanup_hidden_states(path)
-            hs, token_ids = data["hidden_states"], data["token_ids"]  # [T, L, H], [T]
-            if token_ids.tolist() != list(ids) or hs.shape[:2] != (len(ids), len(self.layer_ids)):
-                raise RuntimeError(
-                    f"vLLM's hidden states cover tokens/layers {tuple(hs.shape[:2])}, expected "
-                    f"({len(ids)}, {len(self.layer_ids)}); their token ids match: {token_ids.tolist() == list(ids)}."
-                )
-            states.append(hs)
-        return states
+        paths = [(out.kv_transfer_params or {}).get("hidden_states_path") for out in outputs]
+        try:
+            return [self._check_and_load(ids, out, path) for ids, out, path in zip(batch, outputs, paths)]
+        finally:
+            for path in paths:
+                if path is not None:
+                    _remove_when_written(path)
+
+    def _check_and_load(self, ids: list[int], out, path: str | None) -> torch.Tensor:
+        from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import load_hidden_states
+
+        if list(out.prompt_token_ids) != list(ids):
+            raise RuntimeError(
+                f"vLLM processed {len(out.prompt_token_ids)} prompt tokens but datagen sent {len(ids)} "
+                "different ones; refusing to write hidden states that do not match the stored input_ids."
+            )
+        if path is None:
+            raise RuntimeError("vLLM returned no hidden_states_path: is the hidden-states KV connector active?")
+        data = load_hidden_states(path)
+        hs, token_ids = data["hidden_states"], data["token_ids"]  # [T, L, H], [T]
+        if token_ids.tolist() != list(ids) or tuple(hs.shape[:2]) != (len(ids), len(self.layer_ids)):
+            raise RuntimeError(
+                f"vLLM's hidden states cover tokens/layers {tuple(hs.shape[:2])}, expected "
+                f"({len(ids)}, {len(self.layer_ids)}); their token ids match: {token_ids.tolist() == list(ids)}."
+            )
+        return hs
 
     def close(self) -> None:
-        shutil.rmtree(self._storage, ignore_errors=True)
         llm = getattr(self, "llm", None)
         if llm is not None:
             engine = getattr(llm, "llm_engine", None)
@@ -150,3 +163,4 @@ class VLLMHiddenStatesBackend:
             if shutdown is not None:
                 shutdown()
             self.llm = None
+        shutil.rmtree(self._storage, ignore_errors=True)  # after the engine: its writer threads may still create files
