@@ -317,6 +317,33 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             )
         return (model, info) if want_info else model
 
+    @torch.no_grad()
+    def load_verifier_head(self, verifier_name_or_path: str | None = None, init_lm_head: bool = False) -> None:
+        """Fill the frozen verifier parts used for targets (final norm, draft-vocab lm_head rows; never saved).
+
+        Reads only those tensors from the verifier's safetensors (default: the verifier recorded in the config).
+        With `init_lm_head`, also initialise the embedding and the draft lm_head from the verifier (a new draft).
+        """
+        from transformers import AutoConfig
+
+        from .verifier_weights import load_verifier_tensors
+
+        path = verifier_name_or_path or self.config.verifier_name_or_path
+        if not path:
+            raise UserError("The draft config names no verifier: pass the verifier's id or folder.")
+        tensors = load_verifier_tensors(path, AutoConfig.from_pretrained(path))
+        if tensors["lm_head"].shape[1] != self.verifier_norm.weight.shape[0]:
+            raise UserError(
+                f"Verifier {path} has hidden size {tensors['lm_head'].shape[1]}, the draft expects "
+                f"{self.verifier_norm.weight.shape[0]}: it was built for another verifier."
+            )
+        rows = tensors["lm_head"][self.draft_to_target_ids(torch.arange(self.config.draft_vocab_size))]  # [Vd, Ht]
+        self.verifier_norm.weight.copy_(tensors["norm"])
+        self.verifier_lm_head.weight.copy_(rows)
+        if init_lm_head:
+            self.embed_tokens.weight.copy_(tensors["embed_tokens"])
+            self.lm_head.weight.copy_(rows)
+
     @classmethod
     def from_verifier(
         cls,
@@ -339,7 +366,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         """
         from transformers import AutoConfig
 
-        from .verifier_weights import load_verifier_tensors, recorded_verifier_name
+        from .verifier_weights import recorded_verifier_name
 
         verifier_config = AutoConfig.from_pretrained(verifier_name_or_path)
         draft_vocab_size = len(d2t) if d2t is not None else None
@@ -352,11 +379,5 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         model = cls(config)
         if d2t is not None:
             model.set_vocab_mapping(torch.as_tensor(d2t), torch.as_tensor(t2d))
-        tensors = load_verifier_tensors(verifier_name_or_path, verifier_config)
-        with torch.no_grad():
-            model.embed_tokens.weight.copy_(tensors["embed_tokens"])
-            model.verifier_norm.weight.copy_(tensors["norm"])
-            rows = tensors["lm_head"][model.draft_to_target_ids(torch.arange(config.draft_vocab_size))]  # [Vd, Ht]
-            model.lm_head.weight.copy_(rows)
-            model.verifier_lm_head.weight.copy_(rows)
+        model.load_verifier_head(verifier_name_or_path, init_lm_head=True)
         return model.to(torch_dtype)
