@@ -194,3 +194,28 @@ def test_cli_bad_inputs_are_one_line_errors(case, subprocess_run, built, tiny_ve
         assert {p.name: p.stat().st_mtime_ns for p in Path(target).glob("*")} == before
     else:
         assert not target.exists()
+
+
+def test_rank_split_across_machines(built, tiny_verifier_path, chats, cache_dir, tmp_path):
+    out, summary = built
+    first = build_dataset(make_args(tiny_verifier_path, chats, tmp_path, cache_dir, rank=1, world_size=2))
+    assert not first["complete"] and not (tmp_path / "token_freq.pt").exists()  # rank 0 writes token_freq
+    second = build_dataset(make_args(tiny_verifier_path, chats, tmp_path, cache_dir, rank=0, world_size=2))
+    assert second["complete"] and files_of(tmp_path) == files_of(out)
+    assert json.loads((tmp_path / "index.json").read_text()) == json.loads((out / "index.json").read_text())
+
+
+def test_yaml_config_and_chat_template_file(tiny_verifier_path, chats, cache_dir, tmp_path):
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    config = tmp_path / "datagen.yaml"
+    values = {"target_model_path": tiny_verifier_path, "train_data_path": chats, "output_dir": tmp_path / "o",
+              "cache_dir": cache_dir, "backend": "transformers", "max_samples": 2, "seq_length": 64}
+    config.write_text("".join(f"{k}: {v}\n" for k, v in values.items()))
+    assert main(["--config", str(config), "--chat-template", str(template)]) == 0
+    sample = ShardDataset(tmp_path / "o")[0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_verifier_path)
+    assert tokenizer.decode(sample["input_ids"][:6]).startswith("user: ")
+    saved = json.loads((tmp_path / "o" / "data_config.json").read_text())
+    assert saved["arguments"]["chat_template"] == str(template) and saved["arguments"]["seq_length"] == 64

@@ -26,7 +26,9 @@ def make_parser(dataclass_types, prog: str | None = None, description: str | Non
 
 def parse(parser: HfArgumentParser, argv: list[str] | None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    known, _ = parser.parse_known_args(argv)
+    pre = argparse.ArgumentParser(add_help=False)  # finds --config before required flags are checked
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
     if known.config:
         path = Path(known.config)
         if not path.exists():
@@ -36,7 +38,11 @@ def parse(parser: HfArgumentParser, argv: list[str] | None):
         unknown = sorted(k for k in values if k.replace("-", "_") not in dests)
         if unknown:
             raise UserError(f"--config {path}: unknown keys {unknown}.")
-        parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+        defaults = {k.replace("-", "_"): v for k, v in values.items()}
+        parser.set_defaults(**defaults)
+        for action in parser._actions:  # a required flag given in the YAML is no longer required on the command line
+            if action.dest in defaults:
+                action.required = False
     *outputs, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     # HfArgumentParser appends a Namespace holding arguments outside the dataclasses (here: --config); drop it.
     outputs = [o for o in outputs if not isinstance(o, argparse.Namespace)]
