@@ -43,7 +43,7 @@ def evaluate_vllm(*args, **kwargs) -> SpecDecodeResult:
     return run(*args, **kwargs)
 
 
-def evaluate_offline(draft_dir: str | Path, shards_dir: str | Path, ttt_steps: int = 3) -> dict:
+def evaluate_offline(draft_dir: str | Path, shards_dir: str | Path, ttt_steps: int = 3, **kwargs) -> dict:
     """Offline acceptance on held-out datagen shards (no verifier run): the training metrics, reused.
 
     Hook for `speculators_hf.training`: it must return `{"tau_sim": float, "acc_k": [...], "cond_acc_k": [...],
@@ -57,7 +57,7 @@ def evaluate_offline(draft_dir: str | Path, shards_dir: str | Path, ttt_steps: i
             "offline evaluation (--shards) needs speculators_hf.training.evaluation.evaluate_shards, which this "
             "install does not have yet; run the online evaluation instead."
         ) from err
-    return evaluate_shards(draft_dir, shards_dir, ttt_steps=ttt_steps)
+    return evaluate_shards(draft_dir, shards_dir, ttt_steps=ttt_steps, **kwargs)
 
 
 def load_prompts(path: str | Path, tokenizer, num_prompts: int, offset: int = 0) -> list[list[int]]:
@@ -125,6 +125,11 @@ class EvaluateArguments:
     shards: str | None = field(
         default=None, metadata={"help": "Held-out datagen shards for the offline tau_sim (training metrics)."}
     )
+    held_out_fraction: float | None = field(
+        default=None,
+        metadata={"help": "With --shards: score only the split that training's --eval-split held out (default: all)."},
+    )
+    total_seq_len: int = field(default=8192, metadata={"help": "With --shards: tokens per packed row."})
     output_dir: str | None = field(
         default=None, metadata={"help": "Where eval_card.json/.md go (default: the draft folder)."}
     )
@@ -168,7 +173,16 @@ def evaluate(args: EvaluateArguments) -> dict:
                 baseline=args.vllm_baseline,
             )
         )
-    offline = evaluate_offline(args.draft, args.shards, args.num_speculative_tokens) if args.shards else None
+    offline = None
+    if args.shards:
+        offline = evaluate_offline(
+            args.draft,
+            args.shards,
+            args.num_speculative_tokens,
+            verifier=args.verifier,
+            held_out_fraction=args.held_out_fraction,
+            total_seq_len=args.total_seq_len,
+        )
     dataset = {
         "path": str(args.prompts),
         "num_prompts": len(prompts),
