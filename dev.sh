@@ -30,10 +30,7 @@ case "${1:-}" in
     demo)
         install
         shift
-        if "$VENV/bin/python" -c "import speculators_hf.pipeline" 2>/dev/null; then
-            exec "$VENV/bin/speculators-hf" pipeline "$@"
-        fi
-        exec "$VENV/bin/speculators-hf" demo "$@"
+        exec "$VENV/bin/speculators-hf" pipeline "$@"
         ;;
     test)
         install

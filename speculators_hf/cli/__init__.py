@@ -13,20 +13,18 @@ COMMANDS = {
     "evaluate": ("speculators_hf.evaluation", "Acceptance of a draft against its verifier."),
     "push": ("speculators_hf.hub", "Upload a draft with its model card."),
     "pipeline": ("speculators_hf.pipeline", "Run every stage; with no arguments, on the embedded tiny default."),
-    "demo": ("speculators_hf.demo", "Build the tiny verifier, a draft from it, export it and reload it."),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    available = {k: v for k, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: speculators-hf <command> [flags]   (speculators-hf <command> --help for its flags)\n")
-        for name, (_, help_text) in available.items():
+        for name, (_, help_text) in COMMANDS.items():
             print(f"  {name:<10} {help_text}")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
-    if name not in available:
-        print(f"speculators-hf: error: unknown command {name!r}; choose from {', '.join(available)}", file=sys.stderr)
+    if name not in COMMANDS:
+        print(f"speculators-hf: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return importlib.import_module(available[name][0]).main(rest)
+    return importlib.import_module(COMMANDS[name][0]).main(rest)
