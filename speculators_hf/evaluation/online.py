@@ -158,7 +158,7 @@ class SpeculativeGenerator:
             pending = int(preds[-1])
             out, steps = [pending], []
             draft_ids = prompt_ids[1:] + [pending]  # row t: (state of position t, token t + 1)
-            while len(out) < max_new_tokens and pending != eos_token_id:
+            while len(out) < max_new_tokens and eos_token_id not in out:  # an accepted draft may be the EOS too
                 base = dcache.get_seq_length()
                 drafted, dcache = self.draft.draft(torch.tensor([draft_ids], device=self.device), aux, self.k, dcache)
                 _crop(dcache, base + len(draft_ids))  # keep the rows fed with verifier states only

