@@ -33,8 +33,9 @@ def cache_dir(tmp_path_factory):
 
 def make_args(model, data, out, cache_dir, **kw):
     kw = {"seq_length": SEQ, "backend": "transformers", "shard_size_mb": 1, "batch_size": 4, **kw}
-    return DatagenArguments(target_model_path=str(model), train_data_path=str(data), output_dir=str(out),
-                            cache_dir=cache_dir, **kw)
+    return DatagenArguments(
+        target_model_path=str(model), train_data_path=str(data), output_dir=str(out), cache_dir=cache_dir, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,8 @@ def test_kill_and_resume_gives_identical_shards(built, tiny_verifier_path, chats
     assert not index["complete"] and 0 < len(index["shards"]) < summary["shards"]
     assert [s["file"] for s in index["shards"]] == sorted(files_of(partial))  # only complete files, all listed
     assert not list(partial.glob(".*.tmp")) and json.loads((partial / "data_config.json").read_text())["status"] == (
-        "running")
+        "running"
+    )
     assert len(ShardDataset(partial)) == sum(s["num_samples"] for s in index["shards"])
     resumed = build_dataset(args)
     assert 0 < resumed["this_run"]["samples"] < summary["samples"]
@@ -129,8 +131,9 @@ def test_kill_and_resume_gives_identical_shards(built, tiny_verifier_path, chats
 
 
 def test_v1_pt_output(tiny_verifier_path, chats, cache_dir, tmp_path):
-    summary = build_dataset(make_args(tiny_verifier_path, chats, tmp_path, cache_dir, data_format_version=1,
-                                      max_samples=3))
+    summary = build_dataset(
+        make_args(tiny_verifier_path, chats, tmp_path, cache_dir, data_format_version=1, max_samples=3)
+    )
     files = sorted(tmp_path.glob("data_*.pt"))
     assert len(files) == summary["samples"] == 3 and not (tmp_path / "index.json").exists()
     data = torch.load(files[0], weights_only=True)
@@ -151,22 +154,39 @@ def test_data_parallel_replicas_on_cpu(built, tiny_verifier_path, chats, cache_d
 
 
 def run_cli(*argv):
-    proc = subprocess.run([sys.executable, "-m", "speculators_hf.datagen", *map(str, argv)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "speculators_hf.datagen", *map(str, argv)], capture_output=True, text=True, timeout=300
+    )
     lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
     return proc, lines
 
 
 # Three cases through a real subprocess (exit code, stderr, no traceback); the rest through `main` (imports are slow).
-@pytest.mark.parametrize("case, subprocess_run", [
-    ("model", True), ("skipped", True), ("mixed", True), ("data", False), ("layers", False), ("backend", False),
-])
-def test_cli_bad_inputs_are_one_line_errors(case, subprocess_run, built, tiny_verifier_path, chats, cache_dir,
-                                            tmp_path, capsys):
+@pytest.mark.parametrize(
+    "case, subprocess_run",
+    [
+        ("model", True),
+        ("skipped", True),
+        ("mixed", True),
+        ("data", False),
+        ("layers", False),
+        ("backend", False),
+    ],
+)
+def test_cli_bad_inputs_are_one_line_errors(
+    case, subprocess_run, built, tiny_verifier_path, chats, cache_dir, tmp_path, capsys
+):
     out, _ = built
     target = tmp_path / "out"
-    flags = {"--target-model-path": tiny_verifier_path, "--train-data-path": chats, "--output-dir": target,
-             "--cache-dir": cache_dir, "--backend": "transformers", "--seq-length": SEQ, "--shard-size-mb": 1}
+    flags = {
+        "--target-model-path": tiny_verifier_path,
+        "--train-data-path": chats,
+        "--output-dir": target,
+        "--cache-dir": cache_dir,
+        "--backend": "transformers",
+        "--seq-length": SEQ,
+        "--shard-size-mb": 1,
+    }
     expected = {
         "model": ("--target-model-path", tmp_path / "no-model", "cannot load its config"),
         "data": ("--train-data-path", tmp_path / "none.jsonl", "does not exist"),
@@ -207,11 +227,20 @@ def test_rank_split_across_machines(built, tiny_verifier_path, chats, cache_dir,
 
 def test_yaml_config_and_chat_template_file(tiny_verifier_path, chats, cache_dir, tmp_path):
     template = tmp_path / "template.jinja"
-    template.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
-                        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    template.write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
     config = tmp_path / "datagen.yaml"
-    values = {"target_model_path": tiny_verifier_path, "train_data_path": chats, "output_dir": tmp_path / "o",
-              "cache_dir": cache_dir, "backend": "transformers", "max_samples": 2, "seq_length": 64}
+    values = {
+        "target_model_path": tiny_verifier_path,
+        "train_data_path": chats,
+        "output_dir": tmp_path / "o",
+        "cache_dir": cache_dir,
+        "backend": "transformers",
+        "max_samples": 2,
+        "seq_length": 64,
+    }
     config.write_text("".join(f"{k}: {v}\n" for k, v in values.items()))
     assert main(["--config", str(config), "--chat-template", str(template)]) == 0
     sample = ShardDataset(tmp_path / "o")[0]

@@ -59,8 +59,11 @@ def test_chatml_mask_token_by_token(tokenizer):
     assert result["skip_reason"] == "" and not result["boundary_merge"]
     assert result["input_ids"] == tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=False)
     assert runs(tokenizer, result["input_ids"], result["loss_mask"]) == [
-        (0, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi, how are you?<|im_end|>\n"
-            "<|im_start|>assistant\n"),
+        (
+            0,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi, how are you?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+        ),
         (1, "good thanks. and you?<|im_end|>\n"),
         (0, "<|im_start|>user\nfine<|im_end|>\n<|im_start|>assistant\n"),
         (1, "great to hear<|im_end|>\n"),
@@ -87,8 +90,13 @@ def test_template_without_generation_prompt(tokenizer):
 def test_boundary_merge_falls_back_to_offsets(tokenizer):
     result = tokenize_conversation(tokenizer, CHAT[1:3], seq_length=1000, chat_template=MERGING_TEMPLATE)
     assert result["boundary_merge"]
-    assert result["input_ids"] == tokenizer(tokenizer.apply_chat_template(
-        CHAT[1:3], tokenize=False, chat_template=MERGING_TEMPLATE), add_special_tokens=False)["input_ids"]
+    assert (
+        result["input_ids"]
+        == tokenizer(
+            tokenizer.apply_chat_template(CHAT[1:3], tokenize=False, chat_template=MERGING_TEMPLATE),
+            add_special_tokens=False,
+        )["input_ids"]
+    )
     assert assistant_texts(result, tokenizer) == [" good thanks. and you?<|im_end|>\n"]
 
 

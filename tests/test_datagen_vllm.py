@@ -77,13 +77,22 @@ def test_token_ids_changed_by_vllm_fail_loudly(vllm_backend, prompts, monkeypatc
 
 def test_build_dataset_with_vllm_matches_transformers(vllm_backend, tiny_verifier_path, tmp_path):
     data = write_chat_jsonl(tmp_path / "chats.jsonl", limit=30)
-    common = {"target_model_path": str(tiny_verifier_path), "train_data_path": str(data), "seq_length": MAX_LEN,
-              "cache_dir": str(tmp_path / "cache"), "shard_size_mb": 1, "batch_size": 8}
-    summary = build_dataset(DatagenArguments(output_dir=str(tmp_path / "v"), backend="vllm", **common),
-                            backend=vllm_backend)
+    common = {
+        "target_model_path": str(tiny_verifier_path),
+        "train_data_path": str(data),
+        "seq_length": MAX_LEN,
+        "cache_dir": str(tmp_path / "cache"),
+        "shard_size_mb": 1,
+        "batch_size": 8,
+    }
+    summary = build_dataset(
+        DatagenArguments(output_dir=str(tmp_path / "v"), backend="vllm", **common), backend=vllm_backend
+    )
     reference = build_dataset(DatagenArguments(output_dir=str(tmp_path / "t"), backend="transformers", **common))
-    print(f"\nvLLM backend: {summary['this_run']['tokens_per_second']} tok/s; transformers backend: "
-          f"{reference['this_run']['tokens_per_second']} tok/s ({summary['tokens']} tokens, tiny verifier, CPU)")
+    print(
+        f"\nvLLM backend: {summary['this_run']['tokens_per_second']} tok/s; transformers backend: "
+        f"{reference['this_run']['tokens_per_second']} tok/s ({summary['tokens']} tokens, tiny verifier, CPU)"
+    )
     got, ref = ShardDataset(tmp_path / "v"), ShardDataset(tmp_path / "t")
     assert len(got) == len(ref) == summary["samples"] > 10
     for i in range(len(got)):

@@ -43,23 +43,64 @@ def test_load_token_freq_dict_and_tensor(tmp_path):
 def test_cli_writes_files_and_checks_the_model(tmp_path, tiny_verifier_path):
     torch.save({i: 100 - i for i in range(50)}, tmp_path / "freq.pt")
     out = tmp_path / "vocab"
-    assert main(["--token-freq-path", str(tmp_path / "freq.pt"), "--draft-vocab-size", "8",
-                 "--target-model-path", str(tiny_verifier_path), "--output-path", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--token-freq-path",
+                str(tmp_path / "freq.pt"),
+                "--draft-vocab-size",
+                "8",
+                "--target-model-path",
+                str(tiny_verifier_path),
+                "--output-path",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert np.load(out / "d2t.npy").tolist() == [0] * 8 and np.load(out / "t2d.npy").sum() == 8
-    assert main(["--token-freq-path", str(tmp_path / "freq.pt"), "--draft-vocab-size", "8",
-                 "--target-model-path", str(tiny_verifier_path), "--target-vocab-size", "99",
-                 "--output-path", str(out)]) == 2
+    assert (
+        main(
+            [
+                "--token-freq-path",
+                str(tmp_path / "freq.pt"),
+                "--draft-vocab-size",
+                "8",
+                "--target-model-path",
+                str(tiny_verifier_path),
+                "--target-vocab-size",
+                "99",
+                "--output-path",
+                str(out),
+            ]
+        )
+        == 2
+    )
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--draft-vocab-size", "20", "--target-vocab-size", "10"], "larger than the target vocabulary"),
-    (["--draft-vocab-size", "4"], "--target-vocab-size N or --target-model-path"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--draft-vocab-size", "20", "--target-vocab-size", "10"], "larger than the target vocabulary"),
+        (["--draft-vocab-size", "4"], "--target-vocab-size N or --target-model-path"),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, extra, message):
     torch.save({1: 1}, tmp_path / "freq.pt")
-    proc = subprocess.run([sys.executable, "-m", "speculators_hf.vocab", "--token-freq-path",
-                           str(tmp_path / "freq.pt"), "--output-path", str(tmp_path), *extra],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "speculators_hf.vocab",
+            "--token-freq-path",
+            str(tmp_path / "freq.pt"),
+            "--output-path",
+            str(tmp_path),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr

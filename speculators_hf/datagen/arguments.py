@@ -57,9 +57,7 @@ class DatagenArguments:
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many chats (after shuffling)."})
     shuffle: bool = field(default=False, metadata={"help": "Shuffle the chats with --seed before --max-samples."})
     seed: int = field(default=0, metadata={"help": "Seed for --shuffle and for vLLM."})
-    dtype: str = field(
-        default="auto", metadata={"help": "Verifier and hidden-state dtype (auto: the verifier's)."}
-    )
+    dtype: str = field(default="auto", metadata={"help": "Verifier and hidden-state dtype (auto: the verifier's)."})
     chat_template: str | None = field(
         default=None,
         metadata={"help": "A Jinja chat template (or a file holding one) to use instead of the tokenizer's."},
@@ -86,8 +84,14 @@ class DatagenArguments:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}.")
         if self.data_format_version not in DATA_FORMAT_VERSIONS:
             raise ValueError(f"--data-format-version {self.data_format_version}: use 2 (shards) or 1 (.pt files).")
-        for flag in ("seq_length", "batch_size", "tensor_parallel_size", "data_parallel_size", "world_size",
-                     "shard_size_mb"):
+        for flag in (
+            "seq_length",
+            "batch_size",
+            "tensor_parallel_size",
+            "data_parallel_size",
+            "world_size",
+            "shard_size_mb",
+        ):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(self, flag)}.")
         if self.max_samples is not None and self.max_samples < 1:

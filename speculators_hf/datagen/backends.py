@@ -50,15 +50,28 @@ def resolve_backend_name(backend: str) -> str:
     return "vllm" if vllm_is_available() else "transformers"
 
 
-def make_backend(name: str, model_path: str, layer_ids: list[int], dtype: str, max_model_len: int,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, seed: int = 0,
-                 storage_dir: str | None = None) -> HiddenStatesBackend:
+def make_backend(
+    name: str,
+    model_path: str,
+    layer_ids: list[int],
+    dtype: str,
+    max_model_len: int,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    seed: int = 0,
+    storage_dir: str | None = None,
+) -> HiddenStatesBackend:
     if name == "vllm":
         from .vllm_backend import VLLMHiddenStatesBackend
 
         return VLLMHiddenStatesBackend(
-            model_path, layer_ids, max_model_len=max_model_len, dtype=dtype,
-            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+            model_path,
+            layer_ids,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
             storage_dir=storage_dir,
         )
     from .hf_backend import HFHiddenStatesBackend

@@ -34,8 +34,16 @@ logger = get_logger(__name__)
 
 DATA_CONFIG = "data_config.json"
 # Flags that do not change the data, so a run may resume with other values.
-NOT_FINGERPRINTED = ("output_dir", "cache_dir", "token_freq_path", "rank", "world_size", "data_parallel_size",
-                     "gpu_memory_utilization", "overwrite")
+NOT_FINGERPRINTED = (
+    "output_dir",
+    "cache_dir",
+    "token_freq_path",
+    "rank",
+    "world_size",
+    "data_parallel_size",
+    "gpu_memory_utilization",
+    "overwrite",
+)
 
 
 @dataclass
@@ -65,8 +73,13 @@ class Plan:
 
     def index_entry(self, k: int) -> dict:
         ids = self.shards[k]
-        return {"file": shard_name(k), "num_samples": len(ids), "num_tokens": sum(self.lengths[i] for i in ids),
-                "first_sample_id": ids[0], "last_sample_id": ids[-1]}
+        return {
+            "file": shard_name(k),
+            "num_samples": len(ids),
+            "num_tokens": sum(self.lengths[i] for i in ids),
+            "first_sample_id": ids[0],
+            "last_sample_id": ids[-1],
+        }
 
 
 def prepare(args: DatagenArguments) -> Plan:
@@ -98,10 +111,13 @@ def prepare(args: DatagenArguments) -> Plan:
     shards = _plan_shards(kept, lengths, args.shard_size_mb * 2**20 // bytes_per_token)
     backend = resolve_backend_name(args.backend)
     excluded = {k: v for k, v in asdict(args).items() if k not in NOT_FINGERPRINTED}
-    fingerprint = hashlib.sha256(json.dumps(
-        [excluded, token_stats["fingerprint"], verifier, layer_ids, dtype, backend, SHARD_FORMAT_VERSION],
-        sort_keys=True, default=str,
-    ).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [excluded, token_stats["fingerprint"], verifier, layer_ids, dtype, backend, SHARD_FORMAT_VERSION],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()[:16]
     return Plan(args, verifier, layer_ids, dtype, backend, tokenized, token_stats, shards, lengths, fingerprint)
 
 
@@ -200,12 +216,25 @@ def _extract_and_write(plan: Plan, backend: HiddenStatesBackend | None = None) -
         return written
     owned = backend is None
     if owned:
-        backend = make_backend(plan.backend, args.target_model_path, plan.layer_ids, plan.dtype, args.seq_length,
-                               args.tensor_parallel_size, args.gpu_memory_utilization, args.seed)
+        backend = make_backend(
+            plan.backend,
+            args.target_model_path,
+            plan.layer_ids,
+            plan.dtype,
+            args.seq_length,
+            args.tensor_parallel_size,
+            args.gpu_memory_utilization,
+            args.seed,
+        )
     started = time.perf_counter()  # after the backend is up: tokens/s measures extraction + writing only
     total = sum(plan.lengths[i] for k in todo for i in plan.shards[k])
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"Hidden states ({backend.name})",
-               disable=args.rank != 0 and args.world_size > 1)
+    bar = tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        desc=f"Hidden states ({backend.name})",
+        disable=args.rank != 0 and args.world_size > 1,
+    )
     try:
         for k in todo:
             samples = _extract_shard(plan, backend, k)
@@ -231,11 +260,13 @@ def _extract_shard(plan: Plan, backend, k: int) -> list[dict]:
         batch = rows[a : a + plan.args.batch_size]
         states = backend.extract(batch["input_ids"])
         for input_ids, loss_mask, hs in zip(batch["input_ids"], batch["loss_mask"], states):
-            samples.append({
-                "input_ids": torch.tensor(input_ids, dtype=torch.long),  # [T]
-                "loss_mask": torch.tensor(loss_mask, dtype=torch.uint8),  # [T]
-                "hidden_states": hs.to(getattr(torch, plan.dtype)).contiguous(),  # [T, L, H]
-            })
+            samples.append(
+                {
+                    "input_ids": torch.tensor(input_ids, dtype=torch.long),  # [T]
+                    "loss_mask": torch.tensor(loss_mask, dtype=torch.uint8),  # [T]
+                    "hidden_states": hs.to(getattr(torch, plan.dtype)).contiguous(),  # [T, L, H]
+                }
+            )
     return samples
 
 
@@ -254,11 +285,18 @@ def _update_index(plan: Plan) -> None:
     with open(output_dir / ".index.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = [k for k in range(len(plan.shards)) if plan.is_done(k)]
-        write_index(output_dir, {
-            "format": SHARD_FORMAT, "version": SHARD_FORMAT_VERSION, "fingerprint": plan.fingerprint,
-            "layer_ids": plan.layer_ids, "num_shards_planned": len(plan.shards),
-            "complete": len(done) == len(plan.shards), "shards": [plan.index_entry(k) for k in done],
-        })
+        write_index(
+            output_dir,
+            {
+                "format": SHARD_FORMAT,
+                "version": SHARD_FORMAT_VERSION,
+                "fingerprint": plan.fingerprint,
+                "layer_ids": plan.layer_ids,
+                "num_shards_planned": len(plan.shards),
+                "complete": len(done) == len(plan.shards),
+                "shards": [plan.index_entry(k) for k in done],
+            },
+        )
 
 
 def _run_replicas(args: DatagenArguments) -> None:
@@ -267,8 +305,9 @@ def _run_replicas(args: DatagenArguments) -> None:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
     if devices and len(devices) < n * tp:
-        raise UserError(f"--data-parallel-size {n} x --tensor-parallel-size {tp} needs {n * tp} GPUs; "
-                        f"{len(devices)} are visible.")
+        raise UserError(
+            f"--data-parallel-size {n} x --tensor-parallel-size {tp} needs {n * tp} GPUs; {len(devices)} are visible."
+        )
     procs = []
     for i in range(n):
         child = {**asdict(args), "data_parallel_size": 1, "rank": args.rank * n + i, "world_size": args.world_size * n}
@@ -318,8 +357,15 @@ def _finish(plan: Plan, written: dict, seconds: float) -> dict:
         write_json(output_dir / DATA_CONFIG, data_config(plan, status="complete", summary=summary))
     logger.warning(
         "datagen %s: %d samples, %d tokens, %d skipped, %d shards, %.1f MB in %s, %.1f s (%.0f tokens/s extracting)",
-        "complete" if complete else "partial", summary["samples"], summary["tokens"], summary["skipped"],
-        summary["shards"], summary["bytes"] / 1e6, output_dir, seconds, summary["this_run"]["tokens_per_second"],
+        "complete" if complete else "partial",
+        summary["samples"],
+        summary["tokens"],
+        summary["skipped"],
+        summary["shards"],
+        summary["bytes"] / 1e6,
+        output_dir,
+        seconds,
+        summary["this_run"]["tokens_per_second"],
     )
     return summary
 

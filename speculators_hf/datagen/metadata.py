@@ -75,18 +75,26 @@ def data_config(plan, status: str, summary: dict | None = None) -> dict:
     num_layers = len(plan.layer_ids)
     if args.data_format_version == 2:
         schema = {
-            "format": SHARD_FORMAT, "version": SHARD_FORMAT_VERSION, "files": "data-{k:05d}.safetensors + index.json",
+            "format": SHARD_FORMAT,
+            "version": SHARD_FORMAT_VERSION,
+            "files": "data-{k:05d}.safetensors + index.json",
             "tensors": {
-                "input_ids": "int64 [N]", "loss_mask": "uint8 [N]",
+                "input_ids": "int64 [N]",
+                "loss_mask": "uint8 [N]",
                 "hidden_states": f"{plan.dtype} [N, {num_layers}, {plan.verifier['hidden_size']}]",
-                "sample_offsets": "int64 [S + 1]", "sample_ids": "int64 [S]",
+                "sample_offsets": "int64 [S + 1]",
+                "sample_ids": "int64 [S]",
             },
         }
     else:
         schema = {
-            "format": "v1", "files": "data_{idx}.pt (torch.save, read with weights_only=True)",
-            "tensors": {"input_ids": "int64 [T]", "loss_mask": "int64 [T]",
-                        "hidden_states": f"list of {num_layers} x {plan.dtype} [T, {plan.verifier['hidden_size']}]"},
+            "format": "v1",
+            "files": "data_{idx}.pt (torch.save, read with weights_only=True)",
+            "tensors": {
+                "input_ids": "int64 [T]",
+                "loss_mask": "int64 [T]",
+                "hidden_states": f"list of {num_layers} x {plan.dtype} [T, {plan.verifier['hidden_size']}]",
+            },
         }
     return {
         "version": DATA_CONFIG_VERSION,
@@ -97,13 +105,21 @@ def data_config(plan, status: str, summary: dict | None = None) -> dict:
         "device": device_info(),
         "backend": plan.backend,
         "model": {**plan.verifier, "hidden_states_dtype": plan.dtype},
-        "data": {"train_data_path": args.train_data_path, "split": args.split, "seq_length": args.seq_length,
-                 "max_samples": args.max_samples, "shuffle": args.shuffle, "seed": args.seed,
-                 "num_rows": plan.token_stats["num_rows"], "num_samples": sum(len(s) for s in plan.shards),
-                 "num_skipped": plan.token_stats["num_skipped"], "skip_reasons": plan.token_stats["skip_reasons"],
-                 "boundary_merges": plan.token_stats["boundary_merges"],
-                 "tokenized_fingerprint": plan.token_stats["fingerprint"],
-                 "loss_mask": "1 on assistant-turn tokens (prefix-by-prefix chat template rendering)"},
+        "data": {
+            "train_data_path": args.train_data_path,
+            "split": args.split,
+            "seq_length": args.seq_length,
+            "max_samples": args.max_samples,
+            "shuffle": args.shuffle,
+            "seed": args.seed,
+            "num_rows": plan.token_stats["num_rows"],
+            "num_samples": sum(len(s) for s in plan.shards),
+            "num_skipped": plan.token_stats["num_skipped"],
+            "skip_reasons": plan.token_stats["skip_reasons"],
+            "boundary_merges": plan.token_stats["boundary_merges"],
+            "tokenized_fingerprint": plan.token_stats["fingerprint"],
+            "loss_mask": "1 on assistant-turn tokens (prefix-by-prefix chat template rendering)",
+        },
         "layer_ids": plan.layer_ids,
         "aux_layer_ids": plan.layer_ids[:-1],
         "target_layer_id": plan.layer_ids[-1],

@@ -19,8 +19,13 @@ BUILTIN_SOURCES = {
     "ultrachat": ("HuggingFaceH4/ultrachat_200k", "train_sft"),
 }
 ROLE_ALIASES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
     "model": "assistant",
     "system": "system",
 }

@@ -79,8 +79,13 @@ def tokenize_conversation(tokenizer, messages: list[dict], seq_length: int, chat
     input_ids, loss_mask = input_ids[:seq_length], loss_mask[:seq_length]
     if not any(loss_mask):
         return _skipped("no assistant tokens within --seq-length")
-    return {"input_ids": input_ids, "loss_mask": loss_mask, "num_tokens": len(input_ids), "skip_reason": "",
-            "boundary_merge": boundary_merge}
+    return {
+        "input_ids": input_ids,
+        "loss_mask": loss_mask,
+        "num_tokens": len(input_ids),
+        "skip_reason": "",
+        "boundary_merge": boundary_merge,
+    }
 
 
 def _skipped(reason: str) -> dict:
@@ -91,8 +96,11 @@ def tokenizer_fingerprint(tokenizer, chat_template: str | None) -> str:
     """A hash of everything about the tokenizer that changes the tokens: vocab, merges, specials, chat template."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-             .encode())
+    h.update(
+        backend.to_str().encode()
+        if backend is not None
+        else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()
+    )
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     h.update((chat_template or tokenizer.chat_template or "").encode())
     return h.hexdigest()[:16]
@@ -103,15 +111,19 @@ def _map_batch(batch: dict, tokenizer, seq_length: int, chat_template: str | Non
     out = {"input_ids": [], "loss_mask": [], "num_tokens": [], "skip_reason": [], "boundary_merge": []}
     for row in rows:
         messages = normalize_messages(row)
-        result = (tokenize_conversation(tokenizer, messages, seq_length, chat_template) if messages
-                  else _skipped("unknown roles or empty conversation"))
+        result = (
+            tokenize_conversation(tokenizer, messages, seq_length, chat_template)
+            if messages
+            else _skipped("unknown roles or empty conversation")
+        )
         for key in out:
             out[key].append(result[key])
     return out
 
 
-def tokenize_dataset(dataset: Dataset, tokenizer, seq_length: int, chat_template: str | None = None,
-                     cache_dir: str | None = None) -> tuple[Dataset, dict]:
+def tokenize_dataset(
+    dataset: Dataset, tokenizer, seq_length: int, chat_template: str | None = None, cache_dir: str | None = None
+) -> tuple[Dataset, dict]:
     """Tokenize every chat; returns the tokenized dataset (one row per input row, skipped rows empty) and stats.
 
     The result is cached under `<cache_dir>/speculators_hf/tokenized-<fingerprint>.arrow`; the fingerprint covers the
@@ -119,9 +131,16 @@ def tokenize_dataset(dataset: Dataset, tokenizer, seq_length: int, chat_template
     """
     import datasets
 
-    fingerprint = hashlib.sha256(json.dumps([
-        dataset._fingerprint, tokenizer_fingerprint(tokenizer, chat_template), seq_length, TOKENIZE_VERSION,
-    ]).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [
+                dataset._fingerprint,
+                tokenizer_fingerprint(tokenizer, chat_template),
+                seq_length,
+                TOKENIZE_VERSION,
+            ]
+        ).encode()
+    ).hexdigest()[:16]
     root = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "speculators_hf"
     root.mkdir(parents=True, exist_ok=True)
     cache_file = root / f"tokenized-{fingerprint}.arrow"
@@ -149,8 +168,13 @@ def tokenize_dataset(dataset: Dataset, tokenizer, seq_length: int, chat_template
     }
     if stats["num_skipped"] == len(tokenized):
         raise UserError(_all_skipped_message(dataset, tokenizer, chat_template, reasons))
-    logger.info("Tokenized %d chats (%d skipped, cache %s): %s", len(tokenized), stats["num_skipped"],
-                "hit" if cache_hit else "miss", os.fspath(cache_file))
+    logger.info(
+        "Tokenized %d chats (%d skipped, cache %s): %s",
+        len(tokenized),
+        stats["num_skipped"],
+        "hit" if cache_hit else "miss",
+        os.fspath(cache_file),
+    )
     return tokenized, stats
 
 

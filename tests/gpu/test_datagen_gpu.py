@@ -23,9 +23,17 @@ pytestmark = pytest.mark.gpu
 def llama8b_shaped(num_layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=num_layers,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                         max_position_embeddings=8192, rope_theta=500000.0)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=num_layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    )
     with torch.device("cuda"):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -47,8 +55,10 @@ def test_transformers_backend_at_8b_size():
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     tokens = sum(map(len, batch))
-    print(f"\n{n} layers, bf16, batch {len(batch)}: {tokens / seconds:.0f} tokens/s, "
-          f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on {torch.cuda.get_device_name()}")
+    print(
+        f"\n{n} layers, bf16, batch {len(batch)}: {tokens / seconds:.0f} tokens/s, "
+        f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB on {torch.cuda.get_device_name()}"
+    )
     assert [s.shape for s in states] == [(len(b), 4, 4096) for b in batch]
     assert all(s.dtype == torch.bfloat16 for s in states)
 
