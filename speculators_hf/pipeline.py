@@ -327,9 +327,8 @@ class Pipeline:
         def run(stale: bool) -> None:
             if self.draft_dir.exists():
                 shutil.rmtree(self.draft_dir)
-            _, warnings = export_checkpoint(self.final_checkpoint(), self.draft_dir, verifier_hub_id=a.verifier_hub_id)
-            for w in warnings:
-                logger.warning("[export] %s", w)
+            # check_checkpoint inside logs any warning (e.g. a local verifier path)
+            export_checkpoint(self.final_checkpoint(), self.draft_dir, verifier_hub_id=a.verifier_hub_id)
             if a.push_to_hub:
                 from .hub import push_to_hub
 
