@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from speculators_hf.evaluation.online import capture_aux_states, greedy_baseline
+from speculators_hf.datagen.hf_backend import capture_layer_inputs
+from speculators_hf.evaluation.online import greedy_baseline
 from speculators_hf.modeling import Eagle3DraftModel
 from speculators_hf.testing import chitchat_conversations
 
@@ -36,7 +37,7 @@ def fit_draft(
     continuations, _ = greedy_baseline(verifier, prompts, max_new_tokens, eos_token_id=None)
     layer_ids = draft.config.eagle_aux_hidden_state_layer_ids
     samples = []
-    with torch.no_grad(), capture_aux_states(verifier, layer_ids) as captured:
+    with torch.no_grad(), capture_layer_inputs(verifier, layer_ids) as captured:
         for prompt, cont in zip(prompts, continuations):
             ids = torch.tensor([prompt + cont])  # [1, T]
             verifier(input_ids=ids)

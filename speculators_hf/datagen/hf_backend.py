@@ -6,6 +6,9 @@ output *before* the final norm (a pre-hook on the norm). `output_hidden_states[n
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -22,6 +25,28 @@ def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module
     if layers is None or norm is None:
         raise UserError(f"Cannot find the decoder layers and final norm of {type(model).__name__}.")
     return decoder, layers, norm
+
+
+@contextmanager
+def capture_layer_inputs(model: nn.Module, layer_ids: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """While open, every forward of `model` stores state id `i` in the yielded dict (vLLM's convention: the input of
+    decoder layer `i`; id `n` the input of the final norm, i.e. the last layer's pre-norm output)."""
+    _, layers, norm = decoder_parts(model)
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(layer_id):
+        def fn(module, args, kwargs):
+            captured[layer_id] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        return fn
+
+    modules = {i: (layers[i] if i < len(layers) else norm) for i in layer_ids}
+    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in modules.items()]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def check_layer_ids(layer_ids: list[int], num_hidden_layers: int) -> None:
@@ -74,20 +99,7 @@ class HFHiddenStatesBackend:
             input_ids[b, : len(ids)] = torch.as_tensor(ids)
             attention_mask[b, : len(ids)] = 1
 
-        captured: dict[int, torch.Tensor] = {}
-
-        def capture(layer_id):
-            def hook(module, args, kwargs):
-                captured[layer_id] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-            return hook
-
-        modules = {i: (self.layers[i] if i < self.num_hidden_layers else self.norm) for i in self.layer_ids}
-        handles = [m.register_forward_pre_hook(capture(i), with_kwargs=True) for i, m in modules.items()]
-        try:
+        with capture_layer_inputs(self.model, self.layer_ids) as captured:
             self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
         stacked = torch.stack([captured[i] for i in self.layer_ids], dim=2)  # [B, T, L, H]
         return [stacked[b, :n].cpu() for b, n in enumerate(lengths)]

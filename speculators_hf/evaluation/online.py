@@ -13,15 +13,13 @@ The output is the verifier's greedy output, token for token (verification only e
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from ..datagen.hf_backend import decoder_parts
+from ..datagen.hf_backend import capture_layer_inputs
 from ..utils import get_logger
 
 logger = get_logger(__name__)
@@ -98,27 +96,6 @@ class SpecDecodeResult:
         }
 
 
-@contextmanager
-def capture_aux_states(verifier: nn.Module, layer_ids: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Capture, at every verifier forward, the input of decoder layer `i` for each aux id (vLLM's convention)."""
-    _, layers, norm = decoder_parts(verifier)
-    captured: dict[int, torch.Tensor] = {}
-
-    def hook(layer_id):
-        def fn(module, args, kwargs):
-            captured[layer_id] = args[0] if args else kwargs["hidden_states"]
-
-        return fn
-
-    modules = {i: (layers[i] if i < len(layers) else norm) for i in layer_ids}
-    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in modules.items()]
-    try:
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _crop(cache: DynamicCache, keep: int) -> None:
     """Keep the first `keep` positions of a cache."""
     extra = cache.get_seq_length() - keep
@@ -153,7 +130,7 @@ class SpeculativeGenerator:
         """Returns `(generated ids, accepted count per verification step)`."""
         vcache = DynamicCache(config=self.verifier.config)
         dcache = DynamicCache(config=self.draft.config)
-        with capture_aux_states(self.verifier, self.layer_ids) as captured:
+        with capture_layer_inputs(self.verifier, self.layer_ids) as captured:
             preds, aux = self._verify(prompt_ids, vcache, captured)
             pending = int(preds[-1])
             out, steps = [pending], []
