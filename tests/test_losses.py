@@ -1,14 +1,18 @@
 """The TTT objective's pure functions on hand-built inputs with known answers."""
 
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from speculators_hf.training import losses
 from speculators_hf.training.collator import DataCollatorForEagle3, align_sample
 from speculators_hf.training.losses import (
     forward_kl,
     metrics_from_stats,
+    shifted_forward_kl,
     step_statistics,
     ttt_attention_mask,
     ttt_block_mask,
@@ -37,19 +41,119 @@ def test_ttt_mask_matches_brute_force(step):
         assert torch.equal(mask[b, 0], brute_force_mask(doc, step))
 
 
-@pytest.mark.gpu
-def test_block_mask_matches_dense():
-    doc = torch.tensor([[0] * 100 + [1] * 120 + [-1] * 36], device="cuda")
-    for step in range(3):
-        dense = ttt_attention_mask(doc, step)[0, 0]
-        block = ttt_block_mask(doc, step).to_dense()  # block-level only: check the mask_mod instead
-        assert block.shape[-1] * 128 >= dense.shape[-1]
-        mod = ttt_block_mask(doc, step).mask_mod
-        q, kv = torch.meshgrid(
-            torch.arange(256, device="cuda"), torch.arange(dense.shape[-1], device="cuda"), indexing="ij"
-        )
-        zero = torch.zeros((), dtype=torch.long, device="cuda")
-        assert torch.equal(mod(zero, zero, q, kv), dense)
+def test_dense_mask_reuses_step0():
+    doc = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
+    step0 = ttt_attention_mask(doc, 0)
+    for step in range(4):
+        assert torch.equal(ttt_attention_mask(doc, step, step0), ttt_attention_mask(doc, step))
+
+
+def flex_blocks(mask) -> dict[str, torch.Tensor]:
+    """A BlockMask's partial and full block sets, as dense block-level matrices (order of the lists is free)."""
+    from torch.nn.attention.flex_attention import _ordered_to_dense
+
+    out = {}
+    for side, n in (("kv", mask.kv_indices.shape[-1]), ("q", mask.q_indices.shape[-1])):
+        for kind in ("", "full_"):
+            num, idx = getattr(mask, f"{kind}{side}_num_blocks"), getattr(mask, f"{kind}{side}_indices")
+            out[kind + side] = _ordered_to_dense(num, idx, n)
+    return out
+
+
+@pytest.mark.parametrize("T", [512, 384])
+def test_extended_block_mask_equals_a_fresh_one_and_the_dense_mask(T):
+    """Step k's BlockMask extended from step 0 equals `create_block_mask` over all (k+1)T keys, block for block, and
+    FlexAttention with it (CPU forward) equals sdpa with the dense mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    first = [0] * 100 + [1] * 200 + [2] * 150 if T == 512 else [0] * 130 + [1] * 200
+    doc = torch.tensor([first + [-1] * (T - len(first)), [0] * T])
+    step0 = ttt_block_mask(doc, 0)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        extended, fresh = ttt_block_mask(doc, step, step0), ttt_block_mask(doc, step)
+        assert extended.seq_lengths == fresh.seq_lengths == (T, (step + 1) * T)
+        blocks_e, blocks_f = flex_blocks(extended), flex_blocks(fresh)
+        for key in blocks_f:
+            assert torch.equal(blocks_e[key], blocks_f[key]), (step, key)
+        q = torch.randn(2, 2, T, 16, generator=g)
+        k, v = (torch.randn(2, 2, (step + 1) * T, 16, generator=g) for _ in range(2))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+            flex = flex_attention(q, k, v, block_mask=extended)  # eager CPU reference: reads the mask_mod
+        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=ttt_attention_mask(doc, step))
+        torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_extended_block_mask_writes_one_diagonal_block_per_later_step():
+    doc = torch.zeros(1, 256, dtype=torch.long)  # one document, 2 blocks of 128
+    step0 = ttt_block_mask(doc, 0)
+    mask = ttt_block_mask(doc, 2, step0)
+    # q block 0: step-0 diagonal block (partial), then blocks 2 and 4 (the diagonals of steps 1 and 2)
+    assert mask.kv_num_blocks[0, 0].tolist() == [3, 3]
+    assert sorted(mask.kv_indices[0, 0, 0, :3].tolist()) == [0, 2, 4]
+    assert sorted(mask.kv_indices[0, 0, 1, :3].tolist()) == [1, 3, 5]
+    assert mask.full_kv_num_blocks[0, 0].tolist() == [0, 1]  # q block 1 sees all of kv block 0
+
+
+def reference_step_kl(logits, targets, shift):
+    """The unfused KL of row t against row t + shift, zero on the last `shift` rows."""
+    T = logits.shape[1]
+    kl = forward_kl(logits[:, : T - shift], targets[:, shift:])
+    return torch.cat([kl, kl.new_zeros(kl.shape[0], shift)], dim=1)
+
+
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_shifted_kl_matches_the_unfused_kl_and_its_gradient(shift, monkeypatch):
+    monkeypatch.setattr(losses, "_KL_CHUNK_ELEMENTS", 3 * 50)  # 3 rows per chunk: several chunks and a ragged one
+    g = torch.Generator().manual_seed(shift)
+    logits = (3 * torch.randn(2, 11, 50, generator=g, dtype=torch.float64)).requires_grad_()
+    targets = 3 * torch.randn(2, 11, 50, generator=g, dtype=torch.float64)
+    weights = torch.rand(2, 11, generator=g, dtype=torch.float64)
+
+    kl = shifted_forward_kl(logits, targets, shift)
+    expected = reference_step_kl(logits, targets, shift)
+    torch.testing.assert_close(kl, expected.float(), atol=1e-6, rtol=1e-5)
+    (grad,) = torch.autograd.grad((kl.double() * weights).sum(), logits)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
+    assert grad[:, 11 - shift :].abs().sum() == 0  # rows without a target get no gradient
+    loss = shifted_forward_kl(logits, targets, shift).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):  # the saved gradient was scaled in place
+        loss.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(shifted_forward_kl(logits, targets, shift), kl.detach())
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while `fn()` runs (parameters/leaves counted too)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shifted_kl_keeps_one_logits_sized_tensor_for_backward(dtype):
+    """The memory claim: one `[B, T, V]` tensor in the logits' dtype, vs two fp32 ones for the unfused KL."""
+    logits = torch.randn(2, 64, 512, dtype=dtype, requires_grad=True)
+    targets = torch.randn(2, 64, 512, dtype=dtype)
+    size = logits.numel() * logits.element_size()
+    ours = saved_bytes(lambda: shifted_forward_kl(logits, targets, 1))
+    unfused = saved_bytes(lambda: reference_step_kl(logits, targets, 1))
+    assert ours == size
+    assert unfused >= 2 * logits.numel() * 4 * 63 / 64  # log-softmax output and target probabilities, fp32
+    kl = shifted_forward_kl(logits, targets, 1)
+    (grad,) = torch.autograd.grad(kl.sum(), logits)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(kl, reference_step_kl(logits.float(), targets.float(), 1), atol=1e-4, rtol=1e-4)
 
 
 def test_alignment_of_a_hand_built_sample():

@@ -58,10 +58,12 @@ class Eagle3Trainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------------- loss
 
-    def _attention_mask(self, document_ids: torch.Tensor, step: int):
-        if self.model.config._attn_implementation == "flex_attention":
-            return ttt_block_mask(document_ids, step)
-        return ttt_attention_mask(document_ids, step)
+    def _attention_masks(self, document_ids: torch.Tensor):
+        """The K steps' attention masks, each built when its step runs from the step-0 mask built once per batch."""
+        build = ttt_block_mask if self.model.config._attn_implementation == "flex_attention" else ttt_attention_mask
+        step0 = build(document_ids, 0)
+        for k in range(self.args.ttt_steps):
+            yield build(document_ids, k, step0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`sum_k decay**k * KL_k`: K draft steps over one packed batch, each fed the previous step's hidden state."""
@@ -76,26 +78,29 @@ class Eagle3Trainer(Trainer):
             aux = add_uniform_noise(aux, self.args.hidden_states_noise)
 
         cache = DynamicCache(config=self.model.config)
-        hidden, targets, prev_correct = None, None, None
+        hidden, targets, target_ids, prev_correct = None, None, None, None
         loss, stats = 0.0, []
-        for k in range(self.args.ttt_steps):
+        for k, attention_mask in enumerate(self._attention_masks(document_ids)):
             out = model(
                 input_ids=shift_for_step(input_ids, k),  # teacher forcing: ground truth shifted by k
                 aux_hidden_states=aux if k == 0 else None,
                 hidden_states=hidden,  # the previous step's output, not detached
                 position_ids=position_ids + k,
-                attention_mask=self._attention_mask(document_ids, k),
+                attention_mask=attention_mask,
                 past_key_values=cache,
                 use_cache=True,
                 verifier_last_hidden_states=inputs["verifier_last_hidden_states"].to(dtype) if k == 0 else None,
             )
-            targets = out.target_logits if k == 0 else targets  # [B, S, Vd]
+            if k == 0:
+                targets = out.target_logits  # [B, S, Vd]
+                target_ids = targets.argmax(-1)  # [B, S], shifted by k at step k
             step_loss, step_stats, prev_correct = step_statistics(
-                out.logits, targets, loss_mask, document_ids, k, prev_correct
+                out.logits, targets, loss_mask, document_ids, k, prev_correct, target_ids
             )
             loss = loss + self.args.ttt_step_loss_decay**k * step_loss
             stats.append(step_stats)  # [B, 5]
             hidden = out.hidden_states  # [B, S, H]
+            del out  # free this step's logits before the next step's forward (backward keeps none of them)
 
         tokens = (document_ids >= 0).sum(-1, keepdim=True).float()  # [B, 1]
         self._record(mode, torch.cat([torch.stack(stats, 1).flatten(1), tokens], dim=1))
