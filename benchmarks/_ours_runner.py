@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from _spec_runner import RssSampler  # same sampler for both trainers
+from _spec_runner import RssSampler, last_step_probe  # the same measurements for both trainers
 
 
 def main() -> None:
@@ -47,6 +47,8 @@ def main() -> None:
         def on_step_end(self, args, st, control, **kwargs):
             sync()
             record["step_end_s"].append(time.perf_counter())
+            if probe is not None:
+                probe.on_step_end(len(record["step_end_s"]))
 
         def on_train_end(self, args, st, control, **kwargs):
             record["train_wall_s"] = time.perf_counter() - state["t0"]
@@ -59,9 +61,12 @@ def main() -> None:
                 record["peak_mem_mib"] = rss.peak - rss.start
                 record["peak_mem_kind"] = "peak RSS during training minus RSS at its start"
                 record["peak_rss_mib"] = rss.peak
+            if probe is not None:
+                probe.record(record)
 
     model_args = Eagle3ModelArguments(**cfg["model_args"])
     args = Eagle3TrainingArguments(**cfg["training_args"])
+    probe = last_step_probe(device, args.max_steps)
     train_dataset, _, layer_ids = build_datasets(model_args, args)
     model = build_draft(model_args, train_dataset, layer_ids)
     if cfg.get("attn_implementation"):

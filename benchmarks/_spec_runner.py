@@ -11,7 +11,8 @@ Runtime patches only (speculators' code is not modified or copied):
 * `run_training` is replaced by a loop of its own `train_epoch` until `max_steps` (no per-epoch checkpoint or
   validation pass, which would be timed otherwise), then an optional `save_pretrained` of the final draft;
 * each optimizer step's end time (after a device synchronize) and each batch's real-token count are recorded, and
-  peak memory (CUDA: max allocated since training started; CPU: peak RSS of the process during training).
+  peak memory (CUDA: max allocated since training started; CPU: peak RSS of the process during training, and with
+  `BENCH_PROBE_LAST_STEP=1` the allocator-level peak of the last step, `LastStepAllocations`).
 """
 
 import json
@@ -48,6 +49,46 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_mib())
+
+
+class LastStepAllocations:
+    """CPU: the allocator-level peak of the last training step (`BENCH_PROBE_LAST_STEP=1`).
+
+    RSS includes whatever the C allocator keeps cached, so on CPU the last step also runs under the torch profiler
+    with memory events, from the end of step `n - 1` to the end of step `n`: the peak of its running "Total
+    Allocated" is the memory the step needs above what was live when it began (activations, gradients, temporaries).
+    That step is profiled, so its time is left out of the timing (`profiled_last_step` in the result).
+    """
+
+    def __init__(self, last_step: int):
+        self.last_step, self.prof, self.peak_mib = last_step, None, None
+
+    def on_step_end(self, steps_done: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if steps_done == self.last_step - 1:
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.prof.start()
+        elif steps_done == self.last_step and self.prof is not None:
+            import tempfile
+
+            self.prof.stop()
+            with tempfile.TemporaryDirectory() as tmp:
+                self.prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+                with open(os.path.join(tmp, "trace.json")) as f:
+                    events = json.load(f)["traceEvents"]
+            totals = [e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]"]
+            self.peak_mib = max(totals, default=0) / 2**20
+            self.prof = None
+
+    def record(self, record: dict) -> None:
+        if self.peak_mib is not None:
+            record["step_alloc_peak_mib"] = self.peak_mib
+            record["profiled_last_step"] = True
+
+
+def last_step_probe(device: str, max_steps: int) -> "LastStepAllocations | None":
+    return LastStepAllocations(max_steps) if device == "cpu" and os.environ.get("BENCH_PROBE_LAST_STEP") else None
 
 
 class _CountingLoader:
@@ -96,12 +137,15 @@ def main() -> None:
 
     orig_sched_step = spec_trainer.Trainer._schedulers_step
 
+    max_steps = int(cfg["max_steps"])
+    probe = last_step_probe(device, max_steps)
+
     def sched_step(self):
         orig_sched_step(self)
         sync()
         record["step_end_s"].append(time.perf_counter())
-
-    max_steps = int(cfg["max_steps"])
+        if probe is not None:
+            probe.on_step_end(len(record["step_end_s"]))
 
     def run_training(self):
         if device.startswith("cuda"):
@@ -120,6 +164,8 @@ def main() -> None:
             record["peak_mem_mib"] = rss.peak - rss.start
             record["peak_mem_kind"] = "peak RSS during training minus RSS at its start"
             record["peak_rss_mib"] = rss.peak
+        if probe is not None:
+            probe.record(record)
         if cfg.get("save_final"):
             self.model.save_pretrained(cfg["save_final"])
 

@@ -272,6 +272,8 @@ def steady_stats(result: dict, warmup: int) -> dict:
         return {"error": f"only {len(ends)} steps recorded (warm-up {warmup})"}
     # Step i's time is from the end of step i-1 to the end of step i (fetch + forward + backward + optimizer).
     times = np.diff(np.asarray(ends))[warmup:]  # steps warmup+1 .. n-1
+    if result.get("profiled_last_step"):
+        times = times[:-1]  # the last step ran under the memory profiler (LastStepAllocations)
     toks = np.asarray(tokens[warmup + 1 : warmup + 1 + len(times)], dtype=np.float64)
     return {
         "steps": int(len(times)),
@@ -283,6 +285,7 @@ def steady_stats(result: dict, warmup: int) -> dict:
         "tokens_per_s": float(toks.sum() / times.sum()),
         "peak_mem_mib": result.get("peak_mem_mib"),
         "peak_mem_kind": result.get("peak_mem_kind"),
+        "step_alloc_peak_mib": result.get("step_alloc_peak_mib"),
     }
 
 

@@ -70,12 +70,14 @@ def main(argv=None):
             b, o = r.get("baseline", {}), r.get("ours", {})
             bm, om = b.get("median_step_ms"), o.get("median_step_ms")
             growth = (C.ratio(bm, prev[0]), C.ratio(om, prev[1])) if prev else (None, None)
-            rows.append([r[key], bm, om, C.ratio(om, bm), growth[0], growth[1], b.get("peak_mem_mib"),
-                         o.get("peak_mem_mib")])  # fmt: skip
+            bmem, omem = (s.get("step_alloc_peak_mib") or s.get("peak_mem_mib") for s in (b, o))
+            rows.append([r[key], bm, om, C.ratio(om, bm), growth[0], growth[1], bmem, omem, C.ratio(omem, bmem)])
             prev = (bm, om)
         return rows
 
-    hdr = ["baseline ms", "ours ms", "ours/baseline", "baseline growth", "ours growth", "baseline MiB", "ours MiB"]
+    # memory: CUDA max allocated; CPU the last step's allocator-level peak (see _spec_runner.LastStepAllocations)
+    hdr = ["baseline ms", "ours ms", "ours/baseline", "baseline growth", "ours growth", "baseline MiB", "ours MiB",
+           "ours/baseline MiB"]  # fmt: skip
     print(f"\n# Step time vs total_seq_len (K=3), shape={a.shape}, device={device}")
     print(C.markdown_table(["total_seq_len"] + hdr, table(lambda r: r["ttt_steps"] == 3 and r["total_seq_len"]
                                                            in a.seq_lens, "total_seq_len")))  # fmt: skip

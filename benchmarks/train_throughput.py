@@ -48,7 +48,9 @@ def parse_args(argv=None):
 def run_pair(a, prep: dict, out_dir: Path, device: str, total_seq_len: int, ttt_steps: int, tag: str) -> dict:
     """Both trainers on the same data and shapes; returns their raw results and steady-state stats."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    max_steps = a.warmup + a.steps + 1  # step times are differences, so one more step than measured
+    probe = device == "cpu"  # CPU: one more step, run under the memory profiler (allocator-level step peak)
+    max_steps = a.warmup + a.steps + 1 + probe  # step times are differences, so one more step than measured
+    env = {"BENCH_PROBE_LAST_STEP": "1"} if probe else None
     common = dict(shape=prep["shape"], total_seq_len=total_seq_len, ttt_steps=ttt_steps, max_steps=max_steps,
                   lr=1e-4, warmup_steps=1, device=device, num_workers=a.num_workers)  # fmt: skip
     out = {"total_seq_len": total_seq_len, "ttt_steps": ttt_steps}
@@ -56,17 +58,20 @@ def run_pair(a, prep: dict, out_dir: Path, device: str, total_seq_len: int, ttt_
         argv = C.baseline_argv(verifier=prep["verifier"], spec_data=prep["spec_data"], out_dir=out_dir,
                                train_data_ratio=prep["train_data_ratio"], attn=a.baseline_attn,
                                loss_impl=a.baseline_loss, **common)  # fmt: skip
-        res = C.run_baseline(argv, out_dir, f"{tag}-baseline", device, max_steps, a.baseline_python, timeout=a.timeout)
+        res = C.run_baseline(
+            argv, out_dir, f"{tag}-baseline", device, max_steps, a.baseline_python, timeout=a.timeout, env=env
+        )
         out["baseline_raw"], out["baseline"] = res, C.steady_stats(res, a.warmup)
     if a.only != "baseline":
         cfg = C.ours_config(verifier=prep["verifier"], our_data=prep["our_data"], out_dir=out_dir, **common)
         if a.ours_attn:
             cfg["attn_implementation"] = a.ours_attn
-        res = C.run_ours(cfg, out_dir, f"{tag}-ours", timeout=a.timeout)
+        res = C.run_ours(cfg, out_dir, f"{tag}-ours", timeout=a.timeout, env=env)
         out["ours_raw"], out["ours"] = res, C.steady_stats(res, a.warmup)
     b, o = out.get("baseline", {}), out.get("ours", {})
     out["tokens_per_s_ratio"] = C.ratio(o.get("tokens_per_s"), b.get("tokens_per_s"))
     out["peak_mem_ratio"] = C.ratio(o.get("peak_mem_mib"), b.get("peak_mem_mib"))
+    out["step_alloc_peak_ratio"] = C.ratio(o.get("step_alloc_peak_mib"), b.get("step_alloc_peak_mib"))
     return out
 
 
@@ -108,17 +113,21 @@ def main(argv=None) -> dict:
     rows = []
     for name, s in (("speculators 0.9.0", b), ("speculators_hf (ours)", o)):
         if "error" in s or not s:
-            rows.append([name, s.get("error", "not run"), "-", "-", "-", "-"])
+            rows.append([name, s.get("error", "not run"), "-", "-", "-", "-", "-"])
         else:
             rows.append([name, s["tokens_per_s"], s["median_step_ms"], s["min_step_ms"], s["tokens_per_step"],
-                         s["peak_mem_mib"]])  # fmt: skip
+                         s["peak_mem_mib"], s.get("step_alloc_peak_mib")])  # fmt: skip
     min_ratio = C.ratio(b.get("min_step_ms"), o.get("min_step_ms"))  # speed ratio from the fastest steps
-    rows.append(["ratio ours / baseline", res["tokens_per_s_ratio"], None, min_ratio, None, res["peak_mem_ratio"]])
+    rows.append(["ratio ours / baseline", res["tokens_per_s_ratio"], None, min_ratio, None, res["peak_mem_ratio"],
+                 res["step_alloc_peak_ratio"]])  # fmt: skip
     print()
     print(f"# Training throughput, shape={a.shape}, device={device}, total_seq_len={a.total_seq_len}, "
           f"K={a.ttt_steps}, {a.steps} measured steps after {a.warmup}")  # fmt: skip
     print(
-        C.markdown_table(["trainer", "tokens/s", "median step ms", "min step ms", "tokens/step", "peak mem MiB"], rows)
+        C.markdown_table(
+            ["trainer", "tokens/s", "median step ms", "min step ms", "tokens/step", "peak mem MiB", "step alloc MiB"],
+            rows,
+        )
     )
     print(f"load before: {info['load_before']}\nload after:  {info['load_after']}")
     for side in ("baseline_raw", "ours_raw"):
