@@ -17,7 +17,7 @@ from speculators_hf.training.collator import DataCollatorForEagle3
 from speculators_hf.training.setup import build_datasets, build_draft
 
 sys.path.insert(0, str(Path(__file__).parent))
-from training_data import make_training_data, save_bad_vocab, train_argv  # noqa: E402
+from training_data import loss_and_grads, make_training_data, save_bad_vocab, train_argv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,23 @@ def test_packing_does_not_leak_across_documents(tiny_verifier_path, peaked_data,
     with torch.no_grad():
         both = trainer.compute_loss(model, collator([[a, b_changed]])).item()
     assert both != pytest.approx(reference)
+
+
+def test_sdpa_and_eager_attention_give_the_same_loss_and_gradients(tiny_verifier_path, peaked_data, tmp_path):
+    """The dense TTT mask means the same through sdpa (bool mask) and eager (additive mask); the GPU twin of this test
+    compares FlexAttention's BlockMask path (tests/gpu/test_training_gpu.py)."""
+    model_args, args = parse_args(train_argv(tiny_verifier_path, peaked_data, tmp_path, "--ttt-steps", "3"))
+    train_ds, _, layer_ids = build_datasets(model_args, args)
+    trainer = Eagle3Trainer(model=build_draft(model_args, train_ds, layer_ids), args=args, train_dataset=train_ds)
+    samples = train_ds.dataset
+    batch = DataCollatorForEagle3(total_seq_len=256)([[samples[0], samples[1]], [samples[2]]])  # 2 packed rows
+    loss_sdpa, grads_sdpa = loss_and_grads(trainer, batch, "sdpa")
+    loss_eager, grads_eager = loss_and_grads(trainer, batch, "eager")
+    assert loss_sdpa.item() > 0
+    torch.testing.assert_close(loss_eager, loss_sdpa, rtol=1e-5, atol=1e-6)
+    assert grads_sdpa.keys() == grads_eager.keys() and "fc.weight" in grads_sdpa
+    for name in grads_sdpa:
+        torch.testing.assert_close(grads_eager[name], grads_sdpa[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bad_inputs_give_one_line_errors(peaked_verifier_path, peaked_data, tmp_path, capsys):

@@ -96,6 +96,20 @@ def train_argv(verifier: Path, data: Path, save: Path, *extra: str) -> list[str]
     ]
 
 
+def loss_and_grads(trainer, batch: dict, attn_implementation: str, autocast_dtype=None):
+    """One TTT loss + backward of `trainer.model` on `batch` with the given attention: (loss, gradients by name)."""
+    model = trainer.model
+    model.set_attn_implementation(attn_implementation)
+    model.zero_grad(set_to_none=True)
+    inputs = trainer._prepare_inputs(batch)
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach().float(), grads
+
+
 def save_bad_vocab(out_dir: Path, vocab_size: int = 1000, draft_vocab_size: int = 512) -> Path:
     """A d2t/t2d pair built for another tokenizer's vocabulary size."""
     d2t, t2d = build_vocab_mapping({i: 1 for i in range(draft_vocab_size)}, draft_vocab_size, vocab_size)
@@ -103,4 +117,4 @@ def save_bad_vocab(out_dir: Path, vocab_size: int = 1000, draft_vocab_size: int 
     return out_dir
 
 
-__all__ = ["make_training_data", "save_bad_vocab", "tokenize_chat", "train_argv", "np"]
+__all__ = ["loss_and_grads", "make_training_data", "save_bad_vocab", "tokenize_chat", "train_argv", "np"]
