@@ -109,6 +109,36 @@ def machine_info(device: str) -> dict:
     return info
 
 
+# Dense bf16 peak TFLOP/s by GPU name (datasheet, SXM parts), for model FLOPs utilisation.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+
+
+def peak_tflops(gpu_name: str | None) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if gpu_name and k in gpu_name), None)
+
+
+def train_flops_per_token(shape: dict, sample_len: int, ttt_steps: int, train_lm_head: bool = False) -> float:
+    """Model FLOPs of one training token: the draft's useful work, the convention behind MFU.
+
+    Per TTT step: layer 0's q/k/v (2H wide) and o projections, the MLP, the lm_head over the draft vocabulary, and
+    attention over the keys the mask allows (in-document causal step-0 keys, about (L + 1) / 2 for samples of L
+    tokens, plus one key per later step), each x3 for forward + backward (x2 for a frozen lm_head: no weight
+    gradient). Once per token: fc over the 3 aux states (x3) and the frozen verifier head for targets (x1).
+    """
+    H, V = shape["hidden_size"], shape["draft_vocab_size"]
+    hd = shape.get("head_dim") or H // shape["num_attention_heads"]
+    q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
+    projections = 2 * (2 * H * q + 2 * 2 * H * kv + q * H)
+    mlp = 3 * 2 * H * shape["intermediate_size"]
+    lm_head = 2 * H * V
+    total = 0.0
+    for k in range(ttt_steps):
+        attention = 2 * 2 * q * ((sample_len + 1) / 2 + k)  # QK^T and AV over the allowed keys
+        total += 3 * (projections + mlp + attention) + (3 if train_lm_head else 2) * lm_head
+    aux = len(shape["aux_layer_ids"]) * H  # target hidden size = H for these shapes
+    return total + 3 * 2 * aux * H + 2 * H * V
+
+
 def baseline_versions(baseline_python: str) -> dict:
     code = (
         "import json, importlib.metadata as m\n"
