@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     mfu = {name: s["tokens_per_s"] * flops / (peak * 1e12) for name, s in (("baseline", b), ("ours", o))
            if peak and s.get("tokens_per_s")}  # fmt: skip
     result["model_flops_per_token"], result["mfu"] = flops, mfu
-    print(f"model FLOPs per token: {flops / 1e9:.2f} GFLOP"
+    print(f"model FLOPs per token: {flops / 1e9:.3g} GFLOP"
           + "".join(f"; MFU {name} {v:.1%} of {peak:.0f} TFLOP/s" for name, v in mfu.items()))  # fmt: skip
     print(f"load before: {info['load_before']}\nload after:  {info['load_after']}")
     for side in ("baseline_raw", "ours_raw"):
