@@ -37,7 +37,8 @@ run)
   "$PY" -m pip install --quiet --no-deps --no-index --target "$SITE" "$DIR"/wheels/*.whl
   export PYTHONPATH="$SITE:$PWD" SPECULATORS_HF_CACHE="$PWD/$DIR/cache" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
   "$PY" -c "import torch, transformers, speculators, speculators_hf; print('torch', torch.__version__, \
-'transformers', transformers.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name())"
+'transformers', transformers.__version__, 'speculators_hf', speculators_hf.__file__, \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
   "$PY" -m pytest tests/gpu -q -x -p no:cacheprovider || echo "GPU tests failed (continuing to the benchmark)"
   "$PY" benchmarks/train_throughput.py --gpu --baseline-python "$PY" --work-dir /tmp/gpu_bench \
     --output "${OUT:-/tmp}/throughput-llama8b-cuda.json"
