@@ -10,13 +10,19 @@ import torch.nn.functional as F
 from speculators_hf.training import losses
 from speculators_hf.training.collator import DataCollatorForEagle3, align_sample
 from speculators_hf.training.losses import (
-    forward_kl,
     metrics_from_stats,
     shifted_forward_kl,
     step_statistics,
     ttt_attention_mask,
     ttt_block_mask,
 )
+
+
+def forward_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """The plain per-row KL(p_target || q_draft), `[..., V] -> [...]`: the reference for `shifted_forward_kl`."""
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    log_p = F.log_softmax(target_logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def brute_force_mask(doc: list[int], step: int) -> torch.Tensor:
@@ -232,7 +238,8 @@ def test_masked_rows_and_other_documents_drop_out():
 
 
 def test_forward_kl_known_value():
-    p = torch.tensor([math.log(0.5), math.log(0.5)])
-    q = torch.tensor([math.log(0.25), math.log(0.75)])
+    p = torch.tensor([[[math.log(0.5), math.log(0.5)]]])
+    q = torch.tensor([[[math.log(0.25), math.log(0.75)]]])
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert shifted_forward_kl(q, p).item() == pytest.approx(expected, rel=1e-5)
     assert forward_kl(q, p).item() == pytest.approx(expected, rel=1e-5)

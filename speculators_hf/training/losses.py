@@ -35,9 +35,11 @@ def ttt_attention_mask(document_ids: torch.Tensor, step: int, step0: torch.Tenso
     Returns:
         `torch.BoolTensor` of shape `[B, 1, T, (k + 1) * T]`.
     """
-    T = document_ids.shape[1]
+    if step0 is not None and step == 0:
+        return step0
+    B, T = document_ids.shape
     pos = torch.arange(T, device=document_ids.device)
-    diagonal = (pos[:, None] == pos[None, :]).expand(document_ids.shape[0], 1, T, T)  # [B, 1, T, T]
+    diagonal = (pos[:, None] == pos[None, :]).expand(B, 1, T, T)  # [B, 1, T, T]
     if step0 is None:
         same_doc = (document_ids[:, :, None] == document_ids[:, None, :]) & (document_ids[:, :, None] >= 0)
         step0 = ((same_doc & (pos[:, None] >= pos[None, :]))[:, None] | diagonal).contiguous()  # causal per document
@@ -60,10 +62,10 @@ def ttt_block_mask(document_ids: torch.Tensor, step: int, step0=None):
         same_doc = (document_ids[b, q] == document_ids[b, s]) & (document_ids[b, q] >= 0)
         return ((kv < T) & same_doc & (q >= s)) | (s == q)
 
+    if step0 is not None and step == 0:
+        return step0
     if step0 is None or T % step0.BLOCK_SIZE[1] or step0.BLOCK_SIZE[0] != step0.BLOCK_SIZE[1]:
         return create_block_mask(mask_mod, B, None, T, (step + 1) * T, device=document_ids.device)
-    if step == 0:
-        return step0
     blocks = T // step0.BLOCK_SIZE[1]  # kv blocks per step (= q blocks)
     partial = step0.kv_num_blocks  # [B, 1, blocks]
     indices = step0.kv_indices.new_zeros(*step0.kv_indices.shape[:-1], (step + 1) * blocks)  # [B, 1, blocks, (k+1)b]
@@ -173,13 +175,6 @@ def shifted_forward_kl(logits: torch.Tensor, targets: torch.Tensor, shift: int =
     if logits.requires_grad and torch.is_grad_enabled():
         return _ShiftedForwardKL.apply(logits, targets.detach(), shift)
     return _shifted_kl(logits, targets, shift, with_grad=False)[0]
-
-
-def forward_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """Per-row forward KL(p_target || q_draft) over the last dimension, in fp32. `[..., V] -> [...]` (reference)."""
-    log_q = F.log_softmax(logits.float(), dim=-1)
-    log_p = F.log_softmax(target_logits.float(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
