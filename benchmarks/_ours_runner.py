@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from _spec_runner import RssSampler, last_step_probe  # the same measurements for both trainers
+from _spec_runner import RssSampler, last_step_probe, record_peak_memory  # the same measurements for both
 
 
 def main() -> None:
@@ -54,15 +54,7 @@ def main() -> None:
             record["train_wall_s"] = time.perf_counter() - state["t0"]
             rss = state["rss"]
             rss.__exit__(None, None, None)
-            if device.startswith("cuda"):
-                record["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
-                record["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
-            else:
-                record["peak_mem_mib"] = rss.peak - rss.start
-                record["peak_mem_kind"] = "peak RSS during training minus RSS at its start"
-                record["peak_rss_mib"] = rss.peak
-            if probe is not None:
-                probe.record(record)
+            record_peak_memory(record, device, rss, probe)
 
     model_args = Eagle3ModelArguments(**cfg["model_args"])
     args = Eagle3TrainingArguments(**cfg["training_args"])

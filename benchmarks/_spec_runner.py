@@ -91,6 +91,21 @@ def last_step_probe(device: str, max_steps: int) -> "LastStepAllocations | None"
     return LastStepAllocations(max_steps) if device == "cpu" and os.environ.get("BENCH_PROBE_LAST_STEP") else None
 
 
+def record_peak_memory(record: dict, device: str, rss: RssSampler, probe: "LastStepAllocations | None") -> None:
+    """The same memory fields for both runners: CUDA max allocated, or CPU peak RSS (+ the last step's peak)."""
+    import torch
+
+    if device.startswith("cuda"):
+        record["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        record["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
+    else:
+        record["peak_mem_mib"] = rss.peak - rss.start
+        record["peak_mem_kind"] = "peak RSS during training minus RSS at its start"
+        record["peak_rss_mib"] = rss.peak
+    if probe is not None:
+        probe.record(record)
+
+
 class _CountingLoader:
     """Wraps the train DataLoader: records each batch's real (non-padding) token count."""
 
@@ -157,15 +172,7 @@ def main() -> None:
                 self.train_epoch(epoch)
                 epoch += 1
         record["train_wall_s"] = time.perf_counter() - t0
-        if device.startswith("cuda"):
-            record["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
-            record["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
-        else:
-            record["peak_mem_mib"] = rss.peak - rss.start
-            record["peak_mem_kind"] = "peak RSS during training minus RSS at its start"
-            record["peak_rss_mib"] = rss.peak
-        if probe is not None:
-            probe.record(record)
+        record_peak_memory(record, device, rss, probe)
         if cfg.get("save_final"):
             self.model.save_pretrained(cfg["save_final"])
 
