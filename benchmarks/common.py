@@ -28,7 +28,7 @@ REPO = BENCH_DIR.parent
 DEFAULT_WORK_DIR = BENCH_DIR / ".work"  # data, checkpoints, logs and result JSON (git-ignored)
 DEFAULT_BASELINE_PY = os.environ.get("SPECULATORS_PYTHON", "/work/venv-spec/bin/python")
 
-# Draft/verifier shapes. "tiny" is the tiny verifier kit's shape (speculators_hf.testing.TINY_LLAMA).
+# Draft/verifier shapes. "tiny" is the tiny verifier kit's shape (speculators_hf.tiny_kit.TINY_LLAMA).
 SHAPES = {
     "tiny": dict(
         hidden_size=64,

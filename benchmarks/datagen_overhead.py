@@ -33,7 +33,7 @@ import common as C  # noqa: E402
 def prompts(model: str, n: int, seq_length: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from speculators_hf.testing import chitchat_conversations
+    from speculators_hf.tiny_kit import chitchat_conversations
 
     tok = AutoTokenizer.from_pretrained(model)
     out = []
@@ -106,7 +106,7 @@ def main(argv=None):
     p.add_argument("--output", type=Path, default=C.DEFAULT_WORK_DIR / "datagen_overhead.json")
     a = p.parse_args(argv)
     if a.model is None:
-        from speculators_hf.testing import tiny_verifier
+        from speculators_hf.tiny_kit import tiny_verifier
 
         a.model = str(tiny_verifier("peaked"))
     if a.mode:  # child process

@@ -28,7 +28,7 @@ prepare)
     --python-version "${GPU_PYTHON_VERSION:-3.12}" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
     pydantic-core==2.50.5 jiter==0.19.0 multiprocess==0.70.19
   # The tiny verifiers the GPU tests train on (built here once; ~1 MB).
-  "$PY" -c "from speculators_hf.testing import tiny_verifier; tiny_verifier('random'); tiny_verifier('peaked')"
+  "$PY" -c "from speculators_hf.tiny_kit import tiny_verifier; tiny_verifier('random'); tiny_verifier('peaked')"
   cp -r "${SPECULATORS_HF_CACHE:-$HOME/.cache/speculators_hf}/." "$DIR/cache/"
   du -sh "$DIR"
   ;;

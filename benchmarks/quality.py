@@ -168,7 +168,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     a = parse_args(argv)
     from speculators_hf.modeling import Eagle3DraftModel
-    from speculators_hf.testing import tiny_verifier, write_chat_jsonl
+    from speculators_hf.tiny_kit import tiny_verifier, write_chat_jsonl
 
     work = a.work_dir.resolve() / "quality"
     work.mkdir(parents=True, exist_ok=True)

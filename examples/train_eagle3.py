@@ -3,7 +3,6 @@
 Runs unchanged on one CPU or GPU (`python examples/train_eagle3.py ...`) and on every topology in accelerate_configs/:
 
     python examples/train_eagle3.py --verifier-name-or-path meta-llama/Llama-3.1-8B-Instruct --data-path ./data
-    accelerate launch --config_file accelerate_configs/single_gpu.yaml examples/train_eagle3.py ...
     accelerate launch --config_file accelerate_configs/ddp.yaml examples/train_eagle3.py ...     # 8 GPUs, DDP
     accelerate launch --config_file accelerate_configs/fsdp2.yaml examples/train_eagle3.py ...   # 8 GPUs, FSDP2
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml examples/train_eagle3.py ... # 2 CPU processes
@@ -14,23 +13,12 @@ Every flag of `speculators-hf train` works here (`--help`); `--config run.yaml` 
 import torch
 
 from speculators_hf.cli.parser import run_command
-from speculators_hf.training import (
-    Eagle3ModelArguments,
-    Eagle3Trainer,
-    Eagle3TrainingArguments,
-    build_datasets,
-    build_draft,
-)
+from speculators_hf.training import Eagle3ModelArguments, Eagle3TrainingArguments, train
 
 
-def training_function(model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments) -> None:
-    # Data: datagen shards, packed into rows of --total-seq-len tokens; a held-out split for evaluation
-    train_dataset, eval_dataset, layer_ids = build_datasets(model_args, args)
-    # Draft: embedding, lm_head rows and final norm from the verifier; checked against the data and d2t/t2d
-    model = build_draft(model_args, train_dataset, layer_ids, seed=args.seed)
-    # Trainer does the rest: DDP/FSDP, bf16 autocast on GPU, logging, <save-path>/<epoch>/ drafts, resume
-    trainer = Eagle3Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset)
-    trainer.train(resume_from_checkpoint=args.checkpoint_to_resume())
+def main(model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments) -> None:
+    # Data checks, the draft built from the verifier's tensors, then Trainer (DDP/FSDP, bf16, logging, resume)
+    trainer = train(model_args, args)
 
     # Every process holds the same weights at the end; print a checksum per process to see it.
     with torch.no_grad():
@@ -39,5 +27,4 @@ def training_function(model_args: Eagle3ModelArguments, args: Eagle3TrainingArgu
 
 
 if __name__ == "__main__":
-    types = (Eagle3ModelArguments, Eagle3TrainingArguments)
-    raise SystemExit(run_command(types, lambda m, t, *_: training_function(m, t), prog="train_eagle3.py"))
+    raise SystemExit(run_command((Eagle3ModelArguments, Eagle3TrainingArguments), main, prog="train_eagle3.py"))

@@ -182,7 +182,7 @@ class Pipeline:
                     raise UserError("--eval-prompts is needed when --train-data-path is not a local JSONL file.")
                 a.eval_prompts = a.train_data_path
             return
-        from .testing import tiny_verifier, write_chat_jsonl
+        from .tiny_kit import tiny_verifier, write_chat_jsonl
 
         a.verifier = str(tiny_verifier("peaked"))
         chats, held_out = self.out / "chats.jsonl", self.out / "eval_chats.jsonl"

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_verifier_path():
     """A random tiny Llama verifier (sharded safetensors, tokenizer with a ChatML template), cached on disk."""
-    from speculators_hf.testing import tiny_verifier
+    from speculators_hf.tiny_kit import tiny_verifier
 
     return tiny_verifier("random")
 
@@ -20,7 +20,7 @@ def tiny_verifier_path():
 @pytest.fixture(scope="session")
 def peaked_verifier_path():
     """The tiny verifier trained briefly on real chat text (peaked next-token distributions), cached on disk."""
-    from speculators_hf.testing import tiny_verifier
+    from speculators_hf.tiny_kit import tiny_verifier
 
     return tiny_verifier("peaked")
 

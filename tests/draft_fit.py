@@ -12,7 +12,7 @@ import torch
 from speculators_hf.datagen.hf_backend import capture_layer_inputs
 from speculators_hf.evaluation.online import greedy_baseline
 from speculators_hf.modeling import Eagle3DraftModel
-from speculators_hf.testing import chitchat_conversations
+from speculators_hf.tiny_kit import chitchat_conversations
 
 
 def chat_prompts(tokenizer, n: int, offset: int = 0) -> list[list[int]]:

@@ -15,7 +15,7 @@ from speculators_hf.datagen.cli import main
 from speculators_hf.datagen.sources import load_source, normalize_messages
 from speculators_hf.datagen.tokenize import tokenize_conversation
 from speculators_hf.modeling.configuration_eagle3 import default_aux_layer_ids
-from speculators_hf.testing import write_chat_jsonl
+from speculators_hf.tiny_kit import write_chat_jsonl
 from speculators_hf.utils import UserError
 
 SEQ = 192

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from speculators_hf.datagen import DatagenArguments, HFHiddenStatesBackend, ShardDataset, build_dataset
 from speculators_hf.modeling.configuration_eagle3 import default_aux_layer_ids
-from speculators_hf.testing import write_chat_jsonl
+from speculators_hf.tiny_kit import write_chat_jsonl
 
 pytestmark = pytest.mark.vllm
 LAYER_IDS = default_aux_layer_ids(4) + [4]  # [1, 2, 3, 4]

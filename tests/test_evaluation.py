@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from draft_fit import chat_prompts, fit_draft
 
 from speculators_hf.evaluation import (
     build_eval_card,
@@ -20,7 +19,8 @@ from speculators_hf.evaluation import (
     write_eval_card,
 )
 from speculators_hf.modeling import Eagle3DraftModel
-from speculators_hf.testing import write_chat_jsonl
+from speculators_hf.tiny_kit import write_chat_jsonl
+from tests.draft_fit import chat_prompts, fit_draft
 
 MAX_NEW = 24
 

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel
 
 from speculators_hf import Eagle3Config, Eagle3DraftModel
 from speculators_hf.modeling.configuration_eagle3 import default_aux_layer_ids
-from speculators_hf.testing import tiny_llama_config, tiny_verifier
+from speculators_hf.tiny_kit import tiny_llama_config, tiny_verifier
 from speculators_hf.utils import UserError
 from speculators_hf.vocab import build_vocab_mapping
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from speculators_hf.pipeline import Pipeline, PipelineArguments, main
-from speculators_hf.testing import write_chat_jsonl
+from speculators_hf.tiny_kit import write_chat_jsonl
 
 
 def small_args(tmp_path, verifier, **overrides) -> PipelineArguments:

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from training_data import make_training_data, train_argv  # noqa: E402
+from tests.training_data import make_training_data, train_argv
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = str(ROOT / "examples" / "train_eagle3.py")

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +14,7 @@ from speculators_hf.training import Eagle3ModelArguments, Eagle3Trainer, Eagle3T
 from speculators_hf.training.cli import main
 from speculators_hf.training.collator import DataCollatorForEagle3
 from speculators_hf.training.setup import build_datasets, build_draft
-
-sys.path.insert(0, str(Path(__file__).parent))
-from training_data import loss_and_grads, make_training_data, save_bad_vocab, train_argv  # noqa: E402
+from tests.training_data import loss_and_grads, make_training_data, save_bad_vocab, train_argv
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,9 @@ K, MAX_NEW = 3, 24
 
 @pytest.fixture(scope="module")
 def served(tiny_verifier_path, tmp_path_factory):
-    from draft_fit import chat_prompts, fit_draft
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.draft_fit import chat_prompts, fit_draft
 
     torch.set_num_threads(1)
     verifier = AutoModelForCausalLM.from_pretrained(tiny_verifier_path, dtype=torch.float32).eval()

@@ -10,7 +10,7 @@ import torch
 
 from speculators_hf.datagen.hf_backend import HFHiddenStatesBackend
 from speculators_hf.datagen.shards import shard_name, write_index, write_shard
-from speculators_hf.testing import chitchat_conversations
+from speculators_hf.tiny_kit import chitchat_conversations
 from speculators_hf.vocab import build_vocab_mapping, save_vocab_mapping
 
 LAYER_IDS = [1, 2, 3, 4]  # aux [1, 2, 3] + the last layer (pre-norm) of the 4-layer tiny verifier

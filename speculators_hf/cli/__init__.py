@@ -10,7 +10,7 @@ COMMANDS = {
     "vocab": ("speculators_hf.vocab", "Token frequencies -> d2t.npy / t2d.npy."),
     "train": ("speculators_hf.training.cli", "Train an EAGLE-3 draft (Trainer + accelerate)."),
     "export": ("speculators_hf.export", "Check or convert a draft checkpoint into the format vLLM serves."),
-    "evaluate": ("speculators_hf.evaluation", "Acceptance of a draft against its verifier."),
+    "evaluate": ("speculators_hf.evaluation.cli", "Acceptance of a draft against its verifier."),
     "push": ("speculators_hf.hub", "Upload a draft with its model card."),
     "pipeline": ("speculators_hf.pipeline", "Run every stage; with no arguments, on the embedded tiny default."),
 }

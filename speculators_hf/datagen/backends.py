@@ -79,7 +79,4 @@ def make_backend(
     if tensor_parallel_size > 1:
         raise UserError("--tensor-parallel-size > 1 needs --backend vllm (the transformers backend uses one device).")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = HFHiddenStatesBackend.from_pretrained(model_path, layer_ids, dtype=getattr(torch, dtype), device=device)
-    backend.name = "transformers"
-    backend.close = lambda: None
-    return backend
+    return HFHiddenStatesBackend.from_pretrained(model_path, layer_ids, dtype=getattr(torch, dtype), device=device)

@@ -26,7 +26,7 @@ from ..utils import UserError, atomic_path, get_logger, write_json
 from .arguments import DatagenArguments
 from .backends import HiddenStatesBackend, make_backend, resolve_backend_name, resolve_layer_ids
 from .metadata import data_config, load_verifier_config, resolve_dtype
-from .shards import SHARD_FORMAT, SHARD_FORMAT_VERSION, shard_name, write_index, write_shard, write_v1_sample
+from .shards import SHARD_FORMAT, SHARD_SCHEMA_VERSION, shard_name, write_index, write_shard, write_v1_sample
 from .sources import load_source
 from .tokenize import tokenize_dataset
 
@@ -113,7 +113,7 @@ def prepare(args: DatagenArguments) -> Plan:
     excluded = {k: v for k, v in asdict(args).items() if k not in NOT_FINGERPRINTED}
     fingerprint = hashlib.sha256(
         json.dumps(
-            [excluded, token_stats["fingerprint"], verifier, layer_ids, dtype, backend, SHARD_FORMAT_VERSION],
+            [excluded, token_stats["fingerprint"], verifier, layer_ids, dtype, backend, SHARD_SCHEMA_VERSION],
             sort_keys=True,
             default=str,
         ).encode()
@@ -289,7 +289,7 @@ def _update_index(plan: Plan) -> None:
             output_dir,
             {
                 "format": SHARD_FORMAT,
-                "version": SHARD_FORMAT_VERSION,
+                "version": SHARD_SCHEMA_VERSION,
                 "fingerprint": plan.fingerprint,
                 "layer_ids": plan.layer_ids,
                 "num_shards_planned": len(plan.shards),

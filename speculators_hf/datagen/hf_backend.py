@@ -66,6 +66,8 @@ class HFHiddenStatesBackend:
         layer_ids: ids in vLLM's convention, aux ids then the last layer `n`.
     """
 
+    name = "transformers"
+
     def __init__(self, model: nn.Module, layer_ids: list[int]):
         self.model = model.eval()
         self.decoder, layers, _ = decoder_parts(model)
@@ -103,3 +105,6 @@ class HFHiddenStatesBackend:
             self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         stacked = torch.stack([captured[i] for i in self.layer_ids], dim=2)  # [B, T, L, H]
         return [stacked[b, :n].cpu() for b, n in enumerate(lengths)]
+
+    def close(self) -> None:
+        """Nothing to release: the model is freed with the backend."""

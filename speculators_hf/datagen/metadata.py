@@ -70,13 +70,13 @@ def data_config(plan, status: str, summary: dict | None = None) -> dict:
     """The contents of `data_config.json` (the seed's fields, plus our fingerprint and format schema)."""
     args = plan.args
     from .backends import LAYER_ID_CONVENTION
-    from .shards import SHARD_FORMAT, SHARD_FORMAT_VERSION
+    from .shards import SHARD_FORMAT, SHARD_SCHEMA_VERSION
 
     num_layers = len(plan.layer_ids)
     if args.data_format_version == 2:
         schema = {
             "format": SHARD_FORMAT,
-            "version": SHARD_FORMAT_VERSION,
+            "version": SHARD_SCHEMA_VERSION,
             "files": "data-{k:05d}.safetensors + index.json",
             "tensors": {
                 "input_ids": "int64 [N]",

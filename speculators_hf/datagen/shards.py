@@ -26,7 +26,7 @@ from ..utils import UserError, atomic_path, write_json
 
 INDEX_FILE = "index.json"
 SHARD_FORMAT = "speculators_hf.shards"
-SHARD_FORMAT_VERSION = 1
+SHARD_SCHEMA_VERSION = 1  # the layout of one shard file (recorded in its metadata and index.json)
 
 
 def shard_name(k: int) -> str:
@@ -51,7 +51,7 @@ def write_shard(path: str | Path, samples: list[dict[str, torch.Tensor]], sample
     path = Path(path)
     with atomic_path(path) as tmp:
         # One metadata key: safetensors writes its metadata map in hash order, so two keys would make reruns differ.
-        save_file(tensors, str(tmp), metadata={"format": f"{SHARD_FORMAT}/{SHARD_FORMAT_VERSION}"})
+        save_file(tensors, str(tmp), metadata={"format": f"{SHARD_FORMAT}/{SHARD_SCHEMA_VERSION}"})
     return {
         "file": path.name,
         "num_samples": len(samples),

@@ -1,23 +1,12 @@
-"""Stage 5: acceptance of a draft against its verifier, online (transformers and vLLM) and offline (hook).
+"""Stage 5: acceptance of a draft against its verifier, online (transformers and vLLM) and offline (held-out shards).
 
-    speculators-hf evaluate --draft out/checkpoint --verifier meta-llama/Llama-3.1-8B-Instruct \\
-        --prompts chat.jsonl --engine both --num-speculative-tokens 3 --max-new-tokens 64 --num-prompts 16
-
-Prints a table and writes `eval_card.json` / `eval_card.md` next to the draft. Every tau comes with what moves it:
-engine and version, K, temperature (0: greedy), chain drafting, dataset and hardware.
+Every tau comes with what moves it: engine and version, K, temperature (0: greedy), chain drafting, dataset and
+hardware. The command is in `cli.py` (`speculators-hf evaluate`).
 """
 
-from __future__ import annotations
-
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-
-from ..utils import UserError, get_logger
 from .card import build_eval_card, eval_table, render_eval_card, write_eval_card
+from .cli import EvaluateArguments, evaluate, evaluate_offline, evaluate_vllm, load_prompts, main
 from .online import SpecDecodeResult, SpeculativeGenerator, evaluate_transformers, greedy_baseline
-
-logger = get_logger(__name__)
 
 __all__ = [
     "EvaluateArguments",
@@ -31,174 +20,7 @@ __all__ = [
     "evaluate_vllm",
     "greedy_baseline",
     "load_prompts",
+    "main",
     "render_eval_card",
     "write_eval_card",
 ]
-
-
-def evaluate_vllm(*args, **kwargs) -> SpecDecodeResult:
-    """See `speculators_hf.evaluation.vllm_engine.evaluate_vllm` (vLLM runs in a subprocess)."""
-    from .vllm_engine import evaluate_vllm as run
-
-    return run(*args, **kwargs)
-
-
-def evaluate_offline(draft_dir: str | Path, shards_dir: str | Path, ttt_steps: int = 3, **kwargs) -> dict:
-    """Offline acceptance on held-out datagen shards (no verifier run): the training metrics, reused.
-
-    Hook for `speculators_hf.training`: it must return `{"tau_sim": float, "acc_k": [...], "cond_acc_k": [...],
-    "ttt_steps": int, "num_tokens": int}` (facts §5: `tau_sim = 1 + sum_k prod_{i<=k} cond_acc_i`); the eval card
-    and the table take that dict as `offline`.
-    """
-    try:
-        from ..training.evaluation import evaluate_shards
-    except ImportError as err:
-        raise UserError(
-            "offline evaluation (--shards) needs speculators_hf.training.evaluation.evaluate_shards, which this "
-            "install does not have yet; run the online evaluation instead."
-        ) from err
-    return evaluate_shards(draft_dir, shards_dir, ttt_steps=ttt_steps, **kwargs)
-
-
-def load_prompts(path: str | Path, tokenizer, num_prompts: int, offset: int = 0) -> list[list[int]]:
-    """Prompt token ids from a chat JSONL file.
-
-    Each row is `{"messages": [...]}` (the conversation up to its first assistant turn, rendered with the chat template
-    and the generation prompt), `{"prompt": "text"}` or `{"prompt_token_ids": [...]}`. Rows `offset..offset+n-1`:
-    use an offset past the training rows for held-out prompts.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--prompts {path} does not exist (a JSONL file of {{'messages': [...]}} rows).")
-    prompts = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if i < offset or not line.strip():
-                continue
-            row = json.loads(line)
-            if "prompt_token_ids" in row:
-                prompts.append(list(row["prompt_token_ids"]))
-            elif "prompt" in row:
-                prompts.append(tokenizer(row["prompt"])["input_ids"])
-            elif "messages" in row:
-                turns = row["messages"]
-                first = next((j for j, m in enumerate(turns) if m["role"] == "assistant"), len(turns))
-                if first == 0:
-                    continue
-                prompts.append(
-                    tokenizer.apply_chat_template(
-                        turns[:first], add_generation_prompt=True, tokenize=True, return_dict=False
-                    )
-                )
-            else:
-                raise UserError(f"{path}:{i + 1}: expected 'messages', 'prompt' or 'prompt_token_ids'.")
-            if len(prompts) == num_prompts:
-                break
-    if not prompts:
-        raise UserError(f"--prompts {path} gave no prompts (offset {offset}).")
-    return prompts
-
-
-# ------------------------------------------------------------------------------------------------------------ CLI
-
-
-@dataclass
-class EvaluateArguments:
-    """Speculative decoding of a draft with its verifier: tau, acceptance per position, speed-up, eval card."""
-
-    draft: str = field(metadata={"help": "Draft checkpoint folder (speculators format)."})
-    prompts: str = field(metadata={"help": "Chat JSONL file ({'messages': [...]} rows) to take prompts from."})
-    verifier: str | None = field(
-        default=None, metadata={"help": "Verifier folder or hub id (default: the one recorded in the draft)."}
-    )
-    engine: str = field(
-        default="transformers",
-        metadata={"help": "transformers, vllm or both.", "choices": ["transformers", "vllm", "both"]},
-    )
-    num_speculative_tokens: int = field(default=3, metadata={"help": "K: draft tokens per verification step."})
-    max_new_tokens: int = field(default=64, metadata={"help": "New tokens per prompt (greedy, stops at EOS)."})
-    num_prompts: int = field(default=16, metadata={"help": "Prompts to evaluate."})
-    prompt_offset: int = field(default=0, metadata={"help": "Skip this many rows (held-out prompts)."})
-    vllm_baseline: bool = field(
-        default=True, metadata={"help": "Also run the verifier alone in vLLM for the speed-up (one more engine)."}
-    )
-    shards: str | None = field(
-        default=None, metadata={"help": "Held-out datagen shards for the offline tau_sim (training metrics)."}
-    )
-    held_out_fraction: float | None = field(
-        default=None,
-        metadata={"help": "With --shards: score only the split that training's --eval-split held out (default: all)."},
-    )
-    held_out_seed: int = field(default=0, metadata={"help": "With --held-out-fraction: training's --data-seed."})
-    total_seq_len: int = field(default=8192, metadata={"help": "With --shards: tokens per packed row."})
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Where eval_card.json/.md go (default: the draft folder)."}
-    )
-
-    def __post_init__(self):
-        if self.num_speculative_tokens < 1:
-            raise ValueError("--num-speculative-tokens must be >= 1.")
-        if self.engine not in ("transformers", "vllm", "both"):
-            raise ValueError(f"--engine must be transformers, vllm or both, got {self.engine!r}.")
-
-
-def evaluate(args: EvaluateArguments) -> dict:
-    """Run the requested engines on the same prompts, write the eval card, return it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..modeling import Eagle3DraftModel
-
-    draft = Eagle3DraftModel.from_pretrained(args.draft, dtype=torch.float32).eval()
-    verifier_id = args.verifier or draft.config.verifier_name_or_path
-    if not verifier_id:
-        raise UserError(f"--draft {args.draft} names no verifier; pass --verifier.")
-    tokenizer = AutoTokenizer.from_pretrained(verifier_id)
-    prompts = load_prompts(args.prompts, tokenizer, args.num_prompts, args.prompt_offset)
-    results = []
-    if args.engine in ("transformers", "both"):
-        verifier = AutoModelForCausalLM.from_pretrained(verifier_id, dtype=torch.float32).eval()
-        results.append(
-            evaluate_transformers(
-                draft, verifier, prompts, args.num_speculative_tokens, args.max_new_tokens, tokenizer.eos_token_id
-            )
-        )
-    if args.engine in ("vllm", "both"):
-        results.append(
-            evaluate_vllm(
-                args.draft,
-                verifier_id,
-                prompts,
-                args.num_speculative_tokens,
-                args.max_new_tokens,
-                baseline=args.vllm_baseline,
-            )
-        )
-    offline = None
-    if args.shards:
-        offline = evaluate_offline(
-            args.draft,
-            args.shards,
-            args.num_speculative_tokens,
-            verifier=args.verifier,
-            held_out_fraction=args.held_out_fraction,
-            seed=args.held_out_seed,
-            total_seq_len=args.total_seq_len,
-        )
-    dataset = {
-        "path": str(args.prompts),
-        "num_prompts": len(prompts),
-        "offset": args.prompt_offset,
-        "max_new_tokens": args.max_new_tokens,
-    }
-    card = build_eval_card(results, draft=args.draft, verifier=verifier_id, dataset=dataset, offline=offline)
-    json_path, _ = write_eval_card(card, args.output_dir or args.draft)
-    print(eval_table(card))
-    print(f"eval card: {json_path} (+ .md)")
-    return card
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ..cli.parser import run_command
-
-    return run_command(EvaluateArguments, evaluate, argv, prog="speculators-hf evaluate")

@@ -1,4 +1,4 @@
-"""The eval card: every number that moves tau, next to tau (facts §9), as `eval_card.json` + `eval_card.md`."""
+"""The eval card: every number that moves tau, next to tau, as `eval_card.json` + `eval_card.md`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Stage 3b: train an EAGLE-3 draft with `transformers.Trainer` and the multi-step TTT loss."""
 
 from .arguments import Eagle3ModelArguments, Eagle3TrainingArguments
+from .cli import train
 from .collator import DataCollatorForEagle3, align_sample
 from .data import PackedDataset, open_dataset
 from .setup import build_datasets, build_draft
@@ -16,4 +17,5 @@ __all__ = [
     "build_datasets",
     "build_draft",
     "open_dataset",
+    "train",
 ]

@@ -23,7 +23,8 @@ from ..utils import UserError, get_logger
 
 logger = get_logger(__name__)
 
-SHARD_FORMAT_VERSION = 2
+# `--data-format-version` of datagen shards (0 and 1 are the seed's per-sample .pt layouts).
+SHARDS_DATA_FORMAT = 2
 
 
 def _natural_key(path: Path):
@@ -32,7 +33,7 @@ def _natural_key(path: Path):
 
 def detect_format(data_path: Path) -> int:
     if list(data_path.glob("data-*.safetensors")) or (data_path / "index.json").exists():
-        return SHARD_FORMAT_VERSION
+        return SHARDS_DATA_FORMAT
     files = sorted(data_path.rglob("*.pt"))
     files = [f for f in files if f.name != "token_freq.pt"]
     if not files:
@@ -73,7 +74,7 @@ def open_dataset(data_path: str | Path, version: int | None = None) -> torch.uti
     if not data_path.is_dir():
         raise UserError(f"--data-path {data_path} is not a folder (run `speculators-hf datagen` first).")
     version = detect_format(data_path) if version is None else version
-    if version == SHARD_FORMAT_VERSION:
+    if version == SHARDS_DATA_FORMAT:
         return ShardDataset(data_path)
     if version not in (0, 1):
         raise UserError(f"--data-format-version {version}: expected 0, 1 (seed .pt files) or 2 (datagen shards).")

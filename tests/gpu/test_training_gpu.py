@@ -3,9 +3,6 @@
 pytest tests/gpu/test_training_gpu.py -q
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,9 +10,7 @@ from speculators_hf.cli.parser import make_parser, parse
 from speculators_hf.training import Eagle3ModelArguments, Eagle3Trainer, Eagle3TrainingArguments
 from speculators_hf.training.collator import DataCollatorForEagle3
 from speculators_hf.training.setup import build_datasets, build_draft
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from training_data import loss_and_grads, make_training_data, train_argv  # noqa: E402
+from tests.training_data import loss_and_grads, make_training_data, train_argv
 
 pytestmark = pytest.mark.gpu
 
