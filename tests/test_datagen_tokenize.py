@@ -64,9 +64,10 @@ def test_chatml_mask_token_by_token(tokenizer):
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi, how are you?<|im_end|>\n"
             "<|im_start|>assistant\n",
         ),
-        (1, "good thanks. and you?<|im_end|>\n"),
-        (0, "<|im_start|>user\nfine<|im_end|>\n<|im_start|>assistant\n"),
-        (1, "great to hear<|im_end|>\n"),
+        (1, "good thanks. and you?<|im_end|>"),  # the newline after <|im_end|> is never generated
+        (0, "\n<|im_start|>user\nfine<|im_end|>\n<|im_start|>assistant\n"),
+        (1, "great to hear<|im_end|>"),
+        (0, "\n"),
     ]
 
 
@@ -97,7 +98,7 @@ def test_boundary_merge_falls_back_to_offsets(tokenizer):
             add_special_tokens=False,
         )["input_ids"]
     )
-    assert assistant_texts(result, tokenizer) == [" good thanks. and you?<|im_end|>\n"]
+    assert assistant_texts(result, tokenizer) == [" good thanks. and you?<|im_end|>"]
 
 
 def test_truncation_and_skips(tokenizer):
@@ -112,7 +113,7 @@ def test_truncation_and_skips(tokenizer):
 
 def test_empty_think_block_is_not_supervised(tokenizer):
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>\n\n</think>\n\nhello"}]
-    assert assistant_texts(tokenize_conversation(tokenizer, chat, 100), tokenizer) == ["hello<|im_end|>\n"]
+    assert assistant_texts(tokenize_conversation(tokenizer, chat, 100), tokenizer) == ["hello<|im_end|>"]
 
 
 def _write_jsonl(path, chats):

@@ -30,6 +30,9 @@ ROLE_ALIASES = {
     "system": "system",
 }
 MESSAGE_COLUMNS = ("messages", "conversations", "conversation")
+# An assistant turn's reasoning, under the names datasets use; templates read `reasoning_content` (Qwen3) or
+# `thinking` (gpt-oss), so a normalised message carries it under both.
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
 def load_source(path: str, split: str = "train", cache_dir: str | None = None) -> Dataset:
@@ -69,7 +72,11 @@ def load_source(path: str, split: str = "train", cache_dir: str | None = None) -
 
 
 def normalize_messages(row: dict) -> list[dict] | None:
-    """One row -> `[{"role", "content"}, ...]` with roles user/assistant/system, or None if a role is unknown."""
+    """One row -> `[{"role", "content"}, ...]` with roles user/assistant/system, or None if a role is unknown.
+
+    Assistant turns with reasoning (`reasoning_content`, `thinking` or `reasoning`) also carry it as
+    `reasoning_content` and `thinking`, for the templates that render it.
+    """
     turns = next((row[c] for c in MESSAGE_COLUMNS if row.get(c) is not None), None)
     if not turns:
         return None
@@ -80,5 +87,9 @@ def normalize_messages(row: dict) -> list[dict] | None:
         role = ROLE_ALIASES.get(str(role).lower())
         if role is None or content is None:
             return None
-        messages.append({"role": role, "content": str(content)})
+        message = {"role": role, "content": str(content)}
+        reasoning = next((turn.get(key) for key in REASONING_KEYS if turn.get(key)), None)
+        if role == "assistant" and reasoning:
+            message["reasoning_content"] = message["thinking"] = str(reasoning)
+        messages.append(message)
     return messages
