@@ -40,7 +40,7 @@ LAYER_KEYS = (
 SIDE_FILES = (
     "eval_card.json",
     "eval_card.md",
-    "training_args.json",
+    "training_config.json",
     "trainer_state.json",
     "data_config.json",
     "README.md",
@@ -313,6 +313,10 @@ def export_checkpoint(
         for name in ("config.json", "model.safetensors", "model.safetensors.index.json", *SIDE_FILES):
             if (src / name).is_file():
                 shutil.copy2(src / name, out / name)
+        from .hub import training_record  # Trainer's state sits beside an epoch draft: carry it for the model card
+
+        for name, found in training_record(src).items():
+            shutil.copy2(found, out / name)
         index = src / "model.safetensors.index.json"
         for shard in set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else ():
             shutil.copy2(src / shard, out / shard)

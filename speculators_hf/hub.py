@@ -1,11 +1,13 @@
 """Upload a served-format draft to the Hugging Face Hub with a model card.
 
-    speculators-hf push --checkpoint out/checkpoint --repo-id my-org/Llama-3.1-8B-Instruct-eagle3
-    speculators-hf push --checkpoint out/checkpoint --repo-id my-org/x --local-dir staged/   # write, don't upload
+    speculators-hf push --checkpoint ./draft --repo-id my-org/Llama-3.1-8B-Instruct-eagle3 --data-path ./data
+    speculators-hf push --checkpoint ./checkpoints/19 --repo-id my-org/x --local-dir staged/   # write, don't upload
 
-The card says what the draft is for (its verifier), the exact `vllm serve` commands, how it was trained (data, steps,
-arguments, from `training_args.json` / `trainer_state.json` / `data_config.json` when present) and the eval card.
-The folder that is uploaded is staged first (`stage_upload`), so what would be uploaded can be inspected offline.
+The card says what the draft is for (its verifier), the exact `vllm serve` commands, how it was trained and the eval
+card. "How it was trained" comes from what a run writes: `training_config.json` in the epoch draft folder, Trainer's
+`trainer_state.json` in the `checkpoint-<step>/` folder beside it, and datagen's `data_config.json` (`--data-path`).
+`export` carries the first two into the exported folder, the pipeline all three. The folder that is uploaded is staged
+first (`stage_upload`), so what would be uploaded can be inspected offline.
 """
 
 from __future__ import annotations
@@ -23,62 +25,105 @@ from .utils import UserError, get_logger
 logger = get_logger(__name__)
 
 WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
-TRAINING_FILES = ("training_args.json", "trainer_state.json", "data_config.json")
-TRAINING_ARG_KEYS = (
-    "num_train_epochs",
-    "max_steps",
-    "learning_rate",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "ttt_steps",
-    "ttt_step_loss_decay",
-    "total_seq_len",
-    "seed",
-    "lr_scheduler_type",
-    "warmup_ratio",
-)
+TRAINING_CONFIG = "training_config.json"  # written by Eagle3Trainer next to every saved draft
+TRAINER_STATE = "trainer_state.json"  # written by Trainer in each checkpoint-<step>/
+DATA_CONFIG = "data_config.json"  # written by datagen in its output folder
+TRAINING_FILES = (TRAINING_CONFIG, TRAINER_STATE, DATA_CONFIG)
+OBJECTIVE_KEYS = ("ttt_steps", "ttt_step_loss_decay", "loss_mask_alignment", "total_seq_len", "hidden_states_noise")
+LAST_LOGGED_KEYS = ("loss", "tau_sim", "eval_loss", "eval_tau_sim", "eval_acc_0")
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _read_json(path: Path | None) -> dict | None:
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
-def _find(checkpoint: Path, name: str) -> Path | None:
-    """A training file in the checkpoint folder or its parent (the trainer's output dir)."""
-    for folder in (checkpoint, checkpoint.parent):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+def _trainer_state_beside(checkpoint: Path) -> Path | None:
+    """Trainer's state for the draft in `<save-path>/<epoch>/`: the `checkpoint-<step>/` saved at the end of that
+    epoch (`epoch == <epoch> + 1`), else the run's latest checkpoint (older ones may have been rotated out)."""
+    states = sorted(
+        (p for p in checkpoint.parent.glob(f"checkpoint-*/{TRAINER_STATE}") if p.parent.name[11:].isdigit()),
+        key=lambda p: int(p.parent.name[11:]),
+    )
+    if not states:
+        return None
+    if checkpoint.name.isdigit():
+        for path in states:
+            epoch = (_read_json(path) or {}).get("epoch")
+            if epoch is not None and abs(epoch - (int(checkpoint.name) + 1)) < 1e-6:
+                return path
+    return states[-1]
 
 
-def _training_section(checkpoint: Path) -> list[str]:
-    files = {name: _find(checkpoint, name) for name in TRAINING_FILES}
-    args = _read_json(files["training_args.json"]) if files["training_args.json"] else None
-    state = _read_json(files["trainer_state.json"]) if files["trainer_state.json"] else None
-    data = _read_json(files["data_config.json"]) if files["data_config.json"] else None
+def training_record(checkpoint: str | Path, data_path: str | Path | None = None) -> dict[str, Path]:
+    """The files that describe how `checkpoint` was trained, by name: found in the folder itself (an exported draft
+    carries them), else where a run writes them (`trainer_state.json` in the `checkpoint-*` beside an epoch draft,
+    `data_config.json` in `data_path`, datagen's output folder)."""
+    checkpoint = Path(checkpoint)
+    found = {name: checkpoint / name for name in TRAINING_FILES if (checkpoint / name).is_file()}
+    if TRAINER_STATE not in found and (state := _trainer_state_beside(checkpoint)) is not None:
+        found[TRAINER_STATE] = state
+    if data_path is not None:
+        data_config = Path(data_path) / DATA_CONFIG if Path(data_path).is_dir() else Path(data_path)
+        if not data_config.is_file():
+            raise UserError(f"--data-path {data_path}: no {DATA_CONFIG} there (the folder datagen wrote).")
+        found[DATA_CONFIG] = data_config
+    return found
+
+
+def _training_section(checkpoint: Path, data_path: str | Path | None = None) -> list[str]:
+    files = training_record(checkpoint, data_path)
+    objective, state, data = (_read_json(files.get(name)) for name in TRAINING_FILES)
     lines = ["## Training", ""]
-    if not (args or state or data):
+    if not (objective or state or data):
         return lines + [
-            "No training record (`training_args.json`, `trainer_state.json`, `data_config.json`) was "
-            "found next to this checkpoint.",
+            f"No training record (`{TRAINING_CONFIG}`, `{TRAINER_STATE}`, `{DATA_CONFIG}`) was found with this "
+            "checkpoint.",
             "",
         ]
     if data:
-        source = data.get("data_path") or data.get("dataset") or data.get("data") or "see data_config.json"
+        source = data.get("data", {})
+        name = source.get("train_data_path") or data.get("data_path") or "see data_config.json"
+        shown = f"`{name}`"
+        if Path(name).is_absolute() or Path(name).exists():  # a public card shows no local paths (home folders)
+            shown = f"`{Path(name).name}` (a local file)"
         lines.append(
-            f"- Data: `{source}`; hidden states from layers {data.get('layer_ids')} "
-            f"({data.get('num_samples', '?')} samples)."
+            f"- Data: {shown}"
+            + (f" (split `{source['split']}`)" if source.get("split") else "")
+            + f", {source.get('num_samples', '?')} samples of up to {source.get('seq_length', '?')} tokens; "
+            f"verifier hidden states of layers {data.get('layer_ids')} ({data.get('backend', '?')} backend)."
         )
+    else:
+        lines.append(f"- Data: not recorded (`push --data-path` names datagen's folder, whose `{DATA_CONFIG}` says).")
     if state:
-        lines.append(f"- Steps: {state.get('global_step')} (epoch {state.get('epoch')}).")
-    if args:
-        picked = {k: args[k] for k in TRAINING_ARG_KEYS if k in args}
-        lines.append(f"- Arguments: `{json.dumps(picked)}` (all of them in `training_args.json`).")
+        lines.append(
+            f"- Steps: {state.get('global_step')} of {state.get('max_steps')} (epoch {state.get('epoch')} of "
+            f"{state.get('num_train_epochs')}), {state.get('train_batch_size')} packed row(s) per device and step."
+        )
+        last = {}
+        for entry in state.get("log_history", []):
+            last.update({key: entry[key] for key in LAST_LOGGED_KEYS if key in entry})
+        if last:
+            lines.append("- Last logged: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()) + ".")
+    if objective:
+        picked = {key: objective[key] for key in OBJECTIVE_KEYS if key in objective}
+        lines.append(f"- Objective (training-time test): `{json.dumps(picked)}` (all of it in `{TRAINING_CONFIG}`).")
     return lines + [""]
 
 
-def build_model_card(checkpoint: str | Path, repo_id: str) -> str:
-    """The README.md of the uploaded repo (YAML metadata + markdown)."""
+def _project_link() -> str:
+    """The project's URL from the installed metadata (`[project.urls]`), or its bare name when there is none."""
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        urls = metadata("speculators_hf").get_all("Project-URL") or []
+    except PackageNotFoundError:
+        urls = []
+    url = next((u.split(",", 1)[1].strip() for u in urls if "," in u), None)
+    return f"[speculators_hf]({url})" if url else "speculators_hf"
+
+
+def build_model_card(checkpoint: str | Path, repo_id: str, data_path: str | Path | None = None) -> str:
+    """The README.md of the uploaded repo (YAML metadata + markdown); `data_path`: datagen's output folder."""
     checkpoint = Path(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     verifier = config["speculators_config"]["verifier"]["name_or_path"]
@@ -117,18 +162,21 @@ def build_model_card(checkpoint: str | Path, repo_id: str) -> str:
         "",
         "The first form reads the verifier and the number of speculative tokens from this repo's `config.json`.",
         "",
-        *_training_section(checkpoint),
+        *_training_section(checkpoint, data_path),
     ]
     if eval_card:
         lines.append(render_eval_card(eval_card))
     else:
         lines += ["## Evaluation", "", "Not evaluated yet (`speculators-hf evaluate` writes `eval_card.json`).", ""]
-    lines += ["Trained with [speculators_hf](https://github.com/) (EAGLE-3, speculators checkpoint format).", ""]
+    lines += [f"Trained with {_project_link()} (EAGLE-3, speculators checkpoint format).", ""]
     return "\n".join(lines)
 
 
-def stage_upload(checkpoint: str | Path, repo_id: str, folder: str | Path) -> Path:
-    """Write exactly the folder that `push_to_hub` uploads: the checked checkpoint, side files and README.md."""
+def stage_upload(
+    checkpoint: str | Path, repo_id: str, folder: str | Path, data_path: str | Path | None = None
+) -> Path:
+    """Write exactly the folder that `push_to_hub` uploads: the checked checkpoint, side files, the training record
+    and README.md."""
     checkpoint, folder = Path(checkpoint), Path(folder)
     warnings = check_checkpoint(checkpoint)
     if any("local path" in w for w in warnings):
@@ -142,11 +190,9 @@ def stage_upload(checkpoint: str | Path, repo_id: str, folder: str | Path) -> Pa
     for name in (*WEIGHT_FILES, *shards, *(f for f in SIDE_FILES if f != "README.md")):
         if (checkpoint / name).is_file():
             shutil.copy2(checkpoint / name, folder / name)
-    for name in TRAINING_FILES:
-        found = _find(checkpoint, name)
-        if found is not None:
-            shutil.copy2(found, folder / name)
-    (folder / "README.md").write_text(build_model_card(checkpoint, repo_id))
+    for name, found in training_record(checkpoint, data_path).items():
+        shutil.copy2(found, folder / name)
+    (folder / "README.md").write_text(build_model_card(checkpoint, repo_id, data_path))
     return folder
 
 
@@ -158,6 +204,7 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str = "Upload EAGLE-3 draft",
     local_dir: str | Path | None = None,
+    data_path: str | Path | None = None,
 ) -> str:
     """Stage the upload folder and upload it; with `local_dir`, only stage it there (nothing is uploaded).
 
@@ -165,14 +212,14 @@ def push_to_hub(
         `str`: the repo URL, or the staged folder when `local_dir` is given.
     """
     if local_dir is not None:
-        folder = stage_upload(checkpoint, repo_id, local_dir)
+        folder = stage_upload(checkpoint, repo_id, local_dir, data_path)
         logger.warning("Staged the upload in %s; nothing was uploaded (local_dir given).", folder)
         return str(folder)
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="speculators_hf_push_") as tmp:
-        folder = stage_upload(checkpoint, repo_id, tmp)
+        folder = stage_upload(checkpoint, repo_id, tmp, data_path)
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
     return str(url)
@@ -191,10 +238,19 @@ class PushArguments:
     local_dir: str | None = field(
         default=None, metadata={"help": "Write the folder that would be uploaded here and upload nothing."}
     )
+    data_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Datagen's output folder: its data_config.json describes the data in the card (default: the "
+            "data_config.json carried in --checkpoint, if any)."
+        },
+    )
 
 
 def run(args: PushArguments) -> str:
-    where = push_to_hub(args.checkpoint, args.repo_id, private=args.private, local_dir=args.local_dir)
+    where = push_to_hub(
+        args.checkpoint, args.repo_id, private=args.private, local_dir=args.local_dir, data_path=args.data_path
+    )
     print(f"staged (not uploaded): {where}" if args.local_dir else f"uploaded: {where}")
     return where
 

@@ -20,13 +20,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .utils import UserError, get_logger, write_json
+from .utils import UserError, atomic_path, get_logger, write_json
 
 logger = get_logger(__name__)
 
 STAGES = ("datagen", "vocab", "train", "evaluate", "export")
 
-# Defaults that differ between the embedded tiny default and a real run (flags left unset take these).
+# The two presets: defaults that differ between the embedded tiny default and a real run. A flag left unset takes
+# the value of `--preset` (auto: embedded when neither --verifier nor --train-data-path is given, else general).
 EMBEDDED = dict(
     seq_length=512,
     draft_vocab_size=1024,
@@ -49,8 +50,15 @@ GENERAL = dict(
     num_eval_prompts=16,
     max_new_tokens=64,
 )
+PRESETS = {"embedded": EMBEDDED, "general": GENERAL}
 # The embedded data: real chats from the `chitchat-dataset` wheel; evaluation prompts come from chats far past them.
 EMBEDDED_CHATS, EMBEDDED_EVAL_OFFSET, EMBEDDED_EVAL_CHATS = 1200, 6000, 64
+
+
+def _preset_help(key: str, text: str) -> dict:
+    """Field metadata whose help states both presets' values of `key` (read from the presets themselves)."""
+    values = {name: "all" if preset[key] is None else preset[key] for name, preset in PRESETS.items()}
+    return {"help": f"{text} (default from --preset: general {values['general']}, embedded {values['embedded']})."}
 
 
 @dataclass
@@ -75,30 +83,40 @@ class PipelineArguments:
         default=None,
         metadata={
             "help": "JSONL of {'messages': [...]} rows for online evaluation (default: held-out chats of the "
-            "embedded data; required otherwise unless --train-data-path is a JSONL file)."
+            "embedded data; with a JSON/JSONL --train-data-path, its last --num-eval-prompts usable rows, held out "
+            "of training; required otherwise)."
+        },
+    )
+    preset: str = field(
+        default="auto",
+        metadata={
+            "help": "Defaults of the flags below that say 'default from --preset': general (a real run) or embedded "
+            "(the tiny default); auto: embedded when neither --verifier nor --train-data-path is given, else general.",
+            "choices": ["auto", *PRESETS],
         },
     )
     output_dir: str = field(default="./runs/tiny-default", metadata={"help": "Where every stage writes."})
-    max_samples: int | None = field(default=None, metadata={"help": "Chats to use (default: all; embedded: 360)."})
-    seq_length: int | None = field(default=None, metadata={"help": "Datagen truncation (default 2048; embedded 512)."})
+    max_samples: int | None = field(default=None, metadata=_preset_help("max_samples", "Chats to use"))
+    seq_length: int | None = field(default=None, metadata=_preset_help("seq_length", "Datagen truncation"))
     layer_ids: list[int] | None = field(
         default=None, metadata={"help": "Aux ids + last layer, vLLM convention (default [2, n//2, n-3, n])."}
     )
     backend: str | None = field(
-        default=None, metadata={"help": "Datagen backend: vllm, transformers or auto (embedded: transformers)."}
+        default=None, metadata=_preset_help("backend", "Datagen backend: vllm, transformers or auto")
     )
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size for datagen."})
     data_parallel_size: int = field(default=1, metadata={"help": "vLLM replicas for datagen."})
-    draft_vocab_size: int | None = field(default=None, metadata={"help": "Draft vocabulary (default 32000; 1024)."})
+    draft_vocab_size: int | None = field(default=None, metadata=_preset_help("draft_vocab_size", "Draft vocabulary"))
     num_layers: int = field(default=1, metadata={"help": "Draft decoder layers."})
-    epochs: float | None = field(default=None, metadata={"help": "Training epochs (default 20; embedded 2)."})
-    lr: float | None = field(default=None, metadata={"help": "Peak learning rate (default 1e-4; embedded 3e-3)."})
-    total_seq_len: int | None = field(default=None, metadata={"help": "Tokens per packed row (8192; embedded 512)."})
+    epochs: float | None = field(default=None, metadata=_preset_help("epochs", "Training epochs"))
+    lr: float | None = field(default=None, metadata=_preset_help("lr", "Peak learning rate"))
+    total_seq_len: int | None = field(default=None, metadata=_preset_help("total_seq_len", "Tokens per packed row"))
     ttt_steps: int = field(default=3, metadata={"help": "TTT steps K (also the served speculative tokens)."})
     accelerate_config: str | None = field(
         default=None,
         metadata={
-            "help": "Train under `accelerate launch --config_file` this file (e.g. accelerate_configs/ddp.yaml)."
+            "help": "Train under `accelerate launch --config_file` this YAML file or shipped config name "
+            "(ddp, fsdp2, single_gpu, multi_node, cpu_ddp, cpu; `speculators-hf accelerate-config` lists them)."
         },
     )
     train_args: str = field(
@@ -108,8 +126,10 @@ class PipelineArguments:
     eval_engine: str = field(
         default="both", metadata={"help": "Online evaluation: transformers, vllm, both (vllm needs vLLM installed)."}
     )
-    num_eval_prompts: int | None = field(default=None, metadata={"help": "Prompts for online evaluation (16; 12)."})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "New tokens per prompt (64; embedded 48)."})
+    num_eval_prompts: int | None = field(
+        default=None, metadata=_preset_help("num_eval_prompts", "Prompts for online evaluation")
+    )
+    max_new_tokens: int | None = field(default=None, metadata=_preset_help("max_new_tokens", "New tokens per prompt"))
     push_to_hub: str | None = field(default=None, metadata={"help": "Upload the exported draft to this hub repo."})
     force: list[str] = field(
         default_factory=list, metadata={"help": f"Rerun these stages even if up to date: {', '.join(STAGES)}, all."}
@@ -124,8 +144,11 @@ class PipelineArguments:
         self.embedded = self.verifier is None and self.train_data_path is None
         if (self.verifier is None) != (self.train_data_path is None):
             raise UserError("Give both --verifier and --train-data-path, or neither (the embedded default).")
-        defaults = EMBEDDED if self.embedded else GENERAL
-        for key, value in defaults.items():
+        if self.preset == "auto":
+            self.preset = "embedded" if self.embedded else "general"
+        if self.preset not in PRESETS:
+            raise UserError(f"--preset {self.preset!r}: choose auto, {' or '.join(PRESETS)}.")
+        for key, value in PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
 
@@ -174,13 +197,20 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------- inputs
 
     def resolve_inputs(self) -> None:
-        """The embedded default's verifier and chat files (built offline, cached)."""
+        """The accelerate config by name; the evaluation prompts held out of a local chat file; the embedded default's
+        verifier and chat files (built offline, cached)."""
         a = self.args
+        if a.accelerate_config:
+            from .cli.accelerate_config import resolve_accelerate_config
+
+            a.accelerate_config = str(resolve_accelerate_config(a.accelerate_config))
         if not a.embedded:
             if a.eval_prompts is None:
-                if Path(a.train_data_path).suffix not in (".jsonl", ".json"):
-                    raise UserError("--eval-prompts is needed when --train-data-path is not a local JSONL file.")
-                a.eval_prompts = a.train_data_path
+                source = Path(a.train_data_path)
+                if source.suffix not in (".jsonl", ".json") or not source.is_file():
+                    raise UserError("--eval-prompts is needed when --train-data-path is not a local JSON/JSONL file.")
+                train, held_out = hold_out_prompts(source, self.out / "inputs", a.num_eval_prompts)
+                a.train_data_path, a.eval_prompts = str(train), str(held_out)
             return
         from .tiny_kit import tiny_verifier, write_chat_jsonl
 
@@ -333,6 +363,8 @@ class Pipeline:
                 shutil.rmtree(self.draft_dir)
             # check_checkpoint inside logs any warning (e.g. a local verifier path)
             export_checkpoint(self.final_checkpoint(), self.draft_dir, verifier_hub_id=a.verifier_hub_id)
+            if (self.data_dir / "data_config.json").is_file():  # the data, for the model card
+                shutil.copy2(self.data_dir / "data_config.json", self.draft_dir / "data_config.json")
             if a.push_to_hub:
                 from .hub import push_to_hub
 
@@ -367,6 +399,116 @@ class Pipeline:
             f'\'{{"model": "{self.draft_dir}", "method": "eagle3", "num_speculative_tokens": '
             f"{self.args.ttt_steps}}}'"
         )
+
+
+def _prompt_key(messages: list[dict]) -> str:
+    """The prompt evaluation renders from a chat: every turn before the first assistant turn."""
+    first = next((j for j, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    return json.dumps(messages[:first], sort_keys=True)
+
+
+def hold_out_prompts(source: Path, folder: Path, num_prompts: int) -> tuple[Path, Path]:
+    """Split a local chat file (JSONL, or a JSON list) into training rows and evaluation prompts: its last
+    `num_prompts` rows with distinct prompts are held out, and so is every other row with one of those prompts.
+
+    Writes `folder/train_chats.jsonl` (the other rows, as they were), `folder/eval_prompts.jsonl` (`{"messages"}`
+    rows) and `folder/held_out.json` (the source's hash, the held-out row numbers); an unchanged source is not split
+    again. Returns `(train file, prompts file)`.
+    """
+    from .datagen.sources import normalize_messages
+
+    train_path, prompts_path, record_path = (
+        folder / "train_chats.jsonl",
+        folder / "eval_prompts.jsonl",
+        folder / "held_out.json",
+    )
+    signature = _file_signature(str(source))
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if (
+        record.get("source") == signature
+        and record.get("num_prompts") == num_prompts
+        and train_path.is_file()
+        and prompts_path.is_file()
+    ):
+        return train_path, prompts_path
+
+    def parse(line: bytes, number: int) -> dict:
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--train-data-path {source}: row {number + 1} is not JSON ({err.msg}).") from None
+
+    if source.suffix == ".jsonl":  # rows by byte offset: the file is never held in memory
+        with open(source, "rb") as f:
+            offsets, position = [], 0
+            for line in f:
+                if line.strip():
+                    offsets.append(position)
+                position += len(line)
+
+        def row(i: int) -> dict:
+            with open(source, "rb") as f:
+                f.seek(offsets[i])
+                return parse(f.readline(), i)
+
+        num_rows = len(offsets)
+    else:
+        rows = json.loads(source.read_text())
+        if not isinstance(rows, list):
+            raise UserError(f"--train-data-path {source}: expected a JSON list of chats; pass --eval-prompts.")
+        row, num_rows = rows.__getitem__, len(rows)
+    held_out: dict[str, tuple[int, list[dict]]] = {}  # prompt -> (row, messages), from the end of the file
+    for i in range(num_rows - 1, -1, -1):
+        messages = normalize_messages(row(i))
+        if messages and messages[0]["role"] != "assistant" and _prompt_key(messages) not in held_out:
+            held_out[_prompt_key(messages)] = (i, messages)
+            if len(held_out) == num_prompts:
+                break
+    if len(held_out) < num_prompts or num_rows - len(held_out) < len(held_out):
+        raise UserError(
+            f"--train-data-path {source}: {num_rows} rows are too few to hold out {num_prompts} evaluation prompts "
+            "and train on the rest; pass --eval-prompts (or lower --num-eval-prompts)."
+        )
+    held = {i for i, _ in held_out.values()}
+    with atomic_path(prompts_path) as tmp, open(tmp, "w") as out:
+        out.writelines(json.dumps({"messages": m}) + "\n" for _, m in sorted(held_out.values(), key=lambda r: r[0]))
+    dropped = 0
+    with atomic_path(train_path) as tmp, open(tmp, "wb") as out, open(source, "rb") as f:
+        if source.suffix == ".jsonl":
+            lines = (line for line in f if line.strip())  # numbered as `offsets` numbers them
+            numbered = ((i, parse(line, i), line.rstrip(b"\r\n") + b"\n") for i, line in enumerate(lines))
+        else:
+            numbered = ((i, r, (json.dumps(r) + "\n").encode()) for i, r in enumerate(rows))
+        for i, chat, text in numbered:
+            if i in held:
+                continue
+            messages = normalize_messages(chat)
+            if messages and _prompt_key(messages) in held_out:
+                dropped += 1  # the same prompt as a held-out row: evaluating on it would measure training data
+                continue
+            out.write(text)
+    write_json(
+        record_path,
+        {
+            "source": signature,
+            "num_rows": num_rows,
+            "num_prompts": num_prompts,
+            "held_out_rows": sorted(held),
+            "dropped_duplicates": dropped,
+        },
+    )
+    logger.warning(
+        "[inputs] %d evaluation prompts held out of %s (rows %s, + %d rows with the same prompts) -> %s; training "
+        "reads the other %d rows -> %s.",
+        len(held),
+        source,
+        sorted(held),
+        dropped,
+        prompts_path,
+        num_rows - len(held) - dropped,
+        train_path,
+    )
+    return train_path, prompts_path
 
 
 def _file_signature(path: str | None) -> dict | str | None:

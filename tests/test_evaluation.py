@@ -176,3 +176,50 @@ def test_cli_prints_table_and_writes_card(setup, tiny_verifier_path, tmp_path):
     card = json.loads((tmp_path / "draft" / "eval_card.json").read_text())
     assert card["runs"][0]["num_prompts"] == 3 and card["runs"][0]["output_matches_verifier_greedy"] is True
     assert (tmp_path / "draft" / "eval_card.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("config_dtype", "dtype", "device", "cuda", "expected"),
+    [
+        (torch.bfloat16, "auto", "auto", True, ("cuda", "bfloat16")),  # GPU: the verifier's own dtype
+        ("float16", "auto", "auto", True, ("cuda", "float16")),  # config.dtype may be a string
+        (None, "auto", "auto", True, ("cuda", "float32")),  # a config that names none
+        (torch.bfloat16, "auto", "auto", False, ("cpu", "float32")),  # CPU keeps float32
+        (torch.bfloat16, "auto", "cpu", True, ("cpu", "float32")),
+        (torch.bfloat16, "float32", "auto", True, ("cuda", "float32")),  # --dtype wins
+        (torch.float32, "bfloat16", "auto", False, ("cpu", "bfloat16")),
+    ],
+)
+def test_device_and_dtype_resolution(config_dtype, dtype, device, cuda, expected):
+    from speculators_hf.evaluation.cli import resolve_placement
+
+    assert resolve_placement(config_dtype, dtype, device, cuda_available=cuda) == expected
+
+
+def test_cuda_device_without_cuda_is_one_line_error():
+    from speculators_hf.evaluation.cli import resolve_placement
+    from speculators_hf.utils import UserError
+
+    with pytest.raises(UserError, match="--device cuda: CUDA is not available"):
+        resolve_placement(torch.bfloat16, "auto", "cuda", cuda_available=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_transformers_engine_runs_on_the_gpu(setup, tiny_verifier_path, tmp_path, dtype):
+    """On CUDA the verifier and the draft are placed on the GPU, in the verifier's dtype (auto) or --dtype."""
+    from speculators_hf.evaluation import EvaluateArguments, evaluate
+
+    setup["fitted"].save_pretrained(tmp_path / "draft")
+    chat = write_chat_jsonl(tmp_path / "chat.jsonl", 4)
+    args = EvaluateArguments(
+        draft=str(tmp_path / "draft"),
+        prompts=str(chat),
+        verifier=str(tiny_verifier_path),
+        num_prompts=2,
+        max_new_tokens=8,
+        dtype=dtype,
+    )
+    (run,) = evaluate(args)["runs"]
+    expected = "float32" if dtype == "auto" else dtype  # the tiny verifier's config says float32
+    assert run["device"] == "cuda" and run["dtype"] == expected and run["tau"] >= 1.0

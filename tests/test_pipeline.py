@@ -2,11 +2,13 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from speculators_hf.pipeline import Pipeline, PipelineArguments, main
 from speculators_hf.tiny_kit import write_chat_jsonl
+from speculators_hf.utils import UserError
 
 
 def small_args(tmp_path, verifier, **overrides) -> PipelineArguments:
@@ -46,6 +48,11 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, peaked_verifier_pat
     assert run["tau"] >= 1.0 and len(run["acceptance_per_position"]) == 3
     assert card["offline"]["ttt_steps"] == 3 and len(card["offline"]["acc_k"]) == 3
     assert (tmp_path / "run" / "data" / "d2t.npy").exists()
+    # ... and the training record for its model card: steps, objective and data
+    from speculators_hf.hub import build_model_card
+
+    text = build_model_card(draft, "org/x")
+    assert "- Steps: " in text and '"ttt_steps": 3' in text and "`chats.jsonl` (a local file)" in text
 
     # Second run with the same arguments: every stage is skipped.
     again = Pipeline(small_args(tmp_path, peaked_verifier_path))
@@ -87,3 +94,65 @@ def test_embedded_default_pipeline_learns(tmp_path, monkeypatch, capsys):
         assert result["output_matches_verifier_greedy"] is True, (engine, result)
     assert card["offline"]["tau_sim"] > 1.2
     assert "tau" in out.lower() and os.path.isdir(tmp_path / "runs" / "tiny-default" / "checkpoints")
+
+
+def _prompt(messages: list[dict]) -> str:
+    """What evaluation renders: every turn before the first assistant turn."""
+    first = next((j for j, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    return json.dumps(messages[:first])
+
+
+def test_jsonl_without_eval_prompts_holds_prompts_out_of_training(tmp_path, tiny_verifier_path):
+    """With a JSONL --train-data-path and no --eval-prompts, the evaluation prompts are rows training never reads
+    (not even as a duplicate elsewhere in the file), and the split is recorded."""
+    from speculators_hf.datagen.sources import normalize_messages
+    from speculators_hf.evaluation import load_prompts
+
+    rows = [json.loads(line) for line in write_chat_jsonl(tmp_path / "chats.jsonl", 30).read_text().splitlines()]
+    rows.insert(0, rows[-1])  # a duplicate, early in the file, of a row that will be held out
+    source = tmp_path / "chats.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = dict(verifier="v", train_data_path=str(source), output_dir=str(tmp_path / "run"), num_eval_prompts=4)
+    args = PipelineArguments(**run)
+    Pipeline(args).resolve_inputs()
+
+    assert args.eval_prompts != str(source) and args.train_data_path != str(source)
+    train_rows = [json.loads(line) for line in Path(args.train_data_path).read_text().splitlines()]
+    prompts = [json.loads(line)["messages"] for line in Path(args.eval_prompts).read_text().splitlines()]
+    assert len(prompts) == 4
+    trained_on = {_prompt(normalize_messages(r)) for r in train_rows}
+    assert not {_prompt(p) for p in prompts} & trained_on
+    assert len(train_rows) == len(rows) - 4 - 1  # the held-out rows and the early duplicate
+    record = json.loads((tmp_path / "run" / "inputs" / "held_out.json").read_text())
+    assert record["held_out_rows"] == list(range(len(rows) - 4, len(rows))) and record["num_rows"] == len(rows)
+
+    # evaluation reads them as prompts; a second run reuses the split (the same files, untouched)
+    from transformers import AutoTokenizer
+
+    assert len(load_prompts(args.eval_prompts, AutoTokenizer.from_pretrained(tiny_verifier_path), 16)) == 4
+    before = Path(args.train_data_path).stat().st_mtime_ns
+    again = PipelineArguments(**run)
+    Pipeline(again).resolve_inputs()
+    assert again.eval_prompts == args.eval_prompts and Path(again.train_data_path).stat().st_mtime_ns == before
+
+    small = {**run, "train_data_path": str(write_chat_jsonl(tmp_path / "small.jsonl", 3))}
+    with pytest.raises(UserError, match="too few to hold out 4"):
+        Pipeline(PipelineArguments(**small)).resolve_inputs()
+
+
+def test_presets_are_explicit_and_the_help_says_both(capsys):
+    embedded = PipelineArguments(verifier="v", train_data_path="d.jsonl", preset="embedded")
+    assert (embedded.seq_length, embedded.draft_vocab_size, embedded.epochs) == (512, 1024, 2)
+    general = PipelineArguments(verifier="v", train_data_path="d.jsonl", seq_length=4096)
+    assert (general.preset, general.seq_length, general.draft_vocab_size, general.max_samples) == (
+        "general",
+        4096,
+        32000,
+        None,
+    )
+    assert PipelineArguments().preset == "embedded"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out
+    assert "Datagen truncation (default from --preset: general 2048, embedded 512)" in " ".join(out.split())

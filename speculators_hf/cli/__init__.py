@@ -1,4 +1,4 @@
-"""`speculators-hf <command>`: one console script for every stage."""
+"""`speculators-hf <command>` (== `python -m speculators_hf <command>`): one console script for every stage."""
 
 from __future__ import annotations
 
@@ -13,16 +13,23 @@ COMMANDS = {
     "evaluate": ("speculators_hf.evaluation.cli", "Acceptance of a draft against its verifier."),
     "push": ("speculators_hf.hub", "Upload a draft with its model card."),
     "pipeline": ("speculators_hf.pipeline", "Run every stage; with no arguments, on the embedded tiny default."),
+    "accelerate-config": ("speculators_hf.cli.accelerate_config", "Path of a shipped accelerate config, by name."),
 }
 
 
+def usage() -> str:
+    lines = ["usage: speculators-hf <command> [flags]   (speculators-hf <command> --help for its flags)", ""]
+    lines += [f"  {name:<18} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a command's `main`. With no command (or `--help`) the usage goes to stdout and the exit status is
+    0, as `pip` does; an unknown command is a usage error: one line on stderr, exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: speculators-hf <command> [flags]   (speculators-hf <command> --help for its flags)\n")
-        for name, (_, help_text) in COMMANDS.items():
-            print(f"  {name:<10} {help_text}")
-        return 0 if argv else 2
+        print(usage())
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"speculators-hf: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)

@@ -18,6 +18,8 @@ from .online import SpecDecodeResult, evaluate_transformers
 
 logger = get_logger(__name__)
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 def evaluate_vllm(*args, **kwargs) -> SpecDecodeResult:
     """See `speculators_hf.evaluation.vllm_engine.evaluate_vllm` (vLLM runs in a subprocess)."""
@@ -111,18 +113,71 @@ class EvaluateArguments:
     output_dir: str | None = field(
         default=None, metadata={"help": "Where eval_card.json/.md go (default: the draft folder)."}
     )
+    device: str = field(
+        default="auto", metadata={"help": "Device of the transformers engine: auto (CUDA when available), cuda, cpu."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the verifier and draft in the transformers engine: auto (the verifier's own dtype on "
+            "CUDA, float32 on CPU), float32, bfloat16 or float16.",
+            "choices": ["auto", *DTYPES],
+        },
+    )
 
     def __post_init__(self):
         if self.num_speculative_tokens < 1:
             raise ValueError("--num-speculative-tokens must be >= 1.")
         if self.engine not in ("transformers", "vllm", "both"):
             raise ValueError(f"--engine must be transformers, vllm or both, got {self.engine!r}.")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}, got {self.dtype!r}.")
+
+
+def resolve_placement(
+    config_dtype, dtype: str = "auto", device: str = "auto", cuda_available: bool | None = None
+) -> tuple[str, str]:
+    """`(device, dtype name)` of the transformers engine. `device auto`: CUDA when available, else CPU. `dtype auto`:
+    the verifier's own dtype (`config.dtype`; float32 when it names none) on CUDA, float32 on CPU."""
+    import torch
+
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+    elif device.startswith("cuda") and not cuda_available:
+        raise UserError(f"--device {device}: CUDA is not available here; use --device cpu (or auto).")
+    if dtype != "auto":
+        return device, dtype
+    if device == "cpu":
+        return device, "float32"
+    name = str(config_dtype).removeprefix("torch.") if config_dtype is not None else "float32"
+    return device, name if name in DTYPES else "float32"
+
+
+def load_models(args: EvaluateArguments, verifier_id: str, draft):
+    """Move the draft, and load the verifier for the transformers engine, onto the resolved device and dtype (one for
+    both: the draft is fed the verifier's hidden states). Returns `(draft, verifier or None)`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(verifier_id)
+    config_dtype = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None)
+    device, dtype_name = resolve_placement(config_dtype, args.dtype, args.device)
+    dtype = getattr(torch, dtype_name)
+    draft = draft.to(device=device, dtype=dtype).eval()
+    if args.engine not in ("transformers", "both"):
+        return draft, None
+    verifier = AutoModelForCausalLM.from_pretrained(
+        verifier_id, dtype=dtype, device_map=None if device == "cpu" else device
+    ).eval()
+    return draft, verifier
 
 
 def evaluate(args: EvaluateArguments) -> dict:
     """Run the requested engines on the same prompts, write the eval card, return it."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..modeling import Eagle3DraftModel
 
@@ -132,14 +187,14 @@ def evaluate(args: EvaluateArguments) -> dict:
         raise UserError(f"--draft {args.draft} names no verifier; pass --verifier.")
     tokenizer = AutoTokenizer.from_pretrained(verifier_id)
     prompts = load_prompts(args.prompts, tokenizer, args.num_prompts, args.prompt_offset)
+    draft, verifier = load_models(args, verifier_id, draft)
     results = []
-    if args.engine in ("transformers", "both"):
-        verifier = AutoModelForCausalLM.from_pretrained(verifier_id, dtype=torch.float32).eval()
-        results.append(
-            evaluate_transformers(
-                draft, verifier, prompts, args.num_speculative_tokens, args.max_new_tokens, tokenizer.eos_token_id
-            )
+    if verifier is not None:
+        result = evaluate_transformers(
+            draft, verifier, prompts, args.num_speculative_tokens, args.max_new_tokens, tokenizer.eos_token_id
         )
+        result.extra.update(device=verifier.device.type, dtype=str(verifier.dtype).removeprefix("torch."))
+        results.append(result)
     if args.engine in ("vllm", "both"):
         results.append(
             evaluate_vllm(

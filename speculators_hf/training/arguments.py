@@ -35,8 +35,8 @@ class Eagle3ModelArguments:
     d2t_path: str | None = field(
         default=None,
         metadata={
-            "help": "d2t.npy of the draft vocabulary (default: <data-path>/d2t.npy, else ./d2t.npy, else the "
-            "full verifier vocabulary)."
+            "help": "d2t.npy of the draft vocabulary (default: <data-path>/d2t.npy, else the full verifier "
+            "vocabulary)."
         },
     )
     t2d_path: str | None = field(default=None, metadata={"help": "t2d.npy (default: next to d2t.npy)."})
@@ -106,7 +106,12 @@ class Eagle3TrainingArguments(TrainingArguments):
     eval_split: float = field(default=0.1, metadata={"help": "Fraction of samples held out for evaluation."})
     # Draft-friendly defaults of TrainingArguments fields
     bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 autocast with fp32 master weights (default: on CUDA, off on CPU)."}
+        default=None,
+        metadata={
+            "help": "bf16 autocast with fp32 master weights: --bf16 or --bf16 true|false (default: on CUDA only).",
+            "nargs": "?",  # a plain flag as well as `--bf16 true/false`, as TrainingArguments' own bool flags
+            "const": True,
+        },
     )
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Packed rows per device and step."})
     per_device_eval_batch_size: int = field(default=1, metadata={"help": "Packed rows per device in evaluation."})
@@ -143,12 +148,15 @@ class Eagle3TrainingArguments(TrainingArguments):
         super().__post_init__()
 
     def apply_logging_env(self) -> None:
-        """Point the loggers at `log_dir` (their integrations read these variables), unless already set."""
+        """Point the loggers at `log_dir` (their integrations read these variables), unless already set. The folder is
+        created only for a logger that writes there (none with `--logger none`)."""
         log_dir = os.path.abspath(self.log_dir)
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(log_dir, "tensorboard", self.run_name or ""))
         os.environ.setdefault("WANDB_DIR", log_dir)
         os.environ.setdefault("TRACKIO_DIR", os.path.join(log_dir, "trackio"))
-        os.makedirs(log_dir, exist_ok=True)
+        reporters = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        if any(r in (*LOGGERS, "all") for r in reporters):
+            os.makedirs(log_dir, exist_ok=True)
 
     def checkpoint_to_resume(self) -> str | None:
         """`--resume-from-checkpoint` if given; else the last checkpoint under `--save-path` (unless disabled)."""

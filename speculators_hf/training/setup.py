@@ -20,16 +20,21 @@ logger = get_logger(__name__)
 
 
 def resolve_vocab_mapping(model_args: Eagle3ModelArguments) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`(d2t, t2d)` from the flags, else `<data-path>/{d2t,t2d}.npy`, else `./`, else None (full vocabulary)."""
+    """`(d2t, t2d)` from the flags, else `<data-path>/{d2t,t2d}.npy`, else None (full vocabulary). Never the working
+    directory: a `d2t.npy` left there by another run must not pick the vocabulary silently."""
     if model_args.d2t_path is not None:
         t2d_path = model_args.t2d_path or str(Path(model_args.d2t_path).with_name("t2d.npy"))
         return load_vocab_mapping(model_args.d2t_path, t2d_path)
     if model_args.t2d_path is not None:
         raise UserError("--t2d-path needs --d2t-path too.")
-    for folder in (Path(model_args.data_path), Path(".")):
-        if (folder / "d2t.npy").exists() and (folder / "t2d.npy").exists():
-            return load_vocab_mapping(folder / "d2t.npy", folder / "t2d.npy")
-    logger.warning("No d2t.npy/t2d.npy found: the draft predicts over the full verifier vocabulary.")
+    folder = Path(model_args.data_path)
+    if (folder / "d2t.npy").exists() and (folder / "t2d.npy").exists():
+        return load_vocab_mapping(folder / "d2t.npy", folder / "t2d.npy")
+    logger.warning(
+        "No d2t.npy/t2d.npy in --data-path %s (and no --d2t-path): the draft predicts over the full verifier "
+        "vocabulary.",
+        folder,
+    )
     return None
 
 
