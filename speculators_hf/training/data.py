@@ -107,7 +107,12 @@ def train_eval_split(n: int, eval_fraction: float, seed: int) -> tuple[list[int]
 
 
 def pack(lengths: list[int], total_seq_len: int) -> list[list[int]]:
-    """First-fit-decreasing packing of sample lengths into bins of `total_seq_len` tokens (deterministic)."""
+    """First-fit-decreasing packing of sample lengths into bins of `total_seq_len` tokens (deterministic).
+
+    Samples go longest first (ties: lower index first), each into the first (oldest) bin with room for it. The first
+    fitting bin is found in a max-segment-tree over the bins' free room, so packing is O(n log n), not O(n * bins).
+    Returns the bins in the order they were opened, each as sorted sample indices.
+    """
     too_long = [(n, i) for i, n in enumerate(lengths) if n > total_seq_len]
     if too_long:
         n, i = max(too_long)
@@ -115,17 +120,31 @@ def pack(lengths: list[int], total_seq_len: int) -> list[list[int]]:
             f"--total-seq-len {total_seq_len} is smaller than sample {i} ({n} aligned tokens; {len(too_long)} samples "
             f"do not fit): raise --total-seq-len to at least {n} or regenerate the data with a shorter --seq-length."
         )
+    if not lengths:
+        return []
+    # First fit leaves at most one bin at most half full, so it never opens more than 2 * tokens / capacity + 1 bins.
+    max_bins = min(len(lengths), 2 * sum(lengths) // total_seq_len + 2)
+    size = 1 << (max_bins - 1).bit_length()
+    room = [total_seq_len] * (2 * size)  # room[size + b]: free tokens of bin b (unopened: empty); parents: max
     bins: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
+    order = torch.argsort(-torch.tensor(lengths, dtype=torch.long), stable=True).tolist()  # longest first, ties: index
+    for i in order:
+        n = lengths[i]
+        node = 1
+        while node < size:  # descend to the leftmost leaf with room >= n (the root always has: unopened bins)
+            node = 2 * node if room[2 * node] >= n else 2 * node + 1
+        b = node - size
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)
+        room[node] -= n
+        node //= 2
+        while node:  # restore the max over children up to the root; stop once a parent is unchanged
+            best = max(room[2 * node], room[2 * node + 1])
+            if room[node] == best:
                 break
-        else:
-            bins.append([i])
-            room.append(total_seq_len - lengths[i])
+            room[node] = best
+            node //= 2
     return [sorted(b) for b in bins]
 
 
