@@ -85,15 +85,43 @@ def open_dataset(data_path: str | Path, version: int | None = None) -> torch.uti
 
 
 def data_layer_ids(data_path: str | Path, version: int | None) -> list[int] | None:
-    """Layer ids (aux..., last) recorded by datagen, in vLLM's convention (seed v0/v1 ids are one layer deeper)."""
+    """Layer ids (aux..., last) recorded with the data, converted to vLLM's convention; None when none are recorded.
+
+    The convention is the name before the colon of `data_config.json`'s `layer_id_convention`: `vllm` (our datagen,
+    every format) is used as is; `speculators-0.3.0` (id i = the *output* of layer i) is shifted by +1. A seed-format
+    `data_config.json` (v0/v1 `.pt` data) that names no convention comes from speculators 0.3.0: shifted, with a
+    warning. `index.json` of datagen shards is always in vLLM's convention.
+    """
+    from ..datagen.backends import LAYER_ID_CONVENTION, SEED_LAYER_ID_CONVENTION
+
+    vllm, seed = (c.split(":")[0] for c in (LAYER_ID_CONVENTION, SEED_LAYER_ID_CONVENTION))
     for name in ("data_config.json", "index.json"):
         path = Path(data_path) / name
-        if path.exists():
-            ids = json.loads(path.read_text()).get("layer_ids")
-            if ids:
-                if version in (0, 1):  # v0.3.0 captured the *output* of layer i = the input of layer i + 1
-                    ids = [i + 1 for i in ids[:-1]] + [ids[-1] + 1]
-                return [int(i) for i in ids]
+        recorded = json.loads(path.read_text()) if path.exists() else {}
+        ids = recorded.get("layer_ids")
+        if not ids:
+            continue
+        ids = [int(i) for i in ids]
+        convention = str(recorded.get("layer_id_convention") or "").split(":")[0].strip()
+        if not convention and (name == "index.json" or version == SHARDS_DATA_FORMAT):
+            convention = vllm  # datagen shards exist only in our format
+        if convention == vllm:
+            return ids
+        if convention == seed or (not convention and version in (0, 1)):
+            if not convention:
+                logger.warning(
+                    "%s names no layer-id convention: read as speculators 0.3.0's (id i = output of layer i), so the "
+                    'layer ids %s become %s in vLLM\'s convention (add "layer_id_convention": "vllm" to it if they '
+                    "already are).",
+                    path,
+                    ids,
+                    [i + 1 for i in ids],
+                )
+            return [i + 1 for i in ids]  # the output of layer i is the input of layer i + 1
+        raise UserError(
+            f"{path}: unknown layer_id_convention {recorded.get('layer_id_convention')!r} (expected '{vllm}: ...' "
+            f"or '{seed}: ...')."
+        )
     return None
 
 
