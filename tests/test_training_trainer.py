@@ -16,6 +16,7 @@ from speculators_hf.training import Eagle3ModelArguments, Eagle3Trainer, Eagle3T
 from speculators_hf.training.cli import main
 from speculators_hf.training.collator import DataCollatorForEagle3
 from speculators_hf.training.setup import build_datasets, build_draft
+from speculators_hf.utils import UserError
 from tests.training_data import loss_and_grads, make_training_data, save_bad_vocab, train_argv
 
 
@@ -231,6 +232,35 @@ def test_final_draft_when_training_ends_mid_epoch_and_resume_checks_inputs(
     assert {p: p.stat().st_mtime_ns for p in save.rglob("*")} == before  # nothing written
     # flags that do not change the weights, and the same inputs, resume (here: a finished run)
     assert main(argv + ["--logging-steps", "3", "--dataloader-num-workers", "0"]) == 0
-    # starting fresh is one flag away
+    # starting fresh is one flag away; none of the old run's checkpoints or drafts is left to pass for its own
     assert main(argv + ["--lr", "5e-4", "--no-resume-from-checkpoint", "--max-steps", "1"]) == 0
+    assert sorted(p.name for p in save.iterdir()) == ["0", "checkpoint-1"]
     assert json.loads((save / "0" / "training_config.json").read_text())["run_inputs"]["--learning-rate"] == 5e-4
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_verifier_path, peaked_data, tmp_path):
+    """The TTT unroll under `--gradient-checkpointing` (every decoder layer replayed in backward, the KV cache kept
+    across steps) computes the same loss and gradients as without; a 2-layer draft covers the plain later layers."""
+    argv = train_argv(tiny_verifier_path, peaked_data, tmp_path, "--num-layers", "2", "--gradient-checkpointing", "1")
+    model_args, args = parse_args(argv)
+    train_ds, _, layer_ids = build_datasets(model_args, args)
+    trainer = Eagle3Trainer(model=build_draft(model_args, train_ds, layer_ids), args=args, train_dataset=train_ds)
+    model = trainer.model.train()
+    batch = DataCollatorForEagle3(total_seq_len=256)([[train_ds.dataset[0], train_ds.dataset[1]]])
+    calls = []
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    loss, grads = loss_and_grads(trainer, batch, "sdpa")
+    assert len(calls) == 2 * 3  # 2 layers x K=3 steps
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+    calls.clear()
+    loss_gc, grads_gc = loss_and_grads(trainer, batch, "sdpa")
+    assert len(calls) == 2 * 2 * 3  # each layer's forward replayed in backward: checkpointing is on
+    torch.testing.assert_close(loss_gc, loss, rtol=0, atol=0)
+    assert grads.keys() == grads_gc.keys() and {"fc.weight", "layers.1.mlp.up_proj.weight"} <= set(grads)
+    for name in grads:
+        torch.testing.assert_close(grads_gc[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    with pytest.raises(UserError, match="use_reentrant=true would drop the gradient"):
+        parse_args(argv + ["--gradient-checkpointing-kwargs", '{"use_reentrant": true}'])

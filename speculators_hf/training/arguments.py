@@ -91,8 +91,9 @@ class Eagle3TrainingArguments(TrainingArguments):
     no_resume_from_checkpoint: bool = field(
         default=False,
         metadata={
-            "help": "Start from scratch even when <save-path> holds a checkpoint. Without it, the last checkpoint is "
-            "resumed if it was written with the same data and result-changing flags (else an error)."
+            "help": "Start from scratch even when <save-path> holds a checkpoint (an earlier run's checkpoint-* and "
+            "<epoch>/ folders are removed). Without it, the last checkpoint is resumed if it was written with the "
+            "same data and result-changing flags (else an error)."
         },
     )
     # TTT objective and data
@@ -155,6 +156,14 @@ class Eagle3TrainingArguments(TrainingArguments):
         self.label_names = []  # the loss needs no labels; evaluation still computes it
         self.prediction_loss_only = True
         super().__post_init__()
+        if self.gradient_checkpointing:  # (after super: it parses the JSON of --gradient-checkpointing-kwargs)
+            gc_kwargs = dict(self.gradient_checkpointing_kwargs or {})
+            if gc_kwargs.get("use_reentrant"):
+                raise UserError(
+                    "--gradient-checkpointing-kwargs use_reentrant=true would drop the gradient that flows between "
+                    "TTT steps through the draft's KV cache: leave use_reentrant unset (non-reentrant)."
+                )
+            self.gradient_checkpointing_kwargs = {**gc_kwargs, "use_reentrant": False}
 
     def apply_logging_env(self) -> None:
         """Point the loggers at `log_dir` (their integrations read these variables), unless already set."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from transformers.trainer_utils import get_last_checkpoint
@@ -183,3 +184,24 @@ def checkpoint_to_resume(args, inputs: dict) -> str | None:
         f"{Path(checkpoint).name}): start fresh with --no-resume-from-checkpoint or a new --save-path (or resume it "
         "anyway with --resume-from-checkpoint)."
     )
+
+
+def clear_previous_run(output_dir: str | Path) -> None:
+    """Before a fresh start: remove an earlier run's `checkpoint-*` states and `<epoch>/` drafts from `output_dir`, so
+    that none of them is later taken for this run's (auto-resume, the pipeline's final draft). Only folders that
+    training wrote (with `trainer_state.json` / `training_config.json`) are removed."""
+    from .trainer import TRAINING_CONFIG_FILE
+
+    root = Path(output_dir)
+    if not root.is_dir():
+        return
+    stale = [
+        p
+        for p in sorted(root.iterdir())
+        if (p.name.startswith("checkpoint-") and (p / "trainer_state.json").is_file())
+        or (p.name.isdigit() and (p / TRAINING_CONFIG_FILE).is_file())
+    ]
+    if stale:
+        logger.warning("Starting fresh in %s: removing the earlier run's %s.", root, ", ".join(p.name for p in stale))
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer
-from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..utils import get_logger
 from .arguments import Eagle3TrainingArguments
@@ -25,6 +25,7 @@ from .collator import DataCollatorForEagle3
 from .data import add_uniform_noise
 from .losses import STEP_STATS, metrics_from_stats, shift_for_step, step_statistics, ttt_attention_mask, ttt_block_mask
 from .resume import RUN_FINGERPRINT_KEY, RUN_INPUTS_KEY, run_fingerprint
+from .ttt_cache import TTTCache
 
 logger = get_logger(__name__)
 
@@ -57,6 +58,9 @@ class Eagle3Trainer(Trainer):
             data_collator=data_collator,
             **kwargs,
         )
+        for module in self.model.modules():  # our TTT cache survives the replay: layers keep it when checkpointed
+            if isinstance(module, GradientCheckpointingLayer):
+                module._can_checkpoint_with_cache = True
         self.model_accepts_loss_kwargs = False  # the loss is a per-row masked mean: let Trainer scale it for GA
         self._metrics: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._interval_start: dict[str, float | None] = {"train": None, "eval": None}
@@ -84,7 +88,7 @@ class Eagle3Trainer(Trainer):
         if mode == "train":
             aux = add_uniform_noise(aux, self.args.hidden_states_noise)
 
-        cache = DynamicCache(config=self.model.config)
+        cache = TTTCache()  # step k writes slot k and reads slots 0..k (replay-safe under gradient checkpointing)
         hidden, targets, target_ids, prev_correct = None, None, None, None
         loss, stats = 0.0, []
         for k, attention_mask in enumerate(self._attention_masks(document_ids)):
@@ -94,7 +98,7 @@ class Eagle3Trainer(Trainer):
                 hidden_states=hidden,  # the previous step's output, not detached
                 position_ids=position_ids + k,
                 attention_mask=attention_mask,
-                past_key_values=cache,
+                past_key_values=cache.step(k),
                 use_cache=True,
                 verifier_last_hidden_states=inputs["verifier_last_hidden_states"].to(dtype) if k == 0 else None,
             )
