@@ -238,9 +238,11 @@ def test_final_draft_when_training_ends_mid_epoch_and_resume_checks_inputs(
     assert json.loads((save / "0" / "training_config.json").read_text())["run_inputs"]["--learning-rate"] == 5e-4
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_verifier_path, peaked_data, tmp_path):
+@pytest.mark.parametrize("attn", ["sdpa", pytest.param("flex_attention", marks=pytest.mark.gpu)])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(attn, tiny_verifier_path, peaked_data, tmp_path):
     """The TTT unroll under `--gradient-checkpointing` (every decoder layer replayed in backward, the KV cache kept
-    across steps) computes the same loss and gradients as without; a 2-layer draft covers the plain later layers."""
+    across steps) computes the same loss and gradients as without; a 2-layer draft covers the plain later layers.
+    FlexAttention has no backward on CPU: its case runs on CUDA only."""
     argv = train_argv(tiny_verifier_path, peaked_data, tmp_path, "--num-layers", "2", "--gradient-checkpointing", "1")
     model_args, args = parse_args(argv)
     train_ds, _, layer_ids = build_datasets(model_args, args)
@@ -251,11 +253,11 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_verifier_
     for layer in model.layers:
         layer.register_forward_pre_hook(lambda *_: calls.append(1))
 
-    loss, grads = loss_and_grads(trainer, batch, "sdpa")
+    loss, grads = loss_and_grads(trainer, batch, attn)
     assert len(calls) == 2 * 3  # 2 layers x K=3 steps
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
     calls.clear()
-    loss_gc, grads_gc = loss_and_grads(trainer, batch, "sdpa")
+    loss_gc, grads_gc = loss_and_grads(trainer, batch, attn)
     assert len(calls) == 2 * 2 * 3  # each layer's forward replayed in backward: checkpointing is on
     torch.testing.assert_close(loss_gc, loss, rtol=0, atol=0)
     assert grads.keys() == grads_gc.keys() and {"fc.weight", "layers.1.mlp.up_proj.weight"} <= set(grads)

@@ -188,9 +188,8 @@ class Eagle3Trainer(Trainer):
         limit = self.args.save_total_limit
         if not self.args.should_save or not limit or limit <= 0:
             return
-        drafts = sorted(
-            (int(p.name) for p in Path(self.args.output_dir).iterdir() if p.is_dir() and p.name.isdigit()),
-        )
+        folders = Path(self.args.output_dir).iterdir()
+        drafts = sorted(int(p.name) for p in folders if p.name.isdigit() and (p / TRAINING_CONFIG_FILE).exists())
         for old in drafts[:-limit]:
             logger.info("Deleting epoch draft %s/%d (--save-total-limit %d).", self.args.output_dir, old, limit)
             shutil.rmtree(os.path.join(self.args.output_dir, str(old)), ignore_errors=True)
