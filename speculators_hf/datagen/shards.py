@@ -61,15 +61,16 @@ def quantize_fp8(x: torch.Tensor, scale_dtype: torch.dtype = FP8_SCALE_DTYPE) ->
     rows = x.reshape(-1, x.shape[-1])  # [R, H]
     q = torch.empty(rows.shape, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(len(rows), dtype=scale_dtype, device=x.device)
-    step = max(1, _QUANT_CHUNK // rows.shape[-1])  # a few MB of float32 temporaries at a time
+    step = max(1, _QUANT_CHUNK // rows.shape[-1])  # bounded temporaries
     for a in range(0, len(rows), step):
-        chunk = rows[a : a + step].float()  # [r, H]
-        amax = chunk.abs().amax(-1)  # [r]
+        chunk = rows[a : a + step]  # [r, H], as given
+        amax = chunk.abs().amax(-1).float()  # [r] (exact in any float dtype)
         if not torch.isfinite(amax).all():
             raise UserError("hidden states hold inf/nan (verifier overflow?): they cannot be stored as fp8_e4m3.")
         s = (amax / FP8_MAX).to(scale_dtype)
         s = torch.where(s > 0, s, torch.ones_like(s))  # all-zero rows (and scale underflow)
-        q[a : a + step] = chunk / s.float().unsqueeze(-1)  # |x / s| <= 448 (+1 bf16 ulp: rounds to 448)
+        # x / s in float32, rounded once to e4m3 (|x / s| <= 448, + 1 bf16 ulp for bf16 scales: rounds to 448)
+        torch.div(chunk, s.float().unsqueeze(-1), out=q[a : a + step])
         scale[a : a + step] = s
     return q.view(x.shape), scale.view(x.shape[:-1])
 
@@ -83,8 +84,8 @@ def dequantize(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) 
         return x.to(dtype)
     scale = scale.to(dtype).unsqueeze(-1)  # [..., G, 1]
     if x.shape[:-1] == scale.shape[:-1]:
-        return x.to(dtype) * scale
-    return (x.unflatten(-1, (scale.shape[-2], -1)).to(dtype) * scale).flatten(-2)
+        return x.to(dtype, copy=True).mul_(scale)
+    return x.unflatten(-1, (scale.shape[-2], -1)).to(dtype, copy=True).mul_(scale).flatten(-2)
 
 
 def store_hidden_states(hidden_states: torch.Tensor, storage_dtype: str | None) -> dict[str, torch.Tensor]:
