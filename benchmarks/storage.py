@@ -350,8 +350,10 @@ def main() -> None:
             for name, (storage, extra) in PIPELINE_RUNS.items()
         }
     results["load_average_end"] = C.load_average()
-    C.save_results(args.work_dir / "storage.json", results)
-    report(results)
+    path = args.work_dir / "storage.json"  # parts measured by earlier calls (--skip-pipeline, --pipeline-only) stay
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    C.save_results(path, {**previous, **results})
+    report({**previous, **results})
 
 
 def report(results: dict) -> None:

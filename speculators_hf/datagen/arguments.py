@@ -59,7 +59,12 @@ class DatagenArguments:
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many chats (after shuffling)."})
     shuffle: bool = field(default=False, metadata={"help": "Shuffle the chats with --seed before --max-samples."})
     seed: int = field(default=0, metadata={"help": "Seed for --shuffle and for vLLM."})
-    dtype: str = field(default="auto", metadata={"help": "Verifier and hidden-state dtype (auto: the verifier's)."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Verifier dtype, also the stored hidden states' unless --storage-dtype (auto: the verifier's)."
+        },
+    )
     storage_dtype: str = field(
         default="auto",
         metadata={

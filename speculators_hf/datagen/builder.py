@@ -191,11 +191,12 @@ def _claim_output_dir(output_dir: Path, plan: Plan) -> None:
         stored = previous.get("hidden_states_storage", {}).get("dtype") or previous.get("model", {}).get(
             "hidden_states_dtype"
         )
-        if stored and stored != plan.storage_dtype and not plan.args.overwrite:
+        storage = plan.storage_dtype or plan.dtype
+        if stored and stored != storage and not plan.args.overwrite:
             raise UserError(
                 f"--output-dir {output_dir} holds hidden states stored as {stored}; --storage-dtype "
-                f"{plan.args.storage_dtype} ({plan.storage_dtype}) would mix two in one folder: use a new "
-                "--output-dir or --overwrite."
+                f"{plan.args.storage_dtype} ({storage}) would mix two in one folder: use a new --output-dir or "
+                "--overwrite."
             )
         if previous.get("fingerprint") == plan.fingerprint:
             done = sum(plan.is_done(k) for k in range(len(plan.shards)))
