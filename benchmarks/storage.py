@@ -15,10 +15,12 @@ Every number is a ratio against bfloat16 storage measured in this job:
 * `collate`: data-loading tokens/s at Llama-8B shapes (`ShardDataset` + `DataCollatorForEagle3`, one process, page
   cache warm): bfloat16 shards; fp8 shards packed as fp8 + scales (what training does: the trainer dequantizes on its
   device; the cost of that dequantization *on this CPU* is reported apart); fp8 dequantized in the collator;
-* `pipeline`: the embedded default (`speculators-hf pipeline`, tiny peaked verifier) run twice, `--storage-dtype
-  bfloat16` and `fp8_e4m3`, each in its own --output-dir under /tmp (reused when complete): held-out acc_k / tau_sim
-  and online tau (transformers and vLLM engines) from each run's eval card. Runs under `flock
-  /tmp/speculators_vllm.lock` (the pipeline starts vLLM).
+* `pipeline`: the embedded default (`speculators-hf pipeline`, tiny peaked verifier) run three times, each in its own
+  --output-dir under --pipeline-root (reused when finished): `--storage-dtype bfloat16`, `fp8_e4m3`, and bfloat16
+  again with training seed 1 (the run-to-run spread that a storage difference must be compared with). For each: its
+  eval card (held-out acc_k / tau_sim on its own shards, online tau of the transformers and vLLM engines), held-out
+  acc_k / tau_sim of its draft on the *bfloat16* run's shards (equal targets for all), and online tau over ~240
+  held-out prompts (transformers engine). Runs under `flock /tmp/speculators_vllm.lock` (the pipeline starts vLLM).
 """
 
 from __future__ import annotations
@@ -53,12 +55,12 @@ from speculators_hf.training.data import PackedDataset  # noqa: E402
 L = 4  # 3 aux layers + the last layer
 
 
-def synthetic_states(tokens: int, hidden: int, seed: int = 0) -> torch.Tensor:
-    """`[T, L, H]` bfloat16 states: Gaussian with a norm varying by token and layer, and a few outlier channels."""
+def synthetic_states(tokens: int, hidden: int, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`[T, L, H]` states: Gaussian with a norm varying by token and layer, and a few outlier channels."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, L, hidden, generator=gen) / torch.rand(tokens, L, 1, generator=gen).add(0.2)
     x[..., :: max(1, hidden // 8)] *= 20  # outlier channels
-    return x.to(torch.bfloat16)
+    return x.to(dtype)
 
 
 def samples_of(states: torch.Tensor, per_sample: int) -> list[dict]:
@@ -159,8 +161,8 @@ def massive_activation_states(samples: int = 4, tokens: int = 512) -> list[torch
     channels, like the BOS token of real LLMs): the case per-token scales exist for."""
     states = []
     for i in range(samples):
-        x = synthetic_states(tokens, 4096, seed=i).float()
-        x[0, :, :2] *= 1000
+        x = synthetic_states(tokens, 4096, seed=i, dtype=torch.float32)
+        x[0, :, :2] *= 1000  # float16 storage overflows here (|x| > 65504)
         states.append(x)
     return states
 
@@ -279,11 +281,11 @@ PIPELINE_RUNS = {
 }
 
 
-def run_pipeline(out: Path, storage: str, extra: list[str], log_path: Path) -> dict:
+def run_pipeline(out: Path, storage: str, extra: list[str], log_path: Path) -> Path:
+    """Run (or reuse) one embedded-default pipeline; returns its output folder."""
     cmd = ["flock", "/tmp/speculators_vllm.lock", sys.executable, "-m", "speculators_hf.pipeline"]
     cmd += ["--output-dir", str(out), "--storage-dtype", storage, *extra]
-    card = out / "draft" / "eval_card.json"
-    if not card.exists():  # a finished run is reused (the pipeline would skip every stage anyway)
+    if not (out / "draft" / "eval_card.json").exists():  # a finished run is reused (its stages would all skip)
         C.log(f"pipeline: {' '.join(cmd)}")
         start = time.perf_counter()
         with open(log_path, "w") as logf:
@@ -291,37 +293,52 @@ def run_pipeline(out: Path, storage: str, extra: list[str], log_path: Path) -> d
         if code:
             raise SystemExit(f"pipeline {out} failed ({code}); see {log_path}")
         C.log(f"pipeline {out}: {time.perf_counter() - start:.0f} s")
-    data_config = json.loads((out / "data" / "data_config.json").read_text())
-    card = json.loads(card.read_text())
-    numbers = {
-        "bytes_per_token": data_config["summary"]["bytes"] / data_config["summary"]["tokens"],
-        "datagen_tokens_per_second": data_config["summary"]["this_run"]["tokens_per_second"],
-        "tau_sim": card["offline"]["tau_sim"],
-        "acc_k": card["offline"]["acc_k"],
-    }
-    for run in card["runs"]:
-        numbers[f"tau {run['engine']} (eval card)"] = run["tau"]
-        numbers[f"drafts {run['engine']} (eval card)"] = run["num_drafts"]
-    numbers.update(more_prompts_tau(out, card))
-    return {"output_dir": str(out), "numbers": numbers}
+    return out
 
 
-def more_prompts_tau(out: Path, card: dict, num_prompts: int = 64, max_new_tokens: int = 128) -> dict:
-    """Online tau (transformers engine, greedy chain, K=3) over every held-out chat of the embedded default: the eval
-    card's 12 prompts x 48 tokens give ~65 drafts, too few to resolve a 1% difference."""
+def pipeline_numbers(out: Path, reference_data: Path, prompts_file: Path, num_prompts: int, max_new_tokens: int):
+    """The run's eval card numbers, plus two that compare drafts on equal terms:
+    * held-out tau_sim / acc_k on the *bfloat16* run's shards (a run's own card scores an fp8 run against
+      fp8-rounded verifier targets);
+    * online tau (transformers engine, greedy chain, K=3) over more held-out prompts: the card's 12 prompts x 48
+      tokens give ~65 drafts, too few to resolve a few percent."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from speculators_hf.evaluation.cli import load_prompts
     from speculators_hf.evaluation.online import evaluate_transformers
     from speculators_hf.modeling import Eagle3DraftModel
+    from speculators_hf.training.evaluation import evaluate_shards
 
+    data_config = json.loads((out / "data" / "data_config.json").read_text())
+    card = json.loads((out / "draft" / "eval_card.json").read_text())
+    numbers = {
+        "bytes_per_token": data_config["summary"]["bytes"] / data_config["summary"]["tokens"],
+        "tau_sim (own held-out shards)": card["offline"]["tau_sim"],
+        "acc_k (own held-out shards)": card["offline"]["acc_k"],
+    }
+    for run in card["runs"]:
+        numbers[f"tau {run['engine']} (eval card)"] = run["tau"]
+        numbers[f"drafts {run['engine']} (eval card)"] = run["num_drafts"]
+    split = json.loads((Path(card["draft"]) / "training_config.json").read_text())
+    offline = evaluate_shards(
+        card["draft"],
+        reference_data,
+        ttt_steps=3,
+        held_out_fraction=split["eval_split"],
+        seed=split["eval_split_seed"],
+        total_seq_len=split["total_seq_len"],
+    )
+    numbers["tau_sim (bfloat16 held-out shards)"] = offline["tau_sim"]
+    numbers["acc_k (bfloat16 held-out shards)"] = offline["acc_k"]
     draft = Eagle3DraftModel.from_pretrained(card["draft"], dtype=torch.float32).eval()
     verifier = AutoModelForCausalLM.from_pretrained(card["verifier"], dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(card["verifier"])
-    prompts = load_prompts(out / "eval_chats.jsonl", tokenizer, num_prompts)
+    prompts = load_prompts(prompts_file, tokenizer, num_prompts)
     result = evaluate_transformers(draft, verifier, prompts, 3, max_new_tokens, tokenizer.eos_token_id, baseline=False)
     key = f"transformers, {len(prompts)} prompts x {max_new_tokens} tokens"
-    return {f"tau {key}": result.tau, f"drafts {key}": result.num_drafts}
+    numbers[f"tau {key}"] = result.tau
+    numbers[f"drafts {key}"] = result.num_drafts
+    return {"output_dir": str(out), "numbers": numbers}
 
 
 def main() -> None:
@@ -334,6 +351,8 @@ def main() -> None:
     parser.add_argument("--collate-tokens", type=int, default=16384)
     parser.add_argument("--total-seq-len", type=int, default=8192)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--eval-chats", type=int, default=400, help="held-out chats for the online tau")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     results = {"machine": C.machine_info("cpu"), "load_average_start": C.load_average()}
@@ -343,11 +362,18 @@ def main() -> None:
         results["write"] = measure_write(args.work_dir, args.write_tokens, args.repeat)
         results["collate"] = measure_collate(args.work_dir, args.collate_tokens, args.total_seq_len, args.repeat)
     if not args.skip_pipeline:
-        results["pipeline"] = {
-            name: run_pipeline(
-                args.pipeline_root / name.replace(", ", "-").replace(" ", ""), storage, extra, args.work_dir / "log"
-            )
+        from speculators_hf.pipeline import EMBEDDED_EVAL_OFFSET
+        from speculators_hf.tiny_kit import write_chat_jsonl
+
+        outs = {
+            name: run_pipeline(args.pipeline_root / _slug(name), storage, extra, args.work_dir / f"{_slug(name)}.log")
             for name, (storage, extra) in PIPELINE_RUNS.items()
+        }
+        prompts = write_chat_jsonl(args.work_dir / "prompts.jsonl", args.eval_chats, offset=EMBEDDED_EVAL_OFFSET)
+        reference = outs["bfloat16"] / "data"
+        results["pipeline"] = {
+            name: pipeline_numbers(out, reference, prompts, args.eval_chats, args.max_new_tokens)
+            for name, out in outs.items()
         }
     results["load_average_end"] = C.load_average()
     path = args.work_dir / "storage.json"  # parts measured by earlier calls (--skip-pipeline, --pipeline-only) stay
@@ -388,6 +414,10 @@ def report_pipeline(results: dict) -> None:
         print(f"\n{name} ({run['output_dir']}):")
         rows = [[key, str(value), _relative(value, base.get(key))] for key, value in run["numbers"].items()]
         print(C.markdown_table(["", "value", "vs bfloat16"], rows))
+
+
+def _slug(name: str) -> str:
+    return name.replace(", ", "-").replace(" ", "")
 
 
 def _relative(value, base) -> str:
