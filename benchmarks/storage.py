@@ -8,13 +8,15 @@ Every number is a ratio against bfloat16 storage measured in this job:
 * `bytes`: shard file bytes per token (`write_shard`), tiny (L=4, H=64) and Llama-3.1-8B (L=4, H=4096) shapes; fp8
   with the float32 scales we store, and with bfloat16 scales (the alternative: written the same way by hand);
 * `error`: relative error per token (||x' - x|| / ||x||) per layer on real tiny-verifier states (peaked verifier, real
-  chats): fp8 with per-(token, layer) scales (ours, fp32 or bf16 scales), fp8 with one scale per tensor (what a
-  per-token scale avoids), bfloat16, float16;
+  chats) and on synthetic H=4096 states with one massive-activation token per sample: fp8 with per-(token, layer)
+  scales (ours, fp32 or bf16 scales), fp8 with one scale per sample tensor (what a per-token scale avoids), bfloat16,
+  float16;
 * `write`: `write_shard` tokens/s (cast or quantize + concatenate + safetensors write to --work-dir), Llama-8B shape,
   bfloat16 states in, with all threads and with one;
-* `collate`: data-loading tokens/s at Llama-8B shapes (`ShardDataset` + `DataCollatorForEagle3`, one process, page
-  cache warm): bfloat16 shards; fp8 shards packed as fp8 + scales (what training does: the trainer dequantizes on its
-  device; the cost of that dequantization *on this CPU* is reported apart); fp8 dequantized in the collator;
+* `collate`: data-loading tokens/s at Llama-8B shapes (`ShardDataset` + `DataCollatorForEagle3`, one thread like a
+  DataLoader worker, page cache warm): bfloat16 shards; fp8 shards packed as fp8 + scales (what training does: the
+  trainer dequantizes on its device; that dequantization *on this CPU* is timed apart); fp8 dequantized in the
+  collator;
 * `pipeline`: the embedded default (`speculators-hf pipeline`, tiny peaked verifier) run three times, each in its own
   --output-dir under --pipeline-root (reused when finished): `--storage-dtype bfloat16`, `fp8_e4m3`, and bfloat16
   again with training seed 1 (the run-to-run spread that a storage difference must be compared with). For each: its
@@ -232,7 +234,9 @@ def measure_collate(work: Path, tokens: int, total_seq_len: int, repeat: int) ->
         d.mkdir(parents=True, exist_ok=True)
         write_index(d, {"shards": [write_shard(d / shard_name(0), samples, list(range(len(samples))), storage)]})
         dirs[storage] = d
-    results = {"tokens": tokens, "total_seq_len": total_seq_len, "shape": "L=4, H=4096"}
+    results = {"tokens": tokens, "total_seq_len": total_seq_len, "shape": "L=4, H=4096", "threads": 1}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker (torch gives each worker one thread)
 
     def loader(storage: str, dtype: torch.dtype | None):
         dataset = ShardDataset(dirs[storage], dequantize=False)
@@ -267,6 +271,7 @@ def measure_collate(work: Path, tokens: int, total_seq_len: int, repeat: int) ->
             dequantize(b["verifier_last_hidden_states"], b["verifier_last_hidden_states_scale"], torch.float32)
 
     results["trainer dequantization to float32, on this CPU"] = n / timed(deq, repeat)
+    torch.set_num_threads(threads)
     C.log(f"dequantize (trainer, CPU): {results['trainer dequantization to float32, on this CPU']:,.0f} tokens/s")
     return results
 
