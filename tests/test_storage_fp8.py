@@ -186,7 +186,7 @@ def test_training_on_fp8_shards_resumes_and_its_draft_serves(generated, tiny_ver
     data = generated[2]["fp8_e4m3"][0]
 
     def run(save, stop_at=None, resume=None):
-        extra = ["--epochs", "2", "--total-seq-len", "128", "--save-strategy", "steps", "--save-steps", "3"]
+        extra = ["--epochs", "1", "--total-seq-len", "128", "--save-strategy", "steps", "--save-steps", "3"]
         model_args, args = parse_args(train_argv(tiny_verifier_path, data, save, *extra))
         train_ds, _, layer_ids = build_datasets(model_args, args)
         model = build_draft(model_args, train_ds, layer_ids, seed=args.seed)
@@ -197,7 +197,7 @@ def test_training_on_fp8_shards_resumes_and_its_draft_serves(generated, tiny_ver
 
     full = run(tmp_path / "full")
     steps = full.state.global_step
-    assert steps > 4 and (tmp_path / "full" / "1" / "model.safetensors").exists()
+    assert steps > 4 and (tmp_path / "full" / "0" / "model.safetensors").exists()
     run(tmp_path / "killed", stop_at=3)
     resumed = run(tmp_path / "killed", resume=str(tmp_path / "killed" / "checkpoint-3"))
     assert resumed.state.global_step == steps
@@ -206,7 +206,7 @@ def test_training_on_fp8_shards_resumes_and_its_draft_serves(generated, tiny_ver
     assert all(math.isfinite(h["loss"]) for h in full.state.log_history if "loss" in h)
 
     # the draft trained on fp8 data is an ordinary checkpoint: export check, load, lossless speculative decoding
-    exported, _ = export_checkpoint(tmp_path / "full" / "1", tmp_path / "draft", verifier_hub_id="org/tiny-verifier")
+    exported, _ = export_checkpoint(tmp_path / "full" / "0", tmp_path / "draft", verifier_hub_id="org/tiny-verifier")
     assert not [w for w in check_checkpoint(exported) if "d2t" in w]
     draft = Eagle3DraftModel.from_pretrained(exported, dtype=torch.float32).eval()
     verifier = AutoModelForCausalLM.from_pretrained(tiny_verifier_path, dtype=torch.float32).eval()
