@@ -39,10 +39,8 @@ def make_training_data(
     offset: int = 0,
     samples_per_shard: int = 16,
     draft_vocab_size: int | None = 512,
-    storage_dtype: str | None = None,
 ) -> Path:
-    """Write datagen-style shards (+ index.json with layer ids, + d2t.npy/t2d.npy when `draft_vocab_size`), hidden
-    states stored as `storage_dtype` (`write_shard`'s; default: float32 as extracted)."""
+    """Write datagen-style shards (+ index.json with layer ids, + d2t.npy/t2d.npy when `draft_vocab_size`)."""
     from transformers import AutoTokenizer
 
     out_dir = Path(out_dir)
@@ -61,8 +59,7 @@ def make_training_data(
         ]
         for ids, mask in chunk:
             freq.update(t for t, m in zip(ids, mask) if m)
-        ids = list(range(start, start + len(chunk)))
-        shards.append(write_shard(out_dir / shard_name(k), samples, ids, storage_dtype))
+        shards.append(write_shard(out_dir / shard_name(k), samples, list(range(start, start + len(chunk)))))
     write_index(out_dir, {"shards": shards, "layer_ids": LAYER_IDS})
     if draft_vocab_size:
         d2t, t2d = build_vocab_mapping(freq, draft_vocab_size, len(tokenizer))
