@@ -7,7 +7,8 @@ verifier's last layer (pre-norm). Formats (`--data-format-version`):
     1    data_*.pt   {"input_ids", "loss_mask", "hidden_states": [[T, H] x 4]}                (seed, v1)
     2    data-*.safetensors + index.json (speculators_hf.datagen.shards), memory-mapped       (ours)
 
-`.pt` files are read one at a time with `torch.load(weights_only=True, mmap=True)`.
+`.pt` files are read one at a time with `torch.load(weights_only=True, mmap=True)`. fp8 hidden states exist only in
+format 2 (with per-token scales); `.pt` files holding float8 tensors are refused.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ class PtFileDataset(torch.utils.data.Dataset):
         if not files:
             raise UserError("No data_*.pt files found.")
         self.files, self.version = files, version
+        self.dtype = None
         first = self[0]["hidden_states"]
         self.hidden_shape = tuple(first.shape[1:])
+        self.dtype = first.dtype
 
     def __len__(self) -> int:
         return len(self.files)
@@ -65,17 +68,33 @@ class PtFileDataset(torch.utils.data.Dataset):
             hs = torch.cat([aux.view(len(aux), -1, last.shape[-1]), last[:, None]], dim=1)  # [T, 4, H]
         else:
             hs = torch.stack(list(d["hidden_states"]), dim=1)  # [T, L, H]
+        if hs.dtype.itemsize == 1:
+            raise UserError(
+                f"{self.files[i]}: {str(hs.dtype).replace('torch.', '')} hidden states without scales; the .pt "
+                "formats hold float32/bfloat16/float16 only (fp8 data: datagen --storage-dtype fp8_e4m3, format 2)."
+            )
+        if self.dtype is not None and hs.dtype != self.dtype:
+            raise UserError(
+                f"{self.files[i]} stores hidden states as {hs.dtype} but {self.files[0].name} as {self.dtype}; one "
+                "data folder holds one storage dtype."
+            )
         return {"input_ids": d["input_ids"].long(), "loss_mask": d["loss_mask"].long(), "hidden_states": hs}
 
 
-def open_dataset(data_path: str | Path, version: int | None = None) -> torch.utils.data.Dataset:
-    """The samples below `data_path` in format `version` (None: detected)."""
+def open_dataset(
+    data_path: str | Path, version: int | None = None, dequantize: bool = True
+) -> torch.utils.data.Dataset:
+    """The samples below `data_path` in format `version` (None: detected).
+
+    `dequantize=False`: fp8 shards give their float8 values and `hidden_states_scale` (what `Eagle3Trainer` takes:
+    it dequantizes on its device); otherwise hidden states are always floating point values.
+    """
     data_path = Path(data_path)
     if not data_path.is_dir():
         raise UserError(f"--data-path {data_path} is not a folder (run `speculators-hf datagen` first).")
     version = detect_format(data_path) if version is None else version
     if version == SHARDS_DATA_FORMAT:
-        return ShardDataset(data_path)
+        return ShardDataset(data_path, dequantize=dequantize)
     if version not in (0, 1):
         raise UserError(f"--data-format-version {version}: expected 0, 1 (seed .pt files) or 2 (datagen shards).")
     files = sorted((f for f in data_path.rglob("*.pt") if f.name != "token_freq.pt"), key=_natural_key)

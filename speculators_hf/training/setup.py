@@ -106,7 +106,7 @@ def build_datasets(
     if not path.is_dir():
         raise UserError(f"--data-path {path} does not exist (run `speculators-hf datagen` first).")
     version = model_args.data_format_version if model_args.data_format_version is not None else detect_format(path)
-    dataset = open_dataset(path, version)
+    dataset = open_dataset(path, version, dequantize=False)  # fp8 shards: the trainer dequantizes on its device
     if len(dataset) == 0:
         raise UserError(f"--data-path {path} holds no samples.")
     train_idx, eval_idx = train_eval_split(len(dataset), args.eval_split, args.data_seed or 0)

@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ..datagen.shards import dequantize
 from ..utils import get_logger
 from .arguments import Eagle3TrainingArguments
 from .collator import DataCollatorForEagle3
@@ -84,7 +85,11 @@ class Eagle3Trainer(Trainer):
         input_ids, position_ids = inputs["input_ids"], inputs["position_ids"]  # [B, S]
         loss_mask, document_ids = inputs["loss_mask"], inputs["document_ids"]  # [B, S]
         dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-        aux = inputs["aux_hidden_states"].to(dtype)  # [B, S, 3H]
+        # fp8 batches carry per-(token, layer) scales: dequantized here, on the training device
+        aux = dequantize(inputs["aux_hidden_states"], inputs.get("aux_hidden_states_scale"), dtype)  # [B, S, 3H]
+        last = dequantize(
+            inputs["verifier_last_hidden_states"], inputs.get("verifier_last_hidden_states_scale"), dtype
+        )  # [B, S, H]
         if mode == "train":
             aux = add_uniform_noise(aux, self.args.hidden_states_noise)
 
@@ -100,7 +105,7 @@ class Eagle3Trainer(Trainer):
                 attention_mask=attention_mask,
                 past_key_values=cache.step(k),
                 use_cache=True,
-                verifier_last_hidden_states=inputs["verifier_last_hidden_states"].to(dtype) if k == 0 else None,
+                verifier_last_hidden_states=last if k == 0 else None,
             )
             if k == 0:
                 targets = out.target_logits  # [B, S, Vd]
@@ -110,7 +115,7 @@ class Eagle3Trainer(Trainer):
             )
             loss = loss + self.args.ttt_step_loss_decay**k * step_loss
             stats.append(step_stats)  # [B, 5]
-            hidden = out.hidden_states  # [B, S, H]
+            hidden, last = out.hidden_states, None  # [B, S, H]; the verifier states are no longer needed
             del out  # free this step's logits before the next step's forward (backward keeps none of them)
 
         tokens = (document_ids >= 0).sum(-1, keepdim=True).float()  # [B, 1]
