@@ -78,7 +78,7 @@ def main(argv=None):
     trainer.model.forward = timed("draft forward (Eagle3DraftModel.forward)", trainer.model.forward)
     for name in ("ttt_attention_mask", "ttt_block_mask", "step_statistics", "add_uniform_noise"):
         setattr(trainer_mod, name, timed(f"{name} (training/losses.py)", getattr(trainer_mod, name)))
-    trainer._record = timed("Eagle3Trainer._record (gather + .cpu(): host sync)", trainer._record)
+    trainer._record = timed("Eagle3Trainer._record (per-process metric sums)", trainer._record)
 
     # One training step by hand, as Trainer's inner loop does it (fetch, training_step, clip, optimizer step).
     trainer.create_optimizer_and_scheduler(num_training_steps=100)

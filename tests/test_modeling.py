@@ -274,10 +274,12 @@ def test_gradient_checkpointing_and_backward():
     assert model.embed_tokens.weight.grad is None and model.verifier_lm_head.weight.grad is None
 
 
-def test_fsdp_wrap_finds_the_decoder_layers():
+@pytest.mark.parametrize("num_layers", [1, 2])  # 1 (the default): no plain LlamaDecoderLayer to find
+def test_fsdp_wrap_finds_the_decoder_layers(num_layers):
     from accelerate.utils.dataclasses import get_module_class_from_name
 
-    model = Eagle3DraftModel(Eagle3Config.from_verifier(tiny_llama_config(), draft_vocab_size=VD, num_hidden_layers=2))
+    config = Eagle3Config.from_verifier(tiny_llama_config(), draft_vocab_size=VD, num_hidden_layers=num_layers)
+    model = Eagle3DraftModel(config)
     classes = {get_module_class_from_name(model, name) for name in model._no_split_modules}
     assert None not in classes
     assert all(isinstance(layer, tuple(classes)) for layer in model.layers)

@@ -148,6 +148,9 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
         self.gradient_checkpointing = False
         self.post_init()
+        # The layer classes this draft has: accelerate's FSDP wrap policy looks each name up and fails on a missing one
+        # (a 1-layer draft has no plain LlamaDecoderLayer)
+        self._no_split_modules = {type(layer).__name__ for layer in self.layers}
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from transformers import TrainingArguments
 
@@ -169,6 +170,17 @@ class Eagle3TrainingArguments(TrainingArguments):
                     "TTT steps through the draft's KV cache: leave use_reentrant unset (non-reentrant)."
                 )
             self.gradient_checkpointing_kwargs = {**gc_kwargs, "use_reentrant": False}
+
+    @cached_property
+    def _setup_devices(self):
+        """TrainingArguments', with `--ddp-timeout` for CPU process groups too: transformers hands it to accelerate
+        only on accelerators, so a gloo group waited torch's 30 minutes for a stuck peer."""
+        if self.use_cpu:
+            from accelerate import PartialState
+
+            # starts the process group (a no-op in one process); TrainingArguments then reuses it
+            PartialState(cpu=True, backend=self.ddp_backend, timeout=self.ddp_timeout_delta)
+        return super()._setup_devices
 
     def apply_logging_env(self) -> None:
         """Point the loggers at `log_dir` (their integrations read these variables), unless already set. The folder is

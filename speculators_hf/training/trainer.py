@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..datagen.shards import dequantize
 from ..utils import get_logger
@@ -62,6 +63,12 @@ class Eagle3Trainer(Trainer):
         for module in self.model.modules():  # our TTT cache survives the replay: layers keep it when checkpointed
             if isinstance(module, GradientCheckpointingLayer):
                 module._can_checkpoint_with_cache = True
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_fsdp_enabled:
+            logger.warning(
+                "An FSDP accelerate config on %s processes runs as DDP (accelerate shards only on accelerators): "
+                "every process holds the whole draft.",
+                self.accelerator.device.type,
+            )
         self.model_accepts_loss_kwargs = False  # the loss is a per-row masked mean: let Trainer scale it for GA
         self._metrics: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._interval_start: dict[str, float | None] = {"train": None, "eval": None}
@@ -123,10 +130,24 @@ class Eagle3Trainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def _record(self, mode: str, per_row: torch.Tensor) -> None:
-        """Sum per-row statistics across processes (`gather_for_metrics` drops the padding of uneven last batches)."""
-        summed = self.accelerator.gather_for_metrics(per_row.detach()).sum(0).double()  # stays on device: no sync
+        """Add one micro-batch's per-row statistics to this process's sums; `log` adds them up across processes once
+        per logging interval. Rows repeated to give every process a full last batch are left out, as
+        `gather_for_metrics` does."""
+        per_row = per_row.detach()[: self._rows_to_count(mode, len(per_row))]
+        summed = per_row.double().sum(0)  # stays on device: no sync
         previous = self._metrics[mode]
         self._metrics[mode] = summed if previous is None else previous + summed
+
+    def _rows_to_count(self, mode: str, rows: int) -> int:
+        """How many of this process's `rows` are real samples. accelerate completes the last round of batches with
+        samples from the start of the epoch; the real ones come first, process by process (`remainder` of them).
+        Trainer fetches the micro-batches of a step ahead, so in training only the step's last one (the one that
+        syncs gradients) can be the last batch."""
+        state = self.accelerator.gradient_state
+        last = state.end_of_dataloader and (mode == "eval" or state.sync_gradients)
+        if not last or state.remainder <= 0:
+            return rows
+        return max(0, min(rows, state.remainder - self.accelerator.process_index * rows))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -140,10 +161,11 @@ class Eagle3Trainer(Trainer):
         mode = "train" if self.model.training else "eval"
         summed, started = self._metrics[mode], self._interval_start[mode]
         if summed is not None:
-            summed = summed.cpu()  # the one host sync per logging interval
+            summed = self.accelerator.reduce(summed, "sum").cpu()  # the one collective and host sync per interval
             K = (len(summed) - 1) // len(STEP_STATS)
             metrics = metrics_from_stats(summed[:-1].view(K, len(STEP_STATS)))
-            metrics["tokens_per_second"] = float(summed[-1]) / max(time.perf_counter() - started, 1e-9)
+            metrics["tokens"] = float(summed[-1])  # in this interval, all processes
+            metrics["tokens_per_second"] = metrics["tokens"] / max(time.perf_counter() - started, 1e-9)
             if mode == "eval":
                 metrics = {f"eval_{key}": val for key, val in metrics.items()}
             logs.update(metrics)
@@ -154,24 +176,31 @@ class Eagle3Trainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            keys = ("ttt_steps", "ttt_step_loss_decay", "loss_mask_alignment", "total_seq_len", "hidden_states_noise")
-            config = {key: getattr(self.args, key) for key in keys}
-            config["eval_split"] = self.args.eval_split  # the held-out samples: train_eval_split(n, eval_split, seed)
-            config["eval_split_seed"] = self.args.data_seed or 0
-            config["loss_mask_alignment_note"] = (
-                "row t (input x_{t+1}, predicting x_{t+2}) counts when l_{t+2} = 1 (predicted) or l_{t+1} = 1 (input)"
-            )
-            config["global_step"], config["epoch"] = self.state.global_step, self.state.epoch
-            if self.run_inputs is not None:  # what a resume must match (training/resume.py)
-                config[RUN_FINGERPRINT_KEY] = run_fingerprint(self.run_inputs)
-                config[RUN_INPUTS_KEY] = self.run_inputs
-            with open(os.path.join(output_dir or self.args.output_dir, TRAINING_CONFIG_FILE), "w") as f:
-                json.dump(config, f, indent=2)
+        self._save_training_config(output_dir or self.args.output_dir)
+
+    def _save_training_config(self, output_dir: str) -> None:
+        if not self.args.should_save:
+            return
+        keys = ("ttt_steps", "ttt_step_loss_decay", "loss_mask_alignment", "total_seq_len", "hidden_states_noise")
+        config = {key: getattr(self.args, key) for key in keys}
+        config["eval_split"] = self.args.eval_split  # the held-out samples: train_eval_split(n, eval_split, seed)
+        config["eval_split_seed"] = self.args.data_seed or 0
+        config["loss_mask_alignment_note"] = (
+            "row t (input x_{t+1}, predicting x_{t+2}) counts when l_{t+2} = 1 (predicted) or l_{t+1} = 1 (input)"
+        )
+        config["global_step"], config["epoch"] = self.state.global_step, self.state.epoch
+        if self.run_inputs is not None:  # what a resume must match (training/resume.py)
+            config[RUN_FINGERPRINT_KEY] = run_fingerprint(self.run_inputs)
+            config[RUN_INPUTS_KEY] = self.run_inputs
+        with open(os.path.join(output_dir, TRAINING_CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's resumable checkpoint, plus a loadable draft in `<output_dir>/<epoch>/` at each epoch's end."""
         super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if not os.path.exists(os.path.join(folder, TRAINING_CONFIG_FILE)):  # FSDP with sharded resume states: Trainer
+            self._save_training_config(folder)  # wrote the weights without `_save`, and resume needs the record
         epoch = self.state.epoch
         if epoch is not None and abs(epoch - round(epoch)) < 1e-6 and round(epoch) > 0:
             self._save_draft(round(epoch) - 1)
@@ -188,7 +217,13 @@ class Eagle3Trainer(Trainer):
     def _save_draft(self, index: int) -> None:
         """Save the draft as `<output_dir>/<index>/`, then keep only the newest `save_total_limit` of them (<= 0: all,
         like `checkpoint-*`). Every process calls this (FSDP gathers the weights); the main one writes and deletes."""
-        self.save_model(os.path.join(self.args.output_dir, str(index)))
+        path = os.path.join(self.args.output_dir, str(index))
+        if self.is_fsdp_enabled:  # full weights whatever the resume states hold (Trainer.save_model writes none
+            state_dict = self.accelerator.get_state_dict(self.model)  # under SHARDED_STATE_DICT)
+            if self.args.should_save:
+                self._save(path, state_dict=state_dict)
+        else:
+            self.save_model(path)
         self._draft_step = self.state.global_step
         limit = self.args.save_total_limit
         if not self.args.should_save or not limit or limit <= 0:
