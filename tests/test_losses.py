@@ -10,19 +10,42 @@ import torch.nn.functional as F
 from speculators_hf.training import losses
 from speculators_hf.training.collator import DataCollatorForEagle3, align_sample
 from speculators_hf.training.losses import (
+    fused_ttt_kl,
     metrics_from_stats,
-    shifted_forward_kl,
     step_statistics,
     ttt_attention_mask,
     ttt_block_mask,
+    ttt_valid_rows,
 )
 
 
 def forward_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """The plain per-row KL(p_target || q_draft), `[..., V] -> [...]`: the reference for `shifted_forward_kl`."""
-    log_q = F.log_softmax(logits.float(), dim=-1)
-    log_p = F.log_softmax(target_logits.float(), dim=-1)
+    """The plain per-row KL(p_target || q_draft), `[..., V] -> [...]`, in fp32 (fp64 for fp64 inputs)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_q = F.log_softmax(logits.to(dtype), dim=-1)
+    log_p = F.log_softmax(target_logits.to(dtype), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def reference_ttt_loss(states, weight, verifier_rows, verifier_logits, valid, step_weights):
+    """The unfused TTT objective (the reference for `fused_ttt_kl`): full `[B, T, Vd]` draft logits per step, the
+    verifier's `[B, T, Vd]` logits once, the plain KL of row t against target row t + k, masked means.
+
+    Returns `(loss, kl [K, B, T], agree [K, B, T])`, zero/False on rows that do not count.
+    """
+    K, B, T = valid.shape
+    targets = verifier_logits(verifier_rows)  # [B, T, Vd]
+    loss, kls, agrees = 0.0, [], []
+    for k in range(K):
+        logits = states[k] @ weight.T  # [B, T, Vd]
+        kl = forward_kl(logits[:, : T - k], targets[:, k:])  # [B, T - k]
+        kl = torch.cat([kl, kl.new_zeros(B, k)], dim=1) * valid[k]
+        agree = logits[:, : T - k].argmax(-1) == targets[:, k:].argmax(-1)
+        agree = torch.cat([agree, agree.new_zeros(B, k)], dim=1) & valid[k]
+        loss = loss + step_weights[k] * kl.sum() / valid[k].sum().clamp(min=1)
+        kls.append(kl)
+        agrees.append(agree)
+    return loss, torch.stack(kls), torch.stack(agrees)
 
 
 def brute_force_mask(doc: list[int], step: int) -> torch.Tensor:
@@ -102,64 +125,116 @@ def test_extended_block_mask_writes_one_diagonal_block_per_later_step():
     assert mask.full_kv_num_blocks[0, 0].tolist() == [0, 1]  # q block 1 sees all of kv block 0
 
 
-def reference_step_kl(logits, targets, shift):
-    """The unfused KL of row t against row t + shift, zero on the last `shift` rows."""
-    T = logits.shape[1]
-    kl = forward_kl(logits[:, : T - shift], targets[:, shift:])
-    return torch.cat([kl, kl.new_zeros(kl.shape[0], shift)], dim=1)
+def soft_capped_head(weight: torch.Tensor, cap: float = 4.0):
+    """A verifier head that is not `Linear(RMSNorm(y))`: `(1 + w)`-style norm, then soft-capped logits."""
+    norm = 1.0 + 0.1 * torch.arange(weight.shape[1], dtype=weight.dtype)
+
+    def head(rows: torch.Tensor) -> torch.Tensor:
+        normed = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-6) * norm
+        return cap * torch.tanh(normed @ weight.T / cap)
+
+    return head
 
 
-@pytest.mark.parametrize("shift", [0, 1, 3])
-def test_shifted_kl_matches_the_unfused_kl_and_its_gradient(shift, monkeypatch):
-    monkeypatch.setattr(losses, "_KL_CHUNK_ELEMENTS", 3 * 50)  # 3 rows per chunk: several chunks and a ragged one
-    g = torch.Generator().manual_seed(shift)
-    logits = (3 * torch.randn(2, 11, 50, generator=g, dtype=torch.float64)).requires_grad_()
-    targets = 3 * torch.randn(2, 11, 50, generator=g, dtype=torch.float64)
-    weights = torch.rand(2, 11, generator=g, dtype=torch.float64)
-
-    kl = shifted_forward_kl(logits, targets, shift)
-    expected = reference_step_kl(logits, targets, shift)
-    torch.testing.assert_close(kl, expected.float(), atol=1e-6, rtol=1e-5)
-    (grad,) = torch.autograd.grad((kl.double() * weights).sum(), logits)
-    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
-    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
-    assert grad[:, 11 - shift :].abs().sum() == 0  # rows without a target get no gradient
-    loss = shifted_forward_kl(logits, targets, shift).sum()
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="one backward pass"):  # the saved gradient was scaled in place
-        loss.backward()
-    with torch.no_grad():
-        torch.testing.assert_close(shifted_forward_kl(logits, targets, shift), kl.detach())
+def ttt_case(K=4, B=2, T=13, H=6, Ht=5, Vd=37, dtype=torch.float64, seed=0):
+    """Draft states that depend on an upstream leaf, a draft head, verifier rows and a non-linear verifier head,
+    with packing (two documents and padding in row 0), a sparse loss mask and every step's valid rows."""
+    g = torch.Generator().manual_seed(seed)
+    upstream = torch.randn(K, B, T, H, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(Vd, H, generator=g, dtype=dtype)
+    verifier_rows = torch.randn(B, T, Ht, generator=g, dtype=dtype)
+    head = soft_capped_head(torch.randn(Vd, Ht, generator=g, dtype=dtype))
+    loss_mask = (torch.rand(B, T, generator=g) < 0.7).long()
+    document_ids = torch.tensor([[0] * 5 + [1] * (T - 7) + [-1] * 2, [0] * T])
+    return upstream, weight, verifier_rows, head, ttt_valid_rows(loss_mask, document_ids, K)
 
 
-def saved_bytes(fn) -> int:
-    """Bytes autograd keeps for backward while `fn()` runs (parameters/leaves counted too)."""
-    total = 0
+@pytest.mark.parametrize("chunk_rows", [1, 3, 1000])  # one row per chunk; several with a ragged last; one chunk
+@pytest.mark.parametrize("train_head", [True, False])
+def test_fused_loss_equals_the_unfused_reference(chunk_rows, train_head, monkeypatch):
+    """Values, per-row KL and agreement, and gradients (draft head, draft states and what feeds them) of every step,
+    with step decay, masks and packing, equal the unfused objective's in fp64."""
+    upstream, weight, verifier_rows, head, valid = ttt_case()
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", {"cpu": chunk_rows * weight.shape[0]})
+    weight.requires_grad_(train_head)
+    decay = [0.8**k for k in range(len(valid))]
+
+    def run(fn):
+        states = [torch.tanh(u) for u in upstream]  # [B, T, H] each, differentiable back to `upstream`
+        loss, kl, agree = fn(states, weight, verifier_rows, head, valid, decay)
+        grads = torch.autograd.grad(loss, [upstream, weight] if train_head else [upstream])
+        return loss, kl, agree, grads
+
+    loss, kl, agree, grads = run(fused_ttt_kl)
+    ref_loss, ref_kl, ref_agree, ref_grads = run(reference_ttt_loss)
+    assert loss.dtype == torch.float64 and valid.sum() > 0 and 0 < agree.sum() < valid.sum()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(kl, ref_kl, atol=1e-12, rtol=1e-12)
+    assert torch.equal(agree, ref_agree)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, atol=1e-12, rtol=1e-12)
+    assert grads[0].abs().sum() > 0 and (grads[0].sum(-1)[~valid] == 0).all()  # rows that do not count: no gradient
+    assert torch.equal(step_statistics(kl, agree, valid), step_statistics(ref_kl, ref_agree, valid))
+    with torch.no_grad():  # evaluation: the same values, no graph
+        again = fused_ttt_kl([torch.tanh(u) for u in upstream], weight, verifier_rows, head, valid, decay)
+    assert not again[0].requires_grad and torch.equal(again[0], loss.detach()) and torch.equal(again[1], kl)
+
+
+def saved_for_backward(fn) -> list[torch.Size]:
+    """Shapes of the tensors autograd keeps for backward while `fn()` runs."""
+    shapes = []
 
     def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
+        shapes.append(t.shape)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return total
+    return shapes
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_shifted_kl_keeps_one_logits_sized_tensor_for_backward(dtype):
-    """The memory claim: one `[B, T, V]` tensor in the logits' dtype, vs two fp32 ones for the unfused KL."""
-    logits = torch.randn(2, 64, 512, dtype=dtype, requires_grad=True)
-    targets = torch.randn(2, 64, 512, dtype=dtype)
-    size = logits.numel() * logits.element_size()
-    ours = saved_bytes(lambda: shifted_forward_kl(logits, targets, 1))
-    unfused = saved_bytes(lambda: reference_step_kl(logits, targets, 1))
-    assert ours == size
-    assert unfused >= 2 * logits.numel() * 4 * 63 / 64  # log-softmax output and target probabilities, fp32
-    kl = shifted_forward_kl(logits, targets, 1)
-    (grad,) = torch.autograd.grad(kl.sum(), logits)
-    assert grad.dtype == dtype
-    torch.testing.assert_close(kl, reference_step_kl(logits.float(), targets.float(), 1), atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("train_head", [True, False])
+def test_no_vocabulary_sized_tensor_is_kept_for_backward(train_head):
+    """The memory claim: nothing of `T x Vd` elements is saved for backward (the unfused objective saves several)."""
+    K, B, T, H, Vd = 3, 2, 64, 16, 512
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(B, T, H, generator=g, requires_grad=True) for _ in range(K)]
+    weight = torch.randn(Vd, H, generator=g).requires_grad_(train_head)
+    rows, head = torch.randn(B, T, H, generator=g), soft_capped_head(torch.randn(Vd, H, generator=g))
+    valid = ttt_valid_rows(torch.ones(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long), K)
+
+    def big(shapes):
+        return [s for s in shapes if s.numel() >= T * Vd]
+
+    ours = saved_for_backward(lambda: fused_ttt_kl(states, weight, rows, head, valid))
+    unfused = saved_for_backward(lambda: reference_ttt_loss(states, weight, rows, head, valid, [1.0] * K))
+    assert big(ours) == [] and len(big(unfused)) >= K
+    assert (torch.Size([Vd, H]) in ours) == train_head  # the head gradient, saved only when the head trains
+
+
+def test_bf16_autocast_is_close_to_fp32():
+    upstream, weight, verifier_rows, head, valid = ttt_case(T=40, H=16, Ht=16, Vd=300, dtype=torch.float32)
+    weight.requires_grad_()
+    results = []
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            states = [torch.tanh(u).to(torch.bfloat16 if autocast else torch.float32) for u in upstream]
+            loss, kl, agree = fused_ttt_kl(states, weight, verifier_rows, head, valid, [1.0] * len(valid))
+        results.append((loss, *torch.autograd.grad(loss, [upstream, weight])))
+    (loss32, up32, w32), (loss16, up16, w16) = results
+    assert loss16.dtype == torch.float32 and w16.dtype == torch.float32  # fp32 KL; the head gradient in its dtype
+    torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=0)
+    for low, full in ((up16, up32), (w16, w32)):
+        assert torch.isfinite(low).all()
+        torch.testing.assert_close(low, full, rtol=0, atol=3e-2 * full.abs().max().item())
+
+
+def test_second_backward_is_an_error():
+    upstream, weight, verifier_rows, head, valid = ttt_case()
+    loss = fused_ttt_kl([u * 1.0 for u in upstream], weight, verifier_rows, head, valid)[0]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):  # the saved gradients were scaled in place
+        loss.backward()
 
 
 def test_alignment_of_a_hand_built_sample():
@@ -193,53 +268,62 @@ def test_collator_packs_documents_with_ids_and_positions():
     assert batch["verifier_last_hidden_states"].shape == (1, 10, 2)
 
 
+def identity_head_loss(step_logits: list[torch.Tensor], targets: torch.Tensor, valid: torch.Tensor):
+    """`fused_ttt_kl` with the draft states as logits (identity draft head) and the verifier rows as target logits."""
+    eye = torch.eye(targets.shape[-1])
+    return fused_ttt_kl(step_logits, eye, targets, lambda rows: rows, valid)
+
+
 def test_loss_and_metrics_on_a_hand_built_batch():
     # Vd = 2, one row of T = 4 positions, one document, all rows masked.
     big = 10.0
     targets = torch.tensor([[[big, 0], [0, big], [big, 0], [0, big]]])  # verifier argmax: 0 1 0 1
     step0 = torch.tensor([[[big, 0], [big, 0], [big, 0], [0, big]]])  # draft argmax: 0 0 0 1 -> rows 0, 2, 3 right
     step1 = torch.tensor([[[0, big], [0, big], [0, big], [0, big]]])  # step 1 row t vs target t+1: 1 1 1 (0, 1, 0, 1)
-    mask = torch.ones(1, 4, dtype=torch.long)
-    doc = torch.zeros(1, 4, dtype=torch.long)
+    valid = ttt_valid_rows(torch.ones(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), 2)
 
-    loss0, stats0, correct0 = step_statistics(step0, targets, mask, doc, 0, None)
+    _, kl, agree = identity_head_loss([step0, step1], targets, valid)
+    stats = step_statistics(kl, agree, valid).view(1, 2, 5)
+    stats0, stats1 = stats[:, 0], stats[:, 1]
+    loss0 = stats0[0, 0] / stats0[0, 1]
     expected_kl = forward_kl(step0, targets)
     assert torch.allclose(loss0, expected_kl.mean())
     kl_wrong = forward_kl(torch.tensor([big, 0]), torch.tensor([0, big]))  # one wrong row
     assert torch.allclose(loss0, kl_wrong / 4, rtol=1e-4)
-    assert correct0.tolist() == [[True, False, True, True]]
+    assert agree[0].tolist() == [[True, False, True, True]]
 
-    loss1, stats1, correct1 = step_statistics(step1, targets, mask, doc, 1, correct0)
     # step 1: rows 0..2 compared with target rows 1..3 (argmax 1, 0, 1): row 0 right, row 1 wrong, row 2 right
     assert stats1[0, 1].item() == 3  # the last row drops out
     assert stats1[0, 2].item() == 2  # acc_1 = 2/3
     assert stats1[0, 4].item() == 2  # rows 0 and 2 had step 0 right
     assert stats1[0, 3].item() == 2  # both of them right at step 1 -> cond_acc_1 = 1
-    assert correct1.tolist() == [[True, False, True, False]]
+    assert agree[1].tolist() == [[True, False, True, False]]
 
     m = metrics_from_stats(torch.stack([stats0[0], stats1[0]]))
     assert m["acc_0"] == pytest.approx(0.75) and m["cond_acc_0"] == pytest.approx(0.75)
     assert m["acc_1"] == pytest.approx(2 / 3) and m["cond_acc_1"] == pytest.approx(1.0)
     assert m["tau_sim"] == pytest.approx(1 + 0.75 + 0.75 * 1.0)
     assert m["loss_0"] == pytest.approx(loss0.item(), rel=1e-5)
-    assert m["loss_1"] == pytest.approx(loss1.item(), rel=1e-5)
+    assert m["loss_1"] == pytest.approx((forward_kl(step1[:, :3], targets[:, 1:]).mean()).item(), rel=1e-5)
 
 
 def test_masked_rows_and_other_documents_drop_out():
     targets = torch.randn(1, 5, 3)
     logits = torch.randn(1, 5, 3)
-    mask = torch.tensor([[1, 0, 1, 1, 1]])
-    doc = torch.tensor([[0, 0, 0, 1, 1]])
-    loss, stats, _ = step_statistics(logits, targets, mask, doc, 1, None)
+    valid = ttt_valid_rows(torch.tensor([[1, 0, 1, 1, 1]]), torch.tensor([[0, 0, 0, 1, 1]]), 2)
+    loss, kl, _ = identity_head_loss([logits, logits], targets, valid)
     # step 1 rows t=0..3 use mask[t+1] = 0 1 1 1 and need doc[t+1] == doc[t]: rows 1 and 3 count
-    kl = forward_kl(logits[:, [1, 3]], targets[:, [2, 4]])
-    assert stats[0, 1].item() == 2
-    assert torch.allclose(loss, kl.mean())
+    assert valid[1].tolist() == [[False, True, False, True, False]]
+    expected = forward_kl(logits[:, [1, 3]], targets[:, [2, 4]])
+    assert torch.allclose(kl[1, :, [1, 3]], expected)
+    step0 = forward_kl(logits[:, [0, 2, 3, 4]], targets[:, [0, 2, 3, 4]])  # step 0: the rows with mask[t] = 1
+    assert torch.allclose(loss, step0.mean() + expected.mean())
 
 
 def test_forward_kl_known_value():
     p = torch.tensor([[[math.log(0.5), math.log(0.5)]]])
     q = torch.tensor([[[math.log(0.25), math.log(0.75)]]])
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
-    assert shifted_forward_kl(q, p).item() == pytest.approx(expected, rel=1e-5)
+    valid = torch.ones(1, 1, 1, dtype=torch.bool)
+    assert identity_head_loss([q], p, valid)[0].item() == pytest.approx(expected, rel=1e-5)
     assert forward_kl(q, p).item() == pytest.approx(expected, rel=1e-5)
