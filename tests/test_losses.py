@@ -27,25 +27,30 @@ def forward_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tenso
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def reference_ttt_loss(states, weight, verifier_rows, verifier_logits, valid, step_weights):
-    """The unfused TTT objective (the reference for `fused_ttt_kl`): full `[B, T, Vd]` draft logits per step, the
-    verifier's `[B, T, Vd]` logits once, the plain KL of row t against target row t + k, masked means.
+def reference_from_logits(step_logits, target_logits, valid, step_weights):
+    """The unfused TTT objective: full `[B, T, Vd]` draft logits of each step against the verifier's `[B, T, Vd]`
+    logits, row t against target row t + k, plain KL, masked means; the reference for `fused_ttt_kl`.
 
     Returns `(loss, kl [K, B, T], agree [K, B, T])`, zero/False on rows that do not count.
     """
     K, B, T = valid.shape
-    targets = verifier_logits(verifier_rows)  # [B, T, Vd]
     loss, kls, agrees = 0.0, [], []
-    for k in range(K):
-        logits = states[k] @ weight.T  # [B, T, Vd]
-        kl = forward_kl(logits[:, : T - k], targets[:, k:])  # [B, T - k]
+    for k, logits in enumerate(step_logits):
+        kl = forward_kl(logits[:, : T - k], target_logits[:, k:])  # [B, T - k]
         kl = torch.cat([kl, kl.new_zeros(B, k)], dim=1) * valid[k]
-        agree = logits[:, : T - k].argmax(-1) == targets[:, k:].argmax(-1)
+        agree = logits[:, : T - k].argmax(-1) == target_logits[:, k:].argmax(-1)
         agree = torch.cat([agree, agree.new_zeros(B, k)], dim=1) & valid[k]
         loss = loss + step_weights[k] * kl.sum() / valid[k].sum().clamp(min=1)
         kls.append(kl)
         agrees.append(agree)
     return loss, torch.stack(kls), torch.stack(agrees)
+
+
+def reference_ttt_loss(states, weight, verifier_rows, verifier_logits, valid, step_weights=None):
+    """`fused_ttt_kl`'s signature over `reference_from_logits`: logits `states[k] @ weight.T`, targets all at once."""
+    step_weights = [1.0] * len(states) if step_weights is None else step_weights
+    logits = [s @ weight.T for s in states]
+    return reference_from_logits(logits, verifier_logits(verifier_rows), valid, step_weights)
 
 
 def brute_force_mask(doc: list[int], step: int) -> torch.Tensor:
@@ -327,3 +332,57 @@ def test_forward_kl_known_value():
     valid = torch.ones(1, 1, 1, dtype=torch.bool)
     assert identity_head_loss([q], p, valid)[0].item() == pytest.approx(expected, rel=1e-5)
     assert forward_kl(q, p).item() == pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------- in the trainer, end to end
+
+
+@pytest.fixture(scope="module")
+def small_data(peaked_verifier_path, tmp_path_factory):
+    from tests.training_data import make_training_data
+
+    return make_training_data(peaked_verifier_path, tmp_path_factory.mktemp("data"), num_samples=8, max_len=64)
+
+
+def test_training_with_the_fused_loss_follows_the_reference_loss_curve(
+    peaked_verifier_path, small_data, tmp_path, monkeypatch
+):
+    """A short real training run (trained draft head, decay 0.8) logs the same losses and metrics with the fused loss
+    as with the unfused reference swapped in; and the trainer's step keeps nothing of `S x Vd` for backward."""
+    from speculators_hf.cli.parser import make_parser, parse
+    from speculators_hf.training import Eagle3ModelArguments, Eagle3Trainer, Eagle3TrainingArguments
+    from speculators_hf.training.setup import build_datasets, build_draft
+    from tests.training_data import train_argv
+
+    extra = ["--total-seq-len", "128", "--max-steps", "4", "--lr", "3e-3", "--ttt-step-loss-decay", "0.8"]
+    argv = train_argv(peaked_verifier_path, small_data, tmp_path, *extra)
+    model_args, args = parse(make_parser((Eagle3ModelArguments, Eagle3TrainingArguments)), argv)[:2]
+    train_ds, _, layer_ids = build_datasets(model_args, args)
+
+    def train() -> tuple[list[dict], int]:
+        trainer = Eagle3Trainer(
+            model=build_draft(model_args, train_ds, layer_ids, seed=0), args=args, train_dataset=train_ds
+        )
+        assert trainer.model.lm_head.weight.requires_grad
+        batch = trainer._prepare_inputs(trainer.data_collator([train_ds[0]]))
+        S, Vd = batch["input_ids"].shape[1], trainer.model.config.draft_vocab_size
+        shapes = saved_for_backward(lambda: trainer.compute_loss(trainer.model, batch))
+        trainer._metrics["train"] = None
+        big = [s for s in shapes if Vd in s and s.numel() >= S * Vd]
+        trainer.train()
+        logs = [
+            {k: v for k, v in h.items() if k.startswith(("loss", "acc", "cond_acc"))}
+            for h in trainer.state.log_history
+        ]
+        return [h for h in logs if h], len(big)
+
+    fused, fused_big = train()
+    monkeypatch.setattr(losses, "fused_ttt_kl", reference_ttt_loss)  # what the draft's forward calls
+    reference, reference_big = train()
+    assert fused_big == 0 and reference_big >= 1
+    assert len(fused) == len(reference) == 4
+    for ours, ref in zip(fused, reference):
+        assert ours.keys() == ref.keys() and {"loss", "loss_2", "acc_0", "cond_acc_2"} <= set(ours)
+        for key in ours:
+            assert ours[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+    assert fused[-1]["loss"] < fused[0]["loss"]
