@@ -132,7 +132,7 @@ def test_extended_block_mask_writes_one_diagonal_block_per_later_step():
 
 def soft_capped_head(weight: torch.Tensor, cap: float = 4.0):
     """A verifier head that is not `Linear(RMSNorm(y))`: `(1 + w)`-style norm, then soft-capped logits."""
-    norm = 1.0 + 0.1 * torch.arange(weight.shape[1], dtype=weight.dtype)
+    norm = 1.0 + 0.1 * torch.arange(weight.shape[1], dtype=weight.dtype, device=weight.device)
 
     def head(rows: torch.Tensor) -> torch.Tensor:
         normed = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-6) * norm
@@ -271,6 +271,57 @@ def test_collator_packs_documents_with_ids_and_positions():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 0, 0]]
     assert batch["aux_hidden_states"].shape == (1, 10, 6)
     assert batch["verifier_last_hidden_states"].shape == (1, 10, 2)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    """With compilation asked for and the compiler failing (as speculators' fused loss did under torch.compile on
+    torch 2.11), the loss falls back to the eager path, with the same values and gradients."""
+    upstream, weight, verifier_rows, head, valid = ttt_case()
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("inductor: simulated failure")
+
+        return run
+
+    def loss_and_grad():
+        loss = fused_ttt_kl([torch.tanh(u) for u in upstream], weight, verifier_rows, head, valid)[0]
+        return loss, torch.autograd.grad(loss, upstream)[0]
+
+    eager = loss_and_grad()
+    monkeypatch.setenv("SPECULATORS_HF_COMPILE_LOSS", "1")
+    monkeypatch.setattr(losses, "_KL_TERMS", {})
+    monkeypatch.setattr(losses.torch, "compile", broken_compile)
+    fallback = loss_and_grad()
+    assert losses._KL_TERMS["cpu"].compiled is None  # gave up compiling, for good
+    assert torch.equal(fallback[0], eager[0]) and torch.equal(fallback[1], eager[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_loss", ["0", "1"])
+def test_fused_loss_on_cuda_matches_the_reference(compile_loss, monkeypatch):
+    """CUDA: fp32 exact against the reference (eager and compiled), bf16 autocast close (fp32 head-gradient
+    accumulation through `addmm(out_dtype=float32)` where the build has it)."""
+    monkeypatch.setenv("SPECULATORS_HF_COMPILE_LOSS", compile_loss)
+    monkeypatch.setattr(losses, "_KL_TERMS", {})
+    upstream, weight, verifier_rows, _, valid = ttt_case(T=300, H=64, Ht=64, Vd=5000, dtype=torch.float32)
+    upstream, weight, verifier_rows, valid = (t.cuda() for t in (upstream.detach(), weight, verifier_rows, valid))
+    upstream.requires_grad_()
+    weight.requires_grad_()
+    head = soft_capped_head(torch.randn(5000, 64, generator=torch.Generator().manual_seed(1)).cuda())
+    results = {}
+    for name, fn, autocast in (
+        ("ref", reference_ttt_loss, False),
+        ("fused", fused_ttt_kl, False),
+        ("fused_bf16", fused_ttt_kl, True),
+    ):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn([torch.tanh(u) for u in upstream], weight, verifier_rows, head, valid, [1.0, 0.8, 0.64, 0.5])[0]
+        results[name] = (loss, *torch.autograd.grad(loss, [upstream, weight]))
+    for got, ref in zip(results["fused"], results["ref"]):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    for got, ref in zip(results["fused_bf16"], results["ref"]):
+        torch.testing.assert_close(got.float(), ref, rtol=0, atol=3e-2 * ref.abs().max().item())
 
 
 def identity_head_loss(step_logits: list[torch.Tensor], targets: torch.Tensor, valid: torch.Tensor):

@@ -14,10 +14,15 @@ position's key in every later step `1..k` (one diagonal per step). Padding rows 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from ..utils import get_logger
+
+logger = get_logger(__name__)
 
 # Per-step statistics summed over the masked rows of each packed row (see `step_statistics`).
 STEP_STATS = ("loss_sum", "count", "correct", "cond_correct", "cond_count")
@@ -205,6 +210,52 @@ def _matmul_dtype(states: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(states.dtype, weight.dtype)
 
 
+def _kl_terms(logits: torch.Tensor, p_rows: torch.Tensor, neg_entropy: torch.Tensor, scale: torch.Tensor, grad: bool):
+    """Per-row KL and `d loss / d logits = scale * (softmax(logits) - p)` of one chunk of rows.
+
+    Args:
+        logits (`[n, Vd]`): draft logits. p_rows (`[n, Vd]`): target probabilities (fp32/fp64).
+        neg_entropy (`[n]`): `sum p log p` of the targets. scale: 0-d, the rows' loss weight.
+
+    Returns:
+        `(kl [n], grad [n, Vd] in the logits' dtype or None)`.
+    """
+    log_q = torch.log_softmax(logits.to(p_rows.dtype), dim=-1)  # [n, Vd]
+    kl = neg_entropy - (p_rows * log_q).sum(-1)  # KL(p || q) = sum p log p - sum p log q   [n]
+    if not grad:
+        return kl, None
+    return kl, log_q.exp_().sub_(p_rows).mul_(scale).to(logits.dtype)  # in place: no second [n, Vd] fp32
+
+
+class _CompiledOrEager:
+    """`torch.compile(fn)` (dynamic shapes), falling back to eager `fn` for good if compiling or running it fails."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as error:  # any compiler failure: the eager path computes the same thing
+                logger.warning(f"torch.compile of the fused loss failed ({type(error).__name__}: {error}); eager.")
+                self.compiled = None
+        return self.fn(*args)
+
+
+_KL_TERMS: dict[str, Callable] = {}
+
+
+def _kl_terms_for(device: torch.device) -> Callable:
+    """`_kl_terms`, compiled where `SPECULATORS_HF_COMPILE_LOSS` says so: `auto` (default: CUDA only), `1`, `0`."""
+    mode = os.environ.get("SPECULATORS_HF_COMPILE_LOSS", "auto")
+    if mode == "0" or (mode == "auto" and device.type != "cuda"):
+        return _kl_terms
+    if device.type not in _KL_TERMS:
+        _KL_TERMS[device.type] = _CompiledOrEager(_kl_terms)
+    return _KL_TERMS[device.type]
+
+
 def _fused_kl(
     states: list[torch.Tensor],
     weight: torch.Tensor,
@@ -235,6 +286,9 @@ def _fused_kl(
     agree_out = torch.zeros(K, N, dtype=torch.bool, device=device)
     d_states = [torch.zeros_like(s) for s in states] if grad_states else None
     d_weight = torch.zeros(weight.shape, dtype=acc, device=device) if grad_weight else None
+    kl_terms = _kl_terms_for(device)
+    scale = torch.tensor(scales, dtype=acc, device=device)  # [K]
+    with_grad = d_states is not None or d_weight is not None
 
     for c, (t0, t1) in enumerate(plan.chunks):
         target_logits = verifier_logits(verifier_states[plan.targets[t0:t1]])  # [c, Vd]
@@ -256,18 +310,11 @@ def _fused_kl(
                 at = plan.tpos[k][lo:hi] - t0
             h = states[k][rows].to(mm)  # [n, H]
             logits = h @ w.T  # [n, Vd]
-            agree = logits.argmax(-1) == target_ids[at]  # [n]
-            log_q = torch.log_softmax(logits.to(acc), dim=-1)  # [n, Vd]
+            agree_out[k, rows] = logits.argmax(-1) == target_ids[at]
+            kl, g = kl_terms(logits, p[at], neg_entropy[at], scale[k], with_grad)  # [n], [n, Vd]; p[at]: view/gather
             del logits
-            p_rows = p[at]  # [n, Vd] (a view when consecutive)
-            kl = neg_entropy[at] - (p_rows * log_q).sum(-1)  # KL(p || q) = sum p log p - sum p log q   [n]
-            loss = loss + kl.sum() * scales[k]
+            loss = loss + kl.sum() * scale[k]
             kl_out[k, rows] = kl
-            agree_out[k, rows] = agree
-            if d_states is None and d_weight is None:
-                continue
-            g = log_q.exp_().sub_(p_rows).mul_(scales[k]).to(mm)  # d loss / d logits = scale (q - p)   [n, Vd]
-            del log_q
             if d_states is not None:
                 d_states[k][rows] = (g @ w).to(d_states[k].dtype)  # [n, H]
             if d_weight is not None:
