@@ -33,7 +33,7 @@ def main(argv=None):
     p.add_argument("--shape", choices=sorted(C.SHAPES), default=None, help="default: vocab32k (CPU), llama8b (--gpu)")
     p.add_argument("--budget-mib", type=float, default=None, help="default: 2048 (CPU), 40960 (--gpu)")
     p.add_argument("--start", type=int, default=None, help="first total_seq_len (default: 512 CPU, 8192 GPU)")
-    p.add_argument("--max-len", type=int, default=None, help="stop doubling here (default: 16384 CPU, 131072 GPU)")
+    p.add_argument("--max-len", type=int, default=None, help="stop doubling here (default: 16384 CPU, 65536 GPU)")
     p.add_argument("--ttt-steps", type=int, default=3)
     p.add_argument("--baseline-python", default=C.DEFAULT_BASELINE_PY)
     p.add_argument("--work-dir", type=Path, default=C.DEFAULT_WORK_DIR)
@@ -44,7 +44,7 @@ def main(argv=None):
     a.shape = a.shape or ("llama8b" if a.gpu else "vocab32k")
     a.budget_mib = a.budget_mib or (40960.0 if a.gpu else 2048.0)
     a.start = a.start or (8192 if a.gpu else 512)
-    a.max_len = a.max_len or (131072 if a.gpu else 16384)
+    a.max_len = a.max_len or (65536 if a.gpu else 16384)
     work = a.work_dir.resolve()
     info = C.machine_info(device)
     info["baseline"] = C.baseline_versions(a.baseline_python)
@@ -52,7 +52,7 @@ def main(argv=None):
     points: dict[str, dict[int, dict]] = {"baseline": {}, "ours": {}}
 
     def measure(side: str, seq: int) -> float | None:
-        prep = C.prepare_synthetic(work, a.shape, n_samples=8, sample_len=seq // 4, device=device,
+        prep = C.prepare_synthetic(work, a.shape, n_samples=4 if a.gpu else 8, sample_len=seq // 4, device=device,
                                    baseline_python=a.baseline_python, unique=2)  # fmt: skip
         pair_args = argparse.Namespace(
             warmup=1, steps=1, num_workers=0, only=side, baseline_attn="sdpa", baseline_loss="eager",

@@ -390,9 +390,30 @@ def test_forward_kl_known_value():
 
 @pytest.fixture(scope="module")
 def small_data(peaked_verifier_path, tmp_path_factory):
-    from tests.training_data import make_training_data
+    """8 samples of random tokens, loss masks and hidden states (layer ids [1, 2, 3, 4]) for the tiny verifier."""
+    from collections import Counter
 
-    return make_training_data(peaked_verifier_path, tmp_path_factory.mktemp("data"), num_samples=8, max_len=64)
+    from transformers import AutoConfig
+
+    from speculators_hf.datagen.shards import shard_name, write_index, write_shard
+    from speculators_hf.vocab import build_vocab_mapping, save_vocab_mapping
+
+    config = AutoConfig.from_pretrained(peaked_verifier_path)
+    out, g = tmp_path_factory.mktemp("data"), torch.Generator().manual_seed(0)
+    samples = [
+        {
+            "input_ids": torch.randint(0, config.vocab_size, (60,), generator=g),
+            "loss_mask": (torch.rand(60, generator=g) < 0.6).long(),
+            "hidden_states": torch.randn(60, 4, config.hidden_size, generator=g),
+        }
+        for _ in range(8)
+    ]
+    write_index(
+        out, {"shards": [write_shard(out / shard_name(0), samples, list(range(8)))], "layer_ids": [1, 2, 3, 4]}
+    )
+    freq = Counter(int(t) for s in samples for t, m in zip(s["input_ids"], s["loss_mask"]) if m)
+    save_vocab_mapping(out, *build_vocab_mapping(freq, 512, config.vocab_size))
+    return out
 
 
 def test_training_with_the_fused_loss_follows_the_reference_loss_curve(
@@ -437,3 +458,124 @@ def test_training_with_the_fused_loss_follows_the_reference_loss_curve(
         for key in ours:
             assert ours[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
     assert fused[-1]["loss"] < fused[0]["loss"]
+
+
+# --------------------------------------------------------------------------------- under FSDP2 and DDP (CPU)
+
+
+def _tiny_draft():
+    from transformers import LlamaConfig
+
+    from speculators_hf.modeling import Eagle3Config, Eagle3DraftModel
+
+    torch.manual_seed(0)
+    verifier = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+    )
+    config = Eagle3Config.from_verifier(verifier, draft_vocab_size=100, num_hidden_layers=2, aux_layer_ids=[1, 2, 3])
+    model = Eagle3DraftModel(config)
+    with torch.no_grad():
+        model.verifier_lm_head.weight.normal_()
+        model.verifier_norm.weight.uniform_(0.5, 1.5)
+    model.lm_head.weight.requires_grad_(True)
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _ttt_loss_through_forward(model, config, K=3):
+    """The trainer's loss (`Eagle3Trainer.compute_loss` without the Trainer): K draft steps, then the loss call."""
+    from transformers.cache_utils import DynamicCache
+
+    from speculators_hf.training.losses import shift_for_step
+
+    g = torch.Generator().manual_seed(1)
+    B, S = 2, 24
+    documents = torch.tensor([[0] * 10 + [1] * 10 + [-1] * 4, [0] * S])
+    input_ids = torch.randint(0, 300, (B, S), generator=g)
+    loss_mask = (torch.rand(B, S, generator=g) < 0.8).long()
+    aux, verifier_rows = torch.randn(B, S, 96, generator=g), torch.randn(B, S, 32, generator=g)
+    cache, hidden, states = DynamicCache(config=config), None, []
+    step0 = ttt_attention_mask(documents, 0)
+    for k in range(K):
+        out = model(
+            input_ids=shift_for_step(input_ids, k),
+            aux_hidden_states=aux if k == 0 else None,
+            hidden_states=hidden,
+            position_ids=torch.arange(S).repeat(B, 1) + k,
+            attention_mask=ttt_attention_mask(documents, k, step0),
+            past_key_values=cache,
+            use_cache=True,
+            return_logits=False,
+        )
+        states.append(out.normed_hidden_states)
+        hidden = out.hidden_states
+    valid = ttt_valid_rows(loss_mask, documents, K)
+    out = model(ttt_hidden_states=states, verifier_last_hidden_states=verifier_rows, loss_mask=valid)
+    return out.loss, step_statistics(out.step_kl, out.step_agree, valid)
+
+
+def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    reference = _tiny_draft()
+    ref_loss, ref_stats = _ttt_loss_through_forward(reference, reference.config)
+    ref_loss.backward()
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    report = {}
+    for mode in ("fsdp2", "ddp"):
+        model = _tiny_draft()
+        if mode == "fsdp2":  # one unit per decoder layer + the root (lm_head, verifier head, fc, ...), as fsdp2.yaml
+            for layer in model.layers:
+                fully_shard(layer)
+            wrapped = fully_shard(model)
+        else:
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        loss, stats = _ttt_loss_through_forward(wrapped, model.config)
+        loss.backward()  # both ranks see the same batch: the averaged gradients equal the single-process ones
+        grads = {}
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                grads[n] = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        report[mode] = {
+            "loss": abs(loss.item() - ref_loss.item()),
+            "stats": bool(torch.equal(stats, ref_stats)),
+            "names": sorted(grads) == sorted(ref_grads),
+            "grad": max(((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max()).item() for n in grads),
+            "frozen_sharded": mode != "fsdp2" or hasattr(model.verifier_lm_head.weight, "full_tensor"),
+        }
+        del wrapped
+    dist.barrier()
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+def test_fused_loss_under_fsdp2_and_ddp_equals_one_process(tmp_path):
+    """2 CPU processes (gloo): with the decoder layers and the root sharded by FSDP2 (the draft head and the frozen
+    verifier head are gathered only inside the root's forward, where the loss runs), and under DDP, the loss, the
+    statistics and every gradient equal one unsharded process's; the verifier head gets no gradient."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_distributed_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for mode in ("fsdp2", "ddp"):
+            r = report[mode]
+            assert r["loss"] < 1e-6 and r["stats"] and r["names"] and r["grad"] < 1e-5 and r["frozen_sharded"], r

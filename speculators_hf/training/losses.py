@@ -1,4 +1,4 @@
-"""Pure functions of the training-time-test (TTT) objective: step masks, the per-step KL, and the step metrics.
+"""The training-time-test (TTT) objective: step masks, the fused draft head + KL of all steps, and the step metrics.
 
 Notation (one packed row of `T` positions; `k` = TTT step, `0 <= k < K`):
 
@@ -10,6 +10,11 @@ row whose row `t + k` lies in another document (packing) or in padding (`documen
 
 Attention at step k (`ttt_attention_mask`): row t sees the step-0 keys `s <= t` of its own document plus its own
 position's key in every later step `1..k` (one diagonal per step). Padding rows see only themselves.
+
+Loss (`fused_ttt_kl`): `sum_k w_k * mean over counted rows t of KL(p_{t+k} || q^k_t)`, with `p` the verifier head's
+softmax over the draft vocabulary and `q^k` the draft head's at step k. It takes the K steps' final-norm states, never
+`[T, Vd]` logits: target rows are visited chunk by chunk, each chunk's verifier logits serve all K steps, and the
+gradients are formed in the same pass, so backward keeps only `[T, H]`- and `[Vd, H]`-sized tensors.
 """
 
 from __future__ import annotations
