@@ -132,11 +132,12 @@ def _config_problems(config: dict) -> tuple[list[str], list[str]]:
     ids = config.get("eagle_aux_hidden_state_layer_ids")
     if not ids:
         errors.append("eagle_aux_hidden_state_layer_ids is missing: vLLM would capture its default (2, n//2, n-3)")
-    elif len(set(ids)) != len(ids) or (
-        config.get("verifier_num_hidden_layers")
-        and not all(0 <= i <= config["verifier_num_hidden_layers"] for i in ids)
-    ):
-        errors.append(f"eagle_aux_hidden_state_layer_ids {ids} are not distinct layer ids of the verifier")
+    else:
+        from .modeling.configuration_eagle3 import aux_layer_ids_problem
+
+        problem = aux_layer_ids_problem(ids, config.get("verifier_num_hidden_layers"))
+        if problem:  # e.g. not ascending: vLLM would feed the draft's fc the aux states in another order
+            errors.append(f"eagle_aux_hidden_state_layer_ids: {problem}")
     if "norm_before_residual" not in config:
         warnings.append("norm_before_residual is missing: vLLM assumes True")
     return errors, warnings

@@ -104,6 +104,10 @@ class PipelineArguments:
     backend: str | None = field(
         default=None, metadata=_preset_help("backend", "Datagen backend: vllm, transformers or auto")
     )
+    storage_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Datagen --storage-dtype: auto, float32, bfloat16, float16 or fp8_e4m3 (default: auto)."},
+    )
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size for datagen."})
     data_parallel_size: int = field(default=1, metadata={"help": "vLLM replicas for datagen."})
     draft_vocab_size: int | None = field(default=None, metadata=_preset_help("draft_vocab_size", "Draft vocabulary"))
@@ -246,6 +250,8 @@ class Pipeline:
             argv += ["--max-samples", str(a.max_samples)]
         if a.layer_ids:
             argv += ["--layer-ids", *map(str, a.layer_ids)]
+        if a.storage_dtype:
+            argv += ["--storage-dtype", a.storage_dtype]
         inputs = {"argv": argv, "data": _file_signature(a.train_data_path)}
 
         def run(stale: bool) -> None:

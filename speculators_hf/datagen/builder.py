@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..utils import UserError, atomic_path, get_logger, write_json
 from .arguments import DatagenArguments
 from .backends import HiddenStatesBackend, make_backend, resolve_backend_name, resolve_layer_ids
-from .metadata import data_config, load_verifier_config, resolve_dtype
+from .metadata import data_config, load_verifier_config, resolve_dtype, resolve_storage_dtype, storage_bytes_per_value
 from .shards import SHARD_FORMAT, SHARD_SCHEMA_VERSION, shard_name, write_index, write_shard, write_v1_sample
 from .sources import load_source
 from .tokenize import tokenize_dataset
@@ -58,6 +58,7 @@ class Plan:
     shards: list[list[int]]  # sample ids (rows of `tokenized`) per shard
     lengths: dict[int, int]
     fingerprint: str
+    storage_dtype: str | None = None  # how hidden states are stored (`--storage-dtype` resolved; None: as `dtype`)
 
     def shard_path(self, k: int) -> Path:
         return Path(self.args.output_dir) / shard_name(k)
@@ -89,6 +90,7 @@ def prepare(args: DatagenArguments) -> Plan:
     verifier = load_verifier_config(args.target_model_path)
     layer_ids = resolve_layer_ids(args.layer_ids, verifier["num_hidden_layers"])
     dtype = resolve_dtype(args.dtype, verifier)
+    storage_dtype = resolve_storage_dtype(args.storage_dtype, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.target_model_path)
     except Exception as err:
@@ -107,18 +109,31 @@ def prepare(args: DatagenArguments) -> Plan:
     num_tokens = tokenized["num_tokens"]
     kept = [i for i, n in enumerate(num_tokens) if n > 0]
     lengths = {i: num_tokens[i] for i in kept}
-    bytes_per_token = len(layer_ids) * verifier["hidden_size"] * torch.finfo(getattr(torch, dtype)).bits // 8 + 9
+    bytes_per_token = int(len(layer_ids) * verifier["hidden_size"] * storage_bytes_per_value(storage_dtype)) + 9
     shards = _plan_shards(kept, lengths, args.shard_size_mb * 2**20 // bytes_per_token)
     backend = resolve_backend_name(args.backend)
     excluded = {k: v for k, v in asdict(args).items() if k not in NOT_FINGERPRINTED}
+    excluded.pop("storage_dtype", None)  # fingerprinted resolved (below): auto == the dtype it stands for
+    storage = [storage_dtype] if storage_dtype != dtype else []  # fingerprints of plain runs stay as they were
     fingerprint = hashlib.sha256(
         json.dumps(
-            [excluded, token_stats["fingerprint"], verifier, layer_ids, dtype, backend, SHARD_SCHEMA_VERSION],
+            [
+                excluded,
+                token_stats["fingerprint"],
+                verifier,
+                layer_ids,
+                dtype,
+                backend,
+                SHARD_SCHEMA_VERSION,
+                *storage,
+            ],
             sort_keys=True,
             default=str,
         ).encode()
     ).hexdigest()[:16]
-    return Plan(args, verifier, layer_ids, dtype, backend, tokenized, token_stats, shards, lengths, fingerprint)
+    return Plan(
+        args, verifier, layer_ids, dtype, backend, tokenized, token_stats, shards, lengths, fingerprint, storage_dtype
+    )
 
 
 def _read_chat_template(value: str | None) -> str | None:
@@ -173,6 +188,16 @@ def _claim_output_dir(output_dir: Path, plan: Plan) -> None:
     path = output_dir / DATA_CONFIG
     if path.exists():
         previous = json.loads(path.read_text())
+        stored = previous.get("hidden_states_storage", {}).get("dtype") or previous.get("model", {}).get(
+            "hidden_states_dtype"
+        )
+        storage = plan.storage_dtype or plan.dtype
+        if stored and stored != storage and not plan.args.overwrite:
+            raise UserError(
+                f"--output-dir {output_dir} holds hidden states stored as {stored}; --storage-dtype "
+                f"{plan.args.storage_dtype} ({storage}) would mix two in one folder: use a new --output-dir or "
+                "--overwrite."
+            )
         if previous.get("fingerprint") == plan.fingerprint:
             done = sum(plan.is_done(k) for k in range(len(plan.shards)))
             if done:
@@ -273,9 +298,9 @@ def _extract_shard(plan: Plan, backend, k: int) -> list[dict]:
 def _write_shard(plan: Plan, k: int, samples: list[dict]) -> None:
     if plan.args.data_format_version == 1:
         for path, sample in zip(plan.v1_paths(k), samples):
-            write_v1_sample(path, sample)
+            write_v1_sample(path, sample, plan.storage_dtype)
         return
-    write_shard(plan.shard_path(k), samples, plan.shards[k])
+    write_shard(plan.shard_path(k), samples, plan.shards[k], plan.storage_dtype)
     _update_index(plan)
 
 

@@ -49,6 +49,39 @@ def resolve_dtype(dtype: str, verifier: dict) -> str:
     return resolved
 
 
+def resolve_storage_dtype(storage_dtype: str, dtype: str) -> str:
+    """`--storage-dtype auto` -> the extraction dtype (`dtype`, resolved)."""
+    return dtype if storage_dtype == "auto" else storage_dtype
+
+
+def storage_bytes_per_value(storage_dtype: str) -> float:
+    """Bytes per stored hidden-state value, fp8 scales included (per token and layer, amortised over H = 1024)."""
+    from .shards import FP8, FP8_SCALE_DTYPE
+
+    if storage_dtype == FP8:
+        return 1 + FP8_SCALE_DTYPE.itemsize / 1024
+    return torch.finfo(getattr(torch, storage_dtype)).bits / 8
+
+
+def storage_record(storage_dtype: str, dtype: str) -> dict:
+    """What `data_config.json` says about the stored hidden states (dtype and scaling)."""
+    from .shards import FP8, FP8_DTYPE, FP8_MAX, FP8_SCALE_DTYPE, SCALE_KEY
+
+    record = {"dtype": storage_dtype, "extracted_as": dtype}
+    if storage_dtype == FP8:
+        record.update(
+            torch_dtype=str(FP8_DTYPE).replace("torch.", ""),
+            scaling="per token and layer: scale = amax over the hidden size of |x| / "
+            f"{FP8_MAX:g} (1 for all-zero rows); stored value = round_e4m3(x / scale)",
+            scale_tensor=SCALE_KEY,
+            scale_dtype=str(FP8_SCALE_DTYPE).replace("torch.", ""),
+            dequantize=f"x = float(hidden_states) * {SCALE_KEY}[..., None]",
+        )
+    else:
+        record["scaling"] = None
+    return record
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in PACKAGES:
@@ -70,9 +103,12 @@ def data_config(plan, status: str, summary: dict | None = None) -> dict:
     """The contents of `data_config.json` (the seed's fields, plus our fingerprint and format schema)."""
     args = plan.args
     from .backends import LAYER_ID_CONVENTION
-    from .shards import SHARD_FORMAT, SHARD_SCHEMA_VERSION
+    from .shards import FP8, FP8_DTYPE, FP8_SCALE_DTYPE, SCALE_KEY, SHARD_FORMAT, SHARD_SCHEMA_VERSION
 
     num_layers = len(plan.layer_ids)
+    storage = plan.storage_dtype or plan.dtype
+    stored = str(FP8_DTYPE).replace("torch.", "") if storage == FP8 else storage
+    scale_dtype = str(FP8_SCALE_DTYPE).replace("torch.", "")
     if args.data_format_version == 2:
         schema = {
             "format": SHARD_FORMAT,
@@ -81,7 +117,8 @@ def data_config(plan, status: str, summary: dict | None = None) -> dict:
             "tensors": {
                 "input_ids": "int64 [N]",
                 "loss_mask": "uint8 [N]",
-                "hidden_states": f"{plan.dtype} [N, {num_layers}, {plan.verifier['hidden_size']}]",
+                "hidden_states": f"{stored} [N, {num_layers}, {plan.verifier['hidden_size']}]",
+                **({SCALE_KEY: f"{scale_dtype} [N, {num_layers}]"} if storage == FP8 else {}),
                 "sample_offsets": "int64 [S + 1]",
                 "sample_ids": "int64 [S]",
             },
@@ -93,7 +130,7 @@ def data_config(plan, status: str, summary: dict | None = None) -> dict:
             "tensors": {
                 "input_ids": "int64 [T]",
                 "loss_mask": "int64 [T]",
-                "hidden_states": f"list of {num_layers} x {plan.dtype} [T, {plan.verifier['hidden_size']}]",
+                "hidden_states": f"list of {num_layers} x {storage} [T, {plan.verifier['hidden_size']}]",
             },
         }
     return {
@@ -125,6 +162,7 @@ def data_config(plan, status: str, summary: dict | None = None) -> dict:
         "target_layer_id": plan.layer_ids[-1],
         "layer_id_convention": LAYER_ID_CONVENTION,
         "hidden_states_layout": schema,
+        "hidden_states_storage": storage_record(storage, plan.dtype),
         "num_shards": len(plan.shards),
         "fingerprint": plan.fingerprint,
         "arguments": asdict(args),

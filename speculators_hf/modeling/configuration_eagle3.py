@@ -83,19 +83,42 @@ def default_aux_layer_ids(num_hidden_layers: int) -> list[int]:
     return [1, n // 2, n - 1] if n // 2 not in (1, n - 1) else [1, 2, n - 1]
 
 
+AUX_LAYER_ORDER = (
+    "vLLM captures the aux states while it walks the verifier's layers and fuses them in ascending layer order, "
+    "whatever order the config lists"
+)
+
+
+def aux_layer_ids_problem(aux_layer_ids: list[int], num_hidden_layers: int | None = None) -> str | None:
+    """The one rule for aux layer ids (vLLM convention), or None when they follow it.
+
+    Ids are distinct, in `[0, n]`, and **ascending**: vLLM collects the aux states inside its decoder-layer loop (a
+    membership test on the id set), so the draft's `fc` always reads them in ascending layer order at serve time. Data,
+    training and the exported config therefore store and use them in that order; any other order is an error.
+    """
+    ids = list(aux_layer_ids)
+    if len(set(ids)) != len(ids):
+        return f"aux layer ids {ids} repeat an id"
+    if num_hidden_layers is not None and any(not 0 <= i <= num_hidden_layers for i in ids):
+        n = num_hidden_layers
+        return (
+            f"aux layer ids {ids} must be in [0, {n}] (the verifier has {n} decoder layers; vLLM convention: id i is "
+            "the input to layer i)"
+        )
+    if ids != sorted(ids):
+        return f"aux layer ids {ids} are not ascending ({AUX_LAYER_ORDER}): use {sorted(ids)}"
+    return None
+
+
 def check_eagle3_fields(draft_vocab_size, vocab_size, aux_layer_ids, verifier_num_hidden_layers, speculative_tokens):
     if not 0 < draft_vocab_size <= vocab_size:
         raise UserError(
             f"draft_vocab_size={draft_vocab_size} must be in [1, vocab_size={vocab_size}] "
             "(the draft vocabulary is a subset of the verifier's)."
         )
-    if aux_layer_ids is not None and verifier_num_hidden_layers is not None:
-        n = verifier_num_hidden_layers
-        if any(not 0 <= i <= n for i in aux_layer_ids) or len(set(aux_layer_ids)) != len(aux_layer_ids):
-            raise UserError(
-                f"aux layer ids {aux_layer_ids} must be distinct and in [0, {n}] (the verifier has {n} decoder "
-                "layers; vLLM convention: id i is the input to layer i)."
-            )
+    problem = aux_layer_ids_problem(aux_layer_ids, verifier_num_hidden_layers) if aux_layer_ids is not None else None
+    if problem:
+        raise UserError(problem[0].upper() + problem[1:] + ".")
     if speculative_tokens < 1:
         raise UserError(f"speculative_tokens must be >= 1, got {speculative_tokens}")
 
@@ -109,7 +132,8 @@ class Eagle3Config(LlamaConfig):
         draft_vocab_size (`int`): size of the draft vocabulary `Vd` (the lm_head rows); `d2t`/`t2d` map it to the
             verifier vocabulary (`vocab_size`).
         eagle_aux_hidden_state_layer_ids (`list[int]`): verifier layers whose states are fused, in vLLM's convention
-            (id `i` = input to decoder layer `i`). These are the ids vLLM captures at serve time.
+            (id `i` = input to decoder layer `i`), ascending (`aux_layer_ids_problem`). These are the ids vLLM
+            captures at serve time, in the order it fuses them.
         norm_before_residual (`bool`): residual of the first layer is `hidden_norm(h)` instead of `h`.
         norm_before_fc (`bool`): Eagle 3.1: RMSNorm over the `3H` aux concatenation before `fc`.
         norm_output (`bool`): Eagle 3.1: the carried hidden state is the final-norm output rather than the pre-norm.

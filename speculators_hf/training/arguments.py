@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..utils import UserError
 from .collator import LOSS_MASK_ALIGNMENTS
@@ -42,7 +41,10 @@ class Eagle3ModelArguments:
     t2d_path: str | None = field(default=None, metadata={"help": "t2d.npy (default: next to d2t.npy)."})
     aux_layer_ids: list[int] | None = field(
         default=None,
-        metadata={"help": "Aux layer ids, vLLM convention (default: recorded by datagen, else [2, n//2, n-3])."},
+        metadata={
+            "help": "Aux layer ids, vLLM convention, ascending. Default: the ids recorded with the data (the flag "
+            "must equal them); required for data that records none (the seed's .pt files without data_config.json)."
+        },
     )
     norm_before_fc: bool = field(default=False, metadata={"help": "Eagle 3.1: RMSNorm over the fused aux states."})
     norm_output: bool = field(default=False, metadata={"help": "Eagle 3.1: carry the final-norm output."})
@@ -75,7 +77,8 @@ class Eagle3TrainingArguments(TrainingArguments):
         default="./checkpoints",
         metadata={
             "aliases": ["--save-path", "--save_path"],
-            "help": "Checkpoints: <save-path>/<epoch>/ drafts, <save-path>/checkpoint-<step>/ resume states.",
+            "help": "Checkpoints: <save-path>/<epoch>/ drafts (the last one also when training ends mid-epoch), "
+            "<save-path>/checkpoint-<step>/ resume states.",
         },
     )
     num_train_epochs: float = field(default=20, metadata={"aliases": ["--epochs"], "help": "Training epochs."})
@@ -86,7 +89,12 @@ class Eagle3TrainingArguments(TrainingArguments):
     )
     log_dir: str = field(default="./logs", metadata={"help": "Local folder of the logger's files."})
     no_resume_from_checkpoint: bool = field(
-        default=False, metadata={"help": "Start from scratch even when <save-path> holds a checkpoint."}
+        default=False,
+        metadata={
+            "help": "Start from scratch even when <save-path> holds a checkpoint (an earlier run's checkpoint-* and "
+            "<epoch>/ folders are removed). Without it, the last checkpoint is resumed if it was written with the "
+            "same data and result-changing flags (else an error)."
+        },
     )
     # TTT objective and data
     ttt_steps: int = field(default=3, metadata={"help": "TTT steps K unrolled per position."})
@@ -116,6 +124,13 @@ class Eagle3TrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Packed rows per device and step."})
     per_device_eval_batch_size: int = field(default=1, metadata={"help": "Packed rows per device in evaluation."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint (epoch: one draft per epoch)."})
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={
+            "help": "Keep the newest N <save-path>/checkpoint-<step>/ resume states and the newest N <save-path>/"
+            "<epoch>/ drafts; 0 keeps all (for Llama-3.1-8B: a draft is ~4 GB in fp32, a resume state ~7 GB)."
+        },
+    )
     eval_strategy: str | None = field(default=None, metadata={"help": "Default: 'epoch' when --eval-split > 0."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     warmup_steps: float = field(default=0.01, metadata={"help": "Warmup steps (a fraction < 1 of all steps)."})
@@ -146,6 +161,14 @@ class Eagle3TrainingArguments(TrainingArguments):
         self.label_names = []  # the loss needs no labels; evaluation still computes it
         self.prediction_loss_only = True
         super().__post_init__()
+        if self.gradient_checkpointing:  # (after super: it parses the JSON of --gradient-checkpointing-kwargs)
+            gc_kwargs = dict(self.gradient_checkpointing_kwargs or {})
+            if gc_kwargs.get("use_reentrant"):
+                raise UserError(
+                    "--gradient-checkpointing-kwargs use_reentrant=true would drop the gradient that flows between "
+                    "TTT steps through the draft's KV cache: leave use_reentrant unset (non-reentrant)."
+                )
+            self.gradient_checkpointing_kwargs = {**gc_kwargs, "use_reentrant": False}
 
     def apply_logging_env(self) -> None:
         """Point the loggers at `log_dir` (their integrations read these variables), unless already set. The folder is
@@ -157,11 +180,3 @@ class Eagle3TrainingArguments(TrainingArguments):
         reporters = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
         if any(r in (*LOGGERS, "all") for r in reporters):
             os.makedirs(log_dir, exist_ok=True)
-
-    def checkpoint_to_resume(self) -> str | None:
-        """`--resume-from-checkpoint` if given; else the last checkpoint under `--save-path` (unless disabled)."""
-        if self.resume_from_checkpoint:
-            return self.resume_from_checkpoint
-        if self.no_resume_from_checkpoint or not os.path.isdir(self.output_dir):
-            return None
-        return get_last_checkpoint(self.output_dir)

@@ -2,19 +2,24 @@
 
 Everything else (loop, accumulation, schedules, DDP/FSDP via accelerate, checkpoints, resume, loggers) is Trainer's.
 Additions: `compute_loss` (K draft steps sharing one KV cache), step metrics through `_metrics` + `log`, and one
-loadable draft per epoch in `<output_dir>/<epoch>/` next to Trainer's `checkpoint-<step>/` resume states.
+loadable draft per epoch in `<output_dir>/<epoch>/` next to Trainer's `checkpoint-<step>/` resume states (the newest
+`save_total_limit` of each are kept), plus the final draft when training ends mid-epoch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import time
+from pathlib import Path
 
 import torch
 from transformers import Trainer
-from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ..datagen.shards import dequantize
 from ..utils import get_logger
 from .arguments import Eagle3TrainingArguments
 from .collator import DataCollatorForEagle3
@@ -28,6 +33,8 @@ from .losses import (
     ttt_block_mask,
     ttt_valid_rows,
 )
+from .resume import RUN_FINGERPRINT_KEY, RUN_INPUTS_KEY, run_fingerprint
+from .ttt_cache import TTTCache
 
 logger = get_logger(__name__)
 
@@ -60,9 +67,14 @@ class Eagle3Trainer(Trainer):
             data_collator=data_collator,
             **kwargs,
         )
+        for module in self.model.modules():  # our TTT cache survives the replay: layers keep it when checkpointed
+            if isinstance(module, GradientCheckpointingLayer):
+                module._can_checkpoint_with_cache = True
         self.model_accepts_loss_kwargs = False  # the loss is a per-row masked mean: let Trainer scale it for GA
         self._metrics: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._interval_start: dict[str, float | None] = {"train": None, "eval": None}
+        self.run_inputs: dict | None = None  # recorded in every checkpoint (`resume.run_inputs`); set by the CLI
+        self._draft_step: int | None = None  # global step of the last draft written to <output_dir>/<epoch>/
 
     # ------------------------------------------------------------------------------------------------------- loss
 
@@ -82,11 +94,12 @@ class Eagle3Trainer(Trainer):
         input_ids, position_ids = inputs["input_ids"], inputs["position_ids"]  # [B, S]
         loss_mask, document_ids = inputs["loss_mask"], inputs["document_ids"]  # [B, S]
         dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-        aux = inputs["aux_hidden_states"].to(dtype)  # [B, S, 3H]
+        # fp8 batches carry per-(token, layer) scales: dequantized here, on the training device
+        aux = dequantize(inputs["aux_hidden_states"], inputs.get("aux_hidden_states_scale"), dtype)  # [B, S, 3H]
         if mode == "train":
             aux = add_uniform_noise(aux, self.args.hidden_states_noise)
 
-        cache = DynamicCache(config=self.model.config)
+        cache = TTTCache()  # step k writes slot k and reads slots 0..k (replay-safe under gradient checkpointing)
         hidden, states = None, []
         for k, attention_mask in enumerate(self._attention_masks(document_ids)):
             out = model(
@@ -95,7 +108,7 @@ class Eagle3Trainer(Trainer):
                 hidden_states=hidden,  # the previous step's output, not detached
                 position_ids=position_ids + k,
                 attention_mask=attention_mask,
-                past_key_values=cache,
+                past_key_values=cache.step(k),
                 use_cache=True,
                 return_logits=False,
             )
@@ -104,9 +117,12 @@ class Eagle3Trainer(Trainer):
 
         K = len(states)
         valid = ttt_valid_rows(loss_mask, document_ids, K)  # [K, B, S]
+        last = dequantize(
+            inputs["verifier_last_hidden_states"], inputs.get("verifier_last_hidden_states_scale"), dtype
+        )  # [B, S, H]
         out = model(
             ttt_hidden_states=states,
-            verifier_last_hidden_states=inputs["verifier_last_hidden_states"].to(dtype),
+            verifier_last_hidden_states=last,
             loss_mask=valid,
             loss_step_weights=[self.args.ttt_step_loss_decay**k for k in range(K)],
         )
@@ -154,6 +170,10 @@ class Eagle3Trainer(Trainer):
             config["loss_mask_alignment_note"] = (
                 "row t (input x_{t+1}, predicting x_{t+2}) counts when l_{t+2} = 1 (predicted) or l_{t+1} = 1 (input)"
             )
+            config["global_step"], config["epoch"] = self.state.global_step, self.state.epoch
+            if self.run_inputs is not None:  # what a resume must match (training/resume.py)
+                config[RUN_FINGERPRINT_KEY] = run_fingerprint(self.run_inputs)
+                config[RUN_INPUTS_KEY] = self.run_inputs
             with open(os.path.join(output_dir or self.args.output_dir, TRAINING_CONFIG_FILE), "w") as f:
                 json.dump(config, f, indent=2)
 
@@ -162,4 +182,27 @@ class Eagle3Trainer(Trainer):
         super()._save_checkpoint(model, trial)
         epoch = self.state.epoch
         if epoch is not None and abs(epoch - round(epoch)) < 1e-6 and round(epoch) > 0:
-            self.save_model(os.path.join(self.args.output_dir, str(round(epoch) - 1)))
+            self._save_draft(round(epoch) - 1)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, then the final draft in `<output_dir>/<epoch>/` if no epoch draft holds the last weights
+        (the run ended mid-epoch: `--max-steps`, or `--save-strategy steps|no`). A partial epoch keeps its index:
+        ending at epoch 2.5 writes `2/` (its `training_config.json` records `epoch` and `global_step`)."""
+        output = super().train(*args, **kwargs)
+        if self._draft_step != self.state.global_step:
+            self._save_draft(max(math.ceil(round(self.state.epoch or 0, 6)) - 1, 0))
+        return output
+
+    def _save_draft(self, index: int) -> None:
+        """Save the draft as `<output_dir>/<index>/`, then keep only the newest `save_total_limit` of them (<= 0: all,
+        like `checkpoint-*`). Every process calls this (FSDP gathers the weights); the main one writes and deletes."""
+        self.save_model(os.path.join(self.args.output_dir, str(index)))
+        self._draft_step = self.state.global_step
+        limit = self.args.save_total_limit
+        if not self.args.should_save or not limit or limit <= 0:
+            return
+        folders = Path(self.args.output_dir).iterdir()
+        drafts = sorted(int(p.name) for p in folders if p.name.isdigit() and (p / TRAINING_CONFIG_FILE).exists())
+        for old in drafts[:-limit]:
+            logger.info("Deleting epoch draft %s/%d (--save-total-limit %d).", self.args.output_dir, old, limit)
+            shutil.rmtree(os.path.join(self.args.output_dir, str(old)), ignore_errors=True)
