@@ -463,27 +463,15 @@ def test_training_with_the_fused_loss_follows_the_reference_loss_curve(
 # --------------------------------------------------------------------------------- under FSDP2 and DDP (CPU)
 
 
-def _tiny_draft():
-    from transformers import LlamaConfig
-
-    from speculators_hf.modeling import Eagle3Config, Eagle3DraftModel
+def _tiny_draft(verifier_path: str):
+    """A 2-layer draft for the tiny verifier (its own frozen head loaded), with a trainable draft head and a draft
+    vocabulary of 512 (the first 512 verifier ids), built the same way in every process."""
+    from speculators_hf.modeling import Eagle3DraftModel
 
     torch.manual_seed(0)
-    verifier = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-    )
-    config = Eagle3Config.from_verifier(verifier, draft_vocab_size=100, num_hidden_layers=2, aux_layer_ids=[1, 2, 3])
-    model = Eagle3DraftModel(config)
-    with torch.no_grad():
-        model.verifier_lm_head.weight.normal_()
-        model.verifier_norm.weight.uniform_(0.5, 1.5)
+    d2t, t2d = torch.zeros(512, dtype=torch.long), torch.zeros(2048, dtype=torch.bool)
+    t2d[:512] = True
+    model = Eagle3DraftModel.from_verifier(verifier_path, d2t, t2d, num_hidden_layers=2, aux_layer_ids=[1, 2, 3])
     model.lm_head.weight.requires_grad_(True)
     model.set_attn_implementation("sdpa")
     return model
@@ -496,11 +484,11 @@ def _ttt_loss_through_forward(model, config, K=3):
     from speculators_hf.training.losses import shift_for_step
 
     g = torch.Generator().manual_seed(1)
-    B, S = 2, 24
+    B, S, Ht = 2, 24, config.hidden_size
     documents = torch.tensor([[0] * 10 + [1] * 10 + [-1] * 4, [0] * S])
-    input_ids = torch.randint(0, 300, (B, S), generator=g)
+    input_ids = torch.randint(0, config.vocab_size, (B, S), generator=g)
     loss_mask = (torch.rand(B, S, generator=g) < 0.8).long()
-    aux, verifier_rows = torch.randn(B, S, 96, generator=g), torch.randn(B, S, 32, generator=g)
+    aux, verifier_rows = torch.randn(B, S, 3 * Ht, generator=g), torch.randn(B, S, Ht, generator=g)
     cache, hidden, states = DynamicCache(config=config), None, []
     step0 = ttt_attention_mask(documents, 0)
     for k in range(K):
@@ -521,20 +509,22 @@ def _ttt_loss_through_forward(model, config, K=3):
     return out.loss, step_statistics(out.step_kl, out.step_agree, valid)
 
 
-def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _distributed_worker(rank: int, world: int, port: int, out_dir: str, verifier_path: str) -> None:
+    import copy
     import json
 
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    reference = _tiny_draft()
+    base = _tiny_draft(verifier_path)
+    reference = copy.deepcopy(base)
     ref_loss, ref_stats = _ttt_loss_through_forward(reference, reference.config)
     ref_loss.backward()
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     report = {}
     for mode in ("fsdp2", "ddp"):
-        model = _tiny_draft()
+        model = copy.deepcopy(base)
         if mode == "fsdp2":  # one unit per decoder layer + the root (lm_head, verifier head, fc, ...), as fsdp2.yaml
             for layer in model.layers:
                 fully_shard(layer)
@@ -552,7 +542,11 @@ def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             "stats": bool(torch.equal(stats, ref_stats)),
             "names": sorted(grads) == sorted(ref_grads),
             "grad": max(((grads[n] - ref_grads[n]).abs().max() / ref_grads[n].abs().max()).item() for n in grads),
-            "frozen_sharded": mode != "fsdp2" or hasattr(model.verifier_lm_head.weight, "full_tensor"),
+            "frozen": [n for n in grads if n.startswith("verifier")],  # the verifier head: no gradient
+            "sharded": mode != "fsdp2"
+            or all(
+                hasattr(p, "full_tensor") for n, p in model.named_parameters() if n.startswith(("lm_head", "verifier"))
+            ),
         }
         del wrapped
     dist.barrier()
@@ -561,7 +555,8 @@ def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_fused_loss_under_fsdp2_and_ddp_equals_one_process(tmp_path):
+@pytest.mark.slow
+def test_fused_loss_under_fsdp2_and_ddp_equals_one_process(tiny_verifier_path, tmp_path):
     """2 CPU processes (gloo): with the decoder layers and the root sharded by FSDP2 (the draft head and the frozen
     verifier head are gathered only inside the root's forward, where the loss runs), and under DDP, the loss, the
     statistics and every gradient equal one unsharded process's; the verifier head gets no gradient."""
@@ -573,9 +568,10 @@ def test_fused_loss_under_fsdp2_and_ddp_equals_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_distributed_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, port, str(tmp_path), str(tiny_verifier_path)), nprocs=2, join=True)
     for rank in range(2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for mode in ("fsdp2", "ddp"):
             r = report[mode]
-            assert r["loss"] < 1e-6 and r["stats"] and r["names"] and r["grad"] < 1e-5 and r["frozen_sharded"], r
+            assert r["loss"] < 1e-6 and r["stats"] and r["names"] and r["grad"] < 1e-5, r
+            assert r["frozen"] == [] and r["sharded"], r
