@@ -1,4 +1,6 @@
-"""The TTT objective's pure functions on hand-built inputs with known answers."""
+"""The TTT objective: masks and metrics on hand-built inputs with known answers; the fused head + KL against the
+unfused reference (values, gradients, statistics, saved tensors, bf16, compile fallback), in a real training run, and
+under FSDP2/DDP."""
 
 import math
 import warnings
@@ -304,6 +306,7 @@ def test_fused_loss_on_cuda_matches_the_reference(compile_loss, monkeypatch):
     accumulation through `addmm(out_dtype=float32)` where the build has it)."""
     monkeypatch.setenv("SPECULATORS_HF_COMPILE_LOSS", compile_loss)
     monkeypatch.setattr(losses, "_KL_TERMS", {})
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", {"cpu": 2**23, "cuda": 128 * 5000})  # 128 rows: several chunks
     upstream, weight, verifier_rows, _, valid = ttt_case(T=300, H=64, Ht=64, Vd=5000, dtype=torch.float32)
     upstream, weight, verifier_rows, valid = (t.cuda() for t in (upstream.detach(), weight, verifier_rows, valid))
     upstream.requires_grad_()
