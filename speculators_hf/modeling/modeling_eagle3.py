@@ -30,21 +30,29 @@ from .configuration_eagle3 import Eagle3Config
 
 @dataclass
 class Eagle3Output(ModelOutput):
-    """Output of one draft step.
+    """Output of one draft step, or of the training loss (`Eagle3DraftModel.forward` with `ttt_hidden_states`).
 
     Args:
-        logits (`torch.FloatTensor` of shape `[B, T, draft_vocab_size]`): logits over the draft vocabulary.
+        logits (`torch.FloatTensor` of shape `[B, T, draft_vocab_size]`): logits over the draft vocabulary (None
+            with `return_logits=False`).
         hidden_states (`torch.FloatTensor` of shape `[B, T, H]`): the state carried into the next draft step
             (post-norm when `config.norm_output`, else pre-norm).
         past_key_values (`Cache`, *optional*): the updated cache.
-        target_logits (`torch.FloatTensor` of shape `[B, T, draft_vocab_size]`, *optional*): the verifier's logits
-            over the draft vocabulary, when `verifier_last_hidden_states` was given (training targets).
+        normed_hidden_states (`torch.FloatTensor` of shape `[B, T, H]`): the final norm's output, the draft head's
+            input (what the training loss takes per TTT step).
+        loss (`torch.FloatTensor` scalar, *optional*): the TTT objective (`losses.fused_ttt_kl`).
+        step_kl (`torch.FloatTensor` of shape `[K, B, T]`, *optional*): per-row KL of each TTT step (0 where a row
+            does not count).
+        step_agree (`torch.BoolTensor` of shape `[K, B, T]`, *optional*): per-row draft argmax == verifier argmax.
     """
 
     logits: torch.FloatTensor | None = None
     hidden_states: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
-    target_logits: torch.FloatTensor | None = None
+    normed_hidden_states: torch.FloatTensor | None = None
+    loss: torch.FloatTensor | None = None
+    step_kl: torch.FloatTensor | None = None
+    step_agree: torch.BoolTensor | None = None
 
 
 class Eagle3FirstDecoderLayer(LlamaDecoderLayer):
@@ -168,17 +176,21 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         aux_hidden_states: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool = False,
+        return_logits: bool = True,
+        ttt_hidden_states: list[torch.Tensor] | None = None,
         verifier_last_hidden_states: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        loss_step_weights: list[float] | None = None,
         **kwargs,
     ) -> Eagle3Output:
-        """One draft step.
+        """One draft step, or (with `ttt_hidden_states`) the training loss of K draft steps.
 
         Args:
             input_ids (`torch.LongTensor` of shape `[B, T]`): verifier token ids (the token *after* each state).
@@ -189,10 +201,19 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             attention_mask (`torch.Tensor`, *optional*): a prepared 4D mask `[B, 1, T, S]` (bool, True = attend) or a
                 flex `BlockMask`; default: causal over the cache.
             past_key_values (`Cache`, *optional*): the draft's KV cache.
-            verifier_last_hidden_states (`torch.Tensor` of shape `[B, T, Ht]`, *optional*): the verifier's pre-norm
-                last hidden states; when given, `target_logits` are computed inside forward (so that wrappers such as
-                FSDP have the frozen verifier head gathered).
+            return_logits (`bool`): compute the draft logits (training passes False and keeps
+                `normed_hidden_states` for the loss instead).
+            ttt_hidden_states (K tensors `[B, T, H]`, *optional*): loss mode: each TTT step's
+                `normed_hidden_states`; then only the loss is computed (`losses.fused_ttt_kl`), here in forward so
+                that wrappers such as FSDP have the draft head and the frozen verifier head gathered.
+            verifier_last_hidden_states (`torch.Tensor` of shape `[B, T, Ht]`): loss mode: the verifier's pre-norm
+                last hidden states; step k's row t is compared with row t + k.
+            loss_mask (`torch.BoolTensor` of shape `[K, B, T]`): loss mode: the rows each step counts
+                (`losses.ttt_valid_rows`).
+            loss_step_weights (K floats, *optional*): loss mode: step k's weight (e.g. `decay**k`; default 1).
         """
+        if ttt_hidden_states is not None:
+            return self._ttt_loss(ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights)
         if (aux_hidden_states is None) == (hidden_states is None):
             raise ValueError("Pass exactly one of `aux_hidden_states` (first step) and `hidden_states` (later steps).")
         if aux_hidden_states is not None:
@@ -219,12 +240,27 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             hidden_states = layer(hidden_states, **layer_kwargs)
 
         normed = self.norm(hidden_states)  # [B, T, H]
-        logits = self.lm_head(normed)  # [B, T, Vd]
-        carried = normed if self.config.norm_output else hidden_states
-        targets = None if verifier_last_hidden_states is None else self.verifier_logits(verifier_last_hidden_states)
         return Eagle3Output(
-            logits=logits, hidden_states=carried, past_key_values=past_key_values, target_logits=targets
+            logits=self.lm_head(normed) if return_logits else None,  # [B, T, Vd]
+            hidden_states=normed if self.config.norm_output else hidden_states,
+            past_key_values=past_key_values,
+            normed_hidden_states=normed,
         )
+
+    def _ttt_loss(self, ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights) -> Eagle3Output:
+        from ..training.losses import fused_ttt_kl
+
+        if verifier_last_hidden_states is None or loss_mask is None:
+            raise ValueError("The loss needs `verifier_last_hidden_states` and `loss_mask` with `ttt_hidden_states`.")
+        loss, kl, agree = fused_ttt_kl(
+            ttt_hidden_states,
+            self.lm_head.weight,
+            verifier_last_hidden_states,
+            self.verifier_logits,
+            loss_mask,
+            loss_step_weights,
+        )
+        return Eagle3Output(loss=loss, step_kl=kl, step_agree=agree)
 
     def _prepare_attention_mask(self, mask, inputs_embeds, past_key_values, position_ids):
         if mask is None:

@@ -25,7 +25,15 @@ from ..utils import get_logger
 from .arguments import Eagle3TrainingArguments
 from .collator import DataCollatorForEagle3
 from .data import add_uniform_noise
-from .losses import STEP_STATS, metrics_from_stats, shift_for_step, step_statistics, ttt_attention_mask, ttt_block_mask
+from .losses import (
+    STEP_STATS,
+    metrics_from_stats,
+    shift_for_step,
+    step_statistics,
+    ttt_attention_mask,
+    ttt_block_mask,
+    ttt_valid_rows,
+)
 from .resume import RUN_FINGERPRINT_KEY, RUN_INPUTS_KEY, run_fingerprint
 from .ttt_cache import TTTCache
 
@@ -85,7 +93,8 @@ class Eagle3Trainer(Trainer):
             yield build(document_ids, k, step0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """`sum_k decay**k * KL_k`: K draft steps over one packed batch, each fed the previous step's hidden state."""
+        """`sum_k decay**k * KL_k`: K draft steps over one packed batch, each fed the previous step's hidden state,
+        then the fused head + KL over the K steps' final states (`losses.fused_ttt_kl`, inside the model's forward)."""
         mode = "train" if model.training else "eval"
         if self._interval_start[mode] is None:
             self._interval_start[mode] = time.perf_counter()
@@ -94,15 +103,11 @@ class Eagle3Trainer(Trainer):
         dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
         # fp8 batches carry per-(token, layer) scales: dequantized here, on the training device
         aux = dequantize(inputs["aux_hidden_states"], inputs.get("aux_hidden_states_scale"), dtype)  # [B, S, 3H]
-        last = dequantize(
-            inputs["verifier_last_hidden_states"], inputs.get("verifier_last_hidden_states_scale"), dtype
-        )  # [B, S, H]
         if mode == "train":
             aux = add_uniform_noise(aux, self.args.hidden_states_noise)
 
         cache = TTTCache()  # step k writes slot k and reads slots 0..k (replay-safe under gradient checkpointing)
-        hidden, targets, target_ids, prev_correct = None, None, None, None
-        loss, stats = 0.0, []
+        hidden, states = None, []
         for k, attention_mask in enumerate(self._attention_masks(document_ids)):
             out = model(
                 input_ids=shift_for_step(input_ids, k),  # teacher forcing: ground truth shifted by k
@@ -112,22 +117,25 @@ class Eagle3Trainer(Trainer):
                 attention_mask=attention_mask,
                 past_key_values=cache.step(k),
                 use_cache=True,
-                verifier_last_hidden_states=last if k == 0 else None,
+                return_logits=False,
             )
-            if k == 0:
-                targets = out.target_logits  # [B, S, Vd]
-                target_ids = targets.argmax(-1)  # [B, S], shifted by k at step k
-            step_loss, step_stats, prev_correct = step_statistics(
-                out.logits, targets, loss_mask, document_ids, k, prev_correct, target_ids
-            )
-            loss = loss + self.args.ttt_step_loss_decay**k * step_loss
-            stats.append(step_stats)  # [B, 5]
-            hidden, last = out.hidden_states, None  # [B, S, H]; the verifier states are no longer needed
-            del out  # free this step's logits before the next step's forward (backward keeps none of them)
+            states.append(out.normed_hidden_states)  # [B, S, H]
+            hidden = out.hidden_states  # [B, S, H]
 
+        K = len(states)
+        valid = ttt_valid_rows(loss_mask, document_ids, K)  # [K, B, S]
+        last = dequantize(
+            inputs["verifier_last_hidden_states"], inputs.get("verifier_last_hidden_states_scale"), dtype
+        )  # [B, S, H]
+        out = model(
+            ttt_hidden_states=states,
+            verifier_last_hidden_states=last,
+            loss_mask=valid,
+            loss_step_weights=[self.args.ttt_step_loss_decay**k for k in range(K)],
+        )
         tokens = (document_ids >= 0).sum(-1, keepdim=True).float()  # [B, 1]
-        self._record(mode, torch.cat([torch.stack(stats, 1).flatten(1), tokens], dim=1))
-        return (loss, None) if return_outputs else loss
+        self._record(mode, torch.cat([step_statistics(out.step_kl, out.step_agree, valid), tokens], dim=1))
+        return (out.loss, None) if return_outputs else out.loss
 
     def _record(self, mode: str, per_row: torch.Tensor) -> None:
         """Add one micro-batch's per-row statistics to this process's sums; `log` adds them up across processes once
