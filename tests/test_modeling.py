@@ -213,8 +213,10 @@ def test_from_verifier_reads_the_right_rows(tiny_verifier_path):
     targets = torch.arange(VD) + d2t
     assert torch.equal(model.embed_tokens.weight, verifier.model.embed_tokens.weight)
     assert torch.equal(model.lm_head.weight, verifier.lm_head.weight[targets])
-    assert torch.equal(model.verifier_lm_head.weight, verifier.lm_head.weight[targets])
-    assert torch.equal(model.verifier_norm.weight, verifier.model.norm.weight)
+    head = model.verifier_head.state_dict()
+    assert set(head) == {"model.norm.weight", "lm_head.weight"}  # the verifier's own names, nothing else
+    assert torch.equal(head["lm_head.weight"], verifier.lm_head.weight[targets])
+    assert torch.equal(head["model.norm.weight"], verifier.model.norm.weight)
     # Targets: verifier logits restricted to the draft vocabulary, from the pre-norm last state.
     h = torch.randn(3, H)
     full = verifier.lm_head(verifier.model.norm(h))
@@ -271,7 +273,7 @@ def test_gradient_checkpointing_and_backward():
     ids, aux = inputs(model.config)
     model(ids, aux_hidden_states=aux).logits.sum().backward()
     assert model.fc.weight.grad is not None and model.layers[1].mlp.up_proj.weight.grad is not None
-    assert model.embed_tokens.weight.grad is None and model.verifier_lm_head.weight.grad is None
+    assert model.embed_tokens.weight.grad is None
 
 
 def test_fsdp_wrap_finds_the_decoder_layers():

@@ -26,6 +26,12 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 from ..utils import UserError
 from .configuration_eagle3 import Eagle3Config
+from .verifier_head import VerifierHead
+
+VERIFIER_HEAD_MISSING = (
+    "The draft's verifier head (the source of its training targets) is not loaded: call "
+    "draft.load_verifier_head(<verifier id or folder>) or build the draft with Eagle3DraftModel.from_verifier."
+)
 
 
 @dataclass
@@ -98,9 +104,6 @@ class Eagle3PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    # Frozen verifier parts used only to build training targets: never saved, rebuilt by `from_verifier`.
-    _keys_to_ignore_on_save = ["verifier_norm.weight", "verifier_lm_head.weight"]
-    _keys_to_ignore_on_load_missing = [r"verifier_norm\.weight", r"verifier_lm_head\.weight"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -140,11 +143,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         else:
             self.d2t = self.t2d = None
 
-        # Frozen verifier parts for training targets: final norm and the lm_head rows of the draft vocabulary.
-        self.verifier_norm = LlamaRMSNorm(Ht, eps=config.rms_norm_eps)
-        self.verifier_lm_head = nn.Linear(Ht, Vd, bias=False)
-        self.verifier_norm.requires_grad_(False)
-        self.verifier_lm_head.requires_grad_(False)
+        # The verifier's own frozen head for training targets (`load_verifier_head`); never saved.
+        self.verifier_head: VerifierHead | None = None
 
         self.gradient_checkpointing = False
         self.post_init()
@@ -245,8 +245,11 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
     @torch.no_grad()
     def verifier_logits(self, verifier_last_hidden_states: torch.Tensor) -> torch.Tensor:
-        """Verifier logits over the draft vocabulary from its *pre-norm* last hidden state `[..., Ht]`."""
-        return self.verifier_lm_head(self.verifier_norm(verifier_last_hidden_states))
+        """The verifier's own logits over the draft vocabulary from its *pre-norm* last hidden state: `[..., Ht]` ->
+        `[..., Vd]` (its final norm, lm_head rows and logit transform; see `VerifierHead`)."""
+        if self.verifier_head is None:
+            raise UserError(VERIFIER_HEAD_MISSING)
+        return self.verifier_head(verifier_last_hidden_states)
 
     @torch.no_grad()
     def draft(
@@ -319,30 +322,39 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
     @torch.no_grad()
     def load_verifier_head(self, verifier_name_or_path: str | None = None, init_lm_head: bool = False) -> None:
-        """Fill the frozen verifier parts used for targets (final norm, draft-vocab lm_head rows; never saved).
+        """Attach the verifier's frozen head used for targets (its final norm and draft-vocabulary lm_head rows, run
+        by its own CausalLM code; never saved).
 
         Reads only those tensors from the verifier's safetensors (default: the verifier recorded in the config).
         With `init_lm_head`, also initialise the embedding and the draft lm_head from the verifier (a new draft).
         """
         from transformers import AutoConfig
 
+        from .verifier_head import load_verifier_head
         from .verifier_weights import load_verifier_tensors
 
         path = verifier_name_or_path or self.config.verifier_name_or_path
         if not path:
             raise UserError("The draft config names no verifier: pass the verifier's id or folder.")
-        tensors = load_verifier_tensors(path, AutoConfig.from_pretrained(path))
-        if tensors["lm_head"].shape[1] != self.verifier_norm.weight.shape[0]:
+        verifier_config = AutoConfig.from_pretrained(path)
+        Ht = self.config.target_hidden_size or self.config.hidden_size
+        if verifier_config.get_text_config().hidden_size != Ht:
             raise UserError(
-                f"Verifier {path} has hidden size {tensors['lm_head'].shape[1]}, the draft expects "
-                f"{self.verifier_norm.weight.shape[0]}: it was built for another verifier."
+                f"Verifier {path} has hidden size {verifier_config.get_text_config().hidden_size}, the draft expects "
+                f"{Ht}: it was built for another verifier."
             )
-        rows = tensors["lm_head"][self.draft_to_target_ids(torch.arange(self.config.draft_vocab_size))]  # [Vd, Ht]
-        self.verifier_norm.weight.copy_(tensors["norm"])
-        self.verifier_lm_head.weight.copy_(rows)
+        target_ids = self.draft_to_target_ids(
+            torch.arange(self.config.draft_vocab_size, device=self.lm_head.weight.device)
+        )
+        head = load_verifier_head(path, target_ids.cpu(), verifier_config)
+        self.verifier_head = head.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        self._keys_to_ignore_on_save = set(self._keys_to_ignore_on_save or ()) | {
+            f"verifier_head.{key}" for key in head.state_dict()
+        }
         if init_lm_head:
-            self.embed_tokens.weight.copy_(tensors["embed_tokens"])
-            self.lm_head.weight.copy_(rows)
+            embed = load_verifier_tensors(path, verifier_config, roles=("embed_tokens",))["embed_tokens"]
+            self.embed_tokens.weight.copy_(embed)
+            self.lm_head.weight.copy_(head.rows.weight)
 
     @classmethod
     def from_verifier(

@@ -15,7 +15,8 @@ import torch
 from transformers import Trainer
 from transformers.cache_utils import DynamicCache
 
-from ..utils import get_logger
+from ..modeling.modeling_eagle3 import VERIFIER_HEAD_MISSING
+from ..utils import UserError, get_logger
 from .arguments import Eagle3TrainingArguments
 from .collator import DataCollatorForEagle3
 from .data import add_uniform_noise
@@ -41,6 +42,8 @@ class Eagle3Trainer(Trainer):
     def __init__(
         self, model, args: Eagle3TrainingArguments, train_dataset=None, eval_dataset=None, data_collator=None, **kwargs
     ):
+        if getattr(model, "verifier_head", None) is None:
+            raise UserError(VERIFIER_HEAD_MISSING)  # else every target would come from a random head
         args.apply_logging_env()
         if data_collator is None:
             data_collator = DataCollatorForEagle3(args.total_seq_len, args.loss_mask_alignment)
