@@ -18,9 +18,9 @@ from ..utils import UserError
 def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
     """The decoder stack of a causal LM: `(decoder, layers, final_norm)`."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
-    norm = (
-        getattr(decoder, "norm", None) or getattr(decoder, "ln_f", None) or getattr(decoder, "final_layernorm", None)
+    layers = next((m for m in (getattr(decoder, n, None) for n in ("layers", "h")) if m is not None), None)
+    norm = next(
+        (m for m in (getattr(decoder, n, None) for n in ("norm", "ln_f", "final_layernorm")) if m is not None), None
     )
     if layers is None or norm is None:
         raise UserError(f"Cannot find the decoder layers and final norm of {type(model).__name__}.")
@@ -82,8 +82,10 @@ class HFHiddenStatesBackend:
         layer_ids: list[int],
         dtype: torch.dtype | str = "auto",
         device: str = "cpu",
-        attn_implementation: str = "sdpa",
+        attn_implementation: str | None = None,
     ) -> HFHiddenStatesBackend:
+        """Load the verifier; `attn_implementation` defaults to transformers' choice for it (sdpa where supported;
+        eager for e.g. gpt-oss, whose attention sinks sdpa does not take)."""
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)

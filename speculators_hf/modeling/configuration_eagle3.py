@@ -14,7 +14,9 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, PreTrainedConfig
 
-from ..utils import UserError
+from ..utils import UserError, get_logger
+
+logger = get_logger(__name__)
 
 # Fields of the top level of a speculators-format config.json, next to `transformer_layer_config`.
 EAGLE3_FIELDS = (
@@ -81,6 +83,18 @@ def default_aux_layer_ids(num_hidden_layers: int) -> list[int]:
     if n < 4:
         raise UserError(f"A verifier needs at least 4 decoder layers for 3 distinct aux layers; it has {n}.")
     return [1, n // 2, n - 1] if n // 2 not in (1, n - 1) else [1, 2, n - 1]
+
+
+def draft_rope_parameters(text_config: PreTrainedConfig) -> dict | None:
+    """The verifier's RoPE for the draft. Verifiers that mix attention types keep one RoPE per type (Gemma-3:
+    `{"sliding_attention": {...}, "full_attention": {...}}`); the draft gets the full-attention one, because the
+    draft's single layer attends over the whole context as the verifier's full-attention layers do, and vLLM's Llama
+    draft passes `rope_parameters` to `get_rope` as one dict (a nested one kills the worker: unhashable dict)."""
+    rope = copy.deepcopy(getattr(text_config, "rope_parameters", None))
+    if isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values()):
+        nested = {k: v for k, v in rope.items() if isinstance(v, dict)}
+        rope = nested.get("full_attention") or next(iter(nested.values()))
+    return rope
 
 
 def check_eagle3_fields(draft_vocab_size, vocab_size, aux_layer_ids, verifier_num_hidden_layers, speculative_tokens):
@@ -180,6 +194,12 @@ class Eagle3Config(LlamaConfig):
         text = verifier_config.get_text_config()
         n = text.num_hidden_layers
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        hidden_act = getattr(text, "hidden_act", None) or "silu"
+        if hidden_act != "silu":  # e.g. Gemma's gelu: vLLM's EAGLE-3 draft layers run only silu
+            logger.info(
+                "The draft uses silu (vLLM's EAGLE-3 draft layers run only silu), not the verifier's %s.", hidden_act
+            )
+            hidden_act = "silu"
         shape = dict(
             vocab_size=text.vocab_size,
             hidden_size=text.hidden_size,
@@ -187,10 +207,10 @@ class Eagle3Config(LlamaConfig):
             num_attention_heads=text.num_attention_heads,
             num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
             head_dim=head_dim,
-            hidden_act=getattr(text, "hidden_act", "silu"),
+            hidden_act=hidden_act,
             rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
             max_position_embeddings=text.max_position_embeddings,
-            rope_parameters=copy.deepcopy(getattr(text, "rope_parameters", None)),
+            rope_parameters=draft_rope_parameters(text),
             attention_bias=getattr(text, "attention_bias", False),
             mlp_bias=getattr(text, "mlp_bias", False),
             pad_token_id=getattr(text, "pad_token_id", None),
