@@ -101,6 +101,8 @@ def expected_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
             p + "input_layernorm.weight": ((H,), "float"),
             p + "post_attention_layernorm.weight": ((H,), "float"),
         }
+        if layer.get("model_type") == "qwen3":  # Qwen3-style draft layers: RMSNorm on each query/key head
+            out |= {p + "self_attn.q_norm.weight": ((hd,), "float"), p + "self_attn.k_norm.weight": ((hd,), "float")}
         if layer.get("attention_bias"):  # vLLM's draft layer then has q/k/v and o biases
             out |= {
                 p + "self_attn.q_proj.bias": ((heads * hd,), "float"),
@@ -117,6 +119,9 @@ def expected_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     out["layers.0.hidden_norm.weight"] = ((H,), "float")
     if config.get("norm_before_fc"):
         out["input_norm.weight"] = ((fused,), "float")
+    if config.get("fc_norm"):  # Eagle 3.1: one norm per aux state
+        Ht = config.get("target_hidden_size") or H
+        out |= {f"fc_norm.{i}.weight": ((Ht,), "float") for i in range(fused // Ht)}
     if Vd != V:
         out |= {"d2t": ((Vd,), "int64"), "t2d": ((V,), "bool")}
     return out
@@ -290,6 +295,9 @@ def convert_research_checkpoint(
 ) -> Path:
     """EAGLE authors' research checkpoint (flat config, `midlayer.*`) -> speculators format in `output_dir`.
 
+    The tensors are read by `Eagle3DraftModel.from_pretrained` (its `key_mapping` renames `midlayer.*`); this adds
+    what the research config lacks.
+
     Args:
         verifier: hub id or folder of the verifier: its layer count gives the default aux ids `[2, n//2, n-3]`, its
             `max_position_embeddings` replaces a smaller one (which would clip RoPE in vLLM), and its embedding fills
@@ -299,13 +307,11 @@ def convert_research_checkpoint(
     from transformers import AutoConfig
 
     from .modeling import Eagle3Config, Eagle3DraftModel, default_aux_layer_ids
-    from .modeling.research_format import load_research_state_dict
 
     path = Path(path)
     flat = json.loads((path / "config.json").read_text())
     for key in ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "auto_map"):
         flat.pop(key, None)
-    tensors = load_research_state_dict(path)
     vconf = AutoConfig.from_pretrained(verifier).get_text_config() if verifier else None
     n = vconf.num_hidden_layers if vconf is not None else flat.get("verifier_num_hidden_layers")
     ids = aux_layer_ids or flat.get("eagle_aux_hidden_state_layer_ids") or (default_aux_layer_ids(n) if n else None)
@@ -333,24 +339,22 @@ def convert_research_checkpoint(
             "tie_word_embeddings": False,
         }
     )
-    if "embed_tokens.weight" not in tensors:
+    model, info = Eagle3DraftModel.from_pretrained(
+        path, config=config, output_loading_info=True, missing_ok=["embed_tokens.weight"]
+    )
+    if info["unexpected_keys"]:
+        raise UserError(
+            f"{path}: research checkpoint does not match its config: unexpected {info['unexpected_keys']}."
+        )
+    if "embed_tokens.weight" in info["missing_keys"]:  # the authors' drafts share the verifier's embedding
         if verifier is None:
             raise UserError(f"{path} has no embed_tokens.weight; pass --verifier to copy the verifier's embedding.")
         from .modeling.verifier_weights import load_verifier_tensors
 
-        tensors["embed_tokens.weight"] = load_verifier_tensors(verifier, AutoConfig.from_pretrained(verifier))[
-            "embed_tokens"
-        ].to(tensors["fc.weight"].dtype)
-    model = Eagle3DraftModel(config)
-    result = model.load_state_dict(tensors, strict=False)
-    saved = set(model.state_dict()) - set(model._keys_to_ignore_on_save or ())
-    missing = sorted(set(result.missing_keys) & saved)
-    if missing or result.unexpected_keys:
-        raise UserError(
-            f"{path}: research checkpoint does not match its config: missing {missing}, "
-            f"unexpected {sorted(result.unexpected_keys)}."
-        )
-    model.to(tensors["fc.weight"].dtype).save_pretrained(output_dir)
+        embed = load_verifier_tensors(verifier, AutoConfig.from_pretrained(verifier), roles=("embed_tokens",))
+        with torch.no_grad():
+            model.embed_tokens.weight.copy_(embed["embed_tokens"])
+    model.save_pretrained(output_dir)
     return Path(output_dir)
 
 

@@ -1,7 +1,8 @@
 """Verifier families end to end, each a tiny random config (`tiny_kit.TINY_FAMILIES`, no hub): datagen with
 transformers -> vocab -> a short training run -> export, and the training targets equal the verifier's own logits.
 
-The vLLM cells (datagen parity, serving the draft) run in `test_families_vllm.py`.
+The pipeline itself is `tests/families.py`; the vLLM cells (datagen parity, serving the draft) are in
+`test_families_vllm.py`.
 """
 
 from __future__ import annotations
@@ -12,66 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from speculators_hf.datagen import DatagenArguments, ShardDataset, build_dataset
-from speculators_hf.export import export_checkpoint, vllm_serves_eagle3
+from speculators_hf.datagen import ShardDataset
+from speculators_hf.export import vllm_serves_eagle3
 from speculators_hf.modeling import Eagle3DraftModel
-from speculators_hf.tiny_kit import TINY_FAMILIES, tiny_family_verifier, write_chat_jsonl
-from speculators_hf.utils import UserError
-from speculators_hf.vocab import build_vocab_mapping, save_vocab_mapping
-
-FAMILIES = list(TINY_FAMILIES)
-SEQ, DRAFT_VOCAB = 96, 384
-
-
-@pytest.fixture(scope="module")
-def chats(tmp_path_factory):
-    return write_chat_jsonl(tmp_path_factory.mktemp("chats") / "chats.jsonl", limit=10)
+from tests.families import DRAFT_VOCAB, FAMILIES, OPTIONS, family_runs_fixture  # noqa: F401 - the fixture
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def run(request, chats, tmp_path_factory):
-    """One family through datagen (transformers) -> vocab -> 1 epoch of training -> export."""
-    from speculators_hf.cli.parser import make_parser, parse
-    from speculators_hf.training import Eagle3ModelArguments, Eagle3TrainingArguments
-    from speculators_hf.training.cli import train
-    from tests.training_data import train_argv
-
-    family = request.param
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp(family)
-    verifier = tiny_family_verifier(family)
-    data = root / "data"
-    args = DatagenArguments(
-        target_model_path=str(verifier),
-        train_data_path=str(chats),
-        output_dir=str(data),
-        cache_dir=str(root / "cache"),
-        seq_length=SEQ,
-        backend="transformers",
-        batch_size=4,
-        dtype="float32",
-    )
-    summary = build_dataset(args)
-    freq = torch.load(data / "token_freq.pt", weights_only=True)
-    vocab_size = json.loads((verifier / "config.json").read_text())["vocab_size"]
-    d2t, t2d = build_vocab_mapping(freq, DRAFT_VOCAB, vocab_size)
-    save_vocab_mapping(data, d2t, t2d)
-    model_args, train_args = parse(
-        make_parser((Eagle3ModelArguments, Eagle3TrainingArguments)),
-        train_argv(verifier, data, root / "ckpt", "--total-seq-len", "192", "--ttt-steps", "2"),
-    )[:2]
-    trainer = train(model_args, train_args)
-    try:
-        exported, error = (
-            export_checkpoint(root / "ckpt" / "0", root / "draft", verifier_hub_id=str(verifier))[0],
-            None,
-        )
-    except UserError as err:
-        exported, error = None, str(err)
-    return dict(
-        family=family, verifier=verifier, data=data, summary=summary, d2t=d2t, t2d=t2d, trainer=trainer,
-        exported=exported, export_error=error,
-    )  # fmt: skip
+def run(request, family_runs):
+    return family_runs.get(request.param)
 
 
 def test_datagen_with_transformers(run):
@@ -113,3 +63,20 @@ def test_trains_and_exports_or_refuses_in_one_line(run):
         assert draft["transformer_layer_config"]["hidden_act"] == "silu"  # the only activation vLLM's draft runs
     else:
         assert "\n" not in run["export_error"] and "does not serve EAGLE-3 drafts" in run["export_error"]
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_draft_options_train_and_export(family_runs, name):
+    """Eagle-3.1 norms, a Qwen3-style draft layer, a draft narrower than the verifier: trained by
+    `speculators-hf train` and exported (served by vLLM in test_families_vllm.py)."""
+    run = family_runs.option(name)
+    assert run["export_error"] is None, run["export_error"]
+    history = [h for h in run["trainer"].state.log_history if "loss" in h]
+    assert history and np.isfinite(history[-1]["loss"])
+    config = json.loads((run["exported"] / "config.json").read_text())
+    expected = {
+        "eagle-3.1-norms": lambda c: c["fc_norm"] is True and c["norm_before_fc"] is True,
+        "qwen3-layer": lambda c: c["transformer_layer_config"]["model_type"] == "qwen3",
+        "narrow-draft": lambda c: c["target_hidden_size"] == 64 and c["transformer_layer_config"]["hidden_size"] == 32,
+    }[name]
+    assert expected(config), config

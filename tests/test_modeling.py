@@ -29,14 +29,24 @@ def mapping(vd=VD, v=V, seed=0):
 def inputs(config, B=2, T=9, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (B, T), generator=g)
-    aux = torch.randn(B, T, config.num_aux_layers * config.hidden_size, generator=g)
+    aux = torch.randn(B, T, config.num_aux_layers * (config.target_hidden_size or config.hidden_size), generator=g)
     return ids, aux
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"norm_before_residual": False}, {"norm_before_fc": True}, {"norm_output": True}, {"train_lm_head": False}],
+    [
+        {},
+        {"norm_before_residual": False},
+        {"norm_before_fc": True},
+        {"norm_output": True},
+        {"train_lm_head": False},
+        {"fc_norm": True},
+        {"fc_norm": True, "norm_before_fc": True},
+        {"draft_layer_type": "qwen3"},
+        {"hidden_size": 32, "intermediate_size": 96},  # narrower than the verifier (Ht = 64)
+    ],
 )
 def test_forward_shapes_and_options(num_layers, options):
     config = Eagle3Config.from_verifier(
@@ -46,7 +56,7 @@ def test_forward_shapes_and_options(num_layers, options):
     ids, aux = inputs(config)
     out = model(ids, aux_hidden_states=aux)
     assert out.logits.shape == (2, 9, VD)
-    assert out.hidden_states.shape == (2, 9, H)
+    assert out.hidden_states.shape == (2, 9, config.hidden_size)
     # carried state: post-norm exactly when norm_output
     rms = out.hidden_states.pow(2).mean(-1).sqrt()
     normed = torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
@@ -55,8 +65,12 @@ def test_forward_shapes_and_options(num_layers, options):
     out2 = model(ids, hidden_states=out.hidden_states)
     assert out2.logits.shape == (2, 9, VD) and not torch.allclose(out2.logits, out.logits)
     assert model.lm_head.weight.requires_grad == options.get("train_lm_head", True)
-    assert not model.embed_tokens.weight.requires_grad
+    assert model.embed_tokens.weight.requires_grad == ("hidden_size" in options)  # a copy only at the same width
+    assert config.target_hidden_size == (H if "hidden_size" in options else None)
     assert (model.input_norm is not None) == bool(options.get("norm_before_fc"))
+    assert (model.fc_norm is not None) == bool(options.get("fc_norm"))
+    q_norm = getattr(model.layers[-1].self_attn, "q_norm", None)
+    assert (q_norm is not None) == (options.get("draft_layer_type") == "qwen3")
     assert len(model.layers) == num_layers
 
 

@@ -23,12 +23,14 @@ EAGLE3_FIELDS = (
     "draft_vocab_size",
     "norm_before_residual",
     "norm_before_fc",
+    "fc_norm",
     "norm_output",
     "target_hidden_size",
     "eagle_aux_hidden_state_layer_ids",
 )
 # Our own training choices, kept at the top level too (vLLM ignores them).
 TRAINING_FIELDS = (
+    "draft_layer_type",
     "train_lm_head",
     "verifier_num_hidden_layers",
     "speculative_tokens",
@@ -68,6 +70,9 @@ LAYER_CONFIG_DROP = (
     "eos_token_id",
     "pad_token_id",
 )
+
+
+DRAFT_LAYER_TYPES = ("llama", "qwen3")  # the draft decoder layers vLLM 0.32 has EAGLE-3 classes for
 
 
 def default_aux_layer_ids(num_hidden_layers: int) -> list[int]:
@@ -126,8 +131,12 @@ class Eagle3Config(LlamaConfig):
             (id `i` = input to decoder layer `i`). These are the ids vLLM captures at serve time.
         norm_before_residual (`bool`): residual of the first layer is `hidden_norm(h)` instead of `h`.
         norm_before_fc (`bool`): Eagle 3.1: RMSNorm over the `3H` aux concatenation before `fc`.
+        fc_norm (`bool`): Eagle 3.1: one RMSNorm per aux state (each `Ht` wide) before `fc` (after `norm_before_fc`).
+        draft_layer_type (`str`): `"llama"` (default) or `"qwen3"` (q/k RMSNorm on each head, vLLM's
+            `Eagle3Qwen3ForCausalLM`); written as `transformer_layer_config.model_type`.
         norm_output (`bool`): Eagle 3.1: the carried hidden state is the final-norm output rather than the pre-norm.
-        target_hidden_size (`int`, *optional*): verifier hidden size when it differs from the draft's.
+        target_hidden_size (`int`, *optional*): verifier hidden size when it differs from the draft's (a narrower
+            draft: its embedding and lm_head are then its own, trained, since the verifier's have another width).
         train_lm_head (`bool`): whether lm_head trains (initialised from the verifier's rows either way).
         speculative_tokens (`int`): draft tokens per step when served (`num_speculative_tokens` in vLLM).
         verifier_name_or_path (`str`): hub id (preferred) or path of the verifier; vLLM's auto mode serves it.
@@ -141,6 +150,8 @@ class Eagle3Config(LlamaConfig):
     eagle_aux_hidden_state_layer_ids: list[int] | None = None
     norm_before_residual: bool = True
     norm_before_fc: bool = False
+    fc_norm: bool = False
+    draft_layer_type: str = "llama"
     norm_output: bool = False
     target_hidden_size: int | None = None
     train_lm_head: bool = True
@@ -156,6 +167,10 @@ class Eagle3Config(LlamaConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
+        if self.draft_layer_type not in DRAFT_LAYER_TYPES:
+            raise UserError(
+                f"draft_layer_type {self.draft_layer_type!r}: choose one of {', '.join(DRAFT_LAYER_TYPES)}."
+            )
         check_eagle3_fields(
             self.draft_vocab_size,
             self.vocab_size,
@@ -220,6 +235,8 @@ class Eagle3Config(LlamaConfig):
                 f"max_position_embeddings={kwargs['max_position_embeddings']} is smaller than the verifier's "
                 f"{shape['max_position_embeddings']}: vLLM would clip the draft's RoPE at serve time. Leave it unset."
             )
+        if kwargs.get("hidden_size", text.hidden_size) != text.hidden_size:
+            kwargs.setdefault("target_hidden_size", text.hidden_size)  # a narrower draft: fc reads num_aux * Ht
         name = verifier_name_or_path or getattr(verifier_config, "name_or_path", None) or None
         aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(n))
         # Checked here too so that callers get the UserError itself, not a dataclass validation wrapper.
@@ -246,7 +263,7 @@ class Eagle3Config(LlamaConfig):
         eagle = {k: flat.pop(k) for k in EAGLE3_FIELDS}
         training = {k: flat.pop(k) for k in TRAINING_FIELDS}
         layer = {k: v for k, v in flat.items() if k not in LAYER_CONFIG_DROP}
-        layer["model_type"] = "llama"
+        layer["model_type"] = training["draft_layer_type"]  # vLLM: llama -> Eagle3Llama, qwen3 -> Eagle3Qwen3
         return {
             **top,
             "speculators_model_type": "eagle3",
@@ -268,7 +285,6 @@ class Eagle3Config(LlamaConfig):
             },
             "transformer_layer_config": layer,
             **eagle,
-            "fc_norm": False,
             "train_lm_head": training["train_lm_head"],
             "verifier_num_hidden_layers": training["verifier_num_hidden_layers"],
             "tie_word_embeddings": False,
@@ -290,13 +306,14 @@ def flatten_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
     if layer is None:  # already flat: our own kwargs or the EAGLE authors' research config
         d.pop("model_type", None)
         return d
-    layer.pop("model_type", None)
+    draft_layer_type = layer.pop("model_type", None) or "llama"
     spec = d.pop("speculators_config", None) or {}
     methods = spec.get("proposal_methods") or [{}]
     verifier = spec.get("verifier") or {}
-    for key in ("speculators_model_type", "speculators_version", "fc_norm", "model_type", "auto_map", "torch_dtype"):
+    for key in ("speculators_model_type", "speculators_version", "model_type", "auto_map", "torch_dtype"):
         d.pop(key, None)
     out = {**layer, **d}
+    out.setdefault("draft_layer_type", draft_layer_type)
     out.setdefault("speculative_tokens", methods[0].get("speculative_tokens", 3))
     out.setdefault("verifier_name_or_path", verifier.get("name_or_path"))
     out.setdefault("verifier_architectures", verifier.get("architectures"))

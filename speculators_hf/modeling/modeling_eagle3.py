@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 from ..utils import UserError
 from .configuration_eagle3 import Eagle3Config
@@ -53,11 +54,10 @@ class Eagle3Output(ModelOutput):
     target_logits: torch.FloatTensor | None = None
 
 
-class Eagle3FirstDecoderLayer(LlamaDecoderLayer):
-    """Llama decoder layer whose attention reads `[input_layernorm(embeds) ‖ hidden_norm(hidden)]` (2H wide)."""
+class Eagle3FirstLayerMixin:
+    """The first draft layer: attention reads `[input_layernorm(embeds) ‖ hidden_norm(hidden)]` (2H wide)."""
 
-    def __init__(self, config: Eagle3Config, layer_idx: int = 0):
-        super().__init__(config, layer_idx)
+    def _widen(self, config: Eagle3Config) -> None:
         # ##### EAGLE-3: q/k/v take 2H; a second input norm for the hidden state #####
         attn, width, bias = self.self_attn, 2 * config.hidden_size, config.attention_bias
         attn.q_proj = nn.Linear(width, config.num_attention_heads * attn.head_dim, bias=bias)
@@ -95,12 +95,35 @@ class Eagle3FirstDecoderLayer(LlamaDecoderLayer):
         return residual + hidden_states
 
 
+class Eagle3FirstDecoderLayer(Eagle3FirstLayerMixin, LlamaDecoderLayer):
+    """Llama decoder layer whose attention reads `[input_layernorm(embeds) ‖ hidden_norm(hidden)]` (2H wide)."""
+
+    def __init__(self, config: Eagle3Config, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        self._widen(config)
+
+
+class Eagle3Qwen3FirstDecoderLayer(Eagle3FirstLayerMixin, Qwen3DecoderLayer):
+    """The same on a Qwen3 layer (RMSNorm on each query/key head), as vLLM's `Eagle3Qwen3ForCausalLM` runs it."""
+
+    def __init__(self, config: Eagle3Config, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        self._widen(config)
+
+
+# draft_layer_type -> (first layer, later layers)
+DRAFT_LAYERS = {
+    "llama": (Eagle3FirstDecoderLayer, LlamaDecoderLayer),
+    "qwen3": (Eagle3Qwen3FirstDecoderLayer, Qwen3DecoderLayer),
+}
+
+
 class Eagle3PreTrainedModel(PreTrainedModel):
     config: Eagle3Config
     config_class = Eagle3Config
     base_model_prefix = ""
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Eagle3FirstDecoderLayer", "LlamaDecoderLayer"]
+    _no_split_modules = ["Eagle3FirstDecoderLayer", "LlamaDecoderLayer"]  # per instance: its layer classes
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
@@ -124,12 +147,19 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         fused = config.num_aux_layers * Ht
 
         self.embed_tokens = nn.Embedding(V, H, config.pad_token_id)
-        self.embed_tokens.weight.requires_grad_(False)  # a copy of the verifier's, frozen
+        # A frozen copy of the verifier's embedding; a narrower draft (H < Ht) cannot copy it and trains its own.
+        self.embed_tokens.weight.requires_grad_(H != Ht)
         self.input_norm = LlamaRMSNorm(fused, eps=config.rms_norm_eps) if config.norm_before_fc else None
+        self.fc_norm = (
+            nn.ModuleList([LlamaRMSNorm(Ht, eps=config.rms_norm_eps) for _ in range(config.num_aux_layers)])
+            if config.fc_norm
+            else None
+        )
         self.fc = nn.Linear(fused, H, bias=False)
+        first, later = DRAFT_LAYERS[config.draft_layer_type]
+        self._no_split_modules = [first.__name__, later.__name__]
         self.layers = nn.ModuleList(
-            [Eagle3FirstDecoderLayer(config, 0)]
-            + [LlamaDecoderLayer(config, i) for i in range(1, config.num_hidden_layers)]
+            [first(config, 0)] + [later(config, i) for i in range(1, config.num_hidden_layers)]
         )
         self.norm = LlamaRMSNorm(H, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(H, Vd, bias=False)
@@ -161,6 +191,9 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         """`[B, T, num_aux * Ht]` concatenated verifier aux states -> `[B, T, H]` draft input state."""
         if self.input_norm is not None:
             aux_hidden_states = self.input_norm(aux_hidden_states)
+        if self.fc_norm is not None:  # one norm per aux state, as vLLM applies them
+            chunks = aux_hidden_states.chunk(len(self.fc_norm), dim=-1)  # num_aux x [B, T, Ht]
+            aux_hidden_states = torch.cat([norm(c) for norm, c in zip(self.fc_norm, chunks)], dim=-1)
         return self.fc(aux_hidden_states)
 
     def forward(
@@ -306,13 +339,14 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         from .research_format import RESEARCH_KEY_MAPPING, is_research_checkpoint
 
         want_info = kwargs.pop("output_loading_info", False)
+        missing_ok = set(kwargs.pop("missing_ok", ()))  # tensors the caller fills itself (export: the embedding)
         research = "key_mapping" not in kwargs and is_research_checkpoint(pretrained_model_name_or_path)
         if research:  # the EAGLE authors' format names layer 0 `midlayer.*`
             kwargs["key_mapping"] = RESEARCH_KEY_MAPPING
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         if research:
             model._weight_conversions = []  # save_pretrained writes our names, never `midlayer.*` again
-        missing = sorted(k for k in info["missing_keys"] if not k.startswith("verifier_"))
+        missing = sorted(set(info["missing_keys"]) - missing_ok)
         if missing:
             raise UserError(
                 f"Draft checkpoint {pretrained_model_name_or_path} is missing tensors {missing}; re-export it "
@@ -351,7 +385,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         self._keys_to_ignore_on_save = set(self._keys_to_ignore_on_save or ()) | {
             f"verifier_head.{key}" for key in head.state_dict()
         }
-        if init_lm_head:
+        if init_lm_head and Ht == self.config.hidden_size:  # a narrower draft keeps its own (trained) ones
             embed = load_verifier_tensors(path, verifier_config, roles=("embed_tokens",))["embed_tokens"]
             self.embed_tokens.weight.copy_(embed)
             self.lm_head.weight.copy_(head.rows.weight)
