@@ -289,6 +289,21 @@ TINY_FAMILIES: dict[str, tuple[str, dict]] = {
             max_position_embeddings=131072,
         ),
     ),
+    # Multimodal: the text path of a vision-language verifier (M-RoPE over 3 position sections; 1 vision block).
+    "qwen2.5-vl": (
+        "Qwen2_5_VLConfig",
+        dict(
+            text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[4, 6, 6])),
+            vision_config=dict(
+                depth=1,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                fullatt_block_indexes=[0],
+            ),
+        ),
+    ),
 }
 
 
@@ -299,9 +314,21 @@ def tiny_family_config(family: str, vocab_size: int = VOCAB_SIZE, **overrides):
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {sorted(TINY_FAMILIES)}")
     class_name, quirks = TINY_FAMILIES[family]
+    config_class = getattr(transformers, class_name)
+    if "text_config" in quirks:  # multimodal: the shape, vocabulary and token ids go to the text config
+        text = {**_FAMILY_SHAPE, **quirks["text_config"], "vocab_size": vocab_size, **overrides}
+        text = {k: v for k, v in text.items() if v is not None and k != "tie_word_embeddings"}
+        return config_class(text_config=text, vision_config=quirks["vision_config"], tie_word_embeddings=False)
     kwargs = {**_FAMILY_SHAPE, **quirks, "vocab_size": vocab_size, **overrides}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return getattr(transformers, class_name)(**kwargs)
+    return config_class(**kwargs)
+
+
+def tiny_family_model_class(config):
+    """The transformers class a family's verifier is built with (image-text-to-text for multimodal ones)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForCausalLM if type(config) in AutoModelForCausalLM._model_mapping else AutoModelForImageTextToText
 
 
 def _perturb_norms(model, scale: float = 0.3, seed: int = 0) -> None:
@@ -316,8 +343,6 @@ def _perturb_norms(model, scale: float = 0.3, seed: int = 0) -> None:
 
 def tiny_family_verifier(family: str) -> Path:
     """Path of a cached tiny random verifier of `family` (safetensors, the kit's tokenizer with its chat template)."""
-    from transformers import AutoModelForCausalLM
-
     tokenizer = build_tokenizer()
     config = tiny_family_config(
         family,
@@ -331,7 +356,7 @@ def tiny_family_verifier(family: str) -> Path:
 
     def build(tmp: Path) -> None:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = tiny_family_model_class(config).from_config(config, dtype=torch.float32)
         _perturb_norms(model)
         model.generation_config.do_sample = False
         model.save_pretrained(tmp, max_shard_size="300KB")

@@ -3,11 +3,11 @@ export, once per family (and per draft option) and session (`family_runs`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from speculators_hf.tiny_kit import TINY_FAMILIES, tiny_family_verifier, write_chat_jsonl
 from speculators_hf.utils import UserError
@@ -19,6 +19,7 @@ OPTIONS = {
     "eagle-3.1-norms": ("llama-3", ["--fc-norm", "true", "--norm-before-fc", "true"]),
     "qwen3-layer": ("qwen3", ["--draft-layer-type", "qwen3"]),
     "narrow-draft": ("llama-3", ["--draft-hidden-size", "32", "--draft-intermediate-size", "96"]),
+    "sliding-window": ("mistral", ["--draft-sliding-window", "8"]),
 }
 
 
@@ -69,7 +70,7 @@ def run_family(family: str, root: Path, chats: Path) -> dict:
     data = root / "data"
     summary = build_dataset(datagen_args(verifier, chats, data, root / "cache"))
     freq = torch.load(data / "token_freq.pt", weights_only=True)
-    vocab_size = json.loads((verifier / "config.json").read_text())["vocab_size"]
+    vocab_size = AutoConfig.from_pretrained(verifier).get_text_config().vocab_size
     d2t, t2d = build_vocab_mapping(freq, DRAFT_VOCAB, vocab_size)
     save_vocab_mapping(data, d2t, t2d)
     return dict(

@@ -16,6 +16,7 @@ import torch
 from speculators_hf.datagen import ShardDataset
 from speculators_hf.export import vllm_serves_eagle3
 from speculators_hf.modeling import Eagle3DraftModel
+from speculators_hf.tiny_kit import tiny_family_model_class
 from tests.families import DRAFT_VOCAB, FAMILIES, OPTIONS, family_runs_fixture  # noqa: F401 - the fixture
 
 
@@ -34,9 +35,10 @@ def test_datagen_with_transformers(run):
 
 def test_targets_are_the_verifiers_own_logits(run):
     """The draft's targets from datagen's pre-norm last states == the verifier's logits over the draft vocabulary."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    verifier = AutoModelForCausalLM.from_pretrained(run["verifier"], dtype=torch.float32).eval()
+    model_class = tiny_family_model_class(AutoConfig.from_pretrained(run["verifier"]))
+    verifier = model_class.from_pretrained(run["verifier"], dtype=torch.float32).eval()
     d2t, t2d = torch.from_numpy(run["d2t"]), torch.from_numpy(run["t2d"])
     draft = Eagle3DraftModel.from_verifier(str(run["verifier"]), d2t, t2d)
     target_ids = torch.arange(DRAFT_VOCAB) + d2t
@@ -67,7 +69,7 @@ def test_trains_and_exports_or_refuses_in_one_line(run):
 
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_draft_options_train_and_export(family_runs, name):
-    """Eagle-3.1 norms, a Qwen3-style draft layer, a draft narrower than the verifier: trained by
+    """Eagle-3.1 norms, a Qwen3-style draft layer, a draft narrower than the verifier, windowed attention: trained by
     `speculators-hf train` and exported (served by vLLM in test_families_vllm.py)."""
     run = family_runs.option(name)
     assert run["export_error"] is None, run["export_error"]
@@ -78,5 +80,9 @@ def test_draft_options_train_and_export(family_runs, name):
         "eagle-3.1-norms": lambda c: c["fc_norm"] is True and c["norm_before_fc"] is True,
         "qwen3-layer": lambda c: c["transformer_layer_config"]["model_type"] == "qwen3",
         "narrow-draft": lambda c: c["target_hidden_size"] == 64 and c["transformer_layer_config"]["hidden_size"] == 32,
+        "sliding-window": lambda c: (
+            c["transformer_layer_config"]["sliding_window"] == 8
+            and c["transformer_layer_config"]["layer_types"] == ["sliding_attention"]
+        ),
     }[name]
     assert expected(config), config

@@ -348,3 +348,39 @@ def test_checkpoint_missing_tensors_is_an_error(tmp_path, drop):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(UserError, match=f"missing tensors.*{drop}"):
         Eagle3DraftModel.from_pretrained(tmp_path)
+
+
+def test_sliding_window_training_masks_equal_windowed_drafting():
+    """A windowed draft: the TTT step-0/step-1 logits under the trainer's masks equal what the draft computes when
+    drafting incrementally (prefill, then one step from the carried state) with its own windowed causal attention."""
+    from transformers.cache_utils import DynamicCache
+
+    from speculators_hf.training.losses import shift_for_step, ttt_attention_mask
+
+    W, T = 4, 10
+    config = Eagle3Config.from_verifier(tiny_llama_config(), draft_vocab_size=VD, sliding_window=W)
+    assert config.to_dict()["transformer_layer_config"]["layer_types"] == ["sliding_attention"]
+    torch.manual_seed(0)
+    model = Eagle3DraftModel(config).eval()
+    ids, aux = inputs(config, B=1, T=T)
+    docs, pos = torch.zeros(1, T, dtype=torch.long), torch.arange(T)[None]
+
+    def ttt(window):
+        cache, step0 = DynamicCache(), ttt_attention_mask(docs, 0, sliding_window=window)
+        out0 = model(ids, aux_hidden_states=aux, position_ids=pos, attention_mask=step0, past_key_values=cache)
+        mask1 = ttt_attention_mask(docs, 1, step0, sliding_window=window)
+        out1 = model(shift_for_step(ids, 1), hidden_states=out0.hidden_states, position_ids=pos + 1,
+                     attention_mask=mask1, past_key_values=cache)  # fmt: skip
+        return out0.logits[0], out1.logits[0]
+
+    with torch.no_grad():
+        step0, step1 = ttt(W)
+        unwindowed = ttt(None)[1]
+        next_ids = shift_for_step(ids, 1)
+        for t in range(T - 1):
+            cache = DynamicCache(config=config)
+            pre = model(ids[:, : t + 1], aux_hidden_states=aux[:, : t + 1], past_key_values=cache, use_cache=True)
+            torch.testing.assert_close(pre.logits[0, t], step0[t])
+            one = model(next_ids[:, t : t + 1], hidden_states=pre.hidden_states[:, t:], past_key_values=cache)
+            torch.testing.assert_close(one.logits[0, 0], step1[t])
+    assert not torch.allclose(unwindowed[W:], step1[W:])  # the window does change what later rows see

@@ -86,9 +86,16 @@ class HFHiddenStatesBackend:
     ) -> HFHiddenStatesBackend:
         """Load the verifier; `attn_implementation` defaults to transformers' choice for it (sdpa where supported;
         eager for e.g. gpt-oss, whose attention sinks sdpa does not take)."""
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        config = AutoConfig.from_pretrained(path)
+        # Multimodal verifiers without a causal-LM class (Qwen2.5-VL): the whole model; only its text path runs
+        auto = (
+            AutoModelForCausalLM
+            if type(config) in AutoModelForCausalLM._model_mapping
+            else AutoModelForImageTextToText
+        )
+        model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
         return cls(model.to(device), layer_ids)
 
     @torch.no_grad()

@@ -134,6 +134,8 @@ class Eagle3Config(LlamaConfig):
         fc_norm (`bool`): Eagle 3.1: one RMSNorm per aux state (each `Ht` wide) before `fc` (after `norm_before_fc`).
         draft_layer_type (`str`): `"llama"` (default) or `"qwen3"` (q/k RMSNorm on each head, vLLM's
             `Eagle3Qwen3ForCausalLM`); written as `transformer_layer_config.model_type`.
+        sliding_window (`int`, *optional*): every draft layer attends to the last `sliding_window` positions only
+            (written with `layer_types` all `"sliding_attention"`, which vLLM's draft layers read).
         norm_output (`bool`): Eagle 3.1: the carried hidden state is the final-norm output rather than the pre-norm.
         target_hidden_size (`int`, *optional*): verifier hidden size when it differs from the draft's (a narrower
             draft: its embedding and lm_head are then its own, trained, since the verifier's have another width).
@@ -152,6 +154,7 @@ class Eagle3Config(LlamaConfig):
     norm_before_fc: bool = False
     fc_norm: bool = False
     draft_layer_type: str = "llama"
+    sliding_window: int | None = None
     norm_output: bool = False
     target_hidden_size: int | None = None
     train_lm_head: bool = True
@@ -167,6 +170,8 @@ class Eagle3Config(LlamaConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise UserError(f"sliding_window must be >= 1, got {self.sliding_window}.")
         if self.draft_layer_type not in DRAFT_LAYER_TYPES:
             raise UserError(
                 f"draft_layer_type {self.draft_layer_type!r}: choose one of {', '.join(DRAFT_LAYER_TYPES)}."
@@ -264,6 +269,10 @@ class Eagle3Config(LlamaConfig):
         training = {k: flat.pop(k) for k in TRAINING_FIELDS}
         layer = {k: v for k, v in flat.items() if k not in LAYER_CONFIG_DROP}
         layer["model_type"] = training["draft_layer_type"]  # vLLM: llama -> Eagle3Llama, qwen3 -> Eagle3Qwen3
+        if layer.get("sliding_window"):
+            layer["layer_types"] = ["sliding_attention"] * layer["num_hidden_layers"]
+        else:
+            layer.pop("sliding_window", None)
         return {
             **top,
             "speculators_model_type": "eagle3",
@@ -307,6 +316,7 @@ def flatten_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
         d.pop("model_type", None)
         return d
     draft_layer_type = layer.pop("model_type", None) or "llama"
+    layer.pop("layer_types", None)  # all "sliding_attention" exactly when sliding_window is set
     spec = d.pop("speculators_config", None) or {}
     methods = spec.get("proposal_methods") or [{}]
     verifier = spec.get("verifier") or {}

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
@@ -258,7 +258,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
     def _prepare_attention_mask(self, mask, inputs_embeds, past_key_values, position_ids):
         if mask is None:
-            return create_causal_mask(
+            make = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
+            return make(
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=None,

@@ -47,22 +47,30 @@ class DecoderTail(nn.Module):
 
 
 def causal_lm_class(config: PreTrainedConfig) -> tuple[type[PreTrainedModel], PreTrainedConfig]:
-    """The transformers CausalLM class for a verifier config (its text config first) and the config it takes."""
-    mapping = AutoModelForCausalLM._model_mapping
-    for candidate in (config.get_text_config(), config):
-        if type(candidate) in mapping:
-            return mapping[type(candidate)], candidate
+    """The transformers class that generates text for a verifier config and the config it takes: its text config's
+    CausalLM, else the full config's, else (multimodal verifiers such as Qwen2.5-VL) its image-text-to-text class."""
+    from transformers import AutoModelForImageTextToText
+
+    for auto, candidates in (
+        (AutoModelForCausalLM, (config.get_text_config(), config)),
+        (AutoModelForImageTextToText, (config,)),
+    ):
+        for candidate in candidates:
+            if type(candidate) in auto._model_mapping:
+                return auto._model_mapping[type(candidate)], candidate
     raise UserError(
-        f"transformers has no causal-LM class for verifier type {config.model_type!r} "
+        f"transformers has no causal-LM or image-text-to-text class for verifier type {config.model_type!r} "
         f"({', '.join(getattr(config, 'architectures', None) or [])}): its training targets cannot be built."
     )
 
 
-def _final_norm_name(base_model: nn.Module) -> str:
+def _final_norm(base_model: nn.Module) -> tuple[str, nn.Module]:
+    """`(attribute name, module)` of a base model's final norm (in its language model for multimodal models)."""
+    decoder = base_model.get_decoder() if hasattr(base_model, "get_decoder") else base_model
     for name in ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f"):
-        if isinstance(getattr(base_model, name, None), nn.Module):
-            return name
-    raise UserError(f"Cannot find the final norm of {type(base_model).__name__} (looked for norm, ln_f, ...).")
+        if isinstance(getattr(decoder, name, None), nn.Module):
+            return name, getattr(decoder, name)
+    raise UserError(f"Cannot find the final norm of {type(decoder).__name__} (looked for norm, ln_f, ...).")
 
 
 class VerifierHead(nn.Module):
@@ -91,18 +99,19 @@ class VerifierHead(nn.Module):
         """The verifier's head with uninitialised (empty) tensors; fill them with `load_tensors`."""
         lm_class, config = causal_lm_class(verifier_config)
         config = copy.deepcopy(config)
-        config.num_hidden_layers = 0
-        if getattr(config, "layer_types", None) is not None:
-            config.layer_types = []
-        config.tie_word_embeddings = False  # the head holds its own rows, never the input embedding
+        text = config.get_text_config()
+        text.num_hidden_layers = 0
+        if getattr(text, "layer_types", None) is not None:
+            text.layer_types = []
+        for c in {id(config): config, id(text): text}.values():
+            c.tie_word_embeddings = False  # the head holds its own rows, never the input embedding
         with torch.device("meta"):
             shell = lm_class._from_config(config, dtype=torch.float32)
-        base = getattr(shell, shell.base_model_prefix)
-        norm_name = _final_norm_name(base)
+        norm_name, norm = _final_norm(getattr(shell, shell.base_model_prefix))
         head = shell.get_output_embeddings()
         head_name = next(name for name, module in shell.named_modules() if module is head)
         rows = nn.Linear(head.in_features, draft_vocab_size, bias=head.bias is not None, device="meta")
-        setattr(shell, shell.base_model_prefix, DecoderTail(norm_name, getattr(base, norm_name)))
+        setattr(shell, shell.base_model_prefix, DecoderTail(norm_name, norm))
         shell.set_submodule(head_name, rows)
         shell.to_empty(device="cpu")
         return cls(shell, head_name)

@@ -58,6 +58,9 @@ class Eagle3ModelArguments:
         default=None,
         metadata={"help": "Draft width if narrower than the verifier's (its embedding and lm_head then train)."},
     )
+    draft_sliding_window: int | None = field(
+        default=None, metadata={"help": "Draft attention over the last N positions only (long-context verifiers)."}
+    )
     draft_intermediate_size: int | None = field(
         default=None, metadata={"help": "Draft MLP width (default: the verifier's)."}
     )

@@ -89,7 +89,11 @@ def build_draft(
         validate_vocab_mapping(*mapping, len(mapping[0]), verifier_config.get_text_config().vocab_size)
     d2t, t2d = mapping if mapping is not None else (None, None)
     set_seed(seed)
-    shape = dict(hidden_size=model_args.draft_hidden_size, intermediate_size=model_args.draft_intermediate_size)
+    shape = dict(
+        hidden_size=model_args.draft_hidden_size,
+        intermediate_size=model_args.draft_intermediate_size,
+        sliding_window=model_args.draft_sliding_window,
+    )
     model = Eagle3DraftModel.from_verifier(
         model_args.verifier_name_or_path,
         d2t,

@@ -64,9 +64,10 @@ class Eagle3Trainer(Trainer):
     def _attention_masks(self, document_ids: torch.Tensor):
         """The K steps' attention masks, each built when its step runs from the step-0 mask built once per batch."""
         build = ttt_block_mask if self.model.config._attn_implementation == "flex_attention" else ttt_attention_mask
-        step0 = build(document_ids, 0)
+        window = getattr(self.model.config, "sliding_window", None)  # a draft with windowed attention
+        step0 = build(document_ids, 0, sliding_window=window)
         for k in range(self.args.ttt_steps):
-            yield build(document_ids, k, step0)
+            yield build(document_ids, k, step0, sliding_window=window)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`sum_k decay**k * KL_k`: K draft steps over one packed batch, each fed the previous step's hidden state."""
@@ -80,7 +81,7 @@ class Eagle3Trainer(Trainer):
         if mode == "train":
             aux = add_uniform_noise(aux, self.args.hidden_states_noise)
 
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()  # full layers: the TTT masks (windowed ones too) index every step's keys
         hidden, targets, target_ids, prev_correct = None, None, None, None
         loss, stats = 0.0, []
         for k, attention_mask in enumerate(self._attention_masks(document_ids)):
