@@ -21,7 +21,7 @@ from speculators_hf.datagen import ShardDataset
 from speculators_hf.export import VLLM_EAGLE3_VERIFIERS
 from tests.families import FAMILIES, OPTIONS, family_runs_fixture  # noqa: F401 - the fixture
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 K, MAX_NEW = 3, 16
 ROOT = Path(__file__).resolve().parents[1]
