@@ -14,6 +14,7 @@ from speculators_hf.utils import UserError
 
 FAMILIES = list(TINY_FAMILIES)
 SEQ, DRAFT_VOCAB = 96, 384
+MAX_NEW = 16  # greedy tokens per serving prompt
 # Draft options: the family whose data each trains on, and its training flags.
 OPTIONS = {
     "eagle-3.1-norms": ("llama-3", ["--fc-norm", "true", "--norm-before-fc", "true"]),
@@ -61,21 +62,45 @@ def train_and_export(verifier: Path, data: Path, root: Path, *flags: str) -> dic
     return dict(trainer=trainer, exported=exported, export_error=error)
 
 
+def load_verifier(path: Path):
+    from speculators_hf.tiny_kit import tiny_family_model_class
+
+    model_class = tiny_family_model_class(AutoConfig.from_pretrained(path))
+    return model_class.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def serving_prompts(verifier: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from tests.draft_fit import chat_prompts
+
+    return chat_prompts(AutoTokenizer.from_pretrained(verifier), 3) + [[5, 17, 300, 41, 1000, 7]]
+
+
 def run_family(family: str, root: Path, chats: Path) -> dict:
-    """One family through datagen (transformers) -> vocab -> 1 epoch of training -> export (or its refusal)."""
+    """One family through datagen (transformers) -> vocab -> 1 epoch of training -> export (or its refusal).
+
+    The draft vocabulary is datagen's most frequent assistant tokens plus every token of the verifier's greedy
+    continuations of the serving prompts, so that a draft fitted to them (test_families_vllm.py) can be accepted."""
+    from collections import Counter
+
     from speculators_hf.datagen import build_dataset
+    from speculators_hf.evaluation.online import greedy_baseline
     from speculators_hf.vocab import build_vocab_mapping, save_vocab_mapping
 
     verifier = tiny_family_verifier(family)
     data = root / "data"
     summary = build_dataset(datagen_args(verifier, chats, data, root / "cache"))
-    freq = torch.load(data / "token_freq.pt", weights_only=True)
+    prompts = serving_prompts(verifier)
+    reference = greedy_baseline(load_verifier(verifier), prompts, MAX_NEW)[0]
+    freq = Counter(torch.load(data / "token_freq.pt", weights_only=True))
+    freq.update({t: 10**6 for t in set().union(*map(set, reference))})
     vocab_size = AutoConfig.from_pretrained(verifier).get_text_config().vocab_size
     d2t, t2d = build_vocab_mapping(freq, DRAFT_VOCAB, vocab_size)
     save_vocab_mapping(data, d2t, t2d)
     return dict(
         family=family, root=root, chats=chats, verifier=verifier, data=data, summary=summary, d2t=d2t, t2d=t2d,
-        **train_and_export(verifier, data, root),
+        prompts=prompts, reference=reference, **train_and_export(verifier, data, root),
     )  # fmt: skip
 
 

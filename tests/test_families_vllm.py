@@ -19,58 +19,56 @@ import torch
 
 from speculators_hf.datagen import ShardDataset
 from speculators_hf.export import VLLM_EAGLE3_VERIFIERS
-from tests.families import FAMILIES, OPTIONS, family_runs_fixture  # noqa: F401 - the fixture
+from tests.families import FAMILIES, MAX_NEW, OPTIONS, family_runs_fixture  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-K, MAX_NEW = 3, 16
+K = 3
 ROOT = Path(__file__).resolve().parents[1]
 # vLLM's multimodal model files import torchvision, which the CPU install removes (its PyPI build is CUDA-only).
 NO_VLLM_HERE = {"qwen2.5-vl"} if importlib.util.find_spec("torchvision") is None else set()
 
 
-def prompts_for(verifier: Path) -> list[list[int]]:
-    from transformers import AutoTokenizer
+def fit_and_check(run: dict, out: Path) -> dict:
+    """The exported draft, fitted in seconds to the verifier's greedy continuations of the serving prompts (so that
+    drafts get accepted), re-checked by export, and its acceptance measured by our transformers spec decoding."""
+    from speculators_hf.evaluation.online import evaluate_transformers
+    from speculators_hf.export import check_checkpoint
+    from speculators_hf.modeling import Eagle3DraftModel
+    from tests.draft_fit import fit_draft
+    from tests.families import load_verifier
 
-    from tests.draft_fit import chat_prompts
-
-    return chat_prompts(AutoTokenizer.from_pretrained(verifier), 3) + [[5, 17, 300, 41, 1000, 7]]
+    verifier = load_verifier(run["verifier"])
+    draft = Eagle3DraftModel.from_pretrained(run["exported"], dtype=torch.float32)
+    fit_draft(draft, verifier, run["prompts"], MAX_NEW, steps=60)
+    draft.save_pretrained(out)
+    check_checkpoint(out)
+    hf = evaluate_transformers(draft, verifier, run["prompts"], K, MAX_NEW, baseline=False)
+    assert hf.output_ids == run["reference"]
+    return {"draft": str(out), "hf_tau": hf.tau, "hf_accepted": hf.num_accepted_tokens}
 
 
 @pytest.fixture(scope="module")
 def cells(family_runs, tmp_path_factory):
-    """Every family's vLLM datagen and serving run, in one subprocess; plus the transformers greedy references."""
-    from transformers import AutoModelForCausalLM
-
-    from speculators_hf.evaluation.online import greedy_baseline
+    """Every family's vLLM datagen and serving run, in one subprocess; plus the drafts' transformers acceptance."""
 
     tmp = tmp_path_factory.mktemp("vllm_families")
-    jobs, references = [], {}
-    for family in FAMILIES:
-        if family in NO_VLLM_HERE:
-            continue
-        run = family_runs.get(family)
-        jobs.append(
-            dict(kind="datagen", family=family, verifier=str(run["verifier"]), chats=str(run["chats"]),
-                 out=str(run["root"] / "data_vllm"), cache=str(run["root"] / "cache"))
-        )  # fmt: skip
-        if run["exported"] is not None:
-            prompts = prompts_for(run["verifier"])
-            verifier = AutoModelForCausalLM.from_pretrained(run["verifier"], dtype=torch.float32).eval()
-            references[family] = greedy_baseline(verifier, prompts, MAX_NEW)[0]
+    jobs, fitted = [], {}
+    served = [f for f in FAMILIES if f not in NO_VLLM_HERE] + list(OPTIONS)
+    for name in served:
+        run = family_runs.option(name) if name in OPTIONS else family_runs.get(name)
+        if name not in OPTIONS:
             jobs.append(
-                dict(kind="serve", family=family, verifier=str(run["verifier"]), draft=str(run["exported"]),
-                     prompts=prompts, k=K, max_new_tokens=MAX_NEW)
+                dict(kind="datagen", family=name, verifier=str(run["verifier"]), chats=str(run["chats"]),
+                     out=str(run["root"] / "data_vllm"), cache=str(run["root"] / "cache"))
             )  # fmt: skip
-    for name in OPTIONS:
-        run = family_runs.option(name)
-        if run["family"] not in references:
-            continue  # its family is not served
+        if run["exported"] is None:
+            continue  # refused at export: nothing vLLM could serve
+        fitted[name] = fit_and_check(run, tmp / f"{name}-fitted")
         jobs.append(
-            dict(kind="serve", family=name, verifier=str(run["verifier"]), draft=str(run["exported"]),
-                 prompts=prompts_for(run["verifier"]), k=K, max_new_tokens=MAX_NEW)
+            dict(kind="serve", family=name, verifier=str(run["verifier"]), draft=fitted[name]["draft"],
+                 prompts=run["prompts"], k=K, max_new_tokens=MAX_NEW)
         )  # fmt: skip
-        references[name] = references[run["family"]]
     request, result = tmp / "request.json", tmp / "result.json"
     request.write_text(json.dumps({"jobs": jobs}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -82,7 +80,7 @@ def cells(family_runs, tmp_path_factory):
     results = json.loads(result.read_text())
     print("vLLM family cells (s):", {k: v.get("seconds") for k, v in results.items() if isinstance(v, dict)})
     print("import_s:", results.get("import_s"))
-    return results, references
+    return results, fitted
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -116,12 +114,16 @@ def test_vllm_serves_the_draft_with_identical_greedy_output(cells, family_runs, 
     if run["exported"] is None:  # refused at export (tested in test_families.py): nothing vLLM could serve
         assert f"serve:{family}" not in cells[0]
         return
-    result = cells[0][f"serve:{family}"]
+    result, ours = cells[0][f"serve:{family}"], cells[1][family]
     assert "error" not in result, result.get("error")
-    assert result["output_ids"] == cells[1][family]
+    assert result["output_ids"] == run["reference"]
     metrics = result["metrics"]
-    print(f"{family}: vLLM spec decoding, drafts {metrics['num_drafts']}, accepted {metrics['num_accepted_tokens']}")
-    assert metrics["num_drafts"] > 0 and metrics["num_draft_tokens"] == K * metrics["num_drafts"]
+    tau = 1 + metrics["num_accepted_tokens"] / metrics["num_drafts"]
+    print(f"{family}: vLLM drafts {metrics['num_drafts']}, accepted {metrics['num_accepted_tokens']}, tau {tau:.2f}; "
+          f"transformers tau {ours['hf_tau']:.2f}")  # fmt: skip
+    assert metrics["num_draft_tokens"] == K * metrics["num_drafts"] and metrics["num_accepted_tokens"] > 0
+    # vLLM runs the same draft computation as ours (embedding, RoPE, norms, the option under test): same acceptance
+    assert abs(tau - ours["hf_tau"]) < 0.35
 
 
 def test_eagle3_verifier_table_matches_installed_vllm():
