@@ -107,6 +107,11 @@ def test_config_takes_shape_and_rope_from_verifier():
         Eagle3Config.from_verifier(verifier, max_position_embeddings=2048)
 
 
+def test_narrow_draft_must_train_its_lm_head():
+    with pytest.raises(UserError, match="cannot copy the verifier's 64-wide lm_head"):
+        Eagle3Config.from_verifier(tiny_llama_config(), hidden_size=32, train_lm_head=False)
+
+
 def test_default_aux_layer_ids():
     assert default_aux_layer_ids(32) == [2, 16, 29]  # Llama-3.1-8B, vLLM's default
     assert default_aux_layer_ids(36) == [2, 18, 33]

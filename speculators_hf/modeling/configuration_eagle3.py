@@ -102,6 +102,14 @@ def draft_rope_parameters(text_config: PreTrainedConfig) -> dict | None:
     return rope
 
 
+def check_narrow_draft(hidden_size: int, target_hidden_size: int | None, train_lm_head: bool) -> None:
+    if target_hidden_size not in (None, hidden_size) and not train_lm_head:
+        raise UserError(
+            f"A draft of width {hidden_size} cannot copy the verifier's {target_hidden_size}-wide lm_head: its own "
+            "must train (leave --train-lm-head true)."
+        )
+
+
 def check_eagle3_fields(draft_vocab_size, vocab_size, aux_layer_ids, verifier_num_hidden_layers, speculative_tokens):
     if not 0 < draft_vocab_size <= vocab_size:
         raise UserError(
@@ -172,6 +180,7 @@ class Eagle3Config(LlamaConfig):
         super().validate_architecture()
         if self.sliding_window is not None and self.sliding_window < 1:
             raise UserError(f"sliding_window must be >= 1, got {self.sliding_window}.")
+        check_narrow_draft(self.hidden_size, self.target_hidden_size, self.train_lm_head)
         if self.draft_layer_type not in DRAFT_LAYER_TYPES:
             raise UserError(
                 f"draft_layer_type {self.draft_layer_type!r}: choose one of {', '.join(DRAFT_LAYER_TYPES)}."
@@ -242,6 +251,7 @@ class Eagle3Config(LlamaConfig):
             )
         if kwargs.get("hidden_size", text.hidden_size) != text.hidden_size:
             kwargs.setdefault("target_hidden_size", text.hidden_size)  # a narrower draft: fc reads num_aux * Ht
+            check_narrow_draft(kwargs["hidden_size"], text.hidden_size, kwargs.get("train_lm_head", True))
         name = verifier_name_or_path or getattr(verifier_config, "name_or_path", None) or None
         aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(n))
         # Checked here too so that callers get the UserError itself, not a dataclass validation wrapper.
