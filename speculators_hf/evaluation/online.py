@@ -128,8 +128,8 @@ class SpeculativeGenerator:
         self, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None
     ) -> tuple[list[int], list[int]]:
         """Returns `(generated ids, accepted count per verification step)`."""
-        vcache = DynamicCache(config=self.verifier.config)
-        dcache = DynamicCache(config=self.draft.config)
+        # Full-length layers (no config): sliding-window layers (gpt-oss, Gemma-3, windowed drafts) cannot be cropped
+        vcache, dcache = DynamicCache(), DynamicCache()
         with capture_layer_inputs(self.verifier, self.layer_ids) as captured:
             preds, aux = self._verify(prompt_ids, vcache, captured)
             pending = int(preds[-1])

@@ -20,12 +20,19 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 from ..utils import UserError
 from .configuration_eagle3 import Eagle3Config
+from .verifier_head import VerifierHead
+
+VERIFIER_HEAD_MISSING = (
+    "The draft's verifier head (the source of its training targets) is not loaded: call "
+    "draft.load_verifier_head(<verifier id or folder>) or build the draft with Eagle3DraftModel.from_verifier."
+)
 
 
 @dataclass
@@ -55,11 +62,10 @@ class Eagle3Output(ModelOutput):
     step_agree: torch.BoolTensor | None = None
 
 
-class Eagle3FirstDecoderLayer(LlamaDecoderLayer):
-    """Llama decoder layer whose attention reads `[input_layernorm(embeds) ‖ hidden_norm(hidden)]` (2H wide)."""
+class Eagle3FirstLayerMixin:
+    """The first draft layer: attention reads `[input_layernorm(embeds) ‖ hidden_norm(hidden)]` (2H wide)."""
 
-    def __init__(self, config: Eagle3Config, layer_idx: int = 0):
-        super().__init__(config, layer_idx)
+    def _widen(self, config: Eagle3Config) -> None:
         # ##### EAGLE-3: q/k/v take 2H; a second input norm for the hidden state #####
         attn, width, bias = self.self_attn, 2 * config.hidden_size, config.attention_bias
         attn.q_proj = nn.Linear(width, config.num_attention_heads * attn.head_dim, bias=bias)
@@ -97,18 +103,38 @@ class Eagle3FirstDecoderLayer(LlamaDecoderLayer):
         return residual + hidden_states
 
 
+class Eagle3FirstDecoderLayer(Eagle3FirstLayerMixin, LlamaDecoderLayer):
+    """Llama decoder layer whose attention reads `[input_layernorm(embeds) ‖ hidden_norm(hidden)]` (2H wide)."""
+
+    def __init__(self, config: Eagle3Config, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        self._widen(config)
+
+
+class Eagle3Qwen3FirstDecoderLayer(Eagle3FirstLayerMixin, Qwen3DecoderLayer):
+    """The same on a Qwen3 layer (RMSNorm on each query/key head), as vLLM's `Eagle3Qwen3ForCausalLM` runs it."""
+
+    def __init__(self, config: Eagle3Config, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        self._widen(config)
+
+
+# draft_layer_type -> (first layer, later layers)
+DRAFT_LAYERS = {
+    "llama": (Eagle3FirstDecoderLayer, LlamaDecoderLayer),
+    "qwen3": (Eagle3Qwen3FirstDecoderLayer, Qwen3DecoderLayer),
+}
+
+
 class Eagle3PreTrainedModel(PreTrainedModel):
     config: Eagle3Config
     config_class = Eagle3Config
     base_model_prefix = ""
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Eagle3FirstDecoderLayer", "LlamaDecoderLayer"]
+    _no_split_modules = ["Eagle3FirstDecoderLayer", "LlamaDecoderLayer"]  # per instance: its layer classes
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    # Frozen verifier parts used only to build training targets: never saved, rebuilt by `from_verifier`.
-    _keys_to_ignore_on_save = ["verifier_norm.weight", "verifier_lm_head.weight"]
-    _keys_to_ignore_on_load_missing = [r"verifier_norm\.weight", r"verifier_lm_head\.weight"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -129,12 +155,19 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         fused = config.num_aux_layers * Ht
 
         self.embed_tokens = nn.Embedding(V, H, config.pad_token_id)
-        self.embed_tokens.weight.requires_grad_(False)  # a copy of the verifier's, frozen
+        # A frozen copy of the verifier's embedding; a narrower draft (H < Ht) cannot copy it and trains its own.
+        self.embed_tokens.weight.requires_grad_(H != Ht)
         self.input_norm = LlamaRMSNorm(fused, eps=config.rms_norm_eps) if config.norm_before_fc else None
+        self.fc_norm = (
+            nn.ModuleList([LlamaRMSNorm(Ht, eps=config.rms_norm_eps) for _ in range(config.num_aux_layers)])
+            if config.fc_norm
+            else None
+        )
         self.fc = nn.Linear(fused, H, bias=False)
+        first, later = DRAFT_LAYERS[config.draft_layer_type]
+        self._no_split_modules = [first.__name__, later.__name__]
         self.layers = nn.ModuleList(
-            [Eagle3FirstDecoderLayer(config, 0)]
-            + [LlamaDecoderLayer(config, i) for i in range(1, config.num_hidden_layers)]
+            [first(config, 0)] + [later(config, i) for i in range(1, config.num_hidden_layers)]
         )
         self.norm = LlamaRMSNorm(H, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(H, Vd, bias=False)
@@ -148,11 +181,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         else:
             self.d2t = self.t2d = None
 
-        # Frozen verifier parts for training targets: final norm and the lm_head rows of the draft vocabulary.
-        self.verifier_norm = LlamaRMSNorm(Ht, eps=config.rms_norm_eps)
-        self.verifier_lm_head = nn.Linear(Ht, Vd, bias=False)
-        self.verifier_norm.requires_grad_(False)
-        self.verifier_lm_head.requires_grad_(False)
+        # The verifier's own frozen head for training targets (`load_verifier_head`); never saved.
+        self.verifier_head: VerifierHead | None = None
 
         self.gradient_checkpointing = False
         self.post_init()
@@ -172,6 +202,9 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         """`[B, T, num_aux * Ht]` concatenated verifier aux states -> `[B, T, H]` draft input state."""
         if self.input_norm is not None:
             aux_hidden_states = self.input_norm(aux_hidden_states)
+        if self.fc_norm is not None:  # one norm per aux state, as vLLM applies them
+            chunks = aux_hidden_states.chunk(len(self.fc_norm), dim=-1)  # num_aux x [B, T, Ht]
+            aux_hidden_states = torch.cat([norm(c) for norm, c in zip(self.fc_norm, chunks)], dim=-1)
         return self.fc(aux_hidden_states)
 
     def forward(
@@ -264,7 +297,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
     def _prepare_attention_mask(self, mask, inputs_embeds, past_key_values, position_ids):
         if mask is None:
-            return create_causal_mask(
+            make = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
+            return make(
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=None,
@@ -284,8 +318,11 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
     @torch.no_grad()
     def verifier_logits(self, verifier_last_hidden_states: torch.Tensor) -> torch.Tensor:
-        """Verifier logits over the draft vocabulary from its *pre-norm* last hidden state `[..., Ht]`."""
-        return self.verifier_lm_head(self.verifier_norm(verifier_last_hidden_states))
+        """The verifier's own logits over the draft vocabulary from its *pre-norm* last hidden state: `[..., Ht]` ->
+        `[..., Vd]` (its final norm, lm_head rows and logit transform; see `VerifierHead`)."""
+        if self.verifier_head is None:
+            raise UserError(VERIFIER_HEAD_MISSING)
+        return self.verifier_head(verifier_last_hidden_states)
 
     @torch.no_grad()
     def draft(
@@ -342,13 +379,14 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         from .research_format import RESEARCH_KEY_MAPPING, is_research_checkpoint
 
         want_info = kwargs.pop("output_loading_info", False)
+        missing_ok = set(kwargs.pop("missing_ok", ()))  # tensors the caller fills itself (export: the embedding)
         research = "key_mapping" not in kwargs and is_research_checkpoint(pretrained_model_name_or_path)
         if research:  # the EAGLE authors' format names layer 0 `midlayer.*`
             kwargs["key_mapping"] = RESEARCH_KEY_MAPPING
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         if research:
             model._weight_conversions = []  # save_pretrained writes our names, never `midlayer.*` again
-        missing = sorted(k for k in info["missing_keys"] if not k.startswith("verifier_"))
+        missing = sorted(set(info["missing_keys"]) - missing_ok)
         if missing:
             raise UserError(
                 f"Draft checkpoint {pretrained_model_name_or_path} is missing tensors {missing}; re-export it "
@@ -358,30 +396,39 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
     @torch.no_grad()
     def load_verifier_head(self, verifier_name_or_path: str | None = None, init_lm_head: bool = False) -> None:
-        """Fill the frozen verifier parts used for targets (final norm, draft-vocab lm_head rows; never saved).
+        """Attach the verifier's frozen head used for targets (its final norm and draft-vocabulary lm_head rows, run
+        by its own CausalLM code; never saved).
 
         Reads only those tensors from the verifier's safetensors (default: the verifier recorded in the config).
         With `init_lm_head`, also initialise the embedding and the draft lm_head from the verifier (a new draft).
         """
         from transformers import AutoConfig
 
+        from .verifier_head import load_verifier_head
         from .verifier_weights import load_verifier_tensors
 
         path = verifier_name_or_path or self.config.verifier_name_or_path
         if not path:
             raise UserError("The draft config names no verifier: pass the verifier's id or folder.")
-        tensors = load_verifier_tensors(path, AutoConfig.from_pretrained(path))
-        if tensors["lm_head"].shape[1] != self.verifier_norm.weight.shape[0]:
+        verifier_config = AutoConfig.from_pretrained(path)
+        Ht = self.config.target_hidden_size or self.config.hidden_size
+        if verifier_config.get_text_config().hidden_size != Ht:
             raise UserError(
-                f"Verifier {path} has hidden size {tensors['lm_head'].shape[1]}, the draft expects "
-                f"{self.verifier_norm.weight.shape[0]}: it was built for another verifier."
+                f"Verifier {path} has hidden size {verifier_config.get_text_config().hidden_size}, the draft expects "
+                f"{Ht}: it was built for another verifier."
             )
-        rows = tensors["lm_head"][self.draft_to_target_ids(torch.arange(self.config.draft_vocab_size))]  # [Vd, Ht]
-        self.verifier_norm.weight.copy_(tensors["norm"])
-        self.verifier_lm_head.weight.copy_(rows)
-        if init_lm_head:
-            self.embed_tokens.weight.copy_(tensors["embed_tokens"])
-            self.lm_head.weight.copy_(rows)
+        target_ids = self.draft_to_target_ids(
+            torch.arange(self.config.draft_vocab_size, device=self.lm_head.weight.device)
+        )
+        head = load_verifier_head(path, target_ids.cpu(), verifier_config)
+        self.verifier_head = head.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        self._keys_to_ignore_on_save = set(self._keys_to_ignore_on_save or ()) | {
+            f"verifier_head.{key}" for key in head.state_dict()
+        }
+        if init_lm_head and Ht == self.config.hidden_size:  # a narrower draft keeps its own (trained) ones
+            embed = load_verifier_tensors(path, verifier_config, roles=("embed_tokens",))["embed_tokens"]
+            self.embed_tokens.weight.copy_(embed)
+            self.lm_head.weight.copy_(head.rows.weight)
 
     @classmethod
     def from_verifier(

@@ -49,6 +49,24 @@ class Eagle3ModelArguments:
     )
     norm_before_fc: bool = field(default=False, metadata={"help": "Eagle 3.1: RMSNorm over the fused aux states."})
     norm_output: bool = field(default=False, metadata={"help": "Eagle 3.1: carry the final-norm output."})
+    fc_norm: bool = field(default=False, metadata={"help": "Eagle 3.1: one RMSNorm per aux state before fc."})
+    draft_layer_type: str = field(
+        default="llama",
+        metadata={
+            "help": "Draft decoder layer: llama, or qwen3 (q/k norms; vLLM's Eagle3Qwen3).",
+            "choices": ["llama", "qwen3"],
+        },
+    )
+    draft_hidden_size: int | None = field(
+        default=None,
+        metadata={"help": "Draft width if narrower than the verifier's (its embedding and lm_head then train)."},
+    )
+    draft_sliding_window: int | None = field(
+        default=None, metadata={"help": "Draft attention over the last N positions only (long-context verifiers)."}
+    )
+    draft_intermediate_size: int | None = field(
+        default=None, metadata={"help": "Draft MLP width (default: the verifier's)."}
+    )
     train_lm_head: bool = field(default=True, metadata={"help": "Train the draft lm_head."})
     verifier_hub_id: str | None = field(
         default=None,

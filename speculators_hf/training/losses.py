@@ -36,13 +36,17 @@ STEP_STATS = ("loss_sum", "count", "correct", "cond_correct", "cond_count")
 # ------------------------------------------------------------------------------------------------------- masks
 
 
-def ttt_attention_mask(document_ids: torch.Tensor, step: int, step0: torch.Tensor | None = None) -> torch.Tensor:
+def ttt_attention_mask(
+    document_ids: torch.Tensor, step: int, step0: torch.Tensor | None = None, sliding_window: int | None = None
+) -> torch.Tensor:
     """Dense step-`step` attention mask (True = attend) for sdpa/eager.
 
     Args:
         document_ids (`torch.LongTensor` of shape `[B, T]`): document index per position, -1 on padding.
         step (`int`): the TTT step `k`; the keys are the `k + 1` cached steps, `(k + 1) * T` in all.
         step0 (`torch.BoolTensor` of shape `[B, 1, T, T]`, *optional*): this batch's step-0 mask, reused.
+        sliding_window (`int`, *optional*): a draft with windowed attention: row t's step-k query sits at position
+            `t + k`, so it sees the step-0 keys `s` with `t + k - s < sliding_window` (as vLLM's window does).
 
     Returns:
         `torch.BoolTensor` of shape `[B, 1, T, (k + 1) * T]`.
@@ -54,29 +58,43 @@ def ttt_attention_mask(document_ids: torch.Tensor, step: int, step0: torch.Tenso
     diagonal = (pos[:, None] == pos[None, :]).expand(B, 1, T, T)  # [B, 1, T, T]
     if step0 is None:
         same_doc = (document_ids[:, :, None] == document_ids[:, None, :]) & (document_ids[:, :, None] >= 0)
-        step0 = ((same_doc & (pos[:, None] >= pos[None, :]))[:, None] | diagonal).contiguous()  # causal per document
-    return step0 if step == 0 else torch.cat([step0] + [diagonal] * step, dim=-1)  # [B, 1, T, (k + 1) T]
+        causal = pos[:, None] >= pos[None, :]  # [T, T]
+        if sliding_window is not None:
+            causal = causal & (pos[:, None] - pos[None, :] < sliding_window)
+        step0 = ((same_doc & causal)[:, None] | diagonal).contiguous()  # causal per document
+    if step == 0:
+        return step0
+    first = step0
+    if sliding_window is not None:  # step k's queries sit k positions later: the window drops k more old keys
+        first = step0 & ((pos[:, None] + step - pos[None, :] < sliding_window) | diagonal)
+    return torch.cat([first] + [diagonal] * step, dim=-1)  # [B, 1, T, (k + 1) T]
 
 
-def ttt_block_mask(document_ids: torch.Tensor, step: int, step0=None):
+def ttt_block_mask(document_ids: torch.Tensor, step: int, step0=None, sliding_window: int | None = None):
     """The same mask as `ttt_attention_mask`, as a FlexAttention `BlockMask` (CUDA; flex has no CPU backward).
 
     With `step0` (this batch's step-0 `BlockMask`) and `T` a multiple of its block size, the step-`k` mask is the
     step-0 block lists plus one diagonal block per later step, written directly instead of re-evaluating the mask
-    over all `T x (k + 1) T` positions.
+    over all `T x (k + 1) T` positions (not with a sliding window, which drops more step-0 keys at every step).
     """
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
     B, T = document_ids.shape
+    window = sliding_window if sliding_window is not None else 2 * T + step + 1  # no window: every distance passes
 
     def mask_mod(b, h, q, kv):
         s = kv % T
         same_doc = (document_ids[b, q] == document_ids[b, s]) & (document_ids[b, q] >= 0)
-        return ((kv < T) & same_doc & (q >= s)) | (s == q)
+        return ((kv < T) & same_doc & (q >= s) & (q + step - s < window)) | (s == q)
 
     if step0 is not None and step == 0:
         return step0
-    if step0 is None or T % step0.BLOCK_SIZE[1] or step0.BLOCK_SIZE[0] != step0.BLOCK_SIZE[1]:
+    if (
+        step0 is None
+        or sliding_window is not None
+        or T % step0.BLOCK_SIZE[1]
+        or step0.BLOCK_SIZE[0] != step0.BLOCK_SIZE[1]
+    ):
         return create_block_mask(mask_mod, B, None, T, (step + 1) * T, device=document_ids.device)
     blocks = T // step0.BLOCK_SIZE[1]  # kv blocks per step (= q blocks)
     partial = step0.kv_num_blocks  # [B, 1, blocks]

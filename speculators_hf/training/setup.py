@@ -130,6 +130,11 @@ def build_draft(
         validate_vocab_mapping(*mapping, len(mapping[0]), verifier_config.get_text_config().vocab_size)
     d2t, t2d = mapping if mapping is not None else (None, None)
     set_seed(seed)
+    shape = dict(
+        hidden_size=model_args.draft_hidden_size,
+        intermediate_size=model_args.draft_intermediate_size,
+        sliding_window=model_args.draft_sliding_window,
+    )
     model = Eagle3DraftModel.from_verifier(
         model_args.verifier_name_or_path,
         d2t,
@@ -139,7 +144,10 @@ def build_draft(
         aux_layer_ids=aux_ids,
         norm_before_fc=model_args.norm_before_fc,
         norm_output=model_args.norm_output,
+        fc_norm=model_args.fc_norm,
+        draft_layer_type=model_args.draft_layer_type,
         train_lm_head=model_args.train_lm_head,
+        **{k: v for k, v in shape.items() if v is not None},
     )
     model.set_attn_implementation("flex_attention" if torch.cuda.is_available() else "sdpa")
     return model

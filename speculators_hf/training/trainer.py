@@ -21,7 +21,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..datagen.shards import dequantize
-from ..utils import get_logger
+from ..modeling.modeling_eagle3 import VERIFIER_HEAD_MISSING
+from ..utils import UserError, get_logger
 from .arguments import Eagle3TrainingArguments
 from .collator import DataCollatorForEagle3
 from .data import add_uniform_noise
@@ -57,6 +58,8 @@ class Eagle3Trainer(Trainer):
     def __init__(
         self, model, args: Eagle3TrainingArguments, train_dataset=None, eval_dataset=None, data_collator=None, **kwargs
     ):
+        if getattr(model, "verifier_head", None) is None:
+            raise UserError(VERIFIER_HEAD_MISSING)  # else every target would come from a random head
         args.apply_logging_env()
         if data_collator is None:
             data_collator = DataCollatorForEagle3(args.total_seq_len, args.loss_mask_alignment)
@@ -88,9 +91,10 @@ class Eagle3Trainer(Trainer):
     def _attention_masks(self, document_ids: torch.Tensor):
         """The K steps' attention masks, each built when its step runs from the step-0 mask built once per batch."""
         build = ttt_block_mask if self.model.config._attn_implementation == "flex_attention" else ttt_attention_mask
-        step0 = build(document_ids, 0)
+        window = getattr(self.model.config, "sliding_window", None)  # a draft with windowed attention
+        step0 = build(document_ids, 0, sliding_window=window)
         for k in range(self.args.ttt_steps):
-            yield build(document_ids, k, step0)
+            yield build(document_ids, k, step0, sliding_window=window)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`sum_k decay**k * KL_k`: K draft steps over one packed batch, each fed the previous step's hidden state,
@@ -106,7 +110,9 @@ class Eagle3Trainer(Trainer):
         if mode == "train":
             aux = add_uniform_noise(aux, self.args.hidden_states_noise)
 
-        cache = TTTCache()  # step k writes slot k and reads slots 0..k (replay-safe under gradient checkpointing)
+        # step k writes slot k and reads slots 0..k of every layer (replay-safe under gradient checkpointing; no
+        # window eviction: the TTT masks, windowed ones too, index every step's keys)
+        cache = TTTCache()
         hidden, states = None, []
         for k, attention_mask in enumerate(self._attention_masks(document_ids)):
             out = model(
