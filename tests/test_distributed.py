@@ -189,7 +189,11 @@ def test_fsdp2_on_two_cpu_processes_shards_and_resumes(tiny_verifier_path, data,
         assert r["accelerate_chose"] == "DistributedType.MULTI_CPU"  # what accelerate does on CPU by itself
         assert r["distributed_type"] == "DistributedType.FSDP" and r["num_processes"] == 2
         assert {"", "layers.0"} <= set(r["fsdp_units"])
-        assert r["frozen_moved"].keys() == {"embed_tokens.weight", "verifier_norm.weight", "verifier_lm_head.weight"}
+        assert r["frozen_moved"].keys() == {
+            "embed_tokens.weight",
+            "verifier_head.model.norm.weight",
+            "verifier_head.lm_head.weight",
+        }
         assert set(r["frozen_moved"].values()) == {0.0}
     for name, (local, full) in ranks[0]["parameter_pieces"].items():
         assert local + ranks[1]["parameter_pieces"][name][0] == full and local < full, name  # every one sharded
