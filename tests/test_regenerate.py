@@ -250,6 +250,34 @@ def test_resume_after_kill_gives_the_uninterrupted_output(reference, peaked_veri
     assert not records.parent.exists()
 
 
+def test_pipeline_regenerate_stage_feeds_datagen_and_is_skipped_when_unchanged(peaked_verifier_path, chats, tmp_path):
+    from speculators_hf.pipeline import Pipeline, PipelineArguments
+
+    def stages():
+        args = PipelineArguments(
+            verifier=str(peaked_verifier_path),
+            train_data_path=str(chats),
+            eval_prompts=str(chats),
+            output_dir=str(tmp_path / "run"),
+            regenerate=True,
+            regenerate_args="--max-new-tokens 12 --max-turns 2",
+            seq_length=256,
+            max_samples=3,
+            backend="transformers",
+        )
+        pipeline = Pipeline(args)
+        pipeline.resolve_inputs()
+        pipeline.regenerate()
+        pipeline.datagen()
+        return pipeline
+
+    assert set(stages().timings) == {"regenerate", "datagen"}
+    data = json.loads((tmp_path / "run" / "data" / "data_config.json").read_text())["data"]
+    assert data["train_data_path"] == str(tmp_path / "run" / "regenerated.jsonl")
+    assert data["regeneration"]["matches_source"] is True and data["regeneration"]["limits"]["max_model_len"] == 256
+    assert stages().timings == {}  # same inputs: both skipped
+
+
 # ------------------------------------------------------------------------------ reasoning, tools, round trip
 
 # The parts of Qwen3's template that matter here: reasoning dropped from history, a think block on the last turn.
