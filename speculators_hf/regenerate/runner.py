@@ -394,9 +394,12 @@ def _finished_summary(plan: Plan) -> dict | None:
     config = json.loads(layout.config.read_text()) if layout.config.exists() else None
     if config is not None and layout.output.exists() and config.get("fingerprint") == plan.fingerprint:
         if not args.overwrite:
+            shutil.rmtree(layout.partial, ignore_errors=True)  # left by a kill just before its removal
             logger.warning("%s is complete with the same flags and inputs: nothing to do.", layout.output)
             return config["counts"]
-    if layout.output.exists() and not args.overwrite:
+    state = json.loads(layout.state.read_text()) if layout.state.exists() else None
+    finishing = state is not None and state.get("fingerprint") == plan.fingerprint  # killed while writing the end
+    if layout.output.exists() and not args.overwrite and not finishing:
         why = "other flags or inputs" if config is not None else "no regenerate_config.json"
         raise UserError(
             f"--output-path {layout.output} exists ({why}); use another --output-path or --overwrite to replace it."
