@@ -6,6 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "regenerate": ("speculators_hf.regenerate.cli", "Regenerate chat responses with the verifier (on-policy data)."),
     "datagen": ("speculators_hf.datagen.cli", "Chat data -> tokens, loss masks and verifier hidden states."),
     "vocab": ("speculators_hf.vocab", "Token frequencies -> d2t.npy / t2d.npy."),
     "train": ("speculators_hf.training.cli", "Train an EAGLE-3 draft (Trainer + accelerate)."),

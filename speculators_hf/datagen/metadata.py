@@ -99,6 +99,13 @@ def device_info() -> dict:
     return info
 
 
+def regeneration_provenance(train_data_path: str) -> dict | None:
+    """What regenerated the chats (`regenerate_config.json` next to them), or None for chats not regenerated here."""
+    from ..regenerate.provenance import read_provenance
+
+    return read_provenance(train_data_path)
+
+
 def data_config(plan, status: str, summary: dict | None = None) -> dict:
     """The contents of `data_config.json` (the seed's fields, plus our fingerprint and format schema)."""
     args = plan.args
@@ -156,6 +163,7 @@ def data_config(plan, status: str, summary: dict | None = None) -> dict:
             "boundary_merges": plan.token_stats["boundary_merges"],
             "tokenized_fingerprint": plan.token_stats["fingerprint"],
             "loss_mask": "1 on assistant-turn tokens (prefix-by-prefix chat template rendering)",
+            "regeneration": regeneration_provenance(args.train_data_path),
         },
         "layer_ids": plan.layer_ids,
         "aux_layer_ids": plan.layer_ids[:-1],
