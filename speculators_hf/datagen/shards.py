@@ -24,7 +24,6 @@ and `index.json` is rewritten atomically after each one, so a killed run leaves 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..utils import UserError, atomic_path, write_json
+from ..validation import bad_file, read_json_if_exists, safetensors_header
 
 INDEX_FILE = "index.json"
 SHARD_FORMAT = "speculators_hf.shards"
@@ -136,8 +136,16 @@ def write_shard(
 
 
 def read_index(data_dir: str | Path) -> dict | None:
+    """`index.json` of a datagen folder (None when there is none), checked: `shards` lists `{"file": ...}` entries."""
     path = Path(data_dir) / INDEX_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    fix = "rerun datagen with the same flags (it rewrites index.json), or delete index.json"
+    index = read_json_if_exists(path, fix=fix)
+    if index is None:
+        return None
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in shards):
+        raise bad_file(str(path), 'has no list of {"file": ...} entries under "shards"', fix)
+    return index
 
 
 def write_index(data_dir: str | Path, index: dict) -> None:
@@ -156,6 +164,46 @@ def shard_storage(f, name: str) -> str:
     return storage
 
 
+# name -> (rank, safetensors dtypes allowed) of the tensors every shard holds
+_SHARD_TENSORS = {
+    "input_ids": (1, ("I64", "I32")),
+    "loss_mask": (1, ("U8", "I64", "I32", "BOOL")),
+    "hidden_states": (3, tuple(_STORED)),
+    "sample_offsets": (1, ("I64",)),
+}
+
+
+def check_shard(path: Path) -> tuple[list[int], torch.Tensor]:
+    """Check a shard's header (tensors, ranks, dtypes, matching lengths) and its sample offsets, without reading its
+    hidden states. Returns `(hidden_states shape [N, L, H], sample_offsets [S + 1])`."""
+    label = str(path)
+    fix = "it is truncated or not a datagen shard: delete it and rerun datagen with the same flags (it resumes)"
+    header = safetensors_header(path, label, fix)
+    for name, (rank, dtypes) in _SHARD_TENSORS.items():
+        if name not in header:
+            raise bad_file(label, f"has no {name} tensor", fix)
+        dtype, shape = header[name]
+        if len(shape) != rank or dtype not in dtypes:
+            raise bad_file(label, f"{name} is {dtype} {shape}, expected rank {rank} of {'/'.join(dtypes)}", fix)
+    n = header["input_ids"][1][0]
+    shape = header["hidden_states"][1]
+    if header["loss_mask"][1][0] != n or shape[0] != n:
+        raise bad_file(
+            label,
+            f"input_ids, loss_mask and hidden_states have {n}, {header['loss_mask'][1][0]} and {shape[0]} tokens",
+            fix,
+        )
+    if SCALE_KEY in header and header[SCALE_KEY][1] != shape[:2]:
+        raise bad_file(label, f"{SCALE_KEY} has shape {header[SCALE_KEY][1]}, expected {shape[:2]}", fix)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        offsets = f.get_tensor("sample_offsets")
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n or (offsets[1:] <= offsets[:-1]).any():
+        raise bad_file(label, f"sample_offsets do not split its {n} tokens into non-empty samples", fix)
+    return shape, offsets
+
+
 class ShardDataset(torch.utils.data.Dataset):
     """Random access to the samples of a datagen output folder, read lazily from memory-mapped safetensors.
 
@@ -171,6 +219,12 @@ class ShardDataset(torch.utils.data.Dataset):
         index = read_index(self.data_dir)
         if index is not None:
             files = [self.data_dir / s["file"] for s in index["shards"]]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise UserError(
+                    f"{self.data_dir / INDEX_FILE} lists {missing[0]}, which is missing ({len(missing)} of "
+                    f"{len(files)} shards): rerun datagen with the same flags (it resumes) or restore the file."
+                )
         else:
             files = sorted(self.data_dir.glob("data-*.safetensors"))
         if not files:
@@ -179,17 +233,22 @@ class ShardDataset(torch.utils.data.Dataset):
         self.offsets: list[torch.Tensor] = []
         self._where: list[tuple[int, int]] = []
         for k, file in enumerate(files):
+            shape, offsets = check_shard(file)
             with safe_open(str(file), "pt") as f:
-                offsets = f.get_tensor("sample_offsets")
                 storage = shard_storage(f, file.name)
-                if k == 0:
-                    self.hidden_shape = tuple(f.get_slice("hidden_states").get_shape()[1:])  # (L, H)
-                    self.storage = storage  # the --storage-dtype of every shard
-                elif storage != self.storage:
-                    raise UserError(
-                        f"{self.data_dir}: {file.name} stores hidden states as {storage} but {files[0].name} as "
-                        f"{self.storage}; one data folder holds one --storage-dtype (regenerate into a new folder)."
-                    )
+            if k == 0:
+                self.hidden_shape = tuple(shape[1:])  # (L, H)
+                self.storage = storage  # the --storage-dtype of every shard
+            elif storage != self.storage:
+                raise UserError(
+                    f"{self.data_dir}: {file.name} stores hidden states as {storage} but {files[0].name} as "
+                    f"{self.storage}; one data folder holds one --storage-dtype (regenerate into a new folder)."
+                )
+            elif tuple(shape[1:]) != self.hidden_shape:
+                raise UserError(
+                    f"{file}: hidden states of shape [N, {shape[1]}, {shape[2]}] but {files[0].name} has "
+                    f"[N, {self.hidden_shape[0]}, {self.hidden_shape[1]}]; one data folder holds one datagen run."
+                )
             self.offsets.append(offsets)
             self._where += [(k, s) for s in range(len(offsets) - 1)]
         self._handles: dict[int, object] = {}
