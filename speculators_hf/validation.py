@@ -16,13 +16,21 @@ from pathlib import Path
 
 from .utils import UserError
 
-_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}
+_JSON_TYPES = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+}
 
 
 def describe(err: BaseException, limit: int = 160) -> str:
     """The first line of the innermost message of an exception chain (libraries wrap the useful one), shortened."""
-    text = ""
-    while err is not None:
+    text, seen = "", set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
         first = str(err).strip().splitlines()[0].strip() if str(err).strip() else ""
         text = first or text or type(err).__name__
         err = err.__cause__ or (err.__context__ if not err.__suppress_context__ else None)

@@ -118,6 +118,7 @@ class Reader:
     bad: dict[str, Callable[[Path], None]]
     uses: tuple[str, ...] = ()
     generic: tuple[str, ...] = tuple(GENERIC)
+    prepare: Callable[[Path, Path], None] | None = None  # run on the copied inputs before the file is spoiled
 
 
 def _datagen(i: Path, o: Path, *extra: str) -> list[str]:
@@ -138,10 +139,26 @@ def _evaluate(i: Path, o: Path) -> list[str]:
             "--num-prompts", "100", "--max-new-tokens", "2", "--output-dir", str(o)]  # fmt: skip
 
 
-def _regenerate(i: Path, o: Path) -> list[str]:
+def _regenerate(i: Path, o: Path, output: Path | None = None) -> list[str]:
     return ["--target-model-path", str(i / "verifier"), "--train-data-path", str(i / "chats.jsonl"),
-            "--output-path", str(o / "regen.jsonl"), "--cache-dir", str(i.parent / "cache"),
+            "--output-path", str(output or o / "regen.jsonl"), "--cache-dir", str(i.parent / "cache"),
             "--backend", "transformers", "--max-new-tokens", "2"]  # fmt: skip
+
+
+def _resume_regenerate(i: Path, o: Path) -> list[str]:
+    """Regenerate into `regen/out.jsonl`, where an unfinished (or finished) earlier run left its records."""
+    return _regenerate(i, o, i / "regen" / "out.jsonl")
+
+
+def _same_run_state(i: Path, o: Path) -> None:
+    """The unfinished run's state.json with the fingerprint of these very flags, so that its records are read."""
+    from speculators_hf.cli.parser import make_parser, parse
+    from speculators_hf.regenerate.arguments import RegenerateArguments
+    from speculators_hf.regenerate.runner import prepare
+
+    (args,) = parse(make_parser(RegenerateArguments), _resume_regenerate(i, o))
+    state = {"fingerprint": prepare(args).fingerprint, "arguments": {}}
+    (i / "regen" / ".out.jsonl.partial" / "state.json").write_text(json.dumps(state))
 
 
 CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -171,6 +188,18 @@ READERS = [
     Reader("generation-config", "regenerate", "verifier/generation_config.json", _regenerate, {
         "wrong-type": write_json("greedy"),
     }, uses=("chats.jsonl", "verifier")),
+    # regenerate's own records, read when it resumes or finds its output done (regenerate/runner.py, writer.py)
+    Reader("regen-provenance", "regenerate", "regen/out.regenerate_config.json", _resume_regenerate, {
+        "wrong-type": write_json([]),
+    }, uses=("chats.jsonl", "verifier", "regen")),
+    Reader("regen-state", "regenerate", "regen/.out.jsonl.partial/state.json", _resume_regenerate, {
+        "wrong-type": write_json("fingerprint"),
+    }, uses=("chats.jsonl", "verifier", "regen")),
+    Reader("regen-records", "regenerate", "regen/.out.jsonl.partial/records-000.jsonl", _resume_regenerate, {
+        "random": lambda p: p.write_bytes(b"\xff\xfe" + np.random.default_rng(0).bytes(200) + b"\n"),
+        "torn-middle": lambda p: p.write_text('{"id": "a", "index": 0}\n{"id": \n{"id": "b", "index": 1}\n'),
+        "wrong-shape": write_lines({"id": "a", "index": 0}, {"chat": "b"}),
+    }, uses=("chats.jsonl", "verifier", "regen"), generic=(), prepare=_same_run_state),
     # datagen's own records, read when it resumes (datagen/builder.py _claim_output_dir)
     Reader("datagen-resume", "datagen", "out-before/data_config.json", lambda i, o: _datagen(i, i / "out-before"), {
         "wrong-type": write_json([]),
@@ -211,6 +240,9 @@ READERS = [
         "runs-code": code_npy,
     }, uses=("data",)),
     Reader("t2d", "train", "data/t2d.npy", _train, {"wrong-type": npy(np.full(2048, 7))}, uses=("data",)),
+    Reader("trainer-state", "train", "save/checkpoint-1/trainer_state.json", lambda i, o: _train(i, i / "save"), {
+        "wrong-type": write_json(["global_step"]),
+    }, uses=("data", "save"), generic=("truncated", "random")),
     Reader("resume-record", "train", "save/checkpoint-1/training_config.json", lambda i, o: _train(i, i / "save"), {
         "wrong-type": write_json(["fingerprint"]),
     }, uses=("data", "save"), generic=("truncated", "random")),
@@ -299,6 +331,11 @@ def inputs(tiny_verifier_path, tmp_path_factory):
     (root / "out-before" / "data_config.json").write_text("{}")
     (root / "save" / "checkpoint-1").mkdir(parents=True)
     (root / "save" / "checkpoint-1" / "training_config.json").write_text("{}")
+    (root / "save" / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    (root / "regen" / ".out.jsonl.partial").mkdir(parents=True)
+    (root / "regen" / "out.regenerate_config.json").write_text("{}")
+    (root / "regen" / ".out.jsonl.partial" / "state.json").write_text("{}")
+    (root / "regen" / ".out.jsonl.partial" / "records-000.jsonl").write_text("")
     d2t, t2d = load_vocab_mapping(data / "d2t.npy", data / "t2d.npy")
     torch.manual_seed(0)
     draft = Eagle3DraftModel.from_verifier(
@@ -342,7 +379,9 @@ def test_bad_file_is_one_line(reader, kind, inputs, tmp_path, capfd, monkeypatch
     work.mkdir()
     for name in spec.uses:
         (shutil.copytree if (inputs / name).is_dir() else shutil.copy2)(inputs / name, work / name)
-    (GENERIC.get(kind) or spec.bad[kind])(work / spec.target)
+    if spec.prepare is not None:
+        spec.prepare(work, out)
+    (spec.bad.get(kind) or GENERIC[kind])(work / spec.target)
     before = _digest(work)
     capfd.readouterr()
     code = cli_main([spec.cli, *spec.argv(work, out)])

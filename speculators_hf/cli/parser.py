@@ -182,7 +182,7 @@ def _scalar(label: str, key: str, value, hint, choices):
             elif hint is float:
                 if isinstance(value, bool):
                     raise ValueError
-                value = float(value)
+                value = value if isinstance(value, int) else float(value)  # YAML's 500 stays 500, as before
             else:
                 value = str(value)
         except (TypeError, ValueError, argparse.ArgumentTypeError):

@@ -166,9 +166,12 @@ def checkpoint_to_resume(args, inputs: dict) -> str | None:
         checkpoint = get_last_checkpoint(args.output_dir)
         if checkpoint is None:
             return None
+    if explicit and not Path(checkpoint).is_dir():
+        raise UserError(f"--resume-from-checkpoint {checkpoint} is not a folder (a checkpoint-<step>/ of a run).")
     config_path = Path(checkpoint) / TRAINING_CONFIG_FILE
     fix = "delete that checkpoint, or start fresh with --no-resume-from-checkpoint"
     recorded = read_json_if_exists(config_path, fix=fix) or {}
+    read_json_if_exists(Path(checkpoint) / "trainer_state.json", fix=fix)  # Trainer reads it: fail here, in one line
     if RUN_FINGERPRINT_KEY not in recorded:
         logger.warning("%s records no run fingerprint (an older version): resuming without checking.", checkpoint)
         return checkpoint
