@@ -5,7 +5,8 @@ samples end to end:
 
     input_ids       int64  [N]            N = total tokens of the shard's samples
     loss_mask       uint8  [N]            1 on assistant tokens
-    hidden_states   dtype  [N, L, H]      L = aux layers + the last layer (pre-norm), in `layer_ids` order
+    hidden_states   dtype  [N, L, H]      L = aux layers + the last layer (pre-norm), in `layer_ids` order;
+                                          absent in tokens-only shards (`--tokens-only`: states come from servers)
     sample_offsets  int64  [S + 1]        sample s spans [sample_offsets[s], sample_offsets[s + 1])
     sample_ids      int64  [S]            the sample's row in the tokenized dataset (for resume and provenance)
 
@@ -36,6 +37,8 @@ def shard_name(k: int) -> str:
 def write_shard(path: str | Path, samples: list[dict[str, torch.Tensor]], sample_ids: list[int]) -> dict:
     """Write samples (`input_ids [T]`, `loss_mask [T]`, `hidden_states [T, L, H]`) as one shard, atomically.
 
+    Samples without `hidden_states` (all of them) make a tokens-only shard.
+
     Returns the shard's entry for `index.json`.
     """
     lengths = [len(s["input_ids"]) for s in samples]
@@ -44,10 +47,14 @@ def write_shard(path: str | Path, samples: list[dict[str, torch.Tensor]], sample
     tensors = {
         "input_ids": torch.cat([s["input_ids"].long() for s in samples]),
         "loss_mask": torch.cat([s["loss_mask"].to(torch.uint8) for s in samples]),
-        "hidden_states": torch.cat([s["hidden_states"] for s in samples]).contiguous(),
         "sample_offsets": offsets,
         "sample_ids": torch.tensor(sample_ids, dtype=torch.long),
     }
+    with_states = sum("hidden_states" in s for s in samples)
+    if with_states not in (0, len(samples)):
+        raise ValueError(f"{with_states} of {len(samples)} samples have hidden_states: all or none (tokens only).")
+    if with_states:
+        tensors["hidden_states"] = torch.cat([s["hidden_states"] for s in samples]).contiguous()
     path = Path(path)
     with atomic_path(path) as tmp:
         # One metadata key: safetensors writes its metadata map in hash order, so two keys would make reruns differ.
@@ -73,7 +80,8 @@ def write_index(data_dir: str | Path, index: dict) -> None:
 class ShardDataset(torch.utils.data.Dataset):
     """Random access to the samples of a datagen output folder, read lazily from memory-mapped safetensors.
 
-    `dataset[i]` is `{"input_ids": [T] int64, "loss_mask": [T] int64, "hidden_states": [T, L, H]}`.
+    `dataset[i]` is `{"input_ids": [T] int64, "loss_mask": [T] int64, "hidden_states": [T, L, H]}`; tokens-only
+    folders (`--tokens-only`) have no `hidden_states` (`hidden_shape` is None, `tokens_only` True).
     """
 
     def __init__(self, data_dir: str | Path):
@@ -87,14 +95,18 @@ class ShardDataset(torch.utils.data.Dataset):
             raise UserError(f"No datagen shards (data-*.safetensors) in {self.data_dir}.")
         self.files = files
         self.offsets: list[torch.Tensor] = []
+        self.sample_ids: list[torch.Tensor] = []
         self._where: list[tuple[int, int]] = []
         for k, file in enumerate(files):
             with safe_open(str(file), "pt") as f:
                 offsets = f.get_tensor("sample_offsets")
+                self.sample_ids.append(f.get_tensor("sample_ids"))
                 if k == 0:
-                    self.hidden_shape = tuple(f.get_slice("hidden_states").get_shape()[1:])  # (L, H)
+                    has_states = "hidden_states" in f.keys()
+                    self.hidden_shape = tuple(f.get_slice("hidden_states").get_shape()[1:]) if has_states else None
             self.offsets.append(offsets)
             self._where += [(k, s) for s in range(len(offsets) - 1)]
+        self.tokens_only = self.hidden_shape is None
         self._handles: dict[int, object] = {}
 
     def __len__(self) -> int:
@@ -112,15 +124,19 @@ class ShardDataset(torch.utils.data.Dataset):
         k, s = self._where[i]
         return int(self.offsets[k][s + 1] - self.offsets[k][s])
 
+    def sample_id(self, i: int) -> int:
+        """Sample `i`'s row in datagen's tokenized dataset (stable across runs: the key of online caches)."""
+        k, s = self._where[i]
+        return int(self.sample_ids[k][s])
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         k, s = self._where[i]
         a, b = int(self.offsets[k][s]), int(self.offsets[k][s + 1])
         f = self._handle(k)
-        return {
-            "input_ids": f.get_slice("input_ids")[a:b].long(),
-            "loss_mask": f.get_slice("loss_mask")[a:b].long(),
-            "hidden_states": f.get_slice("hidden_states")[a:b],
-        }
+        sample = {"input_ids": f.get_slice("input_ids")[a:b].long(), "loss_mask": f.get_slice("loss_mask")[a:b].long()}
+        if not self.tokens_only:
+            sample["hidden_states"] = f.get_slice("hidden_states")[a:b]
+        return sample
 
 
 def write_v1_sample(path: str | Path, sample: dict[str, torch.Tensor]) -> None:

@@ -64,6 +64,11 @@ def build_datasets(
     dataset = open_dataset(path, version)
     if len(dataset) == 0:
         raise UserError(f"--data-path {path} holds no samples.")
+    if getattr(dataset, "tokens_only", False):
+        raise UserError(
+            f"--data-path {path} holds tokens only (datagen --tokens-only): train with --hidden-states-source online "
+            "or hybrid and --hidden-states-servers URL (speculators-hf serve-hidden-states)."
+        )
     train_idx, eval_idx = train_eval_split(len(dataset), args.eval_split, args.data_seed or 0)
     train = PackedDataset(dataset, train_idx, args.total_seq_len)
     held_out = PackedDataset(dataset, eval_idx, args.total_seq_len) if eval_idx else None
