@@ -8,6 +8,10 @@ import sys
 COMMANDS = {
     "datagen": ("speculators_hf.datagen.cli", "Chat data -> tokens, loss masks and verifier hidden states."),
     "vocab": ("speculators_hf.vocab", "Token frequencies -> d2t.npy / t2d.npy."),
+    "serve-hidden-states": (
+        "speculators_hf.online.server",
+        "Serve the verifier's hidden states from vLLM for online training.",
+    ),
     "train": ("speculators_hf.training.cli", "Train an EAGLE-3 draft (Trainer + accelerate)."),
     "export": ("speculators_hf.export", "Check or convert a draft checkpoint into the format vLLM serves."),
     "evaluate": ("speculators_hf.evaluation.cli", "Acceptance of a draft against its verifier."),
@@ -21,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: speculators-hf <command> [flags]   (speculators-hf <command> --help for its flags)\n")
         for name, (_, help_text) in COMMANDS.items():
-            print(f"  {name:<10} {help_text}")
+            print(f"  {name:<20} {help_text}")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -84,7 +84,8 @@ class ShardDataset(torch.utils.data.Dataset):
     folders (`--tokens-only`) have no `hidden_states` (`hidden_shape` is None, `tokens_only` True).
     """
 
-    def __init__(self, data_dir: str | Path):
+    def __init__(self, data_dir: str | Path, tokens_only: bool = False):
+        """`tokens_only=True` reads only tokens and loss masks even where the shards hold states."""
         self.data_dir = Path(data_dir)
         index = read_index(self.data_dir)
         if index is not None:
@@ -106,7 +107,7 @@ class ShardDataset(torch.utils.data.Dataset):
                     self.hidden_shape = tuple(f.get_slice("hidden_states").get_shape()[1:]) if has_states else None
             self.offsets.append(offsets)
             self._where += [(k, s) for s in range(len(offsets) - 1)]
-        self.tokens_only = self.hidden_shape is None
+        self.tokens_only = tokens_only or self.hidden_shape is None
         self._handles: dict[int, object] = {}
 
     def __len__(self) -> int:

@@ -22,6 +22,10 @@ def train(model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments) -> Ea
     # Trainer does the rest: DDP/FSDP, bf16 autocast on GPU, logging, <save-path>/<epoch>/ drafts, resume
     trainer = Eagle3Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset)
     trainer.train(resume_from_checkpoint=args.checkpoint_to_resume())
+    if model_args.hidden_states_source != "offline":
+        from ..online.dataset import report_hidden_states
+
+        report_hidden_states(trainer, train_dataset.dataset)
     return trainer
 
 

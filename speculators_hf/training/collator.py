@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 LOSS_MASK_ALIGNMENTS = ("predicted", "input")
+# Batch key of the per-sample statistics of online hidden-state fetches (`online.dataset.FETCH_STATS_COLUMNS`).
+FETCH_STATS = "hidden_states_fetch_stats"
 
 
 def align_sample(sample: dict[str, torch.Tensor], loss_mask_alignment: str = "predicted") -> dict[str, torch.Tensor]:
@@ -53,7 +55,11 @@ class DataCollatorForEagle3:
     dtype: torch.dtype | None = None  # the hidden states' dtype in the batch (None: as stored)
 
     def __call__(self, packs: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
-        return {key: torch.stack([row[key] for row in map(self.pack_row, packs)]) for key in self.KEYS}
+        batch = {key: torch.stack([row[key] for row in map(self.pack_row, packs)]) for key in self.KEYS}
+        stats = [s["fetch_stats"] for pack in packs for s in pack if "fetch_stats" in s]
+        if stats:  # online hidden states: what fetching this batch's samples cost, for the trainer's metrics
+            batch[FETCH_STATS] = torch.stack(stats)  # [samples, len(FETCH_STATS_COLUMNS)]
+        return batch
 
     KEYS = (
         "input_ids",
