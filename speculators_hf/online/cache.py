@@ -83,4 +83,5 @@ class HiddenStatesCache:
         self._files.add(path.name)
 
     def num_bytes(self) -> int:
-        return sum(os.path.getsize(self.folder / name) for name in self._files if (self.folder / name).exists())
+        """Bytes of every cache shard in the folder (written by any process)."""
+        return sum(os.path.getsize(p) for p in self.folder.glob("data-*.safetensors"))

@@ -171,10 +171,11 @@ class HiddenStatesServer:
         for path in self.spool_dir.glob("*.safetensors*"):
             path.unlink(missing_ok=True)
 
-    def start(self, log_path: str | Path | None = None) -> HiddenStatesServer:
-        """Start vLLM; its output goes to `log_path` (default: this process's stdout/stderr)."""
+    def start(self, log_path: str | Path | None = None, env: dict[str, str] | None = None) -> HiddenStatesServer:
+        """Start vLLM; its output goes to `log_path` (default: this process's stdout/stderr). `env` adds variables
+        (e.g. `CUDA_VISIBLE_DEVICES` for the GPUs of this server)."""
         self._claim_spool()
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if log_path is not None:
             self._log_file = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
