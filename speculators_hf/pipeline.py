@@ -132,6 +132,13 @@ class PipelineArguments:
         },
     )
     online_servers: int = field(default=1, metadata={"help": "With --online and no --online-gpus: servers to start."})
+    hidden_states_servers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "With --online: URLs of serve-hidden-states servers already running (started with the data's "
+            "layer ids and --max-model-len above --seq-length) to use instead of starting servers."
+        },
+    )
     force: list[str] = field(
         default_factory=list, metadata={"help": f"Rerun these stages even if up to date: {', '.join(STAGES)}, all."}
     )
@@ -339,6 +346,9 @@ class Pipeline:
         from .online.server import free_port
 
         a = self.args
+        if a.hidden_states_servers:  # a running fleet: nothing to start or stop
+            yield list(a.hidden_states_servers), {}
+            return
         config = json.loads((self.data_dir / "data_config.json").read_text())
         groups: list[dict[str, str]] = [{} for _ in range(a.online_servers)]
         trainer_env: dict[str, str] = {}

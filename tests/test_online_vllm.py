@@ -176,8 +176,37 @@ def test_two_trainer_processes_and_two_servers(data, servers, tiny_verifier_path
     assert "hidden states on disk: peak" in proc.stdout
 
 
+def test_pipeline_online_leaves_no_hidden_states_on_disk(data, servers, tiny_verifier_path, tmp_path, capsys):
+    from speculators_hf.pipeline import Pipeline, PipelineArguments
+
+    args = PipelineArguments(
+        verifier=str(tiny_verifier_path),
+        train_data_path=str(write_chat_jsonl(tmp_path / "chats.jsonl", 30)),
+        eval_prompts=str(write_chat_jsonl(tmp_path / "eval.jsonl", 4, offset=6000)),
+        output_dir=str(tmp_path / "run"),
+        seq_length=SEQ,
+        max_samples=20,
+        draft_vocab_size=512,
+        epochs=1,
+        total_seq_len=256,
+        eval_engine="transformers",
+        num_eval_prompts=2,
+        max_new_tokens=8,
+        online=True,
+        hidden_states_servers=[s.url for s in servers],
+    )
+    draft = Pipeline(args).run()
+    out = capsys.readouterr().out
+    assert (draft / "model.safetensors").exists() and "hidden states on disk: peak" in out
+    assert "left on disk: 0.00 MiB of states" in out
+    assert json.loads((tmp_path / "run" / "data" / "data_config.json").read_text())["tokens_only"] is True
+    report = json.loads((tmp_path / "run" / "checkpoints" / HIDDEN_STATES_REPORT).read_text())
+    assert report["fetched"] > 0 and report["skipped"] == 0
+    assert all(spool_files(s) == [] for s in servers)
+
+
 def _start_run(verifier, tokens, save, urls, *extra):
-    argv = train_argv(verifier, tokens, save, "--epochs", "6", "--eval-split", "0", "--save-strategy", "no")
+    argv = train_argv(verifier, tokens, save, "--epochs", "4", "--eval-split", "0", "--save-strategy", "no")
     argv += ["--hidden-states-source", "online", "--hidden-states-servers", *urls, *extra]
     return subprocess.Popen(
         [sys.executable, str(ROOT / "examples" / "train_eagle3.py"), *argv],
@@ -207,7 +236,7 @@ def test_killed_servers_retry_then_fail_with_one_line(data, servers, tiny_verifi
     assert proc.returncode == 0, err[-3000:]
     assert f"hidden-states server {b.url} failed" in err
     report = json.loads((tmp_path / "one-left" / HIDDEN_STATES_REPORT).read_text())
-    assert report["fetched"] == 6 * len(ShardDataset(tokens)) and report["skipped"] == 0 and report["retries"] > 0
+    assert report["fetched"] == 4 * len(ShardDataset(tokens)) and report["skipped"] == 0 and report["retries"] > 0
 
     proc = _start_run(tiny_verifier_path, tokens, tmp_path / "none-left", [a.url], "--hidden-states-timeout", "5")
     _kill_after_requests(a, 5, proc)

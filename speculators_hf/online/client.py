@@ -177,7 +177,7 @@ class HiddenStatesClient:
         while True:
             server = self._pick()
             if server is None:
-                self._wait_for_a_server()
+                self._wait_for_a_server(started)
                 continue
             try:
                 params = self._request(server, token_ids)
@@ -199,9 +199,11 @@ class HiddenStatesClient:
                     return Fetched(None, time.monotonic() - started, retries, 0, str(err))
                 retries += 1
 
-    def _wait_for_a_server(self) -> None:
+    def _wait_for_a_server(self, fetch_started: float) -> None:
+        """Sleep until a server's backoff ends; fail once no server has answered for `timeout` seconds (counted
+        from the last answer, or from this fetch's start when the trainer has not asked for a while)."""
         with self._lock:
-            waited = time.monotonic() - self._last_answer
+            waited = time.monotonic() - max(self._last_answer, fetch_started)
             wake = min(s.down_until for s in self.servers)
         if waited > self.timeout:
             raise ProducerUnavailable(self._none_left_message(waited))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -55,7 +56,12 @@ class SpoolTransport:
     def __init__(self, path_map: dict[str, str] | None = None, lock_timeout: float = 120.0):
         self.path_map = dict(path_map or {})
         self.lock_timeout = lock_timeout
-        self.last_spool_bytes = 0  # bytes of states in the spool folder when the last file was read
+        self._local = threading.local()
+
+    @property
+    def last_spool_bytes(self) -> int:
+        """Bytes of states in the spool folder when this thread last read a file (a sample of the disk in use)."""
+        return getattr(self._local, "spool_bytes", 0)
 
     def local_path(self, kv_transfer_params: dict) -> Path:
         path = (kv_transfer_params or {}).get("hidden_states_path")
@@ -74,7 +80,7 @@ class SpoolTransport:
                 data = path.read_bytes()
             except FileNotFoundError as err:
                 raise BadStates(f"{path} does not exist: is the spool folder shared with this machine?") from err
-            self.last_spool_bytes = spool_bytes(path.parent)
+            self._local.spool_bytes = spool_bytes(path.parent)
             try:
                 return load(data)
             except Exception as err:  # a file cut short by a server that died while writing it
