@@ -4,10 +4,10 @@
     .venv/bin/python benchmarks/online.py --servers 2 --samples 240 --epochs 3
 
 One job: datagen tokenizes the same chats twice (full shards with the transformers backend, and `--tokens-only`), the
-server(s) start, then the offline run and the online run train the same draft on the same samples in the same order
-with the same flags (2 DataLoader workers each), in this process one after the other, while the servers run. Tokens/s
-and data_wait_fraction are the means over the logging intervals after the first (warm-up). Disk: the offline shards'
-bytes vs the online run's peak bytes of states in the servers' spool folders (measured at every read).
+server(s) start, then offline and online runs alternate (`--repeats` pairs) in this process while the servers run:
+the same draft, samples, order and flags (2 DataLoader workers each). Tokens/s and data_wait_fraction are the means
+over the logging intervals after the first (warm-up); the ratio compares the medians. Disk: the offline shards'
+bytes vs the online runs' peak bytes of states in the servers' spool folders (measured at every read).
 
 On a CPU machine the servers and the trainer share the cores, so the online run pays for the verifier's forward passes
 too; on GPUs the producers have their own devices.
@@ -32,7 +32,10 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=160, help="chats (the embedded chitchat text)")
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--total-seq-len", type=int, default=1024)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument(
+        "--repeats", type=int, default=2, help="offline/online pairs, alternating (the spread is the noise)"
+    )
     p.add_argument("--servers", type=int, default=1)
     p.add_argument("--max-in-flight", type=int, default=8)
     p.add_argument("--logging-steps", type=int, default=5)
@@ -112,57 +115,52 @@ def main(argv=None) -> dict:
         for server in servers:
             server.wait_ready()
         C.log(f"{len(servers)} server(s) ready in {time.perf_counter() - started:.0f} s")
-        C.log("offline run")
-        offline = train_once(verifier, work / "full", work / "ckpt-offline", a)
-        C.log("online run")
-        online = train_once(
-            verifier,
-            work / "tokens",
-            work / "ckpt-online",
-            a,
-            "--hidden-states-source",
-            "online",
-            "--hidden-states-servers",
-            *(s.url for s in servers),
-            "--hidden-states-max-in-flight",
-            str(a.max_in_flight),
-        )
+        online_flags = ["--hidden-states-source", "online", "--hidden-states-servers", *(s.url for s in servers)]
+        online_flags += ["--hidden-states-max-in-flight", str(a.max_in_flight)]
+        runs = []
+        for r in range(a.repeats):
+            C.log(f"offline run {r + 1}/{a.repeats}")
+            runs.append({"run": "offline", **train_once(verifier, work / "full", work / f"ckpt-offline{r}", a)})
+            C.log(f"online run {r + 1}/{a.repeats}")
+            runs.append(
+                {"run": "online", **train_once(verifier, work / "tokens", work / f"ckpt-online{r}", a, *online_flags)}
+            )
     finally:
         for server in servers:
             server.stop()
 
-    peak = online["report"]["disk_peak_bytes"]
+    def median(kind: str, key: str) -> float:
+        values = sorted(x[key] for x in runs if x["run"] == kind)
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+    peak = max(x["report"]["disk_peak_bytes"] for x in runs if x["run"] == "online")
+    speed = C.ratio(median("online", "tokens_per_second"), median("offline", "tokens_per_second"))
     results = {
-        "machine": C.machine_info("cpu"),
+        "machine": C.machine_info("cpu") | {"load_average_at_end": C.load_average()},
         "settings": vars(a) | {"work_dir": str(a.work_dir), "output": str(a.output), "dtype": dtype},
         "data": {
             "samples": full["samples"],
             "tokens": full["tokens"],
             "offline_shard_bytes": full["bytes"],
             "tokens_only_bytes": tokens["bytes"],
-        },  # fmt: skip
-        "offline": offline,
-        "online": online,
+        },
+        "runs": runs,
         "ratios": {
-            "online_over_offline_tokens_per_second": C.ratio(
-                online["tokens_per_second"], offline["tokens_per_second"]
-            ),
+            "online_over_offline_tokens_per_second": speed,
             "offline_shard_bytes_over_online_peak": C.ratio(full["bytes"], peak),
         },
     }
     rows = [
-        ["offline", offline["tokens_per_second"], offline["data_wait_fraction"], full["bytes"] / 2**20, "-"],
-        ["online", online["tokens_per_second"], online["data_wait_fraction"], peak / 2**20,
-         C.fmt(results["ratios"]["online_over_offline_tokens_per_second"], 2)],
+        [x["run"], x["tokens_per_second"], C.fmt(x["data_wait_fraction"], 4), C.fmt(x["final_loss"], 6),
+         (x["report"]["disk_peak_bytes"] if x["report"] else full["bytes"]) / 2**20]
+        for x in runs
     ]  # fmt: skip
+    print(C.markdown_table(["run", "tokens/s", "data_wait_fraction", "final loss", "states on disk (MiB)"], rows))
     print(
-        C.markdown_table(
-            ["run", "tokens/s", "data_wait_fraction", "hidden states on disk (MiB)", "tokens/s ratio"], rows
-        )
-    )
-    print(
-        f"offline shards / online peak on disk: {C.fmt(results['ratios']['offline_shard_bytes_over_online_peak'])}x "
-        f"({full['samples']} samples, {full['tokens']} tokens, {a.epochs} epochs, {a.servers} server(s))"
+        f"online/offline tokens/s (medians): {C.fmt(speed, 2)}; offline shards / online peak on disk: "
+        f"{C.fmt(results['ratios']['offline_shard_bytes_over_online_peak'])}x ({full['samples']} samples, "
+        f"{full['tokens']} tokens, {a.epochs} epoch(s), {a.servers} server(s))"
     )
     C.save_results(a.output or work / f"online-{time.strftime('%Y%m%d-%H%M%S')}.json", results)
     return results

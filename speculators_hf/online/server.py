@@ -242,6 +242,10 @@ class HiddenStatesServer:
         for path in self.spool_dir.glob("*.safetensors*"):
             path.unlink(missing_ok=True)
         (self.spool_dir / SERVER_INFO).unlink(missing_ok=True)
+        try:
+            self.spool_dir.rmdir()  # only when empty
+        except OSError:
+            pass
 
     def __enter__(self) -> HiddenStatesServer:
         if self.process is None:
