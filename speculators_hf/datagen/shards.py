@@ -5,7 +5,8 @@ samples end to end:
 
     input_ids       int64  [N]            N = total tokens of the shard's samples
     loss_mask       uint8  [N]            1 on assistant tokens
-    hidden_states   dtype  [N, L, H]      L = aux layers + the last layer (pre-norm), in `layer_ids` order
+    hidden_states   dtype  [N, L, H]      L = aux layers + the last layer (pre-norm), in `layer_ids` order;
+                                          absent in tokens-only shards (`--tokens-only`: states come from servers)
     sample_offsets  int64  [S + 1]        sample s spans [sample_offsets[s], sample_offsets[s + 1])
     sample_ids      int64  [S]            the sample's row in the tokenized dataset (for resume and provenance)
 
@@ -109,16 +110,20 @@ def write_shard(
     """Write samples (`input_ids [T]`, `loss_mask [T]`, `hidden_states [T, L, H]`) as one shard, atomically.
 
     `storage_dtype` (`STORAGE_DTYPES`; None or "auto": as given) casts or quantizes the hidden states (per sample, on
-    their device, so temporaries stay small). Returns the shard's entry for `index.json`.
+    their device, so temporaries stay small). Samples without `hidden_states` (all of them) make a tokens-only shard.
+    Returns the shard's entry for `index.json`.
     """
     lengths = [len(s["input_ids"]) for s in samples]
     offsets = torch.zeros(len(samples) + 1, dtype=torch.long)
     offsets[1:] = torch.tensor(lengths).cumsum(0)
-    stored = [store_hidden_states(s["hidden_states"], storage_dtype) for s in samples]
+    with_states = sum("hidden_states" in s for s in samples)
+    if with_states not in (0, len(samples)):
+        raise ValueError(f"{with_states} of {len(samples)} samples have hidden_states: all or none (tokens only).")
+    stored = [store_hidden_states(s["hidden_states"], storage_dtype) for s in samples] if with_states else []
     tensors = {
         "input_ids": torch.cat([s["input_ids"].long() for s in samples]),
         "loss_mask": torch.cat([s["loss_mask"].to(torch.uint8) for s in samples]),
-        **{key: torch.cat([s[key] for s in stored]).cpu().contiguous() for key in stored[0]},
+        **({key: torch.cat([s[key] for s in stored]).cpu().contiguous() for key in stored[0]} if stored else {}),
         "sample_offsets": offsets,
         "sample_ids": torch.tensor(sample_ids, dtype=torch.long),
     }
@@ -162,10 +167,12 @@ class ShardDataset(torch.utils.data.Dataset):
     `dataset[i]` is `{"input_ids": [T] int64, "loss_mask": [T] int64, "hidden_states": [T, L, H]}`. fp8 shards
     (`storage == "fp8_e4m3"`) give `hidden_states` dequantized to float32, or with `dequantize=False` the stored
     float8 values plus `hidden_states_scale [T, L]` (the training collator's input: the trainer dequantizes them on
-    its device, which halves what the data loader moves).
+    its device, which halves what the data loader moves). Tokens-only folders (`--tokens-only`) have no
+    `hidden_states` (`hidden_shape` and `storage` are None, `tokens_only` True).
     """
 
-    def __init__(self, data_dir: str | Path, dequantize: bool = True):
+    def __init__(self, data_dir: str | Path, dequantize: bool = True, tokens_only: bool = False):
+        """`tokens_only=True` reads only tokens and loss masks even where the shards hold states."""
         self.data_dir = Path(data_dir)
         self.dequantize = dequantize
         index = read_index(self.data_dir)
@@ -177,14 +184,17 @@ class ShardDataset(torch.utils.data.Dataset):
             raise UserError(f"No datagen shards (data-*.safetensors) in {self.data_dir}.")
         self.files = files
         self.offsets: list[torch.Tensor] = []
+        self.sample_ids: list[torch.Tensor] = []
         self._where: list[tuple[int, int]] = []
         for k, file in enumerate(files):
             with safe_open(str(file), "pt") as f:
                 offsets = f.get_tensor("sample_offsets")
-                storage = shard_storage(f, file.name)
+                self.sample_ids.append(f.get_tensor("sample_ids"))
+                has_states = "hidden_states" in f.keys()
+                storage = shard_storage(f, file.name) if has_states else None
                 if k == 0:
-                    self.hidden_shape = tuple(f.get_slice("hidden_states").get_shape()[1:])  # (L, H)
-                    self.storage = storage  # the --storage-dtype of every shard
+                    self.hidden_shape = tuple(f.get_slice("hidden_states").get_shape()[1:]) if has_states else None
+                    self.storage = storage  # the --storage-dtype of every shard (None: tokens only)
                 elif storage != self.storage:
                     raise UserError(
                         f"{self.data_dir}: {file.name} stores hidden states as {storage} but {files[0].name} as "
@@ -192,6 +202,7 @@ class ShardDataset(torch.utils.data.Dataset):
                     )
             self.offsets.append(offsets)
             self._where += [(k, s) for s in range(len(offsets) - 1)]
+        self.tokens_only = tokens_only or self.hidden_shape is None
         self._handles: dict[int, object] = {}
 
     def __len__(self) -> int:
@@ -209,15 +220,19 @@ class ShardDataset(torch.utils.data.Dataset):
         k, s = self._where[i]
         return int(self.offsets[k][s + 1] - self.offsets[k][s])
 
+    def sample_id(self, i: int) -> int:
+        """Sample `i`'s row in datagen's tokenized dataset (stable across runs: the key of online caches)."""
+        k, s = self._where[i]
+        return int(self.sample_ids[k][s])
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         k, s = self._where[i]
         a, b = int(self.offsets[k][s]), int(self.offsets[k][s + 1])
         f = self._handle(k)
-        sample = {
-            "input_ids": f.get_slice("input_ids")[a:b].long(),
-            "loss_mask": f.get_slice("loss_mask")[a:b].long(),
-            "hidden_states": f.get_slice("hidden_states")[a:b],  # [T, L, H]
-        }
+        sample = {"input_ids": f.get_slice("input_ids")[a:b].long(), "loss_mask": f.get_slice("loss_mask")[a:b].long()}
+        if self.tokens_only:
+            return sample
+        sample["hidden_states"] = f.get_slice("hidden_states")[a:b]  # [T, L, H]
         if self.storage == FP8:
             scale = f.get_slice(SCALE_KEY)[a:b]  # [T, L]
             if self.dequantize:
