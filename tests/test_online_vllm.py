@@ -166,7 +166,7 @@ def test_two_trainer_processes_and_two_servers(data, servers, tiny_verifier_path
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sums = dict(re.findall(r"\[process (\d)\] trained weights checksum (\S+)", proc.stdout))
+    sums = dict(re.findall(r"\[process (\d)\] trained weights checksum ([-+]?\d\.\d{12}e[-+]\d+)", proc.stdout))
     assert set(sums) == {"0", "1"} and sums["0"] == sums["1"], sums
     report = json.loads((tmp_path / "ddp" / HIDDEN_STATES_REPORT).read_text())
     served = [requests_served(s) - b for s, b in zip(servers, before)]
