@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -153,6 +155,32 @@ class PipelineArguments:
         default="",
         metadata={"help": "More `speculators-hf regenerate` flags, as one string (e.g. '--max-new-tokens 1024')."},
     )
+    online: bool = field(
+        default=False,
+        metadata={
+            "help": "Online training: datagen writes tokens only, the pipeline starts serve-hidden-states servers "
+            "(vLLM) for the training stage and stops them after it; no hidden-state shards are written."
+        },
+    )
+    online_mode: str = field(
+        default="online",
+        metadata={"help": "With --online: online (fetch every epoch) or hybrid (fetch once, cache for later epochs)."},
+    )
+    online_gpus: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --online: GPUs for the servers, e.g. '0,1' (one server per --tensor-parallel-size GPUs); "
+            "training gets the other visible GPUs. Default: --online-servers servers on CPU (or vLLM's default)."
+        },
+    )
+    online_servers: int = field(default=1, metadata={"help": "With --online and no --online-gpus: servers to start."})
+    hidden_states_servers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "With --online: URLs of serve-hidden-states servers already running (started with the data's "
+            "layer ids and --max-model-len above --seq-length) to use instead of starting servers."
+        },
+    )
     force: list[str] = field(
         default_factory=list, metadata={"help": f"Rerun these stages even if up to date: {', '.join(STAGES)}, all."}
     )
@@ -161,6 +189,10 @@ class PipelineArguments:
         bad = [s for s in self.force if s not in (*STAGES, "all")]
         if bad:
             raise UserError(f"--force {bad[0]!r}: choose from {', '.join(STAGES)} or all.")
+        if self.online_mode not in ("online", "hybrid"):
+            raise UserError(f"--online-mode {self.online_mode!r}: choose online or hybrid.")
+        if self.online_servers < 1:
+            raise UserError(f"--online-servers must be at least 1, got {self.online_servers}.")
         if self.eval_engine not in ("transformers", "vllm", "both"):
             raise UserError(f"--eval-engine {self.eval_engine!r}: choose transformers, vllm or both.")
         self.embedded = self.verifier is None and self.train_data_path is None
@@ -310,6 +342,8 @@ class Pipeline:
             argv += ["--layer-ids", *map(str, a.layer_ids)]
         if a.storage_dtype:
             argv += ["--storage-dtype", a.storage_dtype]
+        if a.online:  # the servers compute the states while training
+            argv += ["--tokens-only"]
         inputs = {"argv": argv, "data": _file_signature(a.train_data_path)}
 
         def run(stale: bool) -> None:
@@ -361,10 +395,20 @@ class Pipeline:
         ]
         if a.verifier_hub_id:
             argv += ["--verifier-hub-id", a.verifier_hub_id]
+        if a.online:  # the server URLs are added when the servers run (their ports change from run to run)
+            argv += ["--hidden-states-source", a.online_mode]
+        fingerprinted = list(argv)
 
         def run(stale: bool) -> None:
             if stale and self.checkpoints.exists():
                 shutil.rmtree(self.checkpoints)  # trained on other inputs: never resume from it
+            if a.online:
+                with self.hidden_states_servers() as (urls, trainer_env):
+                    train_with(argv + ["--hidden-states-servers", *urls], trainer_env)
+            else:
+                train_with(argv, {})
+
+        def train_with(argv: list[str], env: dict[str, str]) -> None:
             if a.accelerate_config:
                 cmd = [
                     sys.executable,
@@ -376,13 +420,67 @@ class Pipeline:
                     "speculators_hf.training.cli",
                     *argv,
                 ]
-                _check(subprocess.call(cmd), "train (accelerate launch)")
+                _check(subprocess.call(cmd, env={**os.environ, **env}), "train (accelerate launch)")
+            elif env:  # the trainer's own GPUs (--online-gpus): a fresh process, before CUDA starts
+                cmd = [sys.executable, "-m", "speculators_hf.training", *argv]
+                _check(subprocess.call(cmd, env={**os.environ, **env}), "train")
             else:
                 from .training.cli import main
 
                 _check(main(argv), "train")
 
-        self._stage("train", {"argv": argv, "accelerate_config": a.accelerate_config}, [self.final_checkpoint()], run)
+        inputs = {"argv": fingerprinted, "accelerate_config": a.accelerate_config}
+        self._stage("train", inputs, [self.final_checkpoint()], run)
+
+    @contextmanager
+    def hidden_states_servers(self):
+        """`--online`: start the servers (on `--online-gpus`, else `--online-servers` of them), wait until they
+        answer, yield `(urls, environment for the trainer)`, and stop them whatever happens."""
+        from .online import HiddenStatesServer, ServeArguments
+        from .online.server import free_port
+
+        a = self.args
+        if a.hidden_states_servers:  # a running fleet: nothing to start or stop
+            yield list(a.hidden_states_servers), {}
+            return
+        config = json.loads((self.data_dir / "data_config.json").read_text())
+        groups: list[dict[str, str]] = [{} for _ in range(a.online_servers)]
+        trainer_env: dict[str, str] = {}
+        if a.online_gpus:
+            gpus = [g.strip() for g in a.online_gpus.split(",") if g.strip()]
+            tp = a.tensor_parallel_size
+            if not gpus or len(gpus) % tp:
+                raise UserError(f"--online-gpus {a.online_gpus}: give a multiple of --tensor-parallel-size {tp} GPUs.")
+            groups = [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i : i + tp])} for i in range(0, len(gpus), tp)]
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            import torch
+
+            pool = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            rest = [g for g in pool if g not in gpus]
+            if not rest:
+                raise UserError(f"--online-gpus {a.online_gpus} leaves no GPU for training (visible: {pool}).")
+            trainer_env = {"CUDA_VISIBLE_DEVICES": ",".join(rest)}
+        servers = []
+        try:
+            for k, env in enumerate(groups):
+                serve = ServeArguments(
+                    target_model_path=a.verifier,
+                    layer_ids=config["layer_ids"],  # exactly what datagen recorded
+                    tensor_parallel_size=a.tensor_parallel_size,
+                    port=free_port(),
+                    max_model_len=a.seq_length + 1,
+                    dtype=config["model"]["hidden_states_dtype"],
+                )
+                log = self.out / "logs" / f"hidden-states-server-{k}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                servers.append(HiddenStatesServer(serve).start(log, env))
+            for server in servers:
+                server.wait_ready()
+            logger.warning("[train] %d hidden-states server(s) ready: %s", len(servers), [s.url for s in servers])
+            yield [s.url for s in servers], trainer_env
+        finally:
+            for server in servers:
+                server.stop()
 
     def final_checkpoint(self) -> Path:
         epochs = sorted((int(p.name) for p in self.checkpoints.glob("[0-9]*") if p.name.isdigit()), reverse=True)
@@ -409,7 +507,7 @@ class Pipeline:
             num_speculative_tokens=a.ttt_steps,
             max_new_tokens=a.max_new_tokens,
             num_prompts=a.num_eval_prompts,
-            shards=str(self.data_dir),
+            shards=None if a.online else str(self.data_dir),  # --online: no hidden states on disk to score
             held_out_fraction=held_out["eval_split"] or None,
             held_out_seed=held_out["eval_split_seed"],
             total_seq_len=a.total_seq_len,
@@ -460,6 +558,15 @@ class Pipeline:
         ran = ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()) or "nothing (all stages up to date)"
         print(eval_table(card))
         print(f"\nPipeline done in {seconds:.0f} s; ran: {ran}.")
+        report_path = self.checkpoints / "hidden_states_report.json"
+        if self.args.online and report_path.exists():
+            r = json.loads(report_path.read_text())
+            print(
+                f"hidden states on disk: peak {r['disk_peak_bytes'] / 2**20:.2f} MiB in flight ({r['mode']}); offline "
+                f"shards of the same samples: {r['offline_shard_bytes'] / 2**20:.2f} MiB "
+                f"({r['offline_shard_bytes'] / max(r['disk_peak_bytes'], 1):.0f}x); fetched {r['fetched']}, "
+                f"skipped {r['skipped']}; left on disk: {_state_bytes(self.data_dir) / 2**20:.2f} MiB of states"
+            )
         print(f"Draft (served format): {self.draft_dir}")
         print(
             f"Serve it: vllm serve {self.args.verifier} --speculative-config "
@@ -598,6 +705,18 @@ def _file_signature(path: str | None) -> dict | str | None:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest()}
+
+
+def _state_bytes(data_dir: Path) -> int:
+    """Bytes of hidden states in datagen's shards (0 for tokens-only data)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in data_dir.glob("data-*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            if "hidden_states" in f.keys():
+                total += path.stat().st_size
+    return total
 
 
 def _has_vllm() -> bool:

@@ -140,7 +140,6 @@ def test_datagen_loss_mask_is_exactly_the_regenerated_tokens(reference, peaked_v
     )
     build_dataset(args)
     answers = {tuple(r.prompt_ids): g.token_ids for r, g in reference.calls}
-    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]  # ChatML's fixed text after <|im_end|>
     data, runs = ShardDataset(tmp_path / "data"), 0
     for i in range(len(data)):
         ids, mask = data[i]["input_ids"].tolist(), data[i]["loss_mask"].tolist()
@@ -154,7 +153,7 @@ def test_datagen_loss_mask_is_exactly_the_regenerated_tokens(reference, peaked_v
                 end += 1
             produced = answers[tuple(ids[:t])]  # everything before the span is a prompt the verifier was given
             closing = [] if produced[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]  # truncated turns
-            assert ids[t:end] == produced + closing + newline
+            assert ids[t:end] == produced + closing  # through the stop token; the template's newline is not trained
             runs, t = runs + 1, end
     assert runs == reference.summary["turns"]
     regeneration = json.loads((tmp_path / "data" / "data_config.json").read_text())["data"]["regeneration"]
@@ -348,23 +347,21 @@ def test_reasoning_stays_in_the_trained_turn_and_out_of_the_history():
     assert record["stats"]["turns"] == 1 and record["stats"]["turns_not_round_trip"] == 1
     row = record["row"]
     assert row["messages"][-1]["content"] == answer(0)
-    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    assert trained_ids(tokenizer, row, QWEN3_LIKE) == conv.turns[0].token_ids + newline
+    assert trained_ids(tokenizer, row, QWEN3_LIKE) == conv.turns[0].token_ids
 
     # --reasoning strip: the answer alone is kept (the reasoning is not trained).
     conv, record, _, _ = rollout(TWO_TURNS[:2], answer, QWEN3_LIKE, reasoning="strip")
     assert record["row"]["messages"][-1]["content"] == "answer 0"
-    assert trained_ids(tokenizer, record["row"], QWEN3_LIKE) == conv.turns[0].trained_ids + newline
+    assert trained_ids(tokenizer, record["row"], QWEN3_LIKE) == conv.turns[0].trained_ids
     assert conv.turns[0].trained_ids == tokenizer("answer 0<|im_end|>", add_special_tokens=False)["input_ids"]
 
 
 def test_disabled_thinking_round_trips_the_empty_think_block():
     conv, record, prompts, tokenizer = rollout(TWO_TURNS[:2], lambda k: f"answer {k}", QWEN3_LIKE, "disable")
     assert prompts[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     # datagen renders the empty think block itself and does not supervise it: the mask is what the verifier produced
     assert record["stats"]["turns_not_round_trip"] == 0
-    assert trained_ids(tokenizer, record["row"], QWEN3_LIKE) == conv.turns[0].token_ids + newline
+    assert trained_ids(tokenizer, record["row"], QWEN3_LIKE) == conv.turns[0].token_ids
 
 
 def test_non_canonical_tokens_are_cut_and_counted():

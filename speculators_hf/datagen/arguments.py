@@ -86,6 +86,14 @@ class DatagenArguments:
         metadata={"help": "2: safetensors shards of many samples (default); 1: the seed's data_{idx}.pt per sample."},
     )
     shard_size_mb: int = field(default=1024, metadata={"help": "Approximate size of one shard on disk (MB)."})
+    tokens_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Write tokens, loss masks, token_freq.pt and data_config.json without hidden states (no verifier "
+            "run): training fetches the states from `speculators-hf serve-hidden-states` servers "
+            "(--hidden-states-source online|hybrid). data_config.json records the layer ids the servers must capture."
+        },
+    )
     rank: int = field(default=0, metadata={"help": "This machine's part when several machines share the work."})
     world_size: int = field(default=1, metadata={"help": "How many machines share the work (same --output-dir)."})
     overwrite: bool = field(
@@ -105,6 +113,8 @@ class DatagenArguments:
             raise ValueError(
                 "--storage-dtype fp8_e4m3 needs --data-format-version 2 (the v1 .pt layout has no scales)."
             )
+        if self.tokens_only and self.data_format_version != 2:
+            raise ValueError("--tokens-only writes shards (--data-format-version 2); .pt files need states.")
         for flag in (
             "seq_length",
             "batch_size",

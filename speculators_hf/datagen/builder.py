@@ -34,6 +34,7 @@ from .tokenize import tokenize_dataset
 logger = get_logger(__name__)
 
 DATA_CONFIG = "data_config.json"
+TOKENS_ONLY_BACKEND = "none"  # --tokens-only: no verifier runs; the states come from servers while training
 # Flags that do not change the data, so a run may resume with other values.
 NOT_FINGERPRINTED = (
     "output_dir",
@@ -123,8 +124,10 @@ def prepare(args: DatagenArguments) -> Plan:
     kept = [i for i, n in enumerate(num_tokens) if n > 0]
     lengths = {i: num_tokens[i] for i in kept}
     bytes_per_token = int(len(layer_ids) * verifier["hidden_size"] * storage_bytes_per_value(storage_dtype)) + 9
+    if args.tokens_only:
+        bytes_per_token = 9  # input_ids int64 + loss_mask uint8
     shards = _plan_shards(kept, lengths, args.shard_size_mb * 2**20 // bytes_per_token)
-    backend = resolve_backend_name(args.backend)
+    backend = TOKENS_ONLY_BACKEND if args.tokens_only else resolve_backend_name(args.backend)
     excluded = {k: v for k, v in asdict(args).items() if k not in NOT_FINGERPRINTED}
     excluded.pop("storage_dtype", None)  # fingerprinted resolved (below): auto == the dtype it stands for
     storage = [storage_dtype] if storage_dtype != dtype else []  # fingerprints of plain runs stay as they were
@@ -199,7 +202,7 @@ def build_dataset(args: DatagenArguments, backend: HiddenStatesBackend | None = 
     _claim_output_dir(output_dir, plan)
     if args.rank == 0:
         write_token_freq(plan, Path(args.token_freq_path or output_dir / "token_freq.pt"))
-    if args.data_parallel_size > 1:
+    if args.data_parallel_size > 1 and not args.tokens_only:
         _run_replicas(args)
         written = {"shards": 0, "samples": 0, "tokens": 0, "seconds": 0.0}  # counted by the replicas
     else:
@@ -271,6 +274,8 @@ def _extract_and_write(plan: Plan, backend: HiddenStatesBackend | None = None) -
     written = {"shards": 0, "samples": 0, "tokens": 0, "seconds": 0.0}
     if not todo:
         return written
+    if args.tokens_only:
+        backend = _TokensOnly(plan.layer_ids)
     owned = backend is None
     if owned:
         backend = make_backend(
@@ -289,7 +294,7 @@ def _extract_and_write(plan: Plan, backend: HiddenStatesBackend | None = None) -
         total=total,
         unit="tok",
         unit_scale=True,
-        desc=f"Hidden states ({backend.name})",
+        desc="Token shards (tokens only)" if args.tokens_only else f"Hidden states ({backend.name})",
         disable=args.rank != 0 and args.world_size > 1,
     )
     try:
@@ -317,14 +322,29 @@ def _extract_shard(plan: Plan, backend, k: int) -> list[dict]:
         batch = rows[a : a + plan.args.batch_size]
         states = backend.extract(batch["input_ids"])
         for input_ids, loss_mask, hs in zip(batch["input_ids"], batch["loss_mask"], states):
-            samples.append(
-                {
-                    "input_ids": torch.tensor(input_ids, dtype=torch.long),  # [T]
-                    "loss_mask": torch.tensor(loss_mask, dtype=torch.uint8),  # [T]
-                    "hidden_states": hs.to(getattr(torch, plan.dtype)).contiguous(),  # [T, L, H]
-                }
-            )
+            sample = {
+                "input_ids": torch.tensor(input_ids, dtype=torch.long),  # [T]
+                "loss_mask": torch.tensor(loss_mask, dtype=torch.uint8),  # [T]
+            }
+            if hs is not None:  # None: --tokens-only
+                sample["hidden_states"] = hs.to(getattr(torch, plan.dtype)).contiguous()  # [T, L, H]
+            samples.append(sample)
     return samples
+
+
+class _TokensOnly:
+    """The "backend" of `--tokens-only`: no verifier, no states (training fetches them from servers)."""
+
+    name = TOKENS_ONLY_BACKEND
+
+    def __init__(self, layer_ids: list[int]):
+        self.layer_ids = layer_ids
+
+    def extract(self, batch: list[list[int]]) -> list[None]:
+        return [None] * len(batch)
+
+    def close(self) -> None:
+        return None
 
 
 def _write_shard(plan: Plan, k: int, samples: list[dict]) -> None:

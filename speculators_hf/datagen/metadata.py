@@ -126,6 +126,12 @@ def data_config(plan, status: str, summary: dict | None = None) -> dict:
                 "sample_ids": "int64 [S]",
             },
         }
+        if args.tokens_only:
+            del schema["tensors"]["hidden_states"]
+            schema["hidden_states"] = (
+                f"not stored (--tokens-only): fetched while training from servers capturing layer ids "
+                f"{plan.layer_ids} ({plan.dtype} [T, {num_layers}, {plan.verifier['hidden_size']}] per sample)"
+            )
     else:
         schema = {
             "format": "v1",
@@ -161,6 +167,7 @@ def data_config(plan, status: str, summary: dict | None = None) -> dict:
             "loss_mask": "1 on assistant-turn tokens (prefix-by-prefix chat template rendering)",
             "regeneration": regeneration_provenance(args.train_data_path),
         },
+        "tokens_only": args.tokens_only,
         "layer_ids": plan.layer_ids,
         "aux_layer_ids": plan.layer_ids[:-1],
         "target_layer_id": plan.layer_ids[-1],

@@ -5,7 +5,8 @@ samples end to end:
 
     input_ids       int64  [N]            N = total tokens of the shard's samples
     loss_mask       uint8  [N]            1 on assistant tokens
-    hidden_states   dtype  [N, L, H]      L = aux layers + the last layer (pre-norm), in `layer_ids` order
+    hidden_states   dtype  [N, L, H]      L = aux layers + the last layer (pre-norm), in `layer_ids` order;
+                                          absent in tokens-only shards (`--tokens-only`: states come from servers)
     sample_offsets  int64  [S + 1]        sample s spans [sample_offsets[s], sample_offsets[s + 1])
     sample_ids      int64  [S]            the sample's row in the tokenized dataset (for resume and provenance)
 
@@ -109,16 +110,20 @@ def write_shard(
     """Write samples (`input_ids [T]`, `loss_mask [T]`, `hidden_states [T, L, H]`) as one shard, atomically.
 
     `storage_dtype` (`STORAGE_DTYPES`; None or "auto": as given) casts or quantizes the hidden states (per sample, on
-    their device, so temporaries stay small). Returns the shard's entry for `index.json`.
+    their device, so temporaries stay small). Samples without `hidden_states` (all of them) make a tokens-only shard.
+    Returns the shard's entry for `index.json`.
     """
     lengths = [len(s["input_ids"]) for s in samples]
     offsets = torch.zeros(len(samples) + 1, dtype=torch.long)
     offsets[1:] = torch.tensor(lengths).cumsum(0)
-    stored = [store_hidden_states(s["hidden_states"], storage_dtype) for s in samples]
+    with_states = sum("hidden_states" in s for s in samples)
+    if with_states not in (0, len(samples)):
+        raise ValueError(f"{with_states} of {len(samples)} samples have hidden_states: all or none (tokens only).")
+    stored = [store_hidden_states(s["hidden_states"], storage_dtype) for s in samples] if with_states else []
     tensors = {
         "input_ids": torch.cat([s["input_ids"].long() for s in samples]),
         "loss_mask": torch.cat([s["loss_mask"].to(torch.uint8) for s in samples]),
-        **{key: torch.cat([s[key] for s in stored]).cpu().contiguous() for key in stored[0]},
+        **({key: torch.cat([s[key] for s in stored]).cpu().contiguous() for key in stored[0]} if stored else {}),
         "sample_offsets": offsets,
         "sample_ids": torch.tensor(sample_ids, dtype=torch.long),
     }
@@ -164,44 +169,47 @@ def shard_storage(f, name: str) -> str:
     return storage
 
 
-# name -> (rank, safetensors dtypes allowed) of the tensors every shard holds
+# name -> (rank, safetensors dtypes allowed) of the tensors a shard holds (hidden_states: not in tokens-only shards)
 _SHARD_TENSORS = {
     "input_ids": (1, ("I64", "I32")),
     "loss_mask": (1, ("U8", "I64", "I32", "BOOL")),
     "hidden_states": (3, tuple(_STORED)),
     "sample_offsets": (1, ("I64",)),
+    "sample_ids": (1, ("I64",)),
 }
+_SCALE_DTYPES = ("F32", "BF16", "F16")
 
 
-def check_shard(path: Path) -> tuple[list[int], torch.Tensor]:
+def check_shard(path: Path, fix: str = "delete it and rerun datagen with the same flags (it resumes)"):
     """Check a shard's header (tensors, ranks, dtypes, matching lengths) and its sample offsets, without reading its
-    hidden states. Returns `(hidden_states shape [N, L, H], sample_offsets [S + 1])`."""
+    hidden states. Returns `(hidden_states shape [N, L, H] or None (tokens only), sample_offsets [S + 1],
+    sample_ids [S])`; `fix` ends the one-line error."""
     label = str(path)
-    fix = "it is truncated or not a datagen shard: delete it and rerun datagen with the same flags (it resumes)"
+    fix = f"it is truncated or not a datagen shard: {fix}"
     header = safetensors_header(path, label, fix)
     for name, (rank, dtypes) in _SHARD_TENSORS.items():
         if name not in header:
+            if name == "hidden_states" and SCALE_KEY not in header:
+                continue  # a tokens-only shard
             raise bad_file(label, f"has no {name} tensor", fix)
         dtype, shape = header[name]
         if len(shape) != rank or dtype not in dtypes:
             raise bad_file(label, f"{name} is {dtype} {shape}, expected rank {rank} of {'/'.join(dtypes)}", fix)
     n = header["input_ids"][1][0]
-    shape = header["hidden_states"][1]
-    if header["loss_mask"][1][0] != n or shape[0] != n:
-        raise bad_file(
-            label,
-            f"input_ids, loss_mask and hidden_states have {n}, {header['loss_mask'][1][0]} and {shape[0]} tokens",
-            fix,
-        )
-    if SCALE_KEY in header and header[SCALE_KEY][1] != shape[:2]:
-        raise bad_file(label, f"{SCALE_KEY} has shape {header[SCALE_KEY][1]}, expected {shape[:2]}", fix)
-    from safetensors import safe_open
-
+    shape = header["hidden_states"][1] if "hidden_states" in header else None
+    counts = {k: header[k][1][0] for k in ("input_ids", "loss_mask", "hidden_states") if k in header}
+    if len(set(counts.values())) > 1:
+        raise bad_file(label, f"{', '.join(counts)} have {', '.join(map(str, counts.values()))} tokens", fix)
+    if SCALE_KEY in header and (header[SCALE_KEY][1] != shape[:2] or header[SCALE_KEY][0] not in _SCALE_DTYPES):
+        dtype, scale_shape = header[SCALE_KEY]
+        raise bad_file(label, f"{SCALE_KEY} is {dtype} {scale_shape}, expected {shape[:2]} of a float dtype", fix)
     with safe_open(str(path), "pt") as f:
-        offsets = f.get_tensor("sample_offsets")
+        offsets, sample_ids = f.get_tensor("sample_offsets"), f.get_tensor("sample_ids")
     if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n or (offsets[1:] <= offsets[:-1]).any():
         raise bad_file(label, f"sample_offsets do not split its {n} tokens into non-empty samples", fix)
-    return shape, offsets
+    if len(sample_ids) != len(offsets) - 1:
+        raise bad_file(label, f"has {len(sample_ids)} sample_ids for {len(offsets) - 1} samples", fix)
+    return shape, offsets, sample_ids
 
 
 class ShardDataset(torch.utils.data.Dataset):
@@ -210,10 +218,12 @@ class ShardDataset(torch.utils.data.Dataset):
     `dataset[i]` is `{"input_ids": [T] int64, "loss_mask": [T] int64, "hidden_states": [T, L, H]}`. fp8 shards
     (`storage == "fp8_e4m3"`) give `hidden_states` dequantized to float32, or with `dequantize=False` the stored
     float8 values plus `hidden_states_scale [T, L]` (the training collator's input: the trainer dequantizes them on
-    its device, which halves what the data loader moves).
+    its device, which halves what the data loader moves). Tokens-only folders (`--tokens-only`) have no
+    `hidden_states` (`hidden_shape` and `storage` are None, `tokens_only` True).
     """
 
-    def __init__(self, data_dir: str | Path, dequantize: bool = True):
+    def __init__(self, data_dir: str | Path, dequantize: bool = True, tokens_only: bool = False):
+        """`tokens_only=True` reads only tokens and loss masks even where the shards hold states."""
         self.data_dir = Path(data_dir)
         self.dequantize = dequantize
         index = read_index(self.data_dir)
@@ -231,26 +241,33 @@ class ShardDataset(torch.utils.data.Dataset):
             raise UserError(f"No datagen shards (data-*.safetensors) in {self.data_dir}.")
         self.files = files
         self.offsets: list[torch.Tensor] = []
+        self.sample_ids: list[torch.Tensor] = []
         self._where: list[tuple[int, int]] = []
         for k, file in enumerate(files):
-            shape, offsets = check_shard(file)
-            with safe_open(str(file), "pt") as f:
-                storage = shard_storage(f, file.name)
+            shape, offsets, sample_ids = check_shard(file)
+            self.sample_ids.append(sample_ids)
+            if shape is None:
+                storage = None  # tokens only
+            else:
+                with safe_open(str(file), "pt") as f:
+                    storage = shard_storage(f, str(file))
             if k == 0:
-                self.hidden_shape = tuple(shape[1:])  # (L, H)
-                self.storage = storage  # the --storage-dtype of every shard
+                self.hidden_shape = None if shape is None else tuple(shape[1:])  # (L, H)
+                self.storage = storage  # the --storage-dtype of every shard (None: tokens only)
             elif storage != self.storage:
+                kinds = [f"stores hidden states as {s}" if s else "holds tokens only" for s in (storage, self.storage)]
                 raise UserError(
-                    f"{self.data_dir}: {file.name} stores hidden states as {storage} but {files[0].name} as "
-                    f"{self.storage}; one data folder holds one --storage-dtype (regenerate into a new folder)."
+                    f"{self.data_dir}: {file.name} {kinds[0]} but {files[0].name} {kinds[1]}; one data folder holds "
+                    "one datagen run (one --storage-dtype, --tokens-only or not): regenerate into a new folder."
                 )
-            elif tuple(shape[1:]) != self.hidden_shape:
+            elif shape is not None and tuple(shape[1:]) != self.hidden_shape:
                 raise UserError(
                     f"{file}: hidden states of shape [N, {shape[1]}, {shape[2]}] but {files[0].name} has "
                     f"[N, {self.hidden_shape[0]}, {self.hidden_shape[1]}]; one data folder holds one datagen run."
                 )
             self.offsets.append(offsets)
             self._where += [(k, s) for s in range(len(offsets) - 1)]
+        self.tokens_only = tokens_only or self.hidden_shape is None
         self._handles: dict[int, object] = {}
 
     def __len__(self) -> int:
@@ -268,15 +285,19 @@ class ShardDataset(torch.utils.data.Dataset):
         k, s = self._where[i]
         return int(self.offsets[k][s + 1] - self.offsets[k][s])
 
+    def sample_id(self, i: int) -> int:
+        """Sample `i`'s row in datagen's tokenized dataset (stable across runs: the key of online caches)."""
+        k, s = self._where[i]
+        return int(self.sample_ids[k][s])
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         k, s = self._where[i]
         a, b = int(self.offsets[k][s]), int(self.offsets[k][s + 1])
         f = self._handle(k)
-        sample = {
-            "input_ids": f.get_slice("input_ids")[a:b].long(),
-            "loss_mask": f.get_slice("loss_mask")[a:b].long(),
-            "hidden_states": f.get_slice("hidden_states")[a:b],  # [T, L, H]
-        }
+        sample = {"input_ids": f.get_slice("input_ids")[a:b].long(), "loss_mask": f.get_slice("loss_mask")[a:b].long()}
+        if self.tokens_only:
+            return sample
+        sample["hidden_states"] = f.get_slice("hidden_states")[a:b]  # [T, L, H]
         if self.storage == FP8:
             scale = f.get_slice(SCALE_KEY)[a:b]  # [T, L]
             if self.dequantize:

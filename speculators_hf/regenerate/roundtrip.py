@@ -9,9 +9,10 @@ So every regenerated conversation is tokenised here exactly as datagen will, and
 - its masked span starts there and begins with the ids the verifier produced (`--reasoning strip`: the answer ids,
   after datagen's own skip of an inserted empty `<think></think>`).
 
-The span also holds whatever fixed text the template appends after the stop token (ChatML: the newline after
-`<|im_end|>`); that is the template's, identical in every conversation. Turns that do not round-trip are cut off with
-everything after them, and counted.
+The span ends at the stop token (`<|im_end|>`): what a template appends after it is never generated and not trained.
+A turn that does not round-trip is first retried without the turns after it (a template may render an earlier turn
+differently once a later one follows: Qwen3 drops its reasoning); if it still fails it is cut off with everything
+after it. Cut turns are counted.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ def keep_round_trip_turns(conversation) -> tuple[int, str]:
         if bad is None:
             break
         first_reason = first_reason or why
-        removed += len(conversation.turns) - bad
-        if bad:  # end the conversation with the last turn before the bad one
-            del conversation.messages[conversation.turns[bad - 1].message_index + 1 :]
-        del conversation.turns[bad:]
+        # A later turn may change how this one renders: end the conversation with it first, then without it.
+        keep = bad + 1 if bad < len(conversation.turns) - 1 else bad
+        removed += len(conversation.turns) - keep
+        if keep:
+            del conversation.messages[conversation.turns[keep - 1].message_index + 1 :]
+        del conversation.turns[keep:]
     return removed, first_reason

@@ -19,6 +19,7 @@ from ..utils import UserError
 from .collator import LOSS_MASK_ALIGNMENTS
 
 LOGGERS = ("trackio", "wandb", "tensorboard")
+HIDDEN_STATES_SOURCES = ("offline", "online", "hybrid")
 # what each logger imports (transformers' TensorBoard callback takes torch's writer, which needs tensorboard, or X)
 LOGGER_PACKAGES = {"trackio": ("trackio",), "wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
 
@@ -80,6 +81,45 @@ class Eagle3ModelArguments:
         default=None,
         metadata={"help": "Verifier hub id recorded for `vllm serve`."},
     )
+    # Online and hybrid training: hidden states streamed from `speculators-hf serve-hidden-states` servers
+    hidden_states_source: str = field(
+        default="offline",
+        metadata={
+            "help": "offline: states from datagen shards; online: fetched from --hidden-states-servers for every "
+            "batch and deleted once read (every epoch fetches again); hybrid: fetched once, cached in datagen's "
+            "shard format (--hidden-states-cache-dir) for later epochs and restarts.",
+            "choices": list(HIDDEN_STATES_SOURCES),
+        },
+    )
+    hidden_states_servers: list[str] | None = field(
+        default=None, metadata={"help": "URLs of serve-hidden-states servers (round-robin), e.g. http://host:8000."}
+    )
+    hidden_states_max_in_flight: int = field(
+        default=8,
+        metadata={
+            "help": "Requests in flight per training process (split over its DataLoader workers); with "
+            "--dataloader-num-workers and --dataloader-prefetch-factor it bounds what is fetched ahead of the step."
+        },
+    )
+    hidden_states_timeout: float = field(
+        default=300.0, metadata={"help": "Seconds without any server answering before training stops."}
+    )
+    hidden_states_cache_dir: str | None = field(
+        default=None, metadata={"help": "Hybrid mode's cache (default: <save-path>/hidden_states_cache)."}
+    )
+
+    def __post_init__(self):
+        if self.hidden_states_source not in HIDDEN_STATES_SOURCES:
+            raise UserError(
+                f"--hidden-states-source {self.hidden_states_source!r}: choose {', '.join(HIDDEN_STATES_SOURCES)}."
+            )
+        if self.hidden_states_source != "offline" and not self.hidden_states_servers:
+            raise UserError(
+                f"--hidden-states-source {self.hidden_states_source} needs --hidden-states-servers URL [URL ...] "
+                "(start them with `speculators-hf serve-hidden-states`)."
+            )
+        if self.hidden_states_max_in_flight < 1 or self.hidden_states_timeout <= 0:
+            raise UserError("--hidden-states-max-in-flight must be >= 1 and --hidden-states-timeout > 0.")
 
 
 @dataclass

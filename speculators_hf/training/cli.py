@@ -28,6 +28,10 @@ def train(model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments) -> Ea
     if checkpoint is None and args.should_save:
         clear_previous_run(args.output_dir)  # a fresh start leaves no other run's checkpoints or drafts behind
     trainer.train(resume_from_checkpoint=checkpoint)
+    if model_args.hidden_states_source != "offline":
+        from ..online.dataset import report_hidden_states
+
+        report_hidden_states(trainer, train_dataset.dataset)
     return trainer
 
 

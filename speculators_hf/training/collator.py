@@ -27,6 +27,8 @@ from ..datagen.shards import SCALE_KEY, dequantize
 
 LOSS_MASK_ALIGNMENTS = ("predicted", "input")
 HIDDEN_KEYS = ("aux_hidden_states", "verifier_last_hidden_states")
+# Batch key of the per-sample statistics of online hidden-state fetches (`online.dataset.FETCH_STATS_COLUMNS`).
+FETCH_STATS = "hidden_states_fetch_stats"
 
 
 def align_sample(sample: dict[str, torch.Tensor], loss_mask_alignment: str = "predicted") -> dict[str, torch.Tensor]:
@@ -70,7 +72,11 @@ class DataCollatorForEagle3:
     def __call__(self, packs: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
         rows = [self.pack_row(p) for p in packs]
         keys = (*self.KEYS, *(key for key in rows[0] if key not in self.KEYS))  # + the fp8 scales
-        return {key: torch.stack([row[key] for row in rows]) for key in keys}
+        batch = {key: torch.stack([row[key] for row in rows]) for key in keys}
+        stats = [s["fetch_stats"] for pack in packs for s in pack if "fetch_stats" in s]
+        if stats:  # online hidden states: what fetching this batch's samples cost, for the trainer's metrics
+            batch[FETCH_STATS] = torch.stack(stats)  # [samples, len(FETCH_STATS_COLUMNS)]
+        return batch
 
     KEYS = (
         "input_ids",

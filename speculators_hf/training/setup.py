@@ -58,7 +58,8 @@ def _check_data(dataset, model_args: Eagle3ModelArguments, verifier_config, aux_
             f"--data-path {model_args.data_path}: {num_layers} hidden-state layers per token, expected "
             f"{len(aux_ids) + 1} (aux layers {aux_ids} + the last layer)."
         )
-    max_id = max(int(dataset[i]["input_ids"].max()) for i in range(min(len(dataset), 16)))
+    tokens = getattr(dataset, "token_dataset", dataset)  # online data: check the tokens without fetching states
+    max_id = max(int(tokens[i]["input_ids"].max()) for i in range(min(len(tokens), 16)))
     if max_id >= text.vocab_size:
         raise UserError(
             f"--data-path {model_args.data_path}: token id {max_id} >= the verifier's vocabulary ({text.vocab_size})."
@@ -107,12 +108,23 @@ def build_datasets(
     if not path.is_dir():
         raise UserError(f"--data-path {path} does not exist (run `speculators-hf datagen` first).")
     version = model_args.data_format_version if model_args.data_format_version is not None else detect_format(path)
-    dataset = open_dataset(path, version, dequantize=False)  # fp8 shards: the trainer dequantizes on its device
+    packed = PackedDataset
+    if model_args.hidden_states_source != "offline":  # states streamed from serve-hidden-states servers
+        from ..online.dataset import OnlinePackedDataset, open_online_dataset
+
+        dataset, packed = open_online_dataset(path, version, model_args, args), OnlinePackedDataset
+    else:
+        dataset = open_dataset(path, version, dequantize=False)  # fp8 shards: the trainer dequantizes on its device
     if len(dataset) == 0:
         raise UserError(f"--data-path {path} holds no samples.")
+    if getattr(dataset, "tokens_only", False):
+        raise UserError(
+            f"--data-path {path} holds tokens only (datagen --tokens-only): train with --hidden-states-source online "
+            "or hybrid and --hidden-states-servers URL (speculators-hf serve-hidden-states)."
+        )
     train_idx, eval_idx = train_eval_split(len(dataset), args.eval_split, args.data_seed or 0)
-    train = PackedDataset(dataset, train_idx, args.total_seq_len)
-    held_out = PackedDataset(dataset, eval_idx, args.total_seq_len) if eval_idx else None
+    train = packed(dataset, train_idx, args.total_seq_len)
+    held_out = packed(dataset, eval_idx, args.total_seq_len) if eval_idx else None
     return train, held_out, data_layer_ids(path, version)
 
 

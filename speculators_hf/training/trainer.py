@@ -24,7 +24,7 @@ from ..datagen.shards import dequantize
 from ..modeling.modeling_eagle3 import VERIFIER_HEAD_MISSING
 from ..utils import UserError, get_logger
 from .arguments import Eagle3TrainingArguments
-from .collator import DataCollatorForEagle3
+from .collator import FETCH_STATS, DataCollatorForEagle3
 from .data import add_uniform_noise
 from .losses import (
     STEP_STATS,
@@ -85,6 +85,44 @@ class Eagle3Trainer(Trainer):
         self._interval_start: dict[str, float | None] = {"train": None, "eval": None}
         self.run_inputs: dict | None = None  # recorded in every checkpoint (`resume.run_inputs`); set by the CLI
         self._draft_step: int | None = None  # global step of the last draft written to <output_dir>/<epoch>/
+        # Data feeding: seconds the step waited for batches, and online fetch statistics (interval and whole run)
+        self._data_wait, self._data_since = 0.0, None
+        self._fetch_interval: torch.Tensor | None = None
+        self._fetch_total: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------------------- data
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer's, timed (`data_wait_fraction`), taking the online fetch statistics out of the batches."""
+        start = time.perf_counter()
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._data_wait += time.perf_counter() - start
+        self._data_since = start if self._data_since is None else self._data_since
+        for batch in batches:
+            stats = batch.pop(FETCH_STATS, None)  # [samples, columns]
+            if stats is not None:
+                summed = torch.cat([stats[:, :-1].sum(0), stats[:, -1:].max(0).values])  # the last column is a peak
+                for name in ("_fetch_interval", "_fetch_total"):
+                    old = getattr(self, name)
+                    new = summed if old is None else torch.cat([old[:-1] + summed[:-1], old[-1:].maximum(summed[-1:])])
+                    setattr(self, name, new)
+        return batches, num_items
+
+    def fetch_totals(self) -> dict[str, float] | None:
+        """Online fetch statistics of the whole run, summed over processes (peaks: max). Every process calls it."""
+        if self._fetch_total is None:
+            return None
+        from ..online.dataset import FETCH_STATS_COLUMNS
+
+        return dict(zip(FETCH_STATS_COLUMNS, self._reduce_fetch_stats(self._fetch_total).tolist()))
+
+    def _reduce_fetch_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return stats
+        stats = stats.to(self.accelerator.device)
+        summed = self.accelerator.reduce(stats.clone(), reduction="sum")
+        peak = self.accelerator.gather(stats[-1:]).max()
+        return torch.cat([summed[:-1], peak.view(1)]).cpu()
 
     # ------------------------------------------------------------------------------------------------------- loss
 
@@ -184,6 +222,20 @@ class Eagle3Trainer(Trainer):
                 metrics = {f"eval_{key}": val for key, val in metrics.items()}
             logs.update(metrics)
         self._metrics[mode], self._interval_start[mode] = None, None
+        if mode == "train" and self._data_since is not None:
+            logs["data_wait_fraction"] = self._data_wait / max(time.perf_counter() - self._data_since, 1e-9)
+            self._data_wait, self._data_since = 0.0, None
+            if self._fetch_interval is not None:  # the same on every process: reduce together
+                from ..online.dataset import FETCH_STATS_COLUMNS
+
+                stats = dict(zip(FETCH_STATS_COLUMNS, self._reduce_fetch_stats(self._fetch_interval).tolist()))
+                self._fetch_interval = None
+                logs["hidden_states_fetched"] = stats["fetched"]
+                logs["hidden_states_cache_hits"] = stats["cache_hits"]
+                logs["hidden_states_skipped"] = stats["skipped"]
+                logs["hidden_states_retries"] = stats["retries"]
+                logs["hidden_states_fetch_seconds"] = stats["fetch_seconds"] / max(stats["fetched"], 1.0)
+                logs["hidden_states_disk_peak_mb"] = stats["spool_bytes"] / 2**20
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------------------------------------------- saving
