@@ -443,7 +443,7 @@ class Pipeline:
         if a.hidden_states_servers:  # a running fleet: nothing to start or stop
             yield list(a.hidden_states_servers), {}
             return
-        config = json.loads((self.data_dir / "data_config.json").read_text())
+        config = read_json(self.data_dir / "data_config.json", fix="rerun with --force datagen")
         groups: list[dict[str, str]] = [{} for _ in range(a.online_servers)]
         trainer_env: dict[str, str] = {}
         if a.online_gpus:
@@ -560,7 +560,7 @@ class Pipeline:
         print(f"\nPipeline done in {seconds:.0f} s; ran: {ran}.")
         report_path = self.checkpoints / "hidden_states_report.json"
         if self.args.online and report_path.exists():
-            r = json.loads(report_path.read_text())
+            r = read_json(report_path, fix="rerun with --force train")
             print(
                 f"hidden states on disk: peak {r['disk_peak_bytes'] / 2**20:.2f} MiB in flight ({r['mode']}); offline "
                 f"shards of the same samples: {r['offline_shard_bytes'] / 2**20:.2f} MiB "
@@ -709,14 +709,11 @@ def _file_signature(path: str | None) -> dict | str | None:
 
 def _state_bytes(data_dir: Path) -> int:
     """Bytes of hidden states in datagen's shards (0 for tokens-only data)."""
-    from safetensors import safe_open
+    from .validation import safetensors_header
 
-    total = 0
-    for path in data_dir.glob("data-*.safetensors"):
-        with safe_open(str(path), "pt") as f:
-            if "hidden_states" in f.keys():
-                total += path.stat().st_size
-    return total
+    return sum(
+        p.stat().st_size for p in data_dir.glob("data-*.safetensors") if "hidden_states" in safetensors_header(p)
+    )
 
 
 def _has_vllm() -> bool:

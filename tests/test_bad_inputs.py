@@ -134,6 +134,23 @@ def _train(i: Path, o: Path, data: str = "data", *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
+def _train_online(i: Path, o: Path, source: str = "online", *extra: str) -> list[str]:
+    """Online training from the tokens-only data; the one server is down (local files are checked before waiting)."""
+    return _train(i, o, "tokens", "--hidden-states-source", source, "--hidden-states-servers", VERIFIER["dead"],
+                  "--hidden-states-timeout", "1", *extra)  # fmt: skip
+
+
+def _train_hybrid(i: Path, o: Path) -> list[str]:
+    return _train_online(i, o, "hybrid", "--hidden-states-cache-dir", str(i / "cache"))
+
+
+def _serve(i: Path, o: Path) -> list[str]:
+    """serve-hidden-states on a spool folder an earlier server left; a bogus vLLM flag stops vLLM at once if the
+    server.json check were ever skipped (no engine starts)."""
+    return ["--target-model-path", str(i / "verifier"), "--spool-dir", str(i / "spool"), "--port", "1",
+            "--vllm-args=--no-such-flag"]  # fmt: skip
+
+
 def _evaluate(i: Path, o: Path) -> list[str]:
     return ["--draft", str(i / "draft"), "--prompts", str(i / "prompts.jsonl"), "--verifier", VERIFIER["path"],
             "--num-prompts", "100", "--max-new-tokens", "2", "--output-dir", str(o)]  # fmt: skip
@@ -219,6 +236,28 @@ READERS = [
         "wrong-shape": edit_tensors(lambda t: t.update(hidden_states=t["hidden_states"][:, 0].contiguous())),
         "wrong-offsets": edit_tensors(lambda t: t.update(sample_offsets=t["sample_offsets"].flip(0))),
     }, uses=("data",)),
+    Reader("fp8-shard", "train", "fp8/data-00000.safetensors", lambda i, o: _train(i, o, "fp8"), {
+        "wrong-type": edit_tensors(lambda t: t.pop("hidden_states_scale")),
+        "wrong-shape": edit_tensors(lambda t: t.update(hidden_states_scale=t["hidden_states_scale"][:, :2].clone())),
+        "wrong-dtype": edit_tensors(lambda t: t.update(hidden_states_scale=t["hidden_states_scale"].int())),
+    }, uses=("fp8",), generic=("truncated",)),
+    # online/hybrid training (online/dataset.py open_online_dataset, cache.py; the tokens-only shards above)
+    Reader("tokens-shard", "train", "tokens/data-00000.safetensors", _train_online, {
+        "wrong-type": edit_tensors(lambda t: t.pop("sample_ids")),
+        "wrong-shape": edit_tensors(lambda t: t.update(loss_mask=t["loss_mask"][:-1].clone())),
+        "scale-only": edit_tensors(lambda t: t.update(hidden_states_scale=torch.ones(len(t["input_ids"]), 4))),
+    }, uses=("tokens",)),
+    Reader("hybrid-cache-config", "train", "cache/cache_config.json", _train_hybrid, {
+        "wrong-type": write_json([]),
+        "wrong-values": edit_json(lambda c: c.update(layer_ids=[1, 2, 3, 5])),
+    }, uses=("tokens", "cache")),
+    Reader("hybrid-cache-shard", "train", "cache/data-c000000000-test.safetensors", _train_hybrid, {
+        "wrong-type": edit_tensors(lambda t: t.pop("hidden_states")),
+        "wrong-shape": edit_tensors(lambda t: t.update(hidden_states=t["hidden_states"][:, :2].contiguous())),
+    }, uses=("tokens", "cache")),
+    Reader("spool-server-info", "serve-hidden-states", "spool/server.json", _serve, {
+        "wrong-type": write_json([4242]),
+    }, uses=("verifier", "spool")),
     Reader("index", "train", "data/index.json", _train, {
         "wrong-type": write_json([]),
         "wrong-shape": write_json({"shards": "data-00000.safetensors"}),
@@ -336,6 +375,7 @@ def inputs(tiny_verifier_path, tmp_path_factory):
     (root / "regen" / "out.regenerate_config.json").write_text("{}")
     (root / "regen" / ".out.jsonl.partial" / "state.json").write_text("{}")
     (root / "regen" / ".out.jsonl.partial" / "records-000.jsonl").write_text("")
+    _variants(root, data, tiny_verifier_path)
     d2t, t2d = load_vocab_mapping(data / "d2t.npy", data / "t2d.npy")
     torch.manual_seed(0)
     draft = Eagle3DraftModel.from_verifier(
@@ -344,6 +384,39 @@ def inputs(tiny_verifier_path, tmp_path_factory):
     draft.save_pretrained(root / "draft")
     (root / "draft" / "eval_card.json").write_text("{}")
     return root
+
+
+def _variants(root: Path, data: Path, verifier: Path) -> None:
+    """fp8 and tokens-only copies of `data`, a hybrid cache of its states, and a spool folder a server left."""
+    from transformers import AutoConfig
+
+    from speculators_hf.datagen.shards import store_hidden_states, write_shard
+    from speculators_hf.online.server import free_port
+
+    VERIFIER["dead"] = f"http://127.0.0.1:{free_port()}"
+    for name in ("fp8", "tokens"):
+        shutil.copytree(data, root / name)
+        for shard in sorted((root / name).glob("data-*.safetensors")):
+            tensors = load_file(shard)
+            states = tensors.pop("hidden_states")
+            if name == "fp8":
+                tensors.update(store_hidden_states(states, "fp8_e4m3"))
+            save_file(tensors, shard)
+    config = json.loads((root / "tokens" / "data_config.json").read_text())
+    (root / "tokens" / "data_config.json").write_text(json.dumps({**config, "tokens_only": True}))
+    first = load_file(data / "data-00000.safetensors")
+    ends = first["sample_offsets"].tolist()
+    samples = [{k: first[k][a:b] for k in ("input_ids", "loss_mask", "hidden_states")} for a, b in zip(ends, ends[1:])]
+    write_shard(root / "cache" / "data-c000000000-test.safetensors", samples, first["sample_ids"].tolist())
+    hidden_size = AutoConfig.from_pretrained(verifier).hidden_size
+    meta = {
+        "data_fingerprint": config.get("fingerprint"),
+        "layer_ids": config["layer_ids"],
+        "hidden_size": hidden_size,
+    }
+    (root / "cache" / "cache_config.json").write_text(json.dumps(meta))  # what open_online_dataset expects
+    (root / "spool").mkdir()
+    (root / "spool" / "server.json").write_text(json.dumps({"url": "http://127.0.0.1:1", "host": "elsewhere"}))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -402,6 +475,33 @@ def test_bad_config_yaml_in_every_command(cli, tmp_path, capfd):
     assert "run.yaml: holds a list, expected a mapping" in line, line
 
 
+@pytest.mark.parametrize("kind", [*GENERIC, "wrong-type"])
+def test_bad_spool_file_is_skipped_in_one_line(kind, tmp_path):
+    """A spool file a server left cut short (it died while writing) or garbled: the transport gives one line naming
+    it (the client retries on another server, then skips the sample) and deletes it with its lock."""
+    from safetensors.torch import save_file
+
+    from speculators_hf.online.client import HiddenStatesClient, _Server
+    from speculators_hf.online.transport import BadStates, SpoolTransport
+
+    path = tmp_path / "cmpl-1.safetensors"
+    save_file({"hidden_states": torch.ones(3, 4, 64), "token_ids": torch.tensor([1, 2, 3])}, str(path))
+    Path(f"{path}.lock").touch()
+    (tmp_path / "server.json").write_text("[1, 2]")  # a garbled record: no layer check, no crash
+    if kind == "wrong-type":
+        save_file({"hidden_states": torch.ones(3, 4, 64)}, str(path))
+    else:
+        GENERIC[kind](path)
+    client = HiddenStatesClient(["http://127.0.0.1:1"], hidden_shape=(4, 64), layer_ids=[1, 2, 3, 4])
+    with pytest.raises(BadStates) as caught:
+        client._load_and_check(_Server("http://127.0.0.1:1"), {"hidden_states_path": str(path)}, [1, 2, 3])
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert path.name in message or kind == "wrong-type", message
+    assert not path.exists() and not Path(f"{path}.lock").exists()
+    assert SpoolTransport().server_info({"hidden_states_path": str(path)}) is None
+
+
 # --------------------------------------------------------------------------------------------------- coverage
 
 # Raw reads outside speculators_hf/validation.py: (file, text on the line) -> the table row that feeds that reader
@@ -449,6 +549,15 @@ RAW_READERS = {
     ("regenerate/writer.py", 'with open(path, "rb") as f:  # streamed'): "exempt: parsed by validation.parse_json",
     ("regenerate/writer.py", 'with open(path, "rb") as f:'): "exempt: a checksum",
     ("regenerate/writer.py", 'open(tmp, "w"'): "exempt: a write",
+    ("online/cache.py", "safe_open(str(self.folder / name)"): "reader:hybrid-cache-shard",
+    ("online/client.py", 'json.loads(response.read())["data"]'): "exempt: an HTTP response, errors retried",
+    ("online/client.py", "answer = json.loads(response.read())"): "exempt: an HTTP response, errors retried",
+    ("online/client.py", "body = json.loads(err.read())"): "exempt: an HTTP error's body, any failure caught",
+    ("online/server.py", 'open(log_path, "ab")'): "exempt: a write (the server's log)",
+    ("online/transport.py", "data = path.read_bytes()"): "exempt: a server's spool file: a bad one is retried, then "
+    "skipped (test_bad_spool_file_is_skipped_in_one_line)",
+    ("online/transport.py", "json.loads(info.read_text())"): "exempt: the server's record: unreadable means no layer "
+    "check (the states' shape is still checked)",
     ("pipeline.py", 'open(source, "rb")'): "reader:pipeline-chats",
     ("pipeline.py", 'open(tmp, "w'): "exempt: a write",
     ("pipeline.py", 'with open(path, "rb") as f:'): "exempt: a checksum",
