@@ -158,7 +158,10 @@ def test_a_grid_run_keeps_the_earlier_runs_and_a_plain_run_keeps_the_grid():
     assert again["grid"] == grid and again["recommendation"] == rec
     assert [r["engine"] for r in again["runs"]] == ["transformers", "vllm", "vllm"]
     other = carry_over(json.loads(json.dumps(plain)), {**merged, "draft": "another"}, grid=False)
-    assert "grid" not in other  # another draft's grid is not this one's
+    assert "grid" not in other  # another draft's grid is not this one's ...
+    moved = carry_over(json.loads(json.dumps(plain)), {**merged, "draft": "another"}, grid=False, same_draft=True)
+    assert moved["grid"] == grid  # ... unless the card sits in the draft's own folder (export copied it there)
+    assert "grid" not in carry_over(json.loads(json.dumps(plain)), {**merged, "verifier": "w"}, grid=False)
 
 
 @pytest.mark.parametrize(

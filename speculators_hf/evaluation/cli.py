@@ -242,10 +242,15 @@ def default_prompts(args: EvaluateArguments, previous: dict | None) -> tuple[str
     )
 
 
-def carry_over(card: dict, previous: dict | None, *, grid: bool) -> dict:
+def carry_over(card: dict, previous: dict | None, *, grid: bool, same_draft: bool = False) -> dict:
     """Keep what an earlier evaluation of the same draft wrote and this one did not redo: a grid run keeps the
-    earlier runs table and offline numbers (with their dataset); a run without --grid keeps the earlier grid."""
-    if not previous or (previous.get("draft"), previous.get("verifier")) != (card["draft"], card["verifier"]):
+    earlier runs table and offline numbers (with their dataset); a run without --grid keeps the earlier grid.
+
+    The earlier card is of the same draft when it names the same verifier and the same draft folder, or when it sits
+    in the draft's own folder (`same_draft`: `export` copies the card along with the weights)."""
+    if not previous or previous.get("verifier") != card["verifier"]:
+        return card
+    if not (same_draft or previous.get("draft") == card["draft"]):
         return card
     if grid:
         if not any(r.get("source") != "grid" for r in card["runs"]):
@@ -341,7 +346,8 @@ def evaluate(args: EvaluateArguments) -> dict:
         plots=plots,
         extra_runs=grid_runs,
     )
-    card = carry_over(card, previous, grid=args.grid)
+    same_draft = out_dir.resolve() == Path(args.draft).resolve()
+    card = carry_over(card, previous, grid=args.grid, same_draft=same_draft)
     json_path, _ = write_eval_card(card, out_dir)
     print(eval_table(card))
     if grid:
