@@ -143,6 +143,8 @@ def serve_commands(checkpoint: str | Path, repo_id: str) -> tuple[list[str], str
             f"{recommendation['geomean_speedup']:.2f}x, over the temperatures and loads measured); its table gives "
             "the best K for each temperature and load."
         )
+        if not recommendation.get("speculate", True):
+            note += " On the hardware of that grid no K beat the verifier alone: serve the verifier alone there."
     return commands, note
 
 

@@ -183,7 +183,7 @@ def test_grid_flags_are_one_line_errors(flags, message, capsys):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):
-    """`speculators-hf evaluate --grid` on real vLLM: one engine per K (3 engine starts for 8 cells), greedy cells
+    """`speculators-hf evaluate --grid` on real vLLM: one engine per K (2 engine starts for 8 cells), greedy cells
     identical to the verifier alone, tau above 1 for a fitted draft, plots and the recommendation in the card, the
     prompts and the transformers run of the earlier evaluation kept; a rerun reuses every engine; push serves the
     recommended K."""
@@ -201,7 +201,7 @@ def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):
     draft = Eagle3DraftModel.from_verifier(
         str(tiny_verifier_path), hub_id="org/tiny-verifier", aux_layer_ids=[1, 2, 3], speculative_tokens=3
     )
-    chats = write_chat_jsonl(tmp_path / "held_out.jsonl", 3, offset=6000)
+    chats = write_chat_jsonl(tmp_path / "held_out.jsonl", 12, offset=6000)  # some chats have no usable prompt
     fit_draft(draft, verifier, chat_prompts(tokenizer, 3, offset=6000), 16, steps=80)
     folder = tmp_path / "draft"
     draft.save_pretrained(folder)
@@ -210,17 +210,18 @@ def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):
 
     cli = str(Path(sys.executable).with_name("speculators-hf"))
     argv = [cli, "evaluate", "--draft", str(folder), "--verifier", str(tiny_verifier_path), "--grid"]
-    argv += ["--k", "1", "2", "--temperature", "0", "1", "--batch-size", "1", "3", "--num-prompts", "3"]
-    argv += ["--max-new-tokens", "16"]
+    argv += ["--k", "2", "--temperature", "0", "1", "--batch-size", "1", "3", "--num-prompts", "3"]
+    argv += ["--max-new-tokens", "16", "--num-speculative-tokens", "2"]
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Recommended num_speculative_tokens" in done.stdout and "--prompts: the held-out prompts" in done.stderr
 
     card = json.loads((folder / "eval_card.json").read_text())
     grid = card["grid"]
-    log = (folder / "eval_grid" / "vllm.log").read_text()
-    assert log.count("Initializing a V1 LLM engine") == 3  # the verifier alone, K=1, K=2: not one per cell
-    assert len(grid["cells"]) == 8 and grid["dataset"]["path"] == str(chats)
+    for k in (0, 2):  # one engine for the verifier alone, one per K: not one per cell
+        log = (folder / "eval_grid" / f"vllm_k{k}.log").read_text()
+        assert log.count("Initializing a V1 LLM engine") == 1, k
+    assert len(grid["cells"]) == 4 and grid["dataset"]["path"] == str(chats)
     for c in grid["cells"]:
         assert c["num_requests"] == 3 and c["speedup"] > 0 and c["tpot_ms"] > 0, c
         pos = c["acceptance_per_position"]
@@ -230,15 +231,17 @@ def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):
             assert c["tau"] > 1.2, c  # the fitted draft is accepted
         else:
             assert c["output_matches_verifier_greedy"] is None and c["tau"] >= 1.0, c
-    assert card["recommendation"]["num_speculative_tokens"] in (1, 2) and len(card["recommendation"]["per_load"]) == 4
-    assert [r["engine"] for r in card["runs"]] == ["transformers"]  # K=3 is not in the grid: no vLLM row
+    assert card["recommendation"]["num_speculative_tokens"] == 2 and len(card["recommendation"]["per_load"]) == 4
+    # the earlier transformers run is kept; the grid's cells at K=2, batch 1 are the vLLM rows
+    rows = [(r["engine"], r["num_speculative_tokens"], r["temperature"]) for r in card["runs"]]
+    assert rows == [("transformers", 3, 0.0), ("vllm", 2, 0.0), ("vllm", 2, 1.0)]
     for file in PLOT_FILES.values():
         assert decode_png((folder / file).read_bytes()).shape[2] == 3
     print(f"grid wall time {grid['wall_seconds']} s; engines {grid['engine_seconds']}")
 
     again = subprocess.run(argv, capture_output=True, text=True)  # same inputs: every engine record is reused
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((folder / "eval_card.json").read_text())["grid"]["reused_engines"] == [0, 1, 2]
+    assert json.loads((folder / "eval_card.json").read_text())["grid"]["reused_engines"] == [0, 2]
 
     staged = subprocess.run(
         [cli, "push", "--checkpoint", str(folder), "--repo-id", "org/x", "--local-dir", str(tmp_path / "up")],

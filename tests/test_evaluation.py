@@ -269,7 +269,7 @@ def four_token_verifier(tmp_path_factory):
 def test_sampled_output_follows_the_verifier_distribution(four_token_verifier):
     """Speculative sampling at T = 0.7 (K = 2) emits 3-token continuations distributed exactly as sampling from the
     verifier: a chi-square test of 500 seeds against the exact distribution over all 4^3 continuations. (Sampling
-    from p instead of p without the rejected draft, or ignoring the temperature, gives p < 1e-15 here.)"""
+    from p instead of p without the rejected draft, or ignoring the temperature, gives p < 1e-14 here.)"""
     import itertools
 
     from speculators_hf.evaluation import SpeculativeGenerator

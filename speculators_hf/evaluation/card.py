@@ -152,6 +152,13 @@ def _speedup(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}x"
 
 
+def _no_gain(rec: dict) -> str:
+    return (
+        f"on this hardware speculative decoding does not pay (K={rec['num_speculative_tokens']} is the least slow); "
+        "a verifier this cheap per step, or this much load, leaves nothing for the draft to save."
+    )
+
+
 def grid_section(card: dict) -> list[str]:
     """Markdown of the serving grid: the recommendation, the plots, every cell (folded)."""
     grid, rec, plots = card["grid"], card["recommendation"], card.get("plots") or {}
@@ -173,7 +180,9 @@ def grid_section(card: dict) -> list[str]:
         "Speed-up = output tokens/s with the draft over the verifier alone, same requests and concurrency.",
         "",
         f"**Recommended: `num_speculative_tokens` = {rec['num_speculative_tokens']}** (best geometric-mean "
-        f"speed-up over every cell, {_speedup(rec['geomean_speedup'])}). Best K per load:",
+        f"speed-up over every cell, {_speedup(rec['geomean_speedup'])})."
+        + ("" if rec.get("speculate", True) else f" No K beat the verifier alone in any cell: {_no_gain(rec)}")
+        + " Best K per load:",
         "",
         "| temperature | concurrent requests | best K | speed-up | tau |",
         "|---|---|---|---|---|",
@@ -233,6 +242,8 @@ def recommendation_table(card: dict) -> str:
         f"{_speedup(rec['geomean_speedup'])} over the grid, vLLM {card['grid']['engine_version']}; "
         f"grid wall time {card['grid']['wall_seconds']:.0f} s)",
     ]
+    if not rec.get("speculate", True):
+        lines.append(f"  No K beat the verifier alone in any cell here: {_no_gain(rec)}")
     for row in rec["per_load"]:
         best = f"K={row['k']}" if row["speculate"] else "no speculation"
         lines.append(

@@ -9,8 +9,8 @@ output token with and without the draft, the speed-up (tokens/s with over withou
 output ids are the verifier's own. The recommendation: the K with the best speed-up per (temperature, batch size), and
 one K for `vllm serve` (the best geometric mean of the speed-up over every cell).
 
-Each engine's raw record is kept in `<card folder>/eval_grid/k<K>.json`; a rerun with the same inputs reuses the
-engines already done (a killed grid resumes).
+Each engine runs in a subprocess of its own; its raw record is kept in `<card folder>/eval_grid/k<K>.json` (its log
+in `vllm_k<K>.log`), and a rerun with the same inputs reuses the engines already done (a killed grid resumes).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import json
 import math
 import time
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from ..utils import get_logger
 from .card import sampling_note
@@ -64,7 +66,7 @@ def run_vllm_grid(
     max_model_len: int = 1024,
     timeout_per_engine: float = 1800,
 ) -> tuple[dict[int, dict], float]:
-    """Run the engines of the grid that `records_dir` does not hold yet (same inputs), in one subprocess.
+    """Run the engines of the grid that `records_dir` does not hold yet (same inputs), one subprocess each.
 
     Returns `({K: engine record}, wall seconds of this call)`; K 0 is the verifier alone.
     """
@@ -94,17 +96,16 @@ def run_vllm_grid(
     engines = [k for k in [0, *ks] if done(k) is None]
     reused = [k for k in [0, *ks] if k not in engines]
     start = time.perf_counter()
-    if len(engines) < len(ks) + 1:
-        logger.warning("Eval grid: reusing %d engine record(s) in %s.", len(ks) + 1 - len(engines), records_dir)
-    if engines:
-        names = ", ".join("verifier alone" if k == 0 else f"K={k}" for k in engines)
-        logger.warning("Eval grid: %d vLLM engine(s) (%s), %d cells each.", len(engines), names, _cells(request))
-        request["engines"] = engines
-        spawn(request, timeout_per_engine * len(engines), log_path=records_dir / "vllm.log")
+    if reused:
+        logger.warning("Eval grid: reusing %d engine record(s) in %s.", len(reused), records_dir)
+    for k in tqdm(engines, desc="eval grid engines", disable=not engines):
+        name = "the verifier alone" if k == 0 else f"K={k}"
+        logger.warning("Eval grid: vLLM engine for %s, %d cells.", name, _cells(request))
+        spawn({**request, "engines": [k]}, timeout_per_engine, log_path=records_dir / f"vllm_k{k}.log")
     records = {k: done(k) for k in [0, *ks]}
     missing = [k for k, r in records.items() if r is None]
     if missing:
-        raise RuntimeError(f"vLLM grid: no record for K {missing} in {records_dir} (see vllm.log there).")
+        raise RuntimeError(f"vLLM grid: no record for K {missing} in {records_dir} (see vllm_k*.log there).")
     for k in reused:
         records[k]["reused"] = True
     return records, time.perf_counter() - start
@@ -195,6 +196,7 @@ def recommend(cells: list[dict]) -> dict:
     k_best = max(scores, key=lambda k: (scores[k], -k))
     return {
         "num_speculative_tokens": k_best,
+        "speculate": any(row["speculate"] for row in per_load),  # False: no K beat the verifier alone anywhere
         "geomean_speedup": round(scores[k_best], 3),
         "geomean_speedup_per_k": {str(k): round(s, 3) for k, s in scores.items()},
         "rule": "per load: the K with the best speed-up; for vllm serve: the K with the best geometric-mean speed-up "

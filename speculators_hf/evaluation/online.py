@@ -259,6 +259,9 @@ def evaluate_transformers(
         temperature=temperature,
         extra={"batch_size": 1, **({"seed": seed} if temperature > 0 else {})},
     )
+    gen.generate(prompts[0], 4, eos_token_id)  # warm-up (first-call costs are no part of either timing)
+    if baseline:
+        verifier_baseline(verifier, prompts[:1], 4, eos_token_id)
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
         generator = None
