@@ -144,7 +144,10 @@ class PipelineArguments:
     eval_k: list[int] | None = field(default=None, metadata=_preset_help("eval_k", "K values of the serving grid"))
     eval_temperature: list[float] = field(
         default_factory=lambda: [0.0, 1.0],
-        metadata={"help": "Temperatures of the online evaluation and the grid (0: greedy; sampled ones are seeded)."},
+        metadata={
+            "help": "Temperatures of the serving grid and of the transformers runs beside it (0: greedy; sampled "
+            "requests are seeded); without the grid, online evaluation is greedy."
+        },
     )
     eval_batch_size: list[int] | None = field(
         default=None, metadata=_preset_help("eval_batch_size", "Concurrent requests of the serving grid")
