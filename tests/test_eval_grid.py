@@ -252,3 +252,22 @@ def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):
     k = card["recommendation"]["num_speculative_tokens"]
     assert f'"num_speculative_tokens": {k}}}' in staged.stdout
     assert all((tmp_path / "up" / file).is_file() for file in PLOT_FILES.values())
+
+
+def test_default_prompts_come_from_the_card_of_the_draft(tmp_path):
+    """Without --prompts: the held-out prompts the eval card names (in the output folder, else the draft's folder);
+    with no such card, a one-line error that says what to pass."""
+    from speculators_hf.evaluation.cli import EvaluateArguments, default_prompts, previous_card
+    from speculators_hf.utils import UserError
+
+    chats = tmp_path / "held_out.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    (tmp_path / "draft").mkdir()
+    card = {"dataset": {"path": str(chats), "offset": 2}}
+    (tmp_path / "draft" / "eval_card.json").write_text(json.dumps(card))
+    args = EvaluateArguments(draft=str(tmp_path / "draft"), output_dir=str(tmp_path / "elsewhere"), grid=True)
+    assert default_prompts(args, previous_card(tmp_path / "elsewhere")) == (str(chats), 2)
+    assert default_prompts(EvaluateArguments(draft="d", prompts="p.jsonl"), None) == ("p.jsonl", 0)
+    chats.unlink()  # the card names a file that is gone
+    with pytest.raises(UserError, match="--prompts is needed"):
+        default_prompts(args, None)

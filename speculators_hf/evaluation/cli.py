@@ -221,21 +221,22 @@ def load_models(args: EvaluateArguments, verifier_id: str, draft):
     return draft, verifier
 
 
-def previous_card(args: EvaluateArguments) -> dict | None:
-    """The eval card already in the output folder, if any."""
-    path = Path(args.output_dir or args.draft) / EVAL_CARD_JSON
+def previous_card(folder: str | Path) -> dict | None:
+    """The eval card already in `folder`, if any."""
+    path = Path(folder) / EVAL_CARD_JSON
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def default_prompts(args: EvaluateArguments, previous: dict | None) -> tuple[str, int]:
-    """`(prompts file, offset)`: `--prompts`, else the held-out prompts named by the draft's eval card (the pipeline's
-    evaluate stage writes one naming its held-out chats)."""
+    """`(prompts file, offset)`: `--prompts`, else the held-out prompts named by the eval card in the output folder or
+    the draft's folder (the pipeline's evaluate stage writes one naming its held-out chats)."""
     if args.prompts:
         return args.prompts, args.prompt_offset
-    for dataset in ((previous or {}).get("dataset"), ((previous or {}).get("grid") or {}).get("dataset")):
-        if dataset and dataset.get("path") and Path(dataset["path"]).is_file():
-            logger.warning("--prompts: the held-out prompts of the previous evaluation, %s.", dataset["path"])
-            return dataset["path"], int(dataset.get("offset") or 0)
+    for card in (previous, previous_card(args.draft)):
+        for dataset in ((card or {}).get("dataset"), ((card or {}).get("grid") or {}).get("dataset")):
+            if dataset and dataset.get("path") and Path(dataset["path"]).is_file():
+                logger.warning("--prompts: the held-out prompts of the previous evaluation, %s.", dataset["path"])
+                return dataset["path"], int(dataset.get("offset") or 0)
     raise UserError(
         f"--prompts is needed: no eval card in {args.output_dir or args.draft} names held-out prompts (a chat JSONL "
         "file of {'messages': [...]} rows the draft was not trained on)."
@@ -275,7 +276,7 @@ def evaluate(args: EvaluateArguments) -> dict:
     from ..modeling import Eagle3DraftModel
 
     out_dir = Path(args.output_dir or args.draft)
-    previous = previous_card(args)
+    previous = previous_card(out_dir)
     draft = Eagle3DraftModel.from_pretrained(args.draft, dtype=torch.float32).eval()
     verifier_id = args.verifier or draft.config.verifier_name_or_path
     if not verifier_id:
