@@ -27,6 +27,10 @@ def read_shards(our_dir: Path):
     index = json.loads((our_dir / "index.json").read_text())
     for entry in index["shards"]:
         with safe_open(str(our_dir / entry["file"]), "pt") as f:
+            if "hidden_states_scale" in f.keys():
+                raise SystemExit(
+                    f"{our_dir}: fp8 shards (--storage-dtype fp8_e4m3); convert bfloat16 or float32 ones."
+                )
             offsets = f.get_tensor("sample_offsets")
             ids, mask, hs = f.get_tensor("input_ids"), f.get_tensor("loss_mask"), f.get_tensor("hidden_states")
         for s in range(len(offsets) - 1):

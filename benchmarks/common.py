@@ -53,6 +53,18 @@ SHAPES = {
         draft_vocab_size=8192,
         aux_layer_ids=[2, 4, 5],
     ),
+    # A large draft vocabulary on CPU (issue 16): the draft head and the KL dominate the step.
+    "vocab32k": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_hidden_layers=8,
+        vocab_size=64000,
+        draft_vocab_size=32000,
+        aux_layer_ids=[2, 4, 5],
+    ),
     # Llama-3.1-8B draft shapes (issue 6).
     "llama8b": dict(
         hidden_size=4096,

@@ -3,12 +3,14 @@
 #
 #   bash benchmarks/gpu_session.sh prepare   # here, with the package registries: wheels + tiny-verifier cache
 #   bash benchmarks/gpu_session.sh run       # on the GPU machine; carry benchmarks/.gpu_session
+#   bash benchmarks/gpu_session.sh budget    # there too, optional (~10 min): largest total_seq_len within 40 GiB
 #
 # `prepare` downloads, for the GPU machine's Python (GPU_PYTHON_VERSION, default 3.12), the wheels our package and
 # speculators 0.9.0 need beyond what that machine has (torch, accelerate, safetensors, huggingface_hub, numpy,
 # pyarrow; see ../shared/research/gpu_anchor.md), and copies the tiny verifiers the GPU tests use. `run` installs
-# them with --no-deps into a folder on PYTHONPATH (both trainers then run in the one interpreter), runs the GPU tests,
-# then `train_throughput.py --gpu` (Llama-3.1-8B draft shapes, both trainers, designed for < 8 min).
+# them with --no-deps into a folder on PYTHONPATH (both trainers then run in the one interpreter), runs the GPU tests
+# (tests/gpu and the fused loss's CUDA tests in tests/test_losses.py), then `train_throughput.py --gpu` (Llama-3.1-8B
+# draft shapes, both trainers, designed for < 8 min). `budget` runs `memory_budget.py --gpu` at the same shapes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=benchmarks/.gpu_session
@@ -32,19 +34,24 @@ prepare)
   cp -r "${SPECULATORS_HF_CACHE:-$HOME/.cache/speculators_hf}/." "$DIR/cache/"
   du -sh "$DIR"
   ;;
-run)
+run | budget)
   SITE=/tmp/gpu_session_site
-  "$PY" -m pip install --quiet --no-deps --no-index --target "$SITE" "$DIR"/wheels/*.whl
+  [ -d "$SITE/speculators" ] || "$PY" -m pip install --quiet --no-deps --no-index --target "$SITE" "$DIR"/wheels/*.whl
   export PYTHONPATH="$SITE:$PWD" SPECULATORS_HF_CACHE="$PWD/$DIR/cache" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+  if [ "$1" = budget ]; then
+    "$PY" benchmarks/memory_budget.py --gpu --baseline-python "$PY" --work-dir /tmp/gpu_bench --timeout 240 \
+      --output "${OUT:-/tmp}/memory-budget-llama8b-cuda.json"
+    exit
+  fi
   "$PY" -c "import torch, transformers, speculators, speculators_hf; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'speculators_hf', speculators_hf.__file__, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
-  "$PY" -m pytest tests/gpu -q -x -p no:cacheprovider || echo "GPU tests failed (continuing to the benchmark)"
+  "$PY" -m pytest tests/gpu tests/test_losses.py -m gpu -q -x -p no:cacheprovider || echo "GPU tests failed (continuing)"
   "$PY" benchmarks/train_throughput.py --gpu --baseline-python "$PY" --work-dir /tmp/gpu_bench \
     --output "${OUT:-/tmp}/throughput-llama8b-cuda.json"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_session.sh prepare|run" >&2
+  echo "usage: bash benchmarks/gpu_session.sh prepare|run|budget" >&2
   exit 2
   ;;
 esac

@@ -44,6 +44,7 @@ def main(argv=None):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    import speculators_hf.training.losses as losses_mod
     import speculators_hf.training.trainer as trainer_mod
     from speculators_hf.training import Eagle3ModelArguments, Eagle3Trainer, Eagle3TrainingArguments
     from speculators_hf.training.setup import build_datasets, build_draft
@@ -78,7 +79,9 @@ def main(argv=None):
     trainer.model.forward = timed("draft forward (Eagle3DraftModel.forward)", trainer.model.forward)
     for name in ("ttt_attention_mask", "ttt_block_mask", "step_statistics", "add_uniform_noise"):
         setattr(trainer_mod, name, timed(f"{name} (training/losses.py)", getattr(trainer_mod, name)))
-    trainer._record = timed("Eagle3Trainer._record (gather + .cpu(): host sync)", trainer._record)
+    # the fused heads + KL run inside the draft's forward (its last call per batch), so they are part of its share too
+    losses_mod.fused_ttt_kl = timed("fused_ttt_kl, inside forward (training/losses.py)", losses_mod.fused_ttt_kl)
+    trainer._record = timed("Eagle3Trainer._record (per-process metric sums)", trainer._record)
 
     # One training step by hand, as Trainer's inner loop does it (fetch, training_step, clip, optimizer step).
     trainer.create_optimizer_and_scheduler(num_training_steps=100)

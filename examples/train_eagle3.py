@@ -6,6 +6,8 @@ Runs unchanged on one CPU or GPU (`python examples/train_eagle3.py ...`) and on 
     accelerate launch --config_file accelerate_configs/ddp.yaml examples/train_eagle3.py ...     # 8 GPUs, DDP
     accelerate launch --config_file accelerate_configs/fsdp2.yaml examples/train_eagle3.py ...   # 8 GPUs, FSDP2
     accelerate launch --config_file accelerate_configs/cpu_ddp.yaml examples/train_eagle3.py ... # 2 CPU processes
+    python examples/train_eagle3.py ... --hidden-states-source online --hidden-states-servers http://host:8000
+        # states streamed from `speculators-hf serve-hidden-states` servers (data from datagen --tokens-only)
 
 Every flag of `speculators-hf train` works here (`--help`); `--config run.yaml` reads them from a file.
 """

@@ -36,6 +36,29 @@ LAYER_KEYS = (
     "vocab_size",
     "hidden_act",
 )
+# Verifier architectures whose model class in vLLM 0.32 implements `SupportsEagle3`, the interface vLLM needs to feed
+# an EAGLE-3 draft (read in vllm/model_executor/models; `tests/test_families_vllm.py` checks it against the installed
+# vLLM). For any other verifier, vLLM stops at serve time with "Model does not support EAGLE3 interface".
+VLLM_VERSION = "0.32"
+VLLM_EAGLE3_VERIFIERS = frozenset(
+    {
+        "AfmoeForCausalLM", "ApertusForCausalLM", "Cohere2MoeForCausalLM", "DeepseekForCausalLM",
+        "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Ernie4_5ForCausalLM", "Gemma4ForCausalLM",
+        "GptOssForCausalLM", "GraniteForCausalLM", "GraniteSWAForCausalLM", "IQuestCoderForCausalLM",
+        "InternLM3ForCausalLM", "K2HorizonForCausalLM", "LLaMAForCausalLM", "LagunaForCausalLM", "Llama4ForCausalLM",
+        "LlamaForCausalLM", "MiMoForCausalLM", "MiMoV2FlashForCausalLM", "MiMoV2ForCausalLM", "MiniCPM3ForCausalLM",
+        "MiniCPMForCausalLM", "MiniMaxM2ForCausalLM", "Ministral3ForCausalLM", "MistralForCausalLM",
+        "MistralLarge3ForCausalLM", "NemotronHForCausalLM", "NemotronHPuzzleForCausalLM", "Phi3ForCausalLM",
+        "Plamo3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
+        "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "SarvamMLAForCausalLM", "Step1ForCausalLM",
+        "TeleChat2ForCausalLM", "TeleChat3ForCausalLM", "TeleFLMForCausalLM",
+        # multimodal verifiers (their language model feeds the draft)
+        "Gemma4ForConditionalGeneration", "KimiK25ForConditionalGeneration", "LlavaForConditionalGeneration",
+        "Llama4ForConditionalGeneration", "Mistral3ForConditionalGeneration", "PixtralForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
+        "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",
+    }
+)  # fmt: skip
 # Files copied along with the checkpoint when exporting into another folder.
 SIDE_FILES = (
     "eval_card.json",
@@ -81,9 +104,27 @@ def expected_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
             p + "input_layernorm.weight": ((H,), "float"),
             p + "post_attention_layernorm.weight": ((H,), "float"),
         }
+        if layer.get("model_type") == "qwen3":  # Qwen3-style draft layers: RMSNorm on each query/key head
+            out |= {p + "self_attn.q_norm.weight": ((hd,), "float"), p + "self_attn.k_norm.weight": ((hd,), "float")}
+        if layer.get("attention_bias"):  # vLLM's draft layer then has q/k/v and o biases
+            out |= {
+                p + "self_attn.q_proj.bias": ((heads * hd,), "float"),
+                p + "self_attn.k_proj.bias": ((kv * hd,), "float"),
+                p + "self_attn.v_proj.bias": ((kv * hd,), "float"),
+                p + "self_attn.o_proj.bias": ((H,), "float"),
+            }
+        if layer.get("mlp_bias"):
+            out |= {
+                p + "mlp.gate_proj.bias": ((inter,), "float"),
+                p + "mlp.up_proj.bias": ((inter,), "float"),
+                p + "mlp.down_proj.bias": ((H,), "float"),
+            }
     out["layers.0.hidden_norm.weight"] = ((H,), "float")
     if config.get("norm_before_fc"):
         out["input_norm.weight"] = ((fused,), "float")
+    if config.get("fc_norm"):  # Eagle 3.1: one norm per aux state
+        Ht = config.get("target_hidden_size") or H
+        out |= {f"fc_norm.{i}.weight": ((Ht,), "float") for i in range(fused // Ht)}
     if Vd != V:
         out |= {"d2t": ((Vd,), "int64"), "t2d": ((V,), "bool")}
     return out
@@ -135,14 +176,41 @@ def _config_problems(config: dict) -> tuple[list[str], list[str]]:
     ids = config.get("eagle_aux_hidden_state_layer_ids")
     if not ids:
         errors.append("eagle_aux_hidden_state_layer_ids is missing: vLLM would capture its default (2, n//2, n-3)")
-    elif len(set(ids)) != len(ids) or (
-        config.get("verifier_num_hidden_layers")
-        and not all(0 <= i <= config["verifier_num_hidden_layers"] for i in ids)
-    ):
-        errors.append(f"eagle_aux_hidden_state_layer_ids {ids} are not distinct layer ids of the verifier")
+    else:
+        from .modeling.configuration_eagle3 import aux_layer_ids_problem
+
+        problem = aux_layer_ids_problem(ids, config.get("verifier_num_hidden_layers"))
+        if problem:  # e.g. not ascending: vLLM would feed the draft's fc the aux states in another order
+            errors.append(f"eagle_aux_hidden_state_layer_ids: {problem}")
     if "norm_before_residual" not in config:
         warnings.append("norm_before_residual is missing: vLLM assumes True")
     return errors, warnings
+
+
+def vllm_serves_eagle3(verifier_architectures: list[str] | None) -> bool:
+    """Whether vLLM 0.32 serves EAGLE-3 drafts for a verifier of these architectures."""
+    return any(arch in VLLM_EAGLE3_VERIFIERS for arch in verifier_architectures or ())
+
+
+def serving_problems(config: dict) -> list[str]:
+    """What would make vLLM refuse the draft at serve time although its tensors are right (verifier, draft layer)."""
+    errors = []
+    archs = ((config.get("speculators_config") or {}).get("verifier") or {}).get("architectures") or []
+    if archs and not vllm_serves_eagle3(archs):
+        errors.append(
+            f"vLLM {VLLM_VERSION} does not serve EAGLE-3 drafts for {'/'.join(archs)} verifiers (its model class "
+            "lacks SupportsEagle3; vLLM would stop with 'Model does not support EAGLE3 interface')"
+        )
+    layer = config.get("transformer_layer_config") or {}
+    if layer.get("hidden_act", "silu") != "silu":
+        errors.append(f"the draft's hidden_act is {layer['hidden_act']!r}; vLLM's EAGLE-3 draft layers run only silu")
+    rope = layer.get("rope_parameters")
+    if isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values()):
+        errors.append(
+            f"rope_parameters are nested per layer type ({sorted(rope)}); vLLM's draft needs one RoPE (rebuild the "
+            "config with Eagle3Config.from_verifier, which takes the full-attention one)"
+        )
+    return errors
 
 
 def _tensor_problems(config: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -195,6 +263,7 @@ def find_problems(path: str | Path) -> tuple[list[str], list[str]]:
     if "speculators_config" not in config:
         return [f"{path} is not in the speculators format (flat config): convert it with `speculators-hf export`"], []
     errors, warnings = _config_problems(config)
+    errors += serving_problems(config)
     if not any("transformer_layer_config" in e for e in errors):
         errors += _tensor_problems(config, load_checkpoint_tensors(path))
     return errors, warnings
@@ -230,6 +299,9 @@ def convert_research_checkpoint(
 ) -> Path:
     """EAGLE authors' research checkpoint (flat config, `midlayer.*`) -> speculators format in `output_dir`.
 
+    The tensors are read by `Eagle3DraftModel.from_pretrained` (its `key_mapping` renames `midlayer.*`); this adds
+    what the research config lacks.
+
     Args:
         verifier: hub id or folder of the verifier: its layer count gives the default aux ids `[2, n//2, n-3]`, its
             `max_position_embeddings` replaces a smaller one (which would clip RoPE in vLLM), and its embedding fills
@@ -239,13 +311,11 @@ def convert_research_checkpoint(
     from transformers import AutoConfig
 
     from .modeling import Eagle3Config, Eagle3DraftModel, default_aux_layer_ids
-    from .modeling.research_format import load_research_state_dict
 
     path = Path(path)
     flat = json.loads((path / "config.json").read_text())
     for key in ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "auto_map"):
         flat.pop(key, None)
-    tensors = load_research_state_dict(path)
     vconf = AutoConfig.from_pretrained(verifier).get_text_config() if verifier else None
     n = vconf.num_hidden_layers if vconf is not None else flat.get("verifier_num_hidden_layers")
     ids = aux_layer_ids or flat.get("eagle_aux_hidden_state_layer_ids") or (default_aux_layer_ids(n) if n else None)
@@ -273,24 +343,22 @@ def convert_research_checkpoint(
             "tie_word_embeddings": False,
         }
     )
-    if "embed_tokens.weight" not in tensors:
+    model, info = Eagle3DraftModel.from_pretrained(
+        path, config=config, output_loading_info=True, missing_ok=["embed_tokens.weight"]
+    )
+    if info["unexpected_keys"]:
+        raise UserError(
+            f"{path}: research checkpoint does not match its config: unexpected {info['unexpected_keys']}."
+        )
+    if "embed_tokens.weight" in info["missing_keys"]:  # the authors' drafts share the verifier's embedding
         if verifier is None:
             raise UserError(f"{path} has no embed_tokens.weight; pass --verifier to copy the verifier's embedding.")
         from .modeling.verifier_weights import load_verifier_tensors
 
-        tensors["embed_tokens.weight"] = load_verifier_tensors(verifier, AutoConfig.from_pretrained(verifier))[
-            "embed_tokens"
-        ].to(tensors["fc.weight"].dtype)
-    model = Eagle3DraftModel(config)
-    result = model.load_state_dict(tensors, strict=False)
-    saved = set(model.state_dict()) - set(model._keys_to_ignore_on_save or ())
-    missing = sorted(set(result.missing_keys) & saved)
-    if missing or result.unexpected_keys:
-        raise UserError(
-            f"{path}: research checkpoint does not match its config: missing {missing}, "
-            f"unexpected {sorted(result.unexpected_keys)}."
-        )
-    model.to(tensors["fc.weight"].dtype).save_pretrained(output_dir)
+        embed = load_verifier_tensors(verifier, AutoConfig.from_pretrained(verifier), roles=("embed_tokens",))
+        with torch.no_grad():
+            model.embed_tokens.weight.copy_(embed["embed_tokens"])
+    model.save_pretrained(output_dir)
     return Path(output_dir)
 
 
@@ -311,6 +379,9 @@ def export_checkpoint(
         out = Path(output_dir) if output_dir else src.with_name(src.name + "-speculators")
         convert_research_checkpoint(src, out, verifier=verifier or verifier_hub_id, aux_layer_ids=aux_layer_ids)
     elif output_dir and Path(output_dir).resolve() != src.resolve():
+        refused = serving_problems(json.loads((src / "config.json").read_text()))
+        if refused:  # before writing anything: a draft vLLM would refuse is not exported
+            raise UserError(f"{src}: " + "; ".join(refused) + ".")
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "model.safetensors", "model.safetensors.index.json", *SIDE_FILES):

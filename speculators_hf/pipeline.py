@@ -1,4 +1,5 @@
-"""Stage 6: `speculators-hf pipeline` runs datagen -> vocab -> train -> evaluate -> export from one set of arguments.
+"""Stage 6: `speculators-hf pipeline` runs [regenerate ->] datagen -> vocab -> train -> evaluate -> export from one set
+of arguments (`--regenerate` first rewrites the chats' responses with the verifier).
 
     speculators-hf pipeline                        # the embedded tiny default: CPU, offline, a few minutes
     speculators-hf pipeline --config run.yaml      # or flags: --verifier M --train-data-path sharegpt ...
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from .utils import UserError, atomic_path, get_logger, write_json
 
 logger = get_logger(__name__)
 
-STAGES = ("datagen", "vocab", "train", "evaluate", "export")
+STAGES = ("regenerate", "datagen", "vocab", "train", "evaluate", "export")
 
 # The two presets: defaults that differ between the embedded tiny default and a real run. A flag left unset takes
 # the value of `--preset` (auto: embedded when neither --verifier nor --train-data-path is given, else general).
@@ -40,6 +43,7 @@ EMBEDDED = dict(
     max_new_tokens=48,
     eval_k=[1, 2, 3],
     eval_batch_size=[1, 4],
+    regenerate=True,  # measured: tau 2.74 -> 3.46 in both engines for ~45 s more (README, regenerate section)
 )
 GENERAL = dict(
     seq_length=2048,
@@ -53,6 +57,7 @@ GENERAL = dict(
     max_new_tokens=64,
     eval_k=[1, 2, 3, 4, 5, 6, 7],
     eval_batch_size=[1, 4, 16, 64],
+    regenerate=False,
 )
 PRESETS = {"embedded": EMBEDDED, "general": GENERAL}
 # The embedded data: real chats from the `chitchat-dataset` wheel; evaluation prompts come from chats far past them.
@@ -108,6 +113,10 @@ class PipelineArguments:
     backend: str | None = field(
         default=None, metadata=_preset_help("backend", "Datagen backend: vllm, transformers or auto")
     )
+    storage_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Datagen --storage-dtype: auto, float32, bfloat16, float16 or fp8_e4m3 (default: auto)."},
+    )
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size for datagen."})
     data_parallel_size: int = field(default=1, metadata={"help": "vLLM replicas for datagen."})
     draft_vocab_size: int | None = field(default=None, metadata=_preset_help("draft_vocab_size", "Draft vocabulary"))
@@ -153,6 +162,46 @@ class PipelineArguments:
         default=None, metadata=_preset_help("eval_batch_size", "Concurrent requests of the serving grid")
     )
     push_to_hub: str | None = field(default=None, metadata={"help": "Upload the exported draft to this hub repo."})
+    regenerate: bool | None = field(
+        default=None,
+        metadata={
+            "help": "First regenerate the chats' responses with the verifier (on-policy data; `speculators-hf "
+            "regenerate`, same --backend), then run datagen on them (default: off; embedded: on; "
+            "`--regenerate false` turns it off).",
+            "nargs": "?",  # a bare `--regenerate` means true
+            "const": True,
+        },
+    )
+    regenerate_args: str = field(
+        default="",
+        metadata={"help": "More `speculators-hf regenerate` flags, as one string (e.g. '--max-new-tokens 1024')."},
+    )
+    online: bool = field(
+        default=False,
+        metadata={
+            "help": "Online training: datagen writes tokens only, the pipeline starts serve-hidden-states servers "
+            "(vLLM) for the training stage and stops them after it; no hidden-state shards are written."
+        },
+    )
+    online_mode: str = field(
+        default="online",
+        metadata={"help": "With --online: online (fetch every epoch) or hybrid (fetch once, cache for later epochs)."},
+    )
+    online_gpus: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --online: GPUs for the servers, e.g. '0,1' (one server per --tensor-parallel-size GPUs); "
+            "training gets the other visible GPUs. Default: --online-servers servers on CPU (or vLLM's default)."
+        },
+    )
+    online_servers: int = field(default=1, metadata={"help": "With --online and no --online-gpus: servers to start."})
+    hidden_states_servers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "With --online: URLs of serve-hidden-states servers already running (started with the data's "
+            "layer ids and --max-model-len above --seq-length) to use instead of starting servers."
+        },
+    )
     force: list[str] = field(
         default_factory=list, metadata={"help": f"Rerun these stages even if up to date: {', '.join(STAGES)}, all."}
     )
@@ -161,6 +210,10 @@ class PipelineArguments:
         bad = [s for s in self.force if s not in (*STAGES, "all")]
         if bad:
             raise UserError(f"--force {bad[0]!r}: choose from {', '.join(STAGES)} or all.")
+        if self.online_mode not in ("online", "hybrid"):
+            raise UserError(f"--online-mode {self.online_mode!r}: choose online or hybrid.")
+        if self.online_servers < 1:
+            raise UserError(f"--online-servers must be at least 1, got {self.online_servers}.")
         if self.eval_engine not in ("transformers", "vllm", "both"):
             raise UserError(f"--eval-engine {self.eval_engine!r}: choose transformers, vllm or both.")
         self.embedded = self.verifier is None and self.train_data_path is None
@@ -193,7 +246,8 @@ class Pipeline:
 
     def _stage(self, name: str, inputs: dict, outputs: list[Path], run) -> bool:
         """Run `run()` unless stage `name` is up to date. Returns True when it ran."""
-        inputs = {**inputs, "upstream": [self.fingerprints[s] for s in STAGES[: STAGES.index(name)]]}
+        upstream = [self.fingerprints[s] for s in STAGES[: STAGES.index(name)] if s in self.fingerprints]
+        inputs = {**inputs, "upstream": upstream}
         fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.fingerprints[name] = fingerprint
         state_file = self.state_dir / f"{name}.json"
@@ -246,6 +300,42 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------------- stages
 
+    def regenerate(self) -> None:
+        """`--regenerate`: the verifier answers the chats' user turns; datagen then reads its chats instead."""
+        a = self.args
+        if not a.regenerate:
+            return
+        output = self.out / "regenerated.jsonl"
+        argv = [
+            "--target-model-path",
+            a.verifier,
+            "--train-data-path",
+            a.train_data_path,
+            "--output-path",
+            str(output),
+            "--backend",
+            a.backend,
+            "--tensor-parallel-size",
+            str(a.tensor_parallel_size),
+            "--data-parallel-size",
+            str(a.data_parallel_size),
+            "--max-model-len",  # datagen keeps --seq-length tokens: generating past them would be wasted
+            str(a.seq_length),
+        ]
+        if a.max_samples is not None:
+            argv += ["--max-samples", str(a.max_samples)]
+        argv += shlex.split(a.regenerate_args)
+        inputs = {"argv": argv, "data": _file_signature(a.train_data_path)}
+
+        def run(stale: bool) -> None:
+            from .regenerate.cli import main
+
+            _check(main(argv + (["--overwrite"] if stale else [])), "regenerate")
+
+        provenance = self.out / "regenerated.regenerate_config.json"
+        self._stage("regenerate", inputs, [output, provenance], run)
+        a.train_data_path = str(output)
+
     def datagen(self) -> None:
         a = self.args
         argv = [
@@ -268,6 +358,10 @@ class Pipeline:
             argv += ["--max-samples", str(a.max_samples)]
         if a.layer_ids:
             argv += ["--layer-ids", *map(str, a.layer_ids)]
+        if a.storage_dtype:
+            argv += ["--storage-dtype", a.storage_dtype]
+        if a.online:  # the servers compute the states while training
+            argv += ["--tokens-only"]
         inputs = {"argv": argv, "data": _file_signature(a.train_data_path)}
 
         def run(stale: bool) -> None:
@@ -319,10 +413,20 @@ class Pipeline:
         ]
         if a.verifier_hub_id:
             argv += ["--verifier-hub-id", a.verifier_hub_id]
+        if a.online:  # the server URLs are added when the servers run (their ports change from run to run)
+            argv += ["--hidden-states-source", a.online_mode]
+        fingerprinted = list(argv)
 
         def run(stale: bool) -> None:
             if stale and self.checkpoints.exists():
                 shutil.rmtree(self.checkpoints)  # trained on other inputs: never resume from it
+            if a.online:
+                with self.hidden_states_servers() as (urls, trainer_env):
+                    train_with(argv + ["--hidden-states-servers", *urls], trainer_env)
+            else:
+                train_with(argv, {})
+
+        def train_with(argv: list[str], env: dict[str, str]) -> None:
             if a.accelerate_config:
                 cmd = [
                     sys.executable,
@@ -334,13 +438,67 @@ class Pipeline:
                     "speculators_hf.training.cli",
                     *argv,
                 ]
-                _check(subprocess.call(cmd), "train (accelerate launch)")
+                _check(subprocess.call(cmd, env={**os.environ, **env}), "train (accelerate launch)")
+            elif env:  # the trainer's own GPUs (--online-gpus): a fresh process, before CUDA starts
+                cmd = [sys.executable, "-m", "speculators_hf.training", *argv]
+                _check(subprocess.call(cmd, env={**os.environ, **env}), "train")
             else:
                 from .training.cli import main
 
                 _check(main(argv), "train")
 
-        self._stage("train", {"argv": argv, "accelerate_config": a.accelerate_config}, [self.final_checkpoint()], run)
+        inputs = {"argv": fingerprinted, "accelerate_config": a.accelerate_config}
+        self._stage("train", inputs, [self.final_checkpoint()], run)
+
+    @contextmanager
+    def hidden_states_servers(self):
+        """`--online`: start the servers (on `--online-gpus`, else `--online-servers` of them), wait until they
+        answer, yield `(urls, environment for the trainer)`, and stop them whatever happens."""
+        from .online import HiddenStatesServer, ServeArguments
+        from .online.server import free_port
+
+        a = self.args
+        if a.hidden_states_servers:  # a running fleet: nothing to start or stop
+            yield list(a.hidden_states_servers), {}
+            return
+        config = json.loads((self.data_dir / "data_config.json").read_text())
+        groups: list[dict[str, str]] = [{} for _ in range(a.online_servers)]
+        trainer_env: dict[str, str] = {}
+        if a.online_gpus:
+            gpus = [g.strip() for g in a.online_gpus.split(",") if g.strip()]
+            tp = a.tensor_parallel_size
+            if not gpus or len(gpus) % tp:
+                raise UserError(f"--online-gpus {a.online_gpus}: give a multiple of --tensor-parallel-size {tp} GPUs.")
+            groups = [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i : i + tp])} for i in range(0, len(gpus), tp)]
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            import torch
+
+            pool = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            rest = [g for g in pool if g not in gpus]
+            if not rest:
+                raise UserError(f"--online-gpus {a.online_gpus} leaves no GPU for training (visible: {pool}).")
+            trainer_env = {"CUDA_VISIBLE_DEVICES": ",".join(rest)}
+        servers = []
+        try:
+            for k, env in enumerate(groups):
+                serve = ServeArguments(
+                    target_model_path=a.verifier,
+                    layer_ids=config["layer_ids"],  # exactly what datagen recorded
+                    tensor_parallel_size=a.tensor_parallel_size,
+                    port=free_port(),
+                    max_model_len=a.seq_length + 1,
+                    dtype=config["model"]["hidden_states_dtype"],
+                )
+                log = self.out / "logs" / f"hidden-states-server-{k}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                servers.append(HiddenStatesServer(serve).start(log, env))
+            for server in servers:
+                server.wait_ready()
+            logger.warning("[train] %d hidden-states server(s) ready: %s", len(servers), [s.url for s in servers])
+            yield [s.url for s in servers], trainer_env
+        finally:
+            for server in servers:
+                server.stop()
 
     def final_checkpoint(self) -> Path:
         epochs = sorted((int(p.name) for p in self.checkpoints.glob("[0-9]*") if p.name.isdigit()), reverse=True)
@@ -370,7 +528,7 @@ class Pipeline:
             num_speculative_tokens=a.ttt_steps,
             max_new_tokens=a.max_new_tokens,
             num_prompts=a.num_eval_prompts,
-            shards=str(self.data_dir),
+            shards=None if a.online else str(self.data_dir),  # --online: no hidden states on disk to score
             held_out_fraction=held_out["eval_split"] or None,
             held_out_seed=held_out["eval_split_seed"],
             total_seq_len=a.total_seq_len,
@@ -405,6 +563,7 @@ class Pipeline:
     def run(self) -> Path:
         start = time.perf_counter()
         self.resolve_inputs()
+        self.regenerate()
         self.datagen()
         self.vocab()
         self.train()
@@ -426,6 +585,15 @@ class Pipeline:
             print(f"Plots: {', '.join(str(self.draft_dir / f) for f in (card.get('plots') or {}).values())}")
             k = card["recommendation"]["num_speculative_tokens"]
         print(f"\nPipeline done in {seconds:.0f} s; ran: {ran}.")
+        report_path = self.checkpoints / "hidden_states_report.json"
+        if self.args.online and report_path.exists():
+            r = json.loads(report_path.read_text())
+            print(
+                f"hidden states on disk: peak {r['disk_peak_bytes'] / 2**20:.2f} MiB in flight ({r['mode']}); offline "
+                f"shards of the same samples: {r['offline_shard_bytes'] / 2**20:.2f} MiB "
+                f"({r['offline_shard_bytes'] / max(r['disk_peak_bytes'], 1):.0f}x); fetched {r['fetched']}, "
+                f"skipped {r['skipped']}; left on disk: {_state_bytes(self.data_dir) / 2**20:.2f} MiB of states"
+            )
         print(f"Draft (served format): {self.draft_dir}")
         print(
             f"Serve it: vllm serve {self.args.verifier} --speculative-config "
@@ -552,6 +720,18 @@ def _file_signature(path: str | None) -> dict | str | None:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest()}
+
+
+def _state_bytes(data_dir: Path) -> int:
+    """Bytes of hidden states in datagen's shards (0 for tokens-only data)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in data_dir.glob("data-*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            if "hidden_states" in f.keys():
+                total += path.stat().st_size
+    return total
 
 
 def _has_vllm() -> bool:

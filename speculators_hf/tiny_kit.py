@@ -229,3 +229,137 @@ def tiny_verifier(kind: str = "random", tie_word_embeddings: bool = False, train
         tokenizer.save_pretrained(tmp)
 
     return _build_atomically(target, build)
+
+
+# ------------------------------------------------------------------------------------------- verifier families
+
+# Tiny random configs of the families users bring, each with its own quirks kept: Qwen3 ties its embeddings and has
+# q/k norms, Qwen3-MoE and gpt-oss route experts, Gemma-3 scales embeddings by sqrt(H), norms by (1 + w) and mixes
+# sliding/full attention with per-type RoPE, gpt-oss has attention sinks, YaRN RoPE and sliding layers, Phi-3 fuses
+# qkv / gate_up. Head size 32 (vLLM's CPU attention kernels), 4 layers (aux ids [1, 2, 3]).
+_FAMILY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+TINY_FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama-3": (
+        "LlamaConfig",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=256,
+            )
+        ),
+    ),
+    "qwen2.5": ("Qwen2Config", dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True)),
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True),
+    ),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "gemma-3": (
+        "Gemma3TextConfig",
+        dict(
+            tie_word_embeddings=True,
+            query_pre_attn_scalar=32,
+            sliding_window=16,
+            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            final_logit_softcapping=10.0,  # None in released Gemma-3; set here so that the targets test covers it
+        ),
+    ),
+    "phi-3": ("Phi3Config", dict(head_dim=None)),
+    "gpt-oss": (
+        "GptOssConfig",
+        dict(
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            max_position_embeddings=131072,
+        ),
+    ),
+    # Multimodal: the text path of a vision-language verifier (M-RoPE over 3 position sections; 1 vision block).
+    "qwen2.5-vl": (
+        "Qwen2_5_VLConfig",
+        dict(
+            text_config=dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[4, 6, 6])),
+            vision_config=dict(
+                depth=1,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                fullatt_block_indexes=[0],
+            ),
+        ),
+    ),
+}
+
+
+def tiny_family_config(family: str, vocab_size: int = VOCAB_SIZE, **overrides):
+    """The tiny random config of a verifier family (`TINY_FAMILIES`), for a tokenizer of `vocab_size` tokens."""
+    import transformers
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {sorted(TINY_FAMILIES)}")
+    class_name, quirks = TINY_FAMILIES[family]
+    config_class = getattr(transformers, class_name)
+    if "text_config" in quirks:  # multimodal: the shape, vocabulary and token ids go to the text config
+        text = {**_FAMILY_SHAPE, **quirks["text_config"], "vocab_size": vocab_size, **overrides}
+        text = {k: v for k, v in text.items() if v is not None and k != "tie_word_embeddings"}
+        return config_class(text_config=text, vision_config=quirks["vision_config"], tie_word_embeddings=False)
+    kwargs = {**_FAMILY_SHAPE, **quirks, "vocab_size": vocab_size, **overrides}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return config_class(**kwargs)
+
+
+def tiny_family_model_class(config):
+    """The transformers class a family's verifier is built with (image-text-to-text for multimodal ones)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForCausalLM if type(config) in AutoModelForCausalLM._model_mapping else AutoModelForImageTextToText
+
+
+def _perturb_norms(model, scale: float = 0.3, seed: int = 0) -> None:
+    """Move every norm weight away from its init (ones, or zeros for Gemma's `1 + w`): a head that applies the wrong
+    norm formula then gives visibly wrong logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name.rsplit(".", 2)[-2]:
+                param.add_(scale * torch.randn(param.shape, generator=generator))
+
+
+def tiny_family_verifier(family: str) -> Path:
+    """Path of a cached tiny random verifier of `family` (safetensors, the kit's tokenizer with its chat template)."""
+    tokenizer = build_tokenizer()
+    config = tiny_family_config(
+        family,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    recipe = {"kit": KIT_VERSION, "family": family, "config": config.to_diff_dict()}
+    target = _recipe_dir(f"verifier-{family}", recipe)
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(0)
+        model = tiny_family_model_class(config).from_config(config, dtype=torch.float32)
+        _perturb_norms(model)
+        model.generation_config.do_sample = False
+        model.save_pretrained(tmp, max_shard_size="300KB")
+        tokenizer.save_pretrained(tmp)
+
+    return _build_atomically(target, build)

@@ -150,7 +150,8 @@ def test_refuses_to_mix_runs(built, tiny_verifier_path, chats, cache_dir):
 def test_data_parallel_replicas_on_cpu(built, tiny_verifier_path, chats, cache_dir, tmp_path):
     out, summary = built
     replicated = build_dataset(make_args(tiny_verifier_path, chats, tmp_path, cache_dir, data_parallel_size=2))
-    assert replicated["complete"] and files_of(tmp_path) == files_of(out)
+    assert replicated["complete"] and files_of(tmp_path) == files_of(out)  # 2 processes: --rank 0/1 --world-size 2
+    assert json.loads((tmp_path / "index.json").read_text()) == json.loads((out / "index.json").read_text())
 
 
 def run_cli(*argv):

@@ -194,3 +194,36 @@ def test_cli_sets_verifier_id_and_reports_errors_in_one_line(draft_dir, tmp_path
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.startswith("speculators-hf")]
     assert len(lines) == 1 and "d2t is missing" in lines[0] and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "options, config_says",
+    [
+        ({"fc_norm": True, "norm_before_fc": True}, {"fc_norm": True, "norm_before_fc": True}),
+        ({"draft_layer_type": "qwen3"}, {"transformer_layer_config.model_type": "qwen3"}),
+        ({"hidden_size": 32, "intermediate_size": 96}, {"target_hidden_size": 64}),
+    ],
+)
+def test_draft_options_are_written_for_vllm_and_reload(tiny_verifier_path, tmp_path, options, config_says):
+    """Eagle-3.1 norms, the Qwen3-style layer and a narrower draft: the config says so (as vLLM reads it), every
+    tensor vLLM loads is there, and from_pretrained gives back the same model."""
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel.from_verifier(
+        str(tiny_verifier_path), hub_id="org/tiny", aux_layer_ids=[1, 2, 3], **options
+    )
+    draft.save_pretrained(tmp_path / "draft")
+    assert check_checkpoint(tmp_path / "draft") == []
+    config = json.loads((tmp_path / "draft" / "config.json").read_text())
+    for key, value in config_says.items():
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
+    tensors = load_file(tmp_path / "draft" / "model.safetensors")
+    assert set(tensors) == set(expected_tensors(config))
+    if options.get("fc_norm"):
+        assert {"fc_norm.0.weight", "fc_norm.2.weight", "input_norm.weight"} <= set(tensors)
+    if options.get("draft_layer_type") == "qwen3":
+        assert tuple(tensors["layers.0.self_attn.q_norm.weight"].shape) == (32,)
+    loaded = Eagle3DraftModel.from_pretrained(tmp_path / "draft")
+    torch.testing.assert_close(_logits(loaded), _logits(draft.eval()))

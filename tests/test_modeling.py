@@ -29,14 +29,24 @@ def mapping(vd=VD, v=V, seed=0):
 def inputs(config, B=2, T=9, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (B, T), generator=g)
-    aux = torch.randn(B, T, config.num_aux_layers * config.hidden_size, generator=g)
+    aux = torch.randn(B, T, config.num_aux_layers * (config.target_hidden_size or config.hidden_size), generator=g)
     return ids, aux
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"norm_before_residual": False}, {"norm_before_fc": True}, {"norm_output": True}, {"train_lm_head": False}],
+    [
+        {},
+        {"norm_before_residual": False},
+        {"norm_before_fc": True},
+        {"norm_output": True},
+        {"train_lm_head": False},
+        {"fc_norm": True},
+        {"fc_norm": True, "norm_before_fc": True},
+        {"draft_layer_type": "qwen3"},
+        {"hidden_size": 32, "intermediate_size": 96},  # narrower than the verifier (Ht = 64)
+    ],
 )
 def test_forward_shapes_and_options(num_layers, options):
     config = Eagle3Config.from_verifier(
@@ -46,7 +56,7 @@ def test_forward_shapes_and_options(num_layers, options):
     ids, aux = inputs(config)
     out = model(ids, aux_hidden_states=aux)
     assert out.logits.shape == (2, 9, VD)
-    assert out.hidden_states.shape == (2, 9, H)
+    assert out.hidden_states.shape == (2, 9, config.hidden_size)
     # carried state: post-norm exactly when norm_output
     rms = out.hidden_states.pow(2).mean(-1).sqrt()
     normed = torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
@@ -55,8 +65,12 @@ def test_forward_shapes_and_options(num_layers, options):
     out2 = model(ids, hidden_states=out.hidden_states)
     assert out2.logits.shape == (2, 9, VD) and not torch.allclose(out2.logits, out.logits)
     assert model.lm_head.weight.requires_grad == options.get("train_lm_head", True)
-    assert not model.embed_tokens.weight.requires_grad
+    assert model.embed_tokens.weight.requires_grad == ("hidden_size" in options)  # a copy only at the same width
+    assert config.target_hidden_size == (H if "hidden_size" in options else None)
     assert (model.input_norm is not None) == bool(options.get("norm_before_fc"))
+    assert (model.fc_norm is not None) == bool(options.get("fc_norm"))
+    q_norm = getattr(model.layers[-1].self_attn, "q_norm", None)
+    assert (q_norm is not None) == (options.get("draft_layer_type") == "qwen3")
     assert len(model.layers) == num_layers
 
 
@@ -91,6 +105,11 @@ def test_config_takes_shape_and_rope_from_verifier():
     assert config.eagle_aux_hidden_state_layer_ids == [1, 2, 3]
     with pytest.raises(UserError, match="max_position_embeddings"):
         Eagle3Config.from_verifier(verifier, max_position_embeddings=2048)
+
+
+def test_narrow_draft_must_train_its_lm_head():
+    with pytest.raises(UserError, match="cannot copy the verifier's 64-wide lm_head"):
+        Eagle3Config.from_verifier(tiny_llama_config(), hidden_size=32, train_lm_head=False)
 
 
 def test_default_aux_layer_ids():
@@ -213,8 +232,10 @@ def test_from_verifier_reads_the_right_rows(tiny_verifier_path):
     targets = torch.arange(VD) + d2t
     assert torch.equal(model.embed_tokens.weight, verifier.model.embed_tokens.weight)
     assert torch.equal(model.lm_head.weight, verifier.lm_head.weight[targets])
-    assert torch.equal(model.verifier_lm_head.weight, verifier.lm_head.weight[targets])
-    assert torch.equal(model.verifier_norm.weight, verifier.model.norm.weight)
+    head = model.verifier_head.state_dict()
+    assert set(head) == {"model.norm.weight", "lm_head.weight"}  # the verifier's own names, nothing else
+    assert torch.equal(head["lm_head.weight"], verifier.lm_head.weight[targets])
+    assert torch.equal(head["model.norm.weight"], verifier.model.norm.weight)
     # Targets: verifier logits restricted to the draft vocabulary, from the pre-norm last state.
     h = torch.randn(3, H)
     full = verifier.lm_head(verifier.model.norm(h))
@@ -271,13 +292,15 @@ def test_gradient_checkpointing_and_backward():
     ids, aux = inputs(model.config)
     model(ids, aux_hidden_states=aux).logits.sum().backward()
     assert model.fc.weight.grad is not None and model.layers[1].mlp.up_proj.weight.grad is not None
-    assert model.embed_tokens.weight.grad is None and model.verifier_lm_head.weight.grad is None
+    assert model.embed_tokens.weight.grad is None
 
 
-def test_fsdp_wrap_finds_the_decoder_layers():
+@pytest.mark.parametrize("num_layers", [1, 2])  # 1 (the default): no plain LlamaDecoderLayer to find
+def test_fsdp_wrap_finds_the_decoder_layers(num_layers):
     from accelerate.utils.dataclasses import get_module_class_from_name
 
-    model = Eagle3DraftModel(Eagle3Config.from_verifier(tiny_llama_config(), draft_vocab_size=VD, num_hidden_layers=2))
+    config = Eagle3Config.from_verifier(tiny_llama_config(), draft_vocab_size=VD, num_hidden_layers=num_layers)
+    model = Eagle3DraftModel(config)
     classes = {get_module_class_from_name(model, name) for name in model._no_split_modules}
     assert None not in classes
     assert all(isinstance(layer, tuple(classes)) for layer in model.layers)
@@ -332,3 +355,39 @@ def test_checkpoint_missing_tensors_is_an_error(tmp_path, drop):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(UserError, match=f"missing tensors.*{drop}"):
         Eagle3DraftModel.from_pretrained(tmp_path)
+
+
+def test_sliding_window_training_masks_equal_windowed_drafting():
+    """A windowed draft: the TTT step-0/step-1 logits under the trainer's masks equal what the draft computes when
+    drafting incrementally (prefill, then one step from the carried state) with its own windowed causal attention."""
+    from transformers.cache_utils import DynamicCache
+
+    from speculators_hf.training.losses import shift_for_step, ttt_attention_mask
+
+    W, T = 4, 10
+    config = Eagle3Config.from_verifier(tiny_llama_config(), draft_vocab_size=VD, sliding_window=W)
+    assert config.to_dict()["transformer_layer_config"]["layer_types"] == ["sliding_attention"]
+    torch.manual_seed(0)
+    model = Eagle3DraftModel(config).eval()
+    ids, aux = inputs(config, B=1, T=T)
+    docs, pos = torch.zeros(1, T, dtype=torch.long), torch.arange(T)[None]
+
+    def ttt(window):
+        cache, step0 = DynamicCache(), ttt_attention_mask(docs, 0, sliding_window=window)
+        out0 = model(ids, aux_hidden_states=aux, position_ids=pos, attention_mask=step0, past_key_values=cache)
+        mask1 = ttt_attention_mask(docs, 1, step0, sliding_window=window)
+        out1 = model(shift_for_step(ids, 1), hidden_states=out0.hidden_states, position_ids=pos + 1,
+                     attention_mask=mask1, past_key_values=cache)  # fmt: skip
+        return out0.logits[0], out1.logits[0]
+
+    with torch.no_grad():
+        step0, step1 = ttt(W)
+        unwindowed = ttt(None)[1]
+        next_ids = shift_for_step(ids, 1)
+        for t in range(T - 1):
+            cache = DynamicCache(config=config)
+            pre = model(ids[:, : t + 1], aux_hidden_states=aux[:, : t + 1], past_key_values=cache, use_cache=True)
+            torch.testing.assert_close(pre.logits[0, t], step0[t])
+            one = model(next_ids[:, t : t + 1], hidden_states=pre.hidden_states[:, t:], past_key_values=cache)
+            torch.testing.assert_close(one.logits[0, 0], step1[t])
+    assert not torch.allclose(unwindowed[W:], step1[W:])  # the window does change what later rows see

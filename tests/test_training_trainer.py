@@ -1,6 +1,7 @@
 """Eagle3Trainer on the tiny verifier kit (CPU): learning, checkpoints, packing isolation, input errors, loggers."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,10 +11,12 @@ import torch
 from speculators_hf.cli.parser import make_parser, parse
 from speculators_hf.datagen.shards import shard_name, write_index, write_shard
 from speculators_hf.modeling import Eagle3DraftModel
+from speculators_hf.pipeline import Pipeline, PipelineArguments
 from speculators_hf.training import Eagle3ModelArguments, Eagle3Trainer, Eagle3TrainingArguments
 from speculators_hf.training.cli import main
 from speculators_hf.training.collator import DataCollatorForEagle3
 from speculators_hf.training.setup import build_datasets, build_draft
+from speculators_hf.utils import UserError
 from tests.training_data import loss_and_grads, make_training_data, save_bad_vocab, train_argv
 
 
@@ -26,7 +29,9 @@ def parse_args(argv):
     return parse(make_parser((Eagle3ModelArguments, Eagle3TrainingArguments)), argv)[:2]
 
 
-def test_training_learns_and_writes_loadable_epoch_drafts(peaked_verifier_path, peaked_data, tmp_path):
+def test_training_learns_and_writes_loadable_epoch_drafts_within_the_save_limit(
+    peaked_verifier_path, peaked_data, tmp_path
+):
     save = tmp_path / "ckpt"
     model_args, args = parse_args(
         train_argv(
@@ -63,8 +68,8 @@ def test_training_learns_and_writes_loadable_epoch_drafts(peaked_verifier_path, 
     assert evals[-1]["eval_acc_0"] > evals[0]["eval_acc_0"] + 0.05, evals  # trained beats untrained, held out
     assert evals[-1]["eval_tau_sim"] > evals[0]["eval_tau_sim"]
 
-    for epoch in range(4):
-        assert (save / str(epoch) / "config.json").exists()
+    # --save-total-limit 1: only the newest epoch draft and the newest resume state stay on disk
+    assert sorted(p.name for p in save.iterdir() if p.is_dir()) == ["3", f"checkpoint-{trainer.state.global_step}"]
     draft = Eagle3DraftModel.from_pretrained(save / "3")
     assert torch.equal(draft.d2t, model.d2t) and torch.equal(draft.fc.weight, model.fc.weight)
     assert draft.config.eagle_aux_hidden_state_layer_ids == [1, 2, 3]
@@ -189,3 +194,75 @@ def test_each_logger_writes_locally(logger, tiny_verifier_path, peaked_data, tmp
     assert main(argv) == 0
     files = [p for p in log_dir.rglob("*") if p.is_file()]
     assert files, f"{logger} wrote nothing under {log_dir}"
+
+
+def test_final_draft_when_training_ends_mid_epoch_and_resume_checks_inputs(
+    tiny_verifier_path, peaked_data, tmp_path, capsys
+):
+    save = tmp_path / "checkpoints"  # where the pipeline trains
+    # 8 of the 32 samples train (3 rows of 256 tokens per epoch): 5 steps end inside the second epoch; checkpoints
+    # every 2 steps only, so no epoch ever ends on a save
+    base = train_argv(tiny_verifier_path, peaked_data, save, "--epochs", "3", "--eval-split", "0.75")
+    argv = base + ["--eval-strategy", "no", "--max-steps", "5", "--save-strategy", "steps", "--save-steps", "2"]
+    argv += ["--save-total-limit", "0"]
+    assert main(argv) == 0
+    final = json.loads((save / "1" / "training_config.json").read_text())
+    assert final["global_step"] == 5 and 1 < final["epoch"] < 2, final  # the partial second epoch's draft: 1/
+    assert Pipeline(PipelineArguments(output_dir=str(tmp_path))).final_checkpoint() == save / "1"
+    Eagle3DraftModel.from_pretrained(save / "1")
+    assert {p.name for p in save.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4", "checkpoint-5"}
+
+    def error_of(argv) -> str:
+        assert main(argv) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    before = {p: p.stat().st_mtime_ns for p in save.rglob("*")}
+    # other hyperparameters or other data: no silent resume of the old run (nor a silent no-op when it finished)
+    assert "(--learning-rate changed since checkpoint-5)" in error_of(argv + ["--lr", "5e-4"])
+    other_data = shutil.copytree(peaked_data, tmp_path / "other")  # the same data less its last shard
+    index = json.loads((other_data / "index.json").read_text())
+    (other_data / "index.json").write_text(json.dumps({**index, "shards": index["shards"][:-1]}))
+    message = error_of([str(other_data) if a == str(peaked_data) else a for a in argv])
+    assert (
+        "(data changed since checkpoint-5)" in message
+        and "--no-resume-from-checkpoint or a new --save-path" in message
+    )
+    assert {p: p.stat().st_mtime_ns for p in save.rglob("*")} == before  # nothing written
+    # flags that do not change the weights, and the same inputs, resume (here: a finished run)
+    assert main(argv + ["--logging-steps", "3", "--dataloader-num-workers", "0"]) == 0
+    # starting fresh is one flag away; none of the old run's checkpoints or drafts is left to pass for its own
+    assert main(argv + ["--lr", "5e-4", "--no-resume-from-checkpoint", "--max-steps", "1"]) == 0
+    assert sorted(p.name for p in save.iterdir()) == ["0", "checkpoint-1"]
+    assert json.loads((save / "0" / "training_config.json").read_text())["run_inputs"]["--learning-rate"] == 5e-4
+
+
+@pytest.mark.parametrize("attn", ["sdpa", pytest.param("flex_attention", marks=pytest.mark.gpu)])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(attn, tiny_verifier_path, peaked_data, tmp_path):
+    """The TTT unroll under `--gradient-checkpointing` (every decoder layer replayed in backward, the KV cache kept
+    across steps) computes the same loss and gradients as without; a 2-layer draft covers the plain later layers.
+    FlexAttention has no backward on CPU: its case runs on CUDA only."""
+    argv = train_argv(tiny_verifier_path, peaked_data, tmp_path, "--num-layers", "2", "--gradient-checkpointing", "1")
+    model_args, args = parse_args(argv)
+    train_ds, _, layer_ids = build_datasets(model_args, args)
+    trainer = Eagle3Trainer(model=build_draft(model_args, train_ds, layer_ids), args=args, train_dataset=train_ds)
+    model = trainer.model.train()
+    batch = DataCollatorForEagle3(total_seq_len=256)([[train_ds.dataset[0], train_ds.dataset[1]]])
+    calls = []
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    loss, grads = loss_and_grads(trainer, batch, attn)
+    assert len(calls) == 2 * 3  # 2 layers x K=3 steps
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+    calls.clear()
+    loss_gc, grads_gc = loss_and_grads(trainer, batch, attn)
+    assert len(calls) == 2 * 2 * 3  # each layer's forward replayed in backward: checkpointing is on
+    torch.testing.assert_close(loss_gc, loss, rtol=0, atol=0)
+    assert grads.keys() == grads_gc.keys() and {"fc.weight", "layers.1.mlp.up_proj.weight"} <= set(grads)
+    for name in grads:
+        torch.testing.assert_close(grads_gc[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    with pytest.raises(UserError, match="use_reentrant=true would drop the gradient"):
+        parse_args(argv + ["--gradient-checkpointing-kwargs", '{"use_reentrant": true}'])

@@ -6,8 +6,13 @@ import importlib
 import sys
 
 COMMANDS = {
+    "regenerate": ("speculators_hf.regenerate.cli", "Regenerate chat responses with the verifier (on-policy data)."),
     "datagen": ("speculators_hf.datagen.cli", "Chat data -> tokens, loss masks and verifier hidden states."),
     "vocab": ("speculators_hf.vocab", "Token frequencies -> d2t.npy / t2d.npy."),
+    "serve-hidden-states": (
+        "speculators_hf.online.server",
+        "Serve the verifier's hidden states from vLLM for online training.",
+    ),
     "train": ("speculators_hf.training.cli", "Train an EAGLE-3 draft (Trainer + accelerate)."),
     "export": ("speculators_hf.export", "Check or convert a draft checkpoint into the format vLLM serves."),
     "evaluate": ("speculators_hf.evaluation.cli", "Acceptance of a draft against its verifier."),
@@ -19,7 +24,7 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: speculators-hf <command> [flags]   (speculators-hf <command> --help for its flags)", ""]
-    lines += [f"  {name:<18} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += [f"  {name:<20} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .shards import STORAGE_DTYPES
+
 BACKENDS = ("auto", "vllm", "transformers")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Output layouts: 2 = safetensors shards of many samples (ours), 1 = the seed's `data_{idx}.pt` per sample.
@@ -57,7 +59,20 @@ class DatagenArguments:
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many chats (after shuffling)."})
     shuffle: bool = field(default=False, metadata={"help": "Shuffle the chats with --seed before --max-samples."})
     seed: int = field(default=0, metadata={"help": "Seed for --shuffle and for vLLM."})
-    dtype: str = field(default="auto", metadata={"help": "Verifier and hidden-state dtype (auto: the verifier's)."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Verifier dtype, also the stored hidden states' unless --storage-dtype (auto: the verifier's)."
+        },
+    )
+    storage_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "How hidden states are stored: auto (= --dtype), float32, bfloat16, float16, or fp8_e4m3 (float8 "
+            "with one scale per token and layer: about half the bytes of bfloat16, relative error <= 2^-4; "
+            "training dequantizes on its device). Needs --data-format-version 2."
+        },
+    )
     chat_template: str | None = field(
         default=None,
         metadata={"help": "A Jinja chat template (or a file holding one) to use instead of the tokenizer's."},
@@ -71,6 +86,14 @@ class DatagenArguments:
         metadata={"help": "2: safetensors shards of many samples (default); 1: the seed's data_{idx}.pt per sample."},
     )
     shard_size_mb: int = field(default=1024, metadata={"help": "Approximate size of one shard on disk (MB)."})
+    tokens_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Write tokens, loss masks, token_freq.pt and data_config.json without hidden states (no verifier "
+            "run): training fetches the states from `speculators-hf serve-hidden-states` servers "
+            "(--hidden-states-source online|hybrid). data_config.json records the layer ids the servers must capture."
+        },
+    )
     rank: int = field(default=0, metadata={"help": "This machine's part when several machines share the work."})
     world_size: int = field(default=1, metadata={"help": "How many machines share the work (same --output-dir)."})
     overwrite: bool = field(
@@ -84,6 +107,14 @@ class DatagenArguments:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}.")
         if self.data_format_version not in DATA_FORMAT_VERSIONS:
             raise ValueError(f"--data-format-version {self.data_format_version}: use 2 (shards) or 1 (.pt files).")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"--storage-dtype {self.storage_dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}.")
+        if self.storage_dtype == "fp8_e4m3" and self.data_format_version != 2:
+            raise ValueError(
+                "--storage-dtype fp8_e4m3 needs --data-format-version 2 (the v1 .pt layout has no scales)."
+            )
+        if self.tokens_only and self.data_format_version != 2:
+            raise ValueError("--tokens-only writes shards (--data-format-version 2); .pt files need states.")
         for flag in (
             "seq_length",
             "batch_size",

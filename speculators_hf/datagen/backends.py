@@ -6,14 +6,19 @@ from typing import Protocol
 
 import torch
 
-from ..modeling.configuration_eagle3 import default_aux_layer_ids
-from ..utils import UserError
+from ..modeling.configuration_eagle3 import AUX_LAYER_ORDER, default_aux_layer_ids
+from ..utils import UserError, get_logger
 from .hf_backend import check_layer_ids
 
+logger = get_logger(__name__)
+
+# Recorded in data_config.json as "<name>: <meaning>"; training reads the name before the colon.
 LAYER_ID_CONVENTION = (
     "vllm: id i < n is the input to decoder layer i (hidden + residual, 0 = embeddings); id n is the output of the "
-    "last decoder layer before the final norm. The aux ids are the ones vLLM captures at serve time."
+    "last decoder layer before the final norm. The aux ids are the ones vLLM captures at serve time, stored ascending."
 )
+# vllm-project/speculators 0.3.0 (the seed's data_*.pt with its data_config.json) captured the *output* of layer i.
+SEED_LAYER_ID_CONVENTION = "speculators-0.3.0: id i is the output of decoder layer i (= vLLM id i + 1)."
 
 
 class HiddenStatesBackend(Protocol):
@@ -27,19 +32,28 @@ class HiddenStatesBackend(Protocol):
 
 
 def resolve_layer_ids(layer_ids: list[int] | None, num_hidden_layers: int) -> list[int]:
-    """`--layer-ids`, or the default `[2, n//2, n-3, n]`; checked against the verifier's layer count."""
+    """`--layer-ids` (sorted ascending, see `aux_layer_ids_problem`), or the default `[2, n//2, n-3, n]`; checked
+    against the verifier's layer count. The last id is `n` (the training targets)."""
     n = num_hidden_layers
     if not layer_ids:
         return default_aux_layer_ids(n) + [n]
     check_layer_ids(layer_ids, n)
-    if layer_ids[-1] != n or len(layer_ids) < 2:
+    if len(set(layer_ids)) != len(layer_ids):
+        raise UserError(f"--layer-ids {layer_ids} repeats an id.")
+    ordered = sorted(layer_ids)
+    if ordered[-1] != n or len(ordered) < 2:
         raise UserError(
             f"--layer-ids {layer_ids}: give the aux ids then {n} (the last layer, pre-norm: the training targets); "
             f"the verifier has {n} decoder layers."
         )
-    if len(set(layer_ids)) != len(layer_ids):
-        raise UserError(f"--layer-ids {layer_ids} repeats an id.")
-    return list(layer_ids)
+    if ordered != list(layer_ids):
+        logger.warning(
+            "--layer-ids %s stored as %s: %s, so datagen stores them ascending too.",
+            layer_ids,
+            ordered,
+            AUX_LAYER_ORDER,
+        )
+    return ordered
 
 
 def resolve_backend_name(backend: str) -> str:

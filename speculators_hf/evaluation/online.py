@@ -196,8 +196,8 @@ class SpeculativeGenerator:
     ) -> tuple[list[int], list[int]]:
         """Returns `(generated ids, accepted count per verification step)`; `generator` seeds sampling (T > 0)."""
         greedy = self.temperature == 0
-        vcache = DynamicCache(config=self.verifier.config)
-        dcache = DynamicCache(config=self.draft.config)
+        # Full-length layers (no config): sliding-window layers (gpt-oss, Gemma-3, windowed drafts) cannot be cropped
+        vcache, dcache = DynamicCache(), DynamicCache()
         with capture_layer_inputs(self.verifier, self.layer_ids) as captured:
             logits, aux = self._verify(prompt_ids, vcache, captured)
             if greedy:

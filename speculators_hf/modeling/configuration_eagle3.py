@@ -14,19 +14,23 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, PreTrainedConfig
 
-from ..utils import UserError
+from ..utils import UserError, get_logger
+
+logger = get_logger(__name__)
 
 # Fields of the top level of a speculators-format config.json, next to `transformer_layer_config`.
 EAGLE3_FIELDS = (
     "draft_vocab_size",
     "norm_before_residual",
     "norm_before_fc",
+    "fc_norm",
     "norm_output",
     "target_hidden_size",
     "eagle_aux_hidden_state_layer_ids",
 )
 # Our own training choices, kept at the top level too (vLLM ignores them).
 TRAINING_FIELDS = (
+    "draft_layer_type",
     "train_lm_head",
     "verifier_num_hidden_layers",
     "speculative_tokens",
@@ -68,6 +72,9 @@ LAYER_CONFIG_DROP = (
 )
 
 
+DRAFT_LAYER_TYPES = ("llama", "qwen3")  # the draft decoder layers vLLM 0.32 has EAGLE-3 classes for
+
+
 def default_aux_layer_ids(num_hidden_layers: int) -> list[int]:
     """vLLM's default aux layer ids `[2, n//2, n-3]`, made distinct for verifiers with fewer than 8 layers.
 
@@ -83,19 +90,62 @@ def default_aux_layer_ids(num_hidden_layers: int) -> list[int]:
     return [1, n // 2, n - 1] if n // 2 not in (1, n - 1) else [1, 2, n - 1]
 
 
+AUX_LAYER_ORDER = (
+    "vLLM captures the aux states while it walks the verifier's layers and fuses them in ascending layer order, "
+    "whatever order the config lists"
+)
+
+
+def aux_layer_ids_problem(aux_layer_ids: list[int], num_hidden_layers: int | None = None) -> str | None:
+    """The one rule for aux layer ids (vLLM convention), or None when they follow it.
+
+    Ids are distinct, in `[0, n]`, and **ascending**: vLLM collects the aux states inside its decoder-layer loop (a
+    membership test on the id set), so the draft's `fc` always reads them in ascending layer order at serve time. Data,
+    training and the exported config therefore store and use them in that order; any other order is an error.
+    """
+    ids = list(aux_layer_ids)
+    if len(set(ids)) != len(ids):
+        return f"aux layer ids {ids} repeat an id"
+    if num_hidden_layers is not None and any(not 0 <= i <= num_hidden_layers for i in ids):
+        n = num_hidden_layers
+        return (
+            f"aux layer ids {ids} must be in [0, {n}] (the verifier has {n} decoder layers; vLLM convention: id i is "
+            "the input to layer i)"
+        )
+    if ids != sorted(ids):
+        return f"aux layer ids {ids} are not ascending ({AUX_LAYER_ORDER}): use {sorted(ids)}"
+    return None
+
+
+def draft_rope_parameters(text_config: PreTrainedConfig) -> dict | None:
+    """The verifier's RoPE for the draft. Verifiers that mix attention types keep one RoPE per type (Gemma-3:
+    `{"sliding_attention": {...}, "full_attention": {...}}`); the draft gets the full-attention one, because the
+    draft's single layer attends over the whole context as the verifier's full-attention layers do, and vLLM's Llama
+    draft passes `rope_parameters` to `get_rope` as one dict (a nested one kills the worker: unhashable dict)."""
+    rope = copy.deepcopy(getattr(text_config, "rope_parameters", None))
+    if isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values()):
+        nested = {k: v for k, v in rope.items() if isinstance(v, dict)}
+        rope = nested.get("full_attention") or next(iter(nested.values()))
+    return rope
+
+
+def check_narrow_draft(hidden_size: int, target_hidden_size: int | None, train_lm_head: bool) -> None:
+    if target_hidden_size not in (None, hidden_size) and not train_lm_head:
+        raise UserError(
+            f"A draft of width {hidden_size} cannot copy the verifier's {target_hidden_size}-wide lm_head: its own "
+            "must train (leave --train-lm-head true)."
+        )
+
+
 def check_eagle3_fields(draft_vocab_size, vocab_size, aux_layer_ids, verifier_num_hidden_layers, speculative_tokens):
     if not 0 < draft_vocab_size <= vocab_size:
         raise UserError(
             f"draft_vocab_size={draft_vocab_size} must be in [1, vocab_size={vocab_size}] "
             "(the draft vocabulary is a subset of the verifier's)."
         )
-    if aux_layer_ids is not None and verifier_num_hidden_layers is not None:
-        n = verifier_num_hidden_layers
-        if any(not 0 <= i <= n for i in aux_layer_ids) or len(set(aux_layer_ids)) != len(aux_layer_ids):
-            raise UserError(
-                f"aux layer ids {aux_layer_ids} must be distinct and in [0, {n}] (the verifier has {n} decoder "
-                "layers; vLLM convention: id i is the input to layer i)."
-            )
+    problem = aux_layer_ids_problem(aux_layer_ids, verifier_num_hidden_layers) if aux_layer_ids is not None else None
+    if problem:
+        raise UserError(problem[0].upper() + problem[1:] + ".")
     if speculative_tokens < 1:
         raise UserError(f"speculative_tokens must be >= 1, got {speculative_tokens}")
 
@@ -109,11 +159,18 @@ class Eagle3Config(LlamaConfig):
         draft_vocab_size (`int`): size of the draft vocabulary `Vd` (the lm_head rows); `d2t`/`t2d` map it to the
             verifier vocabulary (`vocab_size`).
         eagle_aux_hidden_state_layer_ids (`list[int]`): verifier layers whose states are fused, in vLLM's convention
-            (id `i` = input to decoder layer `i`). These are the ids vLLM captures at serve time.
+            (id `i` = input to decoder layer `i`), ascending (`aux_layer_ids_problem`). These are the ids vLLM
+            captures at serve time, in the order it fuses them.
         norm_before_residual (`bool`): residual of the first layer is `hidden_norm(h)` instead of `h`.
         norm_before_fc (`bool`): Eagle 3.1: RMSNorm over the `3H` aux concatenation before `fc`.
+        fc_norm (`bool`): Eagle 3.1: one RMSNorm per aux state (each `Ht` wide) before `fc` (after `norm_before_fc`).
+        draft_layer_type (`str`): `"llama"` (default) or `"qwen3"` (q/k RMSNorm on each head, vLLM's
+            `Eagle3Qwen3ForCausalLM`); written as `transformer_layer_config.model_type`.
+        sliding_window (`int`, *optional*): every draft layer attends to the last `sliding_window` positions only
+            (written with `layer_types` all `"sliding_attention"`, which vLLM's draft layers read).
         norm_output (`bool`): Eagle 3.1: the carried hidden state is the final-norm output rather than the pre-norm.
-        target_hidden_size (`int`, *optional*): verifier hidden size when it differs from the draft's.
+        target_hidden_size (`int`, *optional*): verifier hidden size when it differs from the draft's (a narrower
+            draft: its embedding and lm_head are then its own, trained, since the verifier's have another width).
         train_lm_head (`bool`): whether lm_head trains (initialised from the verifier's rows either way).
         speculative_tokens (`int`): draft tokens per step when served (`num_speculative_tokens` in vLLM).
         verifier_name_or_path (`str`): hub id (preferred) or path of the verifier; vLLM's auto mode serves it.
@@ -127,6 +184,9 @@ class Eagle3Config(LlamaConfig):
     eagle_aux_hidden_state_layer_ids: list[int] | None = None
     norm_before_residual: bool = True
     norm_before_fc: bool = False
+    fc_norm: bool = False
+    draft_layer_type: str = "llama"
+    sliding_window: int | None = None
     norm_output: bool = False
     target_hidden_size: int | None = None
     train_lm_head: bool = True
@@ -142,6 +202,13 @@ class Eagle3Config(LlamaConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise UserError(f"sliding_window must be >= 1, got {self.sliding_window}.")
+        check_narrow_draft(self.hidden_size, self.target_hidden_size, self.train_lm_head)
+        if self.draft_layer_type not in DRAFT_LAYER_TYPES:
+            raise UserError(
+                f"draft_layer_type {self.draft_layer_type!r}: choose one of {', '.join(DRAFT_LAYER_TYPES)}."
+            )
         check_eagle3_fields(
             self.draft_vocab_size,
             self.vocab_size,
@@ -180,6 +247,12 @@ class Eagle3Config(LlamaConfig):
         text = verifier_config.get_text_config()
         n = text.num_hidden_layers
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        hidden_act = getattr(text, "hidden_act", None) or "silu"
+        if hidden_act != "silu":  # e.g. Gemma's gelu: vLLM's EAGLE-3 draft layers run only silu
+            logger.info(
+                "The draft uses silu (vLLM's EAGLE-3 draft layers run only silu), not the verifier's %s.", hidden_act
+            )
+            hidden_act = "silu"
         shape = dict(
             vocab_size=text.vocab_size,
             hidden_size=text.hidden_size,
@@ -187,10 +260,10 @@ class Eagle3Config(LlamaConfig):
             num_attention_heads=text.num_attention_heads,
             num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
             head_dim=head_dim,
-            hidden_act=getattr(text, "hidden_act", "silu"),
+            hidden_act=hidden_act,
             rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
             max_position_embeddings=text.max_position_embeddings,
-            rope_parameters=copy.deepcopy(getattr(text, "rope_parameters", None)),
+            rope_parameters=draft_rope_parameters(text),
             attention_bias=getattr(text, "attention_bias", False),
             mlp_bias=getattr(text, "mlp_bias", False),
             pad_token_id=getattr(text, "pad_token_id", None),
@@ -200,6 +273,9 @@ class Eagle3Config(LlamaConfig):
                 f"max_position_embeddings={kwargs['max_position_embeddings']} is smaller than the verifier's "
                 f"{shape['max_position_embeddings']}: vLLM would clip the draft's RoPE at serve time. Leave it unset."
             )
+        if kwargs.get("hidden_size", text.hidden_size) != text.hidden_size:
+            kwargs.setdefault("target_hidden_size", text.hidden_size)  # a narrower draft: fc reads num_aux * Ht
+            check_narrow_draft(kwargs["hidden_size"], text.hidden_size, kwargs.get("train_lm_head", True))
         name = verifier_name_or_path or getattr(verifier_config, "name_or_path", None) or None
         aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(n))
         # Checked here too so that callers get the UserError itself, not a dataclass validation wrapper.
@@ -226,7 +302,11 @@ class Eagle3Config(LlamaConfig):
         eagle = {k: flat.pop(k) for k in EAGLE3_FIELDS}
         training = {k: flat.pop(k) for k in TRAINING_FIELDS}
         layer = {k: v for k, v in flat.items() if k not in LAYER_CONFIG_DROP}
-        layer["model_type"] = "llama"
+        layer["model_type"] = training["draft_layer_type"]  # vLLM: llama -> Eagle3Llama, qwen3 -> Eagle3Qwen3
+        if layer.get("sliding_window"):
+            layer["layer_types"] = ["sliding_attention"] * layer["num_hidden_layers"]
+        else:
+            layer.pop("sliding_window", None)
         return {
             **top,
             "speculators_model_type": "eagle3",
@@ -248,7 +328,6 @@ class Eagle3Config(LlamaConfig):
             },
             "transformer_layer_config": layer,
             **eagle,
-            "fc_norm": False,
             "train_lm_head": training["train_lm_head"],
             "verifier_num_hidden_layers": training["verifier_num_hidden_layers"],
             "tie_word_embeddings": False,
@@ -270,13 +349,15 @@ def flatten_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
     if layer is None:  # already flat: our own kwargs or the EAGLE authors' research config
         d.pop("model_type", None)
         return d
-    layer.pop("model_type", None)
+    draft_layer_type = layer.pop("model_type", None) or "llama"
+    layer.pop("layer_types", None)  # all "sliding_attention" exactly when sliding_window is set
     spec = d.pop("speculators_config", None) or {}
     methods = spec.get("proposal_methods") or [{}]
     verifier = spec.get("verifier") or {}
-    for key in ("speculators_model_type", "speculators_version", "fc_norm", "model_type", "auto_map", "torch_dtype"):
+    for key in ("speculators_model_type", "speculators_version", "model_type", "auto_map", "torch_dtype"):
         d.pop(key, None)
     out = {**layer, **d}
+    out.setdefault("draft_layer_type", draft_layer_type)
     out.setdefault("speculative_tokens", methods[0].get("speculative_tokens", 3))
     out.setdefault("verifier_name_or_path", verifier.get("name_or_path"))
     out.setdefault("verifier_architectures", verifier.get("architectures"))

@@ -20,38 +20,52 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 from ..utils import UserError
 from .configuration_eagle3 import Eagle3Config
+from .verifier_head import VerifierHead
+
+VERIFIER_HEAD_MISSING = (
+    "The draft's verifier head (the source of its training targets) is not loaded: call "
+    "draft.load_verifier_head(<verifier id or folder>) or build the draft with Eagle3DraftModel.from_verifier."
+)
 
 
 @dataclass
 class Eagle3Output(ModelOutput):
-    """Output of one draft step.
+    """Output of one draft step, or of the training loss (`Eagle3DraftModel.forward` with `ttt_hidden_states`).
 
     Args:
-        logits (`torch.FloatTensor` of shape `[B, T, draft_vocab_size]`): logits over the draft vocabulary.
+        logits (`torch.FloatTensor` of shape `[B, T, draft_vocab_size]`): logits over the draft vocabulary (None
+            with `return_logits=False`).
         hidden_states (`torch.FloatTensor` of shape `[B, T, H]`): the state carried into the next draft step
             (post-norm when `config.norm_output`, else pre-norm).
         past_key_values (`Cache`, *optional*): the updated cache.
-        target_logits (`torch.FloatTensor` of shape `[B, T, draft_vocab_size]`, *optional*): the verifier's logits
-            over the draft vocabulary, when `verifier_last_hidden_states` was given (training targets).
+        normed_hidden_states (`torch.FloatTensor` of shape `[B, T, H]`): the final norm's output, the draft head's
+            input (what the training loss takes per TTT step).
+        loss (`torch.FloatTensor` scalar, *optional*): the TTT objective (`losses.fused_ttt_kl`).
+        step_kl (`torch.FloatTensor` of shape `[K, B, T]`, *optional*): per-row KL of each TTT step (0 where a row
+            does not count).
+        step_agree (`torch.BoolTensor` of shape `[K, B, T]`, *optional*): per-row draft argmax == verifier argmax.
     """
 
     logits: torch.FloatTensor | None = None
     hidden_states: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
-    target_logits: torch.FloatTensor | None = None
+    normed_hidden_states: torch.FloatTensor | None = None
+    loss: torch.FloatTensor | None = None
+    step_kl: torch.FloatTensor | None = None
+    step_agree: torch.BoolTensor | None = None
 
 
-class Eagle3FirstDecoderLayer(LlamaDecoderLayer):
-    """Llama decoder layer whose attention reads `[input_layernorm(embeds) ‖ hidden_norm(hidden)]` (2H wide)."""
+class Eagle3FirstLayerMixin:
+    """The first draft layer: attention reads `[input_layernorm(embeds) ‖ hidden_norm(hidden)]` (2H wide)."""
 
-    def __init__(self, config: Eagle3Config, layer_idx: int = 0):
-        super().__init__(config, layer_idx)
+    def _widen(self, config: Eagle3Config) -> None:
         # ##### EAGLE-3: q/k/v take 2H; a second input norm for the hidden state #####
         attn, width, bias = self.self_attn, 2 * config.hidden_size, config.attention_bias
         attn.q_proj = nn.Linear(width, config.num_attention_heads * attn.head_dim, bias=bias)
@@ -89,18 +103,38 @@ class Eagle3FirstDecoderLayer(LlamaDecoderLayer):
         return residual + hidden_states
 
 
+class Eagle3FirstDecoderLayer(Eagle3FirstLayerMixin, LlamaDecoderLayer):
+    """Llama decoder layer whose attention reads `[input_layernorm(embeds) ‖ hidden_norm(hidden)]` (2H wide)."""
+
+    def __init__(self, config: Eagle3Config, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        self._widen(config)
+
+
+class Eagle3Qwen3FirstDecoderLayer(Eagle3FirstLayerMixin, Qwen3DecoderLayer):
+    """The same on a Qwen3 layer (RMSNorm on each query/key head), as vLLM's `Eagle3Qwen3ForCausalLM` runs it."""
+
+    def __init__(self, config: Eagle3Config, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        self._widen(config)
+
+
+# draft_layer_type -> (first layer, later layers)
+DRAFT_LAYERS = {
+    "llama": (Eagle3FirstDecoderLayer, LlamaDecoderLayer),
+    "qwen3": (Eagle3Qwen3FirstDecoderLayer, Qwen3DecoderLayer),
+}
+
+
 class Eagle3PreTrainedModel(PreTrainedModel):
     config: Eagle3Config
     config_class = Eagle3Config
     base_model_prefix = ""
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Eagle3FirstDecoderLayer", "LlamaDecoderLayer"]
+    _no_split_modules = ["Eagle3FirstDecoderLayer", "LlamaDecoderLayer"]  # per instance: its layer classes
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    # Frozen verifier parts used only to build training targets: never saved, rebuilt by `from_verifier`.
-    _keys_to_ignore_on_save = ["verifier_norm.weight", "verifier_lm_head.weight"]
-    _keys_to_ignore_on_load_missing = [r"verifier_norm\.weight", r"verifier_lm_head\.weight"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -121,12 +155,19 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         fused = config.num_aux_layers * Ht
 
         self.embed_tokens = nn.Embedding(V, H, config.pad_token_id)
-        self.embed_tokens.weight.requires_grad_(False)  # a copy of the verifier's, frozen
+        # A frozen copy of the verifier's embedding; a narrower draft (H < Ht) cannot copy it and trains its own.
+        self.embed_tokens.weight.requires_grad_(H != Ht)
         self.input_norm = LlamaRMSNorm(fused, eps=config.rms_norm_eps) if config.norm_before_fc else None
+        self.fc_norm = (
+            nn.ModuleList([LlamaRMSNorm(Ht, eps=config.rms_norm_eps) for _ in range(config.num_aux_layers)])
+            if config.fc_norm
+            else None
+        )
         self.fc = nn.Linear(fused, H, bias=False)
+        first, later = DRAFT_LAYERS[config.draft_layer_type]
+        self._no_split_modules = [first.__name__, later.__name__]
         self.layers = nn.ModuleList(
-            [Eagle3FirstDecoderLayer(config, 0)]
-            + [LlamaDecoderLayer(config, i) for i in range(1, config.num_hidden_layers)]
+            [first(config, 0)] + [later(config, i) for i in range(1, config.num_hidden_layers)]
         )
         self.norm = LlamaRMSNorm(H, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(H, Vd, bias=False)
@@ -140,14 +181,14 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         else:
             self.d2t = self.t2d = None
 
-        # Frozen verifier parts for training targets: final norm and the lm_head rows of the draft vocabulary.
-        self.verifier_norm = LlamaRMSNorm(Ht, eps=config.rms_norm_eps)
-        self.verifier_lm_head = nn.Linear(Ht, Vd, bias=False)
-        self.verifier_norm.requires_grad_(False)
-        self.verifier_lm_head.requires_grad_(False)
+        # The verifier's own frozen head for training targets (`load_verifier_head`); never saved.
+        self.verifier_head: VerifierHead | None = None
 
         self.gradient_checkpointing = False
         self.post_init()
+        # The layer classes this draft has: accelerate's FSDP wrap policy looks each name up and fails on a missing one
+        # (a 1-layer draft has no plain LlamaDecoderLayer)
+        self._no_split_modules = {type(layer).__name__ for layer in self.layers}
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -161,21 +202,28 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         """`[B, T, num_aux * Ht]` concatenated verifier aux states -> `[B, T, H]` draft input state."""
         if self.input_norm is not None:
             aux_hidden_states = self.input_norm(aux_hidden_states)
+        if self.fc_norm is not None:  # one norm per aux state, as vLLM applies them
+            chunks = aux_hidden_states.chunk(len(self.fc_norm), dim=-1)  # num_aux x [B, T, Ht]
+            aux_hidden_states = torch.cat([norm(c) for norm, c in zip(self.fc_norm, chunks)], dim=-1)
         return self.fc(aux_hidden_states)
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         aux_hidden_states: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool = False,
+        return_logits: bool = True,
+        ttt_hidden_states: list[torch.Tensor] | None = None,
         verifier_last_hidden_states: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        loss_step_weights: list[float] | None = None,
         **kwargs,
     ) -> Eagle3Output:
-        """One draft step.
+        """One draft step, or (with `ttt_hidden_states`) the training loss of K draft steps.
 
         Args:
             input_ids (`torch.LongTensor` of shape `[B, T]`): verifier token ids (the token *after* each state).
@@ -186,10 +234,19 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             attention_mask (`torch.Tensor`, *optional*): a prepared 4D mask `[B, 1, T, S]` (bool, True = attend) or a
                 flex `BlockMask`; default: causal over the cache.
             past_key_values (`Cache`, *optional*): the draft's KV cache.
-            verifier_last_hidden_states (`torch.Tensor` of shape `[B, T, Ht]`, *optional*): the verifier's pre-norm
-                last hidden states; when given, `target_logits` are computed inside forward (so that wrappers such as
-                FSDP have the frozen verifier head gathered).
+            return_logits (`bool`): compute the draft logits (training passes False and keeps
+                `normed_hidden_states` for the loss instead).
+            ttt_hidden_states (K tensors `[B, T, H]`, *optional*): loss mode: each TTT step's
+                `normed_hidden_states`; then only the loss is computed (`losses.fused_ttt_kl`), here in forward so
+                that wrappers such as FSDP have the draft head and the frozen verifier head gathered.
+            verifier_last_hidden_states (`torch.Tensor` of shape `[B, T, Ht]`): loss mode: the verifier's pre-norm
+                last hidden states; step k's row t is compared with row t + k.
+            loss_mask (`torch.BoolTensor` of shape `[K, B, T]`): loss mode: the rows each step counts
+                (`losses.ttt_valid_rows`).
+            loss_step_weights (K floats, *optional*): loss mode: step k's weight (e.g. `decay**k`; default 1).
         """
+        if ttt_hidden_states is not None:
+            return self._ttt_loss(ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights)
         if (aux_hidden_states is None) == (hidden_states is None):
             raise ValueError("Pass exactly one of `aux_hidden_states` (first step) and `hidden_states` (later steps).")
         if aux_hidden_states is not None:
@@ -216,16 +273,32 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             hidden_states = layer(hidden_states, **layer_kwargs)
 
         normed = self.norm(hidden_states)  # [B, T, H]
-        logits = self.lm_head(normed)  # [B, T, Vd]
-        carried = normed if self.config.norm_output else hidden_states
-        targets = None if verifier_last_hidden_states is None else self.verifier_logits(verifier_last_hidden_states)
         return Eagle3Output(
-            logits=logits, hidden_states=carried, past_key_values=past_key_values, target_logits=targets
+            logits=self.lm_head(normed) if return_logits else None,  # [B, T, Vd]
+            hidden_states=normed if self.config.norm_output else hidden_states,
+            past_key_values=past_key_values,
+            normed_hidden_states=normed,
         )
+
+    def _ttt_loss(self, ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights) -> Eagle3Output:
+        from ..training.losses import fused_ttt_kl
+
+        if verifier_last_hidden_states is None or loss_mask is None:
+            raise ValueError("The loss needs `verifier_last_hidden_states` and `loss_mask` with `ttt_hidden_states`.")
+        loss, kl, agree = fused_ttt_kl(
+            ttt_hidden_states,
+            self.lm_head.weight,
+            verifier_last_hidden_states,
+            self.verifier_logits,
+            loss_mask,
+            loss_step_weights,
+        )
+        return Eagle3Output(loss=loss, step_kl=kl, step_agree=agree)
 
     def _prepare_attention_mask(self, mask, inputs_embeds, past_key_values, position_ids):
         if mask is None:
-            return create_causal_mask(
+            make = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
+            return make(
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=None,
@@ -245,8 +318,11 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
     @torch.no_grad()
     def verifier_logits(self, verifier_last_hidden_states: torch.Tensor) -> torch.Tensor:
-        """Verifier logits over the draft vocabulary from its *pre-norm* last hidden state `[..., Ht]`."""
-        return self.verifier_lm_head(self.verifier_norm(verifier_last_hidden_states))
+        """The verifier's own logits over the draft vocabulary from its *pre-norm* last hidden state: `[..., Ht]` ->
+        `[..., Vd]` (its final norm, lm_head rows and logit transform; see `VerifierHead`)."""
+        if self.verifier_head is None:
+            raise UserError(VERIFIER_HEAD_MISSING)
+        return self.verifier_head(verifier_last_hidden_states)
 
     @torch.no_grad()
     def draft(
@@ -303,13 +379,14 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         from .research_format import RESEARCH_KEY_MAPPING, is_research_checkpoint
 
         want_info = kwargs.pop("output_loading_info", False)
+        missing_ok = set(kwargs.pop("missing_ok", ()))  # tensors the caller fills itself (export: the embedding)
         research = "key_mapping" not in kwargs and is_research_checkpoint(pretrained_model_name_or_path)
         if research:  # the EAGLE authors' format names layer 0 `midlayer.*`
             kwargs["key_mapping"] = RESEARCH_KEY_MAPPING
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         if research:
             model._weight_conversions = []  # save_pretrained writes our names, never `midlayer.*` again
-        missing = sorted(k for k in info["missing_keys"] if not k.startswith("verifier_"))
+        missing = sorted(set(info["missing_keys"]) - missing_ok)
         if missing:
             raise UserError(
                 f"Draft checkpoint {pretrained_model_name_or_path} is missing tensors {missing}; re-export it "
@@ -319,30 +396,39 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
     @torch.no_grad()
     def load_verifier_head(self, verifier_name_or_path: str | None = None, init_lm_head: bool = False) -> None:
-        """Fill the frozen verifier parts used for targets (final norm, draft-vocab lm_head rows; never saved).
+        """Attach the verifier's frozen head used for targets (its final norm and draft-vocabulary lm_head rows, run
+        by its own CausalLM code; never saved).
 
         Reads only those tensors from the verifier's safetensors (default: the verifier recorded in the config).
         With `init_lm_head`, also initialise the embedding and the draft lm_head from the verifier (a new draft).
         """
         from transformers import AutoConfig
 
+        from .verifier_head import load_verifier_head
         from .verifier_weights import load_verifier_tensors
 
         path = verifier_name_or_path or self.config.verifier_name_or_path
         if not path:
             raise UserError("The draft config names no verifier: pass the verifier's id or folder.")
-        tensors = load_verifier_tensors(path, AutoConfig.from_pretrained(path))
-        if tensors["lm_head"].shape[1] != self.verifier_norm.weight.shape[0]:
+        verifier_config = AutoConfig.from_pretrained(path)
+        Ht = self.config.target_hidden_size or self.config.hidden_size
+        if verifier_config.get_text_config().hidden_size != Ht:
             raise UserError(
-                f"Verifier {path} has hidden size {tensors['lm_head'].shape[1]}, the draft expects "
-                f"{self.verifier_norm.weight.shape[0]}: it was built for another verifier."
+                f"Verifier {path} has hidden size {verifier_config.get_text_config().hidden_size}, the draft expects "
+                f"{Ht}: it was built for another verifier."
             )
-        rows = tensors["lm_head"][self.draft_to_target_ids(torch.arange(self.config.draft_vocab_size))]  # [Vd, Ht]
-        self.verifier_norm.weight.copy_(tensors["norm"])
-        self.verifier_lm_head.weight.copy_(rows)
-        if init_lm_head:
-            self.embed_tokens.weight.copy_(tensors["embed_tokens"])
-            self.lm_head.weight.copy_(rows)
+        target_ids = self.draft_to_target_ids(
+            torch.arange(self.config.draft_vocab_size, device=self.lm_head.weight.device)
+        )
+        head = load_verifier_head(path, target_ids.cpu(), verifier_config)
+        self.verifier_head = head.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
+        self._keys_to_ignore_on_save = set(self._keys_to_ignore_on_save or ()) | {
+            f"verifier_head.{key}" for key in head.state_dict()
+        }
+        if init_lm_head and Ht == self.config.hidden_size:  # a narrower draft keeps its own (trained) ones
+            embed = load_verifier_tensors(path, verifier_config, roles=("embed_tokens",))["embed_tokens"]
+            self.embed_tokens.weight.copy_(embed)
+            self.lm_head.weight.copy_(head.rows.weight)
 
     @classmethod
     def from_verifier(

@@ -11,13 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-RESEARCH_KEY_MAPPING = {r"^midlayer\.": "layers.0."}
-RESEARCH_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def rename_research_key(name: str) -> str:
-    """`midlayer.x` -> `layers.0.x`; every other name is already ours."""
-    return "layers.0." + name[len("midlayer.") :] if name.startswith("midlayer.") else name
+RESEARCH_KEY_MAPPING = {
+    r"^midlayer\.": "layers.0."
+}  # `Eagle3DraftModel.from_pretrained(key_mapping=...)`: the one path
 
 
 def is_research_checkpoint(path: str | Path) -> bool:
@@ -44,21 +40,3 @@ def research_tensor_names(path: str | Path) -> list[str]:
 
         return list(torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True))
     return []
-
-
-def load_research_state_dict(path: str | Path) -> dict:
-    """All tensors of a research checkpoint folder, under our names."""
-    import torch
-
-    path = Path(path)
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        tensors = load_file(path / "model.safetensors")
-    elif (path / "pytorch_model.bin").is_file():
-        tensors = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        from ..utils import UserError
-
-        raise UserError(f"{path} has no {' or '.join(RESEARCH_WEIGHT_FILES)}.")
-    return {rename_research_key(k): v for k, v in tensors.items()}

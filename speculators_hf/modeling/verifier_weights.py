@@ -57,26 +57,47 @@ def _find(names: list[str], role: str) -> str | None:
     return None
 
 
-def load_verifier_tensors(path_or_id: str, verifier_config) -> dict[str, torch.Tensor]:
-    """`{"embed_tokens": [V, H], "norm": [H], "lm_head": [V, H]}` read from only the shards that hold them."""
+def ties_word_embeddings(verifier_config) -> bool:
+    """Whether the verifier's lm_head *is* its input embedding (then checkpoints may omit `lm_head.weight`)."""
+    text = verifier_config.get_text_config()
+    return bool(getattr(text, "tie_word_embeddings", False) or getattr(verifier_config, "tie_word_embeddings", False))
+
+
+def find_role_tensors(path_or_id: str, verifier_config, roles=tuple(PATTERNS)) -> tuple[dict[str, str], dict]:
+    """`({role: tensor name}, weight_map)`. The lm_head falls back to the input embedding only when the config ties
+    them; a tensor that cannot be found is a one-line error naming it."""
     weight_map = _weight_map(path_or_id)
     names = list(weight_map)
-    found = {role: _find(names, role) for role in PATTERNS}
-    tied = getattr(verifier_config.get_text_config(), "tie_word_embeddings", False) or getattr(
-        verifier_config, "tie_word_embeddings", False
-    )
-    if found["lm_head"] is None and (tied or found["embed_tokens"] is not None):
-        found["lm_head"] = found["embed_tokens"]  # tied embeddings: lm_head is the input embedding
+    found = {role: _find(names, role) for role in roles}
+    if "lm_head" in found and found["lm_head"] is None:
+        if not ties_word_embeddings(verifier_config):
+            raise UserError(
+                f"Verifier {path_or_id!r} has no lm_head tensor (lm_head.weight) in its safetensors files and its "
+                "config does not tie word embeddings: its output head cannot be read (incomplete checkpoint?)."
+            )
+        found["lm_head"] = _find(names, "embed_tokens")  # tied: the lm_head is the input embedding
     missing = [role for role, name in found.items() if name is None]
     if missing:
         raise UserError(f"Verifier {path_or_id!r} has no tensor for {missing} in its safetensors files.")
+    return found, weight_map
+
+
+def read_tensors(path_or_id: str, names: list[str], weight_map: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Read only `names` (fp32), opening only the shards that hold them."""
     out = {}
-    for role, name in found.items():
-        file = _resolve(path_or_id, weight_map[name])
-        with safe_open(file, "pt") as f:
-            out[role] = f.get_tensor(name).float()
-    logger.info("Read verifier tensors %s", {r: found[r] for r in found})
+    for file in sorted({weight_map[n] for n in names}):
+        with safe_open(_resolve(path_or_id, file), "pt") as f:
+            out.update({n: f.get_tensor(n).float() for n in names if weight_map[n] == file})
     return out
+
+
+def load_verifier_tensors(path_or_id: str, verifier_config, roles=tuple(PATTERNS)) -> dict[str, torch.Tensor]:
+    """`{"embed_tokens": [V, H], "norm": [H], "lm_head": [V, H]}` (or the `roles` asked for), fp32, read from only the
+    shards that hold them."""
+    found, weight_map = find_role_tensors(path_or_id, verifier_config, roles)
+    tensors = read_tensors(path_or_id, sorted(set(found.values())), weight_map)
+    logger.info("Read verifier tensors %s", found)
+    return {role: tensors[name] for role, name in found.items()}
 
 
 def recorded_verifier_name(path_or_id: str) -> str:

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..utils import UserError
 from .collator import LOSS_MASK_ALIGNMENTS
 
 LOGGERS = ("trackio", "wandb", "tensorboard")
+HIDDEN_STATES_SOURCES = ("offline", "online", "hybrid")
 
 
 @dataclass
@@ -42,15 +43,75 @@ class Eagle3ModelArguments:
     t2d_path: str | None = field(default=None, metadata={"help": "t2d.npy (default: next to d2t.npy)."})
     aux_layer_ids: list[int] | None = field(
         default=None,
-        metadata={"help": "Aux layer ids, vLLM convention (default: recorded by datagen, else [2, n//2, n-3])."},
+        metadata={
+            "help": "Aux layer ids, vLLM convention, ascending. Default: the ids recorded with the data (the flag "
+            "must equal them); required for data that records none (the seed's .pt files without data_config.json)."
+        },
     )
     norm_before_fc: bool = field(default=False, metadata={"help": "Eagle 3.1: RMSNorm over the fused aux states."})
     norm_output: bool = field(default=False, metadata={"help": "Eagle 3.1: carry the final-norm output."})
+    fc_norm: bool = field(default=False, metadata={"help": "Eagle 3.1: one RMSNorm per aux state before fc."})
+    draft_layer_type: str = field(
+        default="llama",
+        metadata={
+            "help": "Draft decoder layer: llama, or qwen3 (q/k norms; vLLM's Eagle3Qwen3).",
+            "choices": ["llama", "qwen3"],
+        },
+    )
+    draft_hidden_size: int | None = field(
+        default=None,
+        metadata={"help": "Draft width if narrower than the verifier's (its embedding and lm_head then train)."},
+    )
+    draft_sliding_window: int | None = field(
+        default=None, metadata={"help": "Draft attention over the last N positions only (long-context verifiers)."}
+    )
+    draft_intermediate_size: int | None = field(
+        default=None, metadata={"help": "Draft MLP width (default: the verifier's)."}
+    )
     train_lm_head: bool = field(default=True, metadata={"help": "Train the draft lm_head."})
     verifier_hub_id: str | None = field(
         default=None,
         metadata={"help": "Verifier hub id recorded for `vllm serve`."},
     )
+    # Online and hybrid training: hidden states streamed from `speculators-hf serve-hidden-states` servers
+    hidden_states_source: str = field(
+        default="offline",
+        metadata={
+            "help": "offline: states from datagen shards; online: fetched from --hidden-states-servers for every "
+            "batch and deleted once read (every epoch fetches again); hybrid: fetched once, cached in datagen's "
+            "shard format (--hidden-states-cache-dir) for later epochs and restarts.",
+            "choices": list(HIDDEN_STATES_SOURCES),
+        },
+    )
+    hidden_states_servers: list[str] | None = field(
+        default=None, metadata={"help": "URLs of serve-hidden-states servers (round-robin), e.g. http://host:8000."}
+    )
+    hidden_states_max_in_flight: int = field(
+        default=8,
+        metadata={
+            "help": "Requests in flight per training process (split over its DataLoader workers); with "
+            "--dataloader-num-workers and --dataloader-prefetch-factor it bounds what is fetched ahead of the step."
+        },
+    )
+    hidden_states_timeout: float = field(
+        default=300.0, metadata={"help": "Seconds without any server answering before training stops."}
+    )
+    hidden_states_cache_dir: str | None = field(
+        default=None, metadata={"help": "Hybrid mode's cache (default: <save-path>/hidden_states_cache)."}
+    )
+
+    def __post_init__(self):
+        if self.hidden_states_source not in HIDDEN_STATES_SOURCES:
+            raise UserError(
+                f"--hidden-states-source {self.hidden_states_source!r}: choose {', '.join(HIDDEN_STATES_SOURCES)}."
+            )
+        if self.hidden_states_source != "offline" and not self.hidden_states_servers:
+            raise UserError(
+                f"--hidden-states-source {self.hidden_states_source} needs --hidden-states-servers URL [URL ...] "
+                "(start them with `speculators-hf serve-hidden-states`)."
+            )
+        if self.hidden_states_max_in_flight < 1 or self.hidden_states_timeout <= 0:
+            raise UserError("--hidden-states-max-in-flight must be >= 1 and --hidden-states-timeout > 0.")
 
 
 @dataclass
@@ -75,7 +136,8 @@ class Eagle3TrainingArguments(TrainingArguments):
         default="./checkpoints",
         metadata={
             "aliases": ["--save-path", "--save_path"],
-            "help": "Checkpoints: <save-path>/<epoch>/ drafts, <save-path>/checkpoint-<step>/ resume states.",
+            "help": "Checkpoints: <save-path>/<epoch>/ drafts (the last one also when training ends mid-epoch), "
+            "<save-path>/checkpoint-<step>/ resume states.",
         },
     )
     num_train_epochs: float = field(default=20, metadata={"aliases": ["--epochs"], "help": "Training epochs."})
@@ -86,7 +148,12 @@ class Eagle3TrainingArguments(TrainingArguments):
     )
     log_dir: str = field(default="./logs", metadata={"help": "Local folder of the logger's files."})
     no_resume_from_checkpoint: bool = field(
-        default=False, metadata={"help": "Start from scratch even when <save-path> holds a checkpoint."}
+        default=False,
+        metadata={
+            "help": "Start from scratch even when <save-path> holds a checkpoint (an earlier run's checkpoint-* and "
+            "<epoch>/ folders are removed). Without it, the last checkpoint is resumed if it was written with the "
+            "same data and result-changing flags (else an error)."
+        },
     )
     # TTT objective and data
     ttt_steps: int = field(default=3, metadata={"help": "TTT steps K unrolled per position."})
@@ -116,6 +183,13 @@ class Eagle3TrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Packed rows per device and step."})
     per_device_eval_batch_size: int = field(default=1, metadata={"help": "Packed rows per device in evaluation."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint (epoch: one draft per epoch)."})
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={
+            "help": "Keep the newest N <save-path>/checkpoint-<step>/ resume states and the newest N <save-path>/"
+            "<epoch>/ drafts; 0 keeps all (for Llama-3.1-8B: a draft is ~4 GB in fp32, a resume state ~7 GB)."
+        },
+    )
     eval_strategy: str | None = field(default=None, metadata={"help": "Default: 'epoch' when --eval-split > 0."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     warmup_steps: float = field(default=0.01, metadata={"help": "Warmup steps (a fraction < 1 of all steps)."})
@@ -146,6 +220,25 @@ class Eagle3TrainingArguments(TrainingArguments):
         self.label_names = []  # the loss needs no labels; evaluation still computes it
         self.prediction_loss_only = True
         super().__post_init__()
+        if self.gradient_checkpointing:  # (after super: it parses the JSON of --gradient-checkpointing-kwargs)
+            gc_kwargs = dict(self.gradient_checkpointing_kwargs or {})
+            if gc_kwargs.get("use_reentrant"):
+                raise UserError(
+                    "--gradient-checkpointing-kwargs use_reentrant=true would drop the gradient that flows between "
+                    "TTT steps through the draft's KV cache: leave use_reentrant unset (non-reentrant)."
+                )
+            self.gradient_checkpointing_kwargs = {**gc_kwargs, "use_reentrant": False}
+
+    @cached_property
+    def _setup_devices(self):
+        """TrainingArguments', with `--ddp-timeout` for CPU process groups too: transformers hands it to accelerate
+        only on accelerators, so a gloo group waited torch's 30 minutes for a stuck peer."""
+        if self.use_cpu:
+            from accelerate import PartialState
+
+            # starts the process group (a no-op in one process); TrainingArguments then reuses it
+            PartialState(cpu=True, backend=self.ddp_backend, timeout=self.ddp_timeout_delta)
+        return super()._setup_devices
 
     def apply_logging_env(self) -> None:
         """Point the loggers at `log_dir` (their integrations read these variables), unless already set. The folder is
@@ -157,11 +250,3 @@ class Eagle3TrainingArguments(TrainingArguments):
         reporters = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
         if any(r in (*LOGGERS, "all") for r in reporters):
             os.makedirs(log_dir, exist_ok=True)
-
-    def checkpoint_to_resume(self) -> str | None:
-        """`--resume-from-checkpoint` if given; else the last checkpoint under `--save-path` (unless disabled)."""
-        if self.resume_from_checkpoint:
-            return self.resume_from_checkpoint
-        if self.no_resume_from_checkpoint or not os.path.isdir(self.output_dir):
-            return None
-        return get_last_checkpoint(self.output_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..cli.parser import run_command
 from .arguments import Eagle3ModelArguments, Eagle3TrainingArguments
+from .resume import checkpoint_to_resume, clear_previous_run, run_inputs
 from .setup import build_datasets, build_draft
 from .trainer import Eagle3Trainer
 
@@ -21,7 +22,16 @@ def train(model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments) -> Ea
     model = build_draft(model_args, train_dataset, layer_ids, seed=args.seed)
     # Trainer does the rest: DDP/FSDP, bf16 autocast on GPU, logging, <save-path>/<epoch>/ drafts, resume
     trainer = Eagle3Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset)
-    trainer.train(resume_from_checkpoint=args.checkpoint_to_resume())
+    # Resume only a run with the same data, draft and result-changing flags (recorded in each checkpoint)
+    trainer.run_inputs = run_inputs(model, args, model_args.data_path, train_dataset.dataset)
+    checkpoint = checkpoint_to_resume(args, trainer.run_inputs)
+    if checkpoint is None and args.should_save:
+        clear_previous_run(args.output_dir)  # a fresh start leaves no other run's checkpoints or drafts behind
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if model_args.hidden_states_source != "offline":
+        from ..online.dataset import report_hidden_states
+
+        report_hidden_states(trainer, train_dataset.dataset)
     return trainer
 
 

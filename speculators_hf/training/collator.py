@@ -10,6 +10,11 @@ Loss mask of row t (`loss_mask_alignment`):
                            draft proposes when serving: the first assistant token of a turn (predicted from the
                            template's header) is a target; the token after the turn's last one is not.
     "input"                l_{t+1}: the input token is an assistant token (vllm-project/speculators' choice).
+
+fp8 samples (`hidden_states` float8 + `hidden_states_scale [T, L]`, from `ShardDataset(dequantize=False)`) stay fp8
+in the batch, with `aux_hidden_states_scale [B, S, L-1]` and `verifier_last_hidden_states_scale [B, S, 1]` beside
+them: `Eagle3Trainer` dequantizes after the batch reaches its device (half the bytes to pack, pin and copy; on CPU
+the float8 -> float conversion is slower than the collation itself). `dtype=` dequantizes in the collator instead.
 """
 
 from __future__ import annotations
@@ -18,7 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..datagen.shards import SCALE_KEY, dequantize
+
 LOSS_MASK_ALIGNMENTS = ("predicted", "input")
+HIDDEN_KEYS = ("aux_hidden_states", "verifier_last_hidden_states")
+# Batch key of the per-sample statistics of online hidden-state fetches (`online.dataset.FETCH_STATS_COLUMNS`).
+FETCH_STATS = "hidden_states_fetch_stats"
 
 
 def align_sample(sample: dict[str, torch.Tensor], loss_mask_alignment: str = "predicted") -> dict[str, torch.Tensor]:
@@ -31,13 +41,18 @@ def align_sample(sample: dict[str, torch.Tensor], loss_mask_alignment: str = "pr
         mask = lm[1:]  # l_{t+1}
     else:
         raise ValueError(f"loss_mask_alignment must be one of {LOSS_MASK_ALIGNMENTS}, got {loss_mask_alignment!r}")
-    return {
+    row = {
         "input_ids": x[1:],  # [T-1]
         "aux_hidden_states": hs[:-1, :-1].reshape(T - 1, -1),  # [T-1, (L-1) H]
         "verifier_last_hidden_states": hs[1:, -1],  # [T-1, H]
         "loss_mask": mask,  # [T-1]
         "position_ids": torch.arange(T - 1),  # [T-1]
     }
+    if SCALE_KEY in sample:  # fp8: one scale per token and layer, aligned like the states
+        scale = sample[SCALE_KEY]  # [T, L]
+        row["aux_hidden_states_scale"] = scale[:-1, :-1]  # [T-1, L-1]
+        row["verifier_last_hidden_states_scale"] = scale[1:, -1:]  # [T-1, 1]
+    return row
 
 
 @dataclass
@@ -45,7 +60,9 @@ class DataCollatorForEagle3:
     """Packs each group of samples (one item of `PackedDataset`) into one row of `total_seq_len` positions.
 
     Returns `input_ids`, `position_ids`, `loss_mask`, `document_ids` (`[B, S]`, -1 on padding), `aux_hidden_states`
-    (`[B, S, (L-1) H]`) and `verifier_last_hidden_states` (`[B, S, H]`), where `S = total_seq_len`.
+    (`[B, S, (L-1) H]`) and `verifier_last_hidden_states` (`[B, S, H]`), where `S = total_seq_len`; for fp8 samples
+    also their scales `aux_hidden_states_scale` (`[B, S, L-1]`) and `verifier_last_hidden_states_scale` (`[B, S, 1]`)
+    unless `dtype` is set (then the states are dequantized here).
     """
 
     total_seq_len: int
@@ -53,7 +70,13 @@ class DataCollatorForEagle3:
     dtype: torch.dtype | None = None  # the hidden states' dtype in the batch (None: as stored)
 
     def __call__(self, packs: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
-        return {key: torch.stack([row[key] for row in map(self.pack_row, packs)]) for key in self.KEYS}
+        rows = [self.pack_row(p) for p in packs]
+        keys = (*self.KEYS, *(key for key in rows[0] if key not in self.KEYS))  # + the fp8 scales
+        batch = {key: torch.stack([row[key] for row in rows]) for key in keys}
+        stats = [s["fetch_stats"] for pack in packs for s in pack if "fetch_stats" in s]
+        if stats:  # online hidden states: what fetching this batch's samples cost, for the trainer's metrics
+            batch[FETCH_STATS] = torch.stack(stats)  # [samples, len(FETCH_STATS_COLUMNS)]
+        return batch
 
     KEYS = (
         "input_ids",
@@ -75,7 +98,16 @@ class DataCollatorForEagle3:
         out = {"document_ids": doc.long()}  # [S]
         for key in ("input_ids", "position_ids", "loss_mask"):
             out[key] = torch.cat([r[key].long() for r in rows] + [torch.zeros(pad, dtype=torch.long)])  # [S]
-        for key in ("aux_hidden_states", "verifier_last_hidden_states"):
-            parts = [r[key] if self.dtype is None else r[key].to(self.dtype) for r in rows]
-            out[key] = torch.cat(parts + [parts[0].new_zeros(pad, parts[0].shape[-1])])  # [S, D]
+        fp8 = "aux_hidden_states_scale" in rows[0]
+        if any(("aux_hidden_states_scale" in r) != fp8 for r in rows):
+            raise ValueError("a pack mixes fp8 and unscaled hidden states (one data folder holds one storage dtype)")
+        for key in HIDDEN_KEYS:
+            if fp8 and self.dtype is not None:  # dequantize here rather than on the training device
+                parts = {key: [dequantize(r[key], r[f"{key}_scale"], self.dtype) for r in rows]}
+            elif fp8:
+                parts = {name: [r[name] for r in rows] for name in (key, f"{key}_scale")}
+            else:
+                parts = {key: [r[key] if self.dtype is None else r[key].to(self.dtype) for r in rows]}
+            for name, p in parts.items():
+                out[name] = torch.cat(p + [p[0].new_zeros(pad, p[0].shape[-1])])  # [S, D]
         return out

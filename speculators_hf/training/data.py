@@ -7,7 +7,8 @@ verifier's last layer (pre-norm). Formats (`--data-format-version`):
     1    data_*.pt   {"input_ids", "loss_mask", "hidden_states": [[T, H] x 4]}                (seed, v1)
     2    data-*.safetensors + index.json (speculators_hf.datagen.shards), memory-mapped       (ours)
 
-`.pt` files are read one at a time with `torch.load(weights_only=True, mmap=True)`.
+`.pt` files are read one at a time with `torch.load(weights_only=True, mmap=True)`. fp8 hidden states exist only in
+format 2 (with per-token scales); `.pt` files holding float8 tensors are refused.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ class PtFileDataset(torch.utils.data.Dataset):
         if not files:
             raise UserError("No data_*.pt files found.")
         self.files, self.version = files, version
+        self.dtype = None
         first = self[0]["hidden_states"]
         self.hidden_shape = tuple(first.shape[1:])
+        self.dtype = first.dtype
 
     def __len__(self) -> int:
         return len(self.files)
@@ -65,17 +68,33 @@ class PtFileDataset(torch.utils.data.Dataset):
             hs = torch.cat([aux.view(len(aux), -1, last.shape[-1]), last[:, None]], dim=1)  # [T, 4, H]
         else:
             hs = torch.stack(list(d["hidden_states"]), dim=1)  # [T, L, H]
+        if hs.dtype.itemsize == 1:
+            raise UserError(
+                f"{self.files[i]}: {str(hs.dtype).replace('torch.', '')} hidden states without scales; the .pt "
+                "formats hold float32/bfloat16/float16 only (fp8 data: datagen --storage-dtype fp8_e4m3, format 2)."
+            )
+        if self.dtype is not None and hs.dtype != self.dtype:
+            raise UserError(
+                f"{self.files[i]} stores hidden states as {hs.dtype} but {self.files[0].name} as {self.dtype}; one "
+                "data folder holds one storage dtype."
+            )
         return {"input_ids": d["input_ids"].long(), "loss_mask": d["loss_mask"].long(), "hidden_states": hs}
 
 
-def open_dataset(data_path: str | Path, version: int | None = None) -> torch.utils.data.Dataset:
-    """The samples below `data_path` in format `version` (None: detected)."""
+def open_dataset(
+    data_path: str | Path, version: int | None = None, dequantize: bool = True
+) -> torch.utils.data.Dataset:
+    """The samples below `data_path` in format `version` (None: detected).
+
+    `dequantize=False`: fp8 shards give their float8 values and `hidden_states_scale` (what `Eagle3Trainer` takes:
+    it dequantizes on its device); otherwise hidden states are always floating point values.
+    """
     data_path = Path(data_path)
     if not data_path.is_dir():
         raise UserError(f"--data-path {data_path} is not a folder (run `speculators-hf datagen` first).")
     version = detect_format(data_path) if version is None else version
     if version == SHARDS_DATA_FORMAT:
-        return ShardDataset(data_path)
+        return ShardDataset(data_path, dequantize=dequantize)
     if version not in (0, 1):
         raise UserError(f"--data-format-version {version}: expected 0, 1 (seed .pt files) or 2 (datagen shards).")
     files = sorted((f for f in data_path.rglob("*.pt") if f.name != "token_freq.pt"), key=_natural_key)
@@ -85,15 +104,43 @@ def open_dataset(data_path: str | Path, version: int | None = None) -> torch.uti
 
 
 def data_layer_ids(data_path: str | Path, version: int | None) -> list[int] | None:
-    """Layer ids (aux..., last) recorded by datagen, in vLLM's convention (seed v0/v1 ids are one layer deeper)."""
+    """Layer ids (aux..., last) recorded with the data, converted to vLLM's convention; None when none are recorded.
+
+    The convention is the name before the colon of `data_config.json`'s `layer_id_convention`: `vllm` (our datagen,
+    every format) is used as is; `speculators-0.3.0` (id i = the *output* of layer i) is shifted by +1. A seed-format
+    `data_config.json` (v0/v1 `.pt` data) that names no convention comes from speculators 0.3.0: shifted, with a
+    warning. `index.json` of datagen shards is always in vLLM's convention.
+    """
+    from ..datagen.backends import LAYER_ID_CONVENTION, SEED_LAYER_ID_CONVENTION
+
+    vllm, seed = (c.split(":")[0] for c in (LAYER_ID_CONVENTION, SEED_LAYER_ID_CONVENTION))
     for name in ("data_config.json", "index.json"):
         path = Path(data_path) / name
-        if path.exists():
-            ids = json.loads(path.read_text()).get("layer_ids")
-            if ids:
-                if version in (0, 1):  # v0.3.0 captured the *output* of layer i = the input of layer i + 1
-                    ids = [i + 1 for i in ids[:-1]] + [ids[-1] + 1]
-                return [int(i) for i in ids]
+        recorded = json.loads(path.read_text()) if path.exists() else {}
+        ids = recorded.get("layer_ids")
+        if not ids:
+            continue
+        ids = [int(i) for i in ids]
+        convention = str(recorded.get("layer_id_convention") or "").split(":")[0].strip()
+        if not convention and (name == "index.json" or version == SHARDS_DATA_FORMAT):
+            convention = vllm  # datagen shards exist only in our format
+        if convention == vllm:
+            return ids
+        if convention == seed or (not convention and version in (0, 1)):
+            if not convention:
+                logger.warning(
+                    "%s names no layer-id convention: read as speculators 0.3.0's (id i = output of layer i), so the "
+                    'layer ids %s become %s in vLLM\'s convention (add "layer_id_convention": "vllm" to it if they '
+                    "already are).",
+                    path,
+                    ids,
+                    [i + 1 for i in ids],
+                )
+            return [i + 1 for i in ids]  # the output of layer i is the input of layer i + 1
+        raise UserError(
+            f"{path}: unknown layer_id_convention {recorded.get('layer_id_convention')!r} (expected '{vllm}: ...' "
+            f"or '{seed}: ...')."
+        )
     return None
 
 
@@ -107,7 +154,12 @@ def train_eval_split(n: int, eval_fraction: float, seed: int) -> tuple[list[int]
 
 
 def pack(lengths: list[int], total_seq_len: int) -> list[list[int]]:
-    """First-fit-decreasing packing of sample lengths into bins of `total_seq_len` tokens (deterministic)."""
+    """First-fit-decreasing packing of sample lengths into bins of `total_seq_len` tokens (deterministic).
+
+    Samples go longest first (ties: lower index first), each into the first (oldest) bin with room for it. The first
+    fitting bin is found in a max-segment-tree over the bins' free room, so packing is O(n log n), not O(n * bins).
+    Returns the bins in the order they were opened, each as sorted sample indices.
+    """
     too_long = [(n, i) for i, n in enumerate(lengths) if n > total_seq_len]
     if too_long:
         n, i = max(too_long)
@@ -115,17 +167,31 @@ def pack(lengths: list[int], total_seq_len: int) -> list[list[int]]:
             f"--total-seq-len {total_seq_len} is smaller than sample {i} ({n} aligned tokens; {len(too_long)} samples "
             f"do not fit): raise --total-seq-len to at least {n} or regenerate the data with a shorter --seq-length."
         )
+    if not lengths:
+        return []
+    # First fit leaves at most one bin at most half full, so it never opens more than 2 * tokens / capacity + 1 bins.
+    max_bins = min(len(lengths), 2 * sum(lengths) // total_seq_len + 2)
+    size = 1 << (max_bins - 1).bit_length()
+    room = [total_seq_len] * (2 * size)  # room[size + b]: free tokens of bin b (unopened: empty); parents: max
     bins: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
+    order = torch.argsort(-torch.tensor(lengths, dtype=torch.long), stable=True).tolist()  # longest first, ties: index
+    for i in order:
+        n = lengths[i]
+        node = 1
+        while node < size:  # descend to the leftmost leaf with room >= n (the root always has: unopened bins)
+            node = 2 * node if room[2 * node] >= n else 2 * node + 1
+        b = node - size
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)
+        room[node] -= n
+        node //= 2
+        while node:  # restore the max over children up to the root; stop once a parent is unchanged
+            best = max(room[2 * node], room[2 * node + 1])
+            if room[node] == best:
                 break
-        else:
-            bins.append([i])
-            room.append(total_seq_len - lengths[i])
+            room[node] = best
+            node //= 2
     return [sorted(b) for b in bins]
 
 

@@ -1,4 +1,4 @@
-"""Pure functions of the training-time-test (TTT) objective: step masks, the per-step KL, and the step metrics.
+"""The training-time-test (TTT) objective: step masks, the fused draft head + KL of all steps, and the step metrics.
 
 Notation (one packed row of `T` positions; `k` = TTT step, `0 <= k < K`):
 
@@ -10,12 +10,24 @@ row whose row `t + k` lies in another document (packing) or in padding (`documen
 
 Attention at step k (`ttt_attention_mask`): row t sees the step-0 keys `s <= t` of its own document plus its own
 position's key in every later step `1..k` (one diagonal per step). Padding rows see only themselves.
+
+Loss (`fused_ttt_kl`): `sum_k w_k * mean over counted rows t of KL(p_{t+k} || q^k_t)`, with `p` the verifier head's
+softmax over the draft vocabulary and `q^k` the draft head's at step k. It takes the K steps' final-norm states, never
+`[T, Vd]` logits: target rows are visited chunk by chunk, each chunk's verifier logits serve all K steps, and the
+gradients are formed in the same pass, so backward keeps only `[T, H]`- and `[Vd, H]`-sized tensors.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
+
+from ..utils import get_logger
+
+logger = get_logger(__name__)
 
 # Per-step statistics summed over the masked rows of each packed row (see `step_statistics`).
 STEP_STATS = ("loss_sum", "count", "correct", "cond_correct", "cond_count")
@@ -24,13 +36,17 @@ STEP_STATS = ("loss_sum", "count", "correct", "cond_correct", "cond_count")
 # ------------------------------------------------------------------------------------------------------- masks
 
 
-def ttt_attention_mask(document_ids: torch.Tensor, step: int, step0: torch.Tensor | None = None) -> torch.Tensor:
+def ttt_attention_mask(
+    document_ids: torch.Tensor, step: int, step0: torch.Tensor | None = None, sliding_window: int | None = None
+) -> torch.Tensor:
     """Dense step-`step` attention mask (True = attend) for sdpa/eager.
 
     Args:
         document_ids (`torch.LongTensor` of shape `[B, T]`): document index per position, -1 on padding.
         step (`int`): the TTT step `k`; the keys are the `k + 1` cached steps, `(k + 1) * T` in all.
         step0 (`torch.BoolTensor` of shape `[B, 1, T, T]`, *optional*): this batch's step-0 mask, reused.
+        sliding_window (`int`, *optional*): a draft with windowed attention: row t's step-k query sits at position
+            `t + k`, so it sees the step-0 keys `s` with `t + k - s < sliding_window` (as vLLM's window does).
 
     Returns:
         `torch.BoolTensor` of shape `[B, 1, T, (k + 1) * T]`.
@@ -42,29 +58,43 @@ def ttt_attention_mask(document_ids: torch.Tensor, step: int, step0: torch.Tenso
     diagonal = (pos[:, None] == pos[None, :]).expand(B, 1, T, T)  # [B, 1, T, T]
     if step0 is None:
         same_doc = (document_ids[:, :, None] == document_ids[:, None, :]) & (document_ids[:, :, None] >= 0)
-        step0 = ((same_doc & (pos[:, None] >= pos[None, :]))[:, None] | diagonal).contiguous()  # causal per document
-    return step0 if step == 0 else torch.cat([step0] + [diagonal] * step, dim=-1)  # [B, 1, T, (k + 1) T]
+        causal = pos[:, None] >= pos[None, :]  # [T, T]
+        if sliding_window is not None:
+            causal = causal & (pos[:, None] - pos[None, :] < sliding_window)
+        step0 = ((same_doc & causal)[:, None] | diagonal).contiguous()  # causal per document
+    if step == 0:
+        return step0
+    first = step0
+    if sliding_window is not None:  # step k's queries sit k positions later: the window drops k more old keys
+        first = step0 & ((pos[:, None] + step - pos[None, :] < sliding_window) | diagonal)
+    return torch.cat([first] + [diagonal] * step, dim=-1)  # [B, 1, T, (k + 1) T]
 
 
-def ttt_block_mask(document_ids: torch.Tensor, step: int, step0=None):
+def ttt_block_mask(document_ids: torch.Tensor, step: int, step0=None, sliding_window: int | None = None):
     """The same mask as `ttt_attention_mask`, as a FlexAttention `BlockMask` (CUDA; flex has no CPU backward).
 
     With `step0` (this batch's step-0 `BlockMask`) and `T` a multiple of its block size, the step-`k` mask is the
     step-0 block lists plus one diagonal block per later step, written directly instead of re-evaluating the mask
-    over all `T x (k + 1) T` positions.
+    over all `T x (k + 1) T` positions (not with a sliding window, which drops more step-0 keys at every step).
     """
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
     B, T = document_ids.shape
+    window = sliding_window if sliding_window is not None else 2 * T + step + 1  # no window: every distance passes
 
     def mask_mod(b, h, q, kv):
         s = kv % T
         same_doc = (document_ids[b, q] == document_ids[b, s]) & (document_ids[b, q] >= 0)
-        return ((kv < T) & same_doc & (q >= s)) | (s == q)
+        return ((kv < T) & same_doc & (q >= s) & (q + step - s < window)) | (s == q)
 
     if step0 is not None and step == 0:
         return step0
-    if step0 is None or T % step0.BLOCK_SIZE[1] or step0.BLOCK_SIZE[0] != step0.BLOCK_SIZE[1]:
+    if (
+        step0 is None
+        or sliding_window is not None
+        or T % step0.BLOCK_SIZE[1]
+        or step0.BLOCK_SIZE[0] != step0.BLOCK_SIZE[1]
+    ):
         return create_block_mask(mask_mod, B, None, T, (step + 1) * T, device=document_ids.device)
     blocks = T // step0.BLOCK_SIZE[1]  # kv blocks per step (= q blocks)
     partial = step0.kv_num_blocks  # [B, 1, blocks]
@@ -109,128 +139,316 @@ def step_valid_rows(loss_mask: torch.Tensor, document_ids: torch.Tensor, step: i
     return loss_mask[:, step:].bool() & same_doc
 
 
-# Rows per chunk of the KL: a chunk's fp32 temporaries stay near `_KL_CHUNK_ELEMENTS` values each.
-_KL_CHUNK_ELEMENTS = 2**24
+def ttt_valid_rows(loss_mask: torch.Tensor, document_ids: torch.Tensor, ttt_steps: int) -> torch.Tensor:
+    """`step_valid_rows` of every step, padded with False to `T` rows: `torch.BoolTensor` of shape `[K, B, T]`."""
+    B, T = loss_mask.shape
+    valid = torch.zeros(ttt_steps, B, T, dtype=torch.bool, device=loss_mask.device)
+    for k in range(min(ttt_steps, T)):
+        valid[k, :, : T - k] = step_valid_rows(loss_mask, document_ids, k)
+    return valid
 
 
-def _kl_rows(logits: torch.Tensor, targets: torch.Tensor, kl: torch.Tensor, grad: torch.Tensor | None) -> None:
-    """KL(p || q) of matching rows `[N, V]` into `kl` `[N]`, and `softmax(logits) - p` (its gradient) into `grad`."""
-    N, V = logits.shape
-    rows = max(1, _KL_CHUNK_ELEMENTS // V)
-    for start in range(0, N, rows):
-        chunk = slice(start, start + rows)
-        log_q = F.log_softmax(logits[chunk].float(), dim=-1)
-        log_p = F.log_softmax(targets[chunk].float(), dim=-1)
+# ------------------------------------------------------------------------------------- the fused head + KL
+
+# Target rows per chunk: a chunk's `[rows, Vd]` fp32 temporaries stay near `_CHUNK_ELEMENTS` values each (32 MiB;
+# 128 MiB on CUDA, where larger matmuls pay off and memory is less tight than the launch count).
+_CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**25}
+
+
+@dataclass
+class _Plan:
+    """Which rows the fused loss visits, chunk by chunk (built once per batch; one host sync).
+
+    `targets` are the flat verifier rows some step compares with (sorted); chunk `c` covers `targets[c0:c1]`. For
+    step `k`, `rows[k]` are its valid flat draft rows (sorted) and `tpos[k]` the positions of their targets
+    (`rows[k] + k`) in `targets`; `spans[k][c] = (lo, hi, first)` selects `rows[k][lo:hi]`, the rows whose targets
+    fall in chunk `c`, with `first` their first row when they are consecutive (a slice instead of a gather), else -1,
+    and `tfirst` the first one's target position.
+    """
+
+    targets: torch.Tensor  # [M] long
+    chunks: list[tuple[int, int]]
+    rows: list[torch.Tensor]  # K x [n_k] long
+    tpos: list[torch.Tensor]  # K x [n_k] long
+    spans: list[list[tuple[int, int, int, int]]]  # K x chunks x (lo, hi, first, tfirst)
+    counts: list[int]  # valid rows per step
+
+
+def _chunk_rows(vocab_size: int, device: torch.device) -> int:
+    return max(1, _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"]) // vocab_size)
+
+
+def _plan(valid: torch.Tensor, vocab_size: int) -> _Plan:
+    K, N = valid.shape  # [K, B * T]
+    rows = [valid[k].nonzero().squeeze(1) for k in range(K)]
+    targets = torch.cat([r + k for k, r in enumerate(rows)]).unique()  # sorted
+    tpos = [torch.searchsorted(targets, r + k) for k, r in enumerate(rows)]
+    size = _chunk_rows(vocab_size, valid.device)
+    edges = list(range(0, len(targets), size)) + [len(targets)]  # [C + 1]
+    chunks = list(zip(edges[:-1], edges[1:]))
+    if not chunks:
+        return _Plan(targets, [], rows, tpos, [[] for _ in range(K)], [0] * K)
+    edges_t = torch.tensor(edges, device=valid.device)
+    table = []  # per step and chunk: lo, hi, first row, last row, first target position
+    for k in range(K):
+        bounds = torch.searchsorted(tpos[k], edges_t)  # [C + 1]
+        lo, hi = bounds[:-1], bounds[1:]
+        if len(rows[k]):
+            at_lo, at_last = lo.clamp(max=len(rows[k]) - 1), (hi - 1).clamp(min=0)
+            first, last, tfirst = rows[k][at_lo], rows[k][at_last], tpos[k][at_lo]
+        else:
+            first = last = tfirst = torch.zeros_like(lo)
+        table.append(torch.stack([lo, hi, first, last, tfirst], 1))  # [C, 5]
+    host = torch.stack(table).tolist()  # [K, C, 5]: the one host sync of the table
+    spans = [
+        [(lo, hi, first if last - first == hi - lo - 1 else -1, tfirst) for lo, hi, first, last, tfirst in t]
+        for t in host
+    ]
+    return _Plan(targets, chunks, rows, tpos, spans, [len(r) for r in rows])
+
+
+_ADDMM_OUT_DTYPE = {"cuda": True}  # devices where `addmm(out_dtype=float32)` accumulates bf16 products in fp32
+
+
+def _add_weight_grad(d_weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """`d_weight += g^T @ h` in place (BLAS beta = 1), with fp32 accumulation of bf16/fp16 products where supported."""
+    if g.dtype == d_weight.dtype:
+        d_weight.addmm_(g.T, h)
+        return
+    device = d_weight.device.type
+    if _ADDMM_OUT_DTYPE.get(device):
+        try:
+            torch.addmm(d_weight, g.T, h, out_dtype=d_weight.dtype, out=d_weight)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE[device] = False  # this build lacks it: fall back to a product and an add
+    d_weight += g.T @ h
+
+
+def _matmul_dtype(states: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the draft head runs in: autocast's (as `nn.Linear` would) or the promoted input dtype."""
+    device = states.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(states.dtype, weight.dtype)
+
+
+def _kl_terms(logits: torch.Tensor, p_rows: torch.Tensor, neg_entropy: torch.Tensor, scale: torch.Tensor, grad: bool):
+    """Per-row KL and `d loss / d logits = scale * (softmax(logits) - p)` of one chunk of rows.
+
+    Args:
+        logits (`[n, Vd]`): draft logits. p_rows (`[n, Vd]`): target probabilities (fp32/fp64).
+        neg_entropy (`[n]`): `sum p log p` of the targets. scale: 0-d, the rows' loss weight.
+
+    Returns:
+        `(kl [n], grad [n, Vd] in the logits' dtype or None)`.
+    """
+    log_q = torch.log_softmax(logits.to(p_rows.dtype), dim=-1)  # [n, Vd]
+    kl = neg_entropy - (p_rows * log_q).sum(-1)  # KL(p || q) = sum p log p - sum p log q   [n]
+    if not grad:
+        return kl, None
+    return kl, log_q.exp_().sub_(p_rows).mul_(scale).to(logits.dtype)  # in place: no second [n, Vd] fp32
+
+
+class _CompiledOrEager:
+    """`torch.compile(fn)` (dynamic shapes), falling back to eager `fn` for good if compiling or running it fails."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as error:  # any compiler failure: the eager path computes the same thing
+                logger.warning(f"torch.compile of the fused loss failed ({type(error).__name__}: {error}); eager.")
+                self.compiled = None
+        return self.fn(*args)
+
+
+_KL_TERMS: dict[str, Callable] = {}
+
+
+def _kl_terms_for(device: torch.device) -> Callable:
+    """`_kl_terms`, compiled where `SPECULATORS_HF_COMPILE_LOSS` says so: `auto` (default: CUDA only), `1`, `0`."""
+    mode = os.environ.get("SPECULATORS_HF_COMPILE_LOSS", "auto")
+    if mode == "0" or (mode == "auto" and device.type != "cuda"):
+        return _kl_terms
+    if device.type not in _KL_TERMS:
+        _KL_TERMS[device.type] = _CompiledOrEager(_kl_terms)
+    return _KL_TERMS[device.type]
+
+
+def _fused_kl(
+    states: list[torch.Tensor],
+    weight: torch.Tensor,
+    verifier_states: torch.Tensor,
+    verifier_logits,
+    plan: _Plan,
+    scales: list[float],
+    grad_states: bool,
+    grad_weight: bool,
+):
+    """The loss, per-row KL and argmax agreement, and (optionally) the gradients of the loss, chunk by chunk.
+
+    Args:
+        states: K x `[N, H]` draft final-norm states (flat rows). weight: `[Vd, H]` draft head.
+        verifier_states: `[N, Ht]` verifier pre-norm last states. verifier_logits: `[..., Ht] -> [..., Vd]`.
+        scales: the loss weight of one row of step k (`step_weight / valid rows`).
+
+    Returns:
+        `(loss, kl [K, N], agree [K, N], d_states (K x [N, H]) or None, d_weight [Vd, H] fp32 or None)`.
+    """
+    K, N = len(states), verifier_states.shape[0]
+    device = verifier_states.device
+    mm = _matmul_dtype(states[0], weight)
+    acc = torch.promote_types(mm, torch.float32)  # fp32, or fp64 for fp64 inputs
+    w = weight.to(mm)  # [Vd, H]
+    loss = torch.zeros((), dtype=acc, device=device)
+    kl_out = torch.zeros(K, N, dtype=acc, device=device)
+    agree_out = torch.zeros(K, N, dtype=torch.bool, device=device)
+    d_states = [torch.zeros_like(s) for s in states] if grad_states else None
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=device) if grad_weight else None
+    kl_terms = _kl_terms_for(device)
+    scale = torch.tensor(scales, dtype=acc, device=device)  # [K]
+    with_grad = d_states is not None or d_weight is not None
+
+    for c, (t0, t1) in enumerate(plan.chunks):
+        target_logits = verifier_logits(verifier_states[plan.targets[t0:t1]])  # [c, Vd]
+        target_ids = target_logits.argmax(-1)  # [c]
+        log_p = torch.log_softmax(target_logits.to(acc), dim=-1)  # [c, Vd]
+        del target_logits
         p = log_p.exp()
-        kl[chunk] = log_p.sub_(log_q).mul_(p).sum(-1)  # sum p (log p - log q), in place: three temporaries
-        if grad is not None:
-            grad[chunk] = log_q.exp_().sub_(p)
+        neg_entropy = (p * log_p.clamp_(min=torch.finfo(acc).min)).sum(-1)  # sum p log p; p = 0 -> 0   [c]
+        del log_p
+        for k in range(K):
+            lo, hi, first, tfirst = plan.spans[k][c]
+            if lo == hi:
+                continue
+            if first >= 0:  # consecutive rows, consecutive targets: slices, no gathers
+                rows = slice(first, first + hi - lo)
+                at = slice(tfirst - t0, tfirst - t0 + hi - lo)
+            else:
+                rows = plan.rows[k][lo:hi]
+                at = plan.tpos[k][lo:hi] - t0
+            h = states[k][rows].to(mm)  # [n, H]
+            logits = h @ w.T  # [n, Vd]
+            agree_out[k, rows] = logits.argmax(-1) == target_ids[at]
+            kl, g = kl_terms(logits, p[at], neg_entropy[at], scale[k], with_grad)  # [n], [n, Vd]; p[at]: view/gather
+            del logits
+            loss = loss + kl.sum() * scale[k]
+            kl_out[k, rows] = kl
+            if d_states is not None:
+                d_states[k][rows] = (g @ w).to(d_states[k].dtype)  # [n, H]
+            if d_weight is not None:
+                _add_weight_grad(d_weight, g, h)  # += g^T h   [Vd, H]
+    return loss, kl_out, agree_out, d_states, d_weight
 
 
-def _shifted_kl(logits: torch.Tensor, targets: torch.Tensor, shift: int, with_grad: bool):
-    B, T, _ = logits.shape
-    kl = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
-    grad = torch.zeros_like(logits) if with_grad else None  # the last `shift` rows: no target, KL 0, gradient 0
-    rows = slice(0, T - shift)
-    for b in range(B):
-        _kl_rows(logits[b, rows], targets[b, shift:], kl[b, rows], None if grad is None else grad[b, rows])
-    return kl, grad
-
-
-class _ShiftedForwardKL(torch.autograd.Function):
-    """Per-row KL of `logits[:, t]` against `targets[:, t + shift]`, saving only `softmax(q) - p` for backward.
-
-    The unfused `p * (log p - log_softmax(q))` keeps two fp32 `[B, T, V]` tensors per TTT step for backward (the
-    draft's log-probabilities and the target probabilities); this keeps one in the logits' dtype (bf16 under
-    autocast), computes the fp32 terms chunk by chunk, and reads the shifted targets without copying them.
-    """
+class _FusedTTTKL(torch.autograd.Function):
+    """The fused loss as an autograd function: gradients are computed in forward, chunk by chunk, and scaled in
+    backward. Saved for backward: the K `[N, H]` state gradients and the `[Vd, H]` head gradient (when it trains);
+    nothing of `N x Vd` elements."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, shift: int) -> torch.Tensor:
-        kl, grad = _shifted_kl(logits, targets, shift, with_grad=True)
-        ctx.save_for_backward(grad)
-        ctx.used = False
-        return kl  # [B, T]
+    def forward(ctx, weight, verifier_states, verifier_logits, plan, scales, *states):
+        loss, kl, agree, d_states, d_weight = _fused_kl(
+            list(states),
+            weight,
+            verifier_states,
+            verifier_logits,
+            plan,
+            scales,
+            grad_states=any(ctx.needs_input_grad[5:]),
+            grad_weight=ctx.needs_input_grad[0],
+        )
+        ctx.mark_non_differentiable(kl, agree)
+        ctx.has_states, ctx.has_weight, ctx.weight_dtype = d_states is not None, d_weight is not None, weight.dtype
+        ctx.save_for_backward(*(d_states or []), *([d_weight] if d_weight is not None else []))
+        return loss, kl, agree
 
     @staticmethod
-    def backward(ctx, grad_kl: torch.Tensor):
-        if ctx.used:  # the saved gradient was scaled in place by the first backward
-            raise RuntimeError("shifted_forward_kl supports one backward pass per forward (no retain_graph reuse).")
-        ctx.used = True
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_kl.unsqueeze(-1).to(grad.dtype)), None, None  # in place: no second [B, T, V]
+    def backward(ctx, grad_loss, _grad_kl, _grad_agree):
+        try:
+            saved = list(ctx.saved_tensors)
+        except RuntimeError as error:  # the first backward scaled them in place (version counter)
+            raise RuntimeError("fused_ttt_kl supports one backward pass per forward (no retain_graph).") from error
+        d_weight = saved.pop().mul_(grad_loss).to(ctx.weight_dtype) if ctx.has_weight else None
+        K = len(ctx.needs_input_grad) - 5
+        d_states = [d.mul_(grad_loss.to(d.dtype)) for d in saved] if ctx.has_states else [None] * K
+        return (d_weight, None, None, None, None, *d_states)
 
 
-def shifted_forward_kl(logits: torch.Tensor, targets: torch.Tensor, shift: int = 0) -> torch.Tensor:
-    """Forward KL(p_target || q_draft) of row `t` of `logits` against row `t + shift` of `targets`, in fp32.
-
-    Args:
-        logits (`[B, T, V]`): the draft's logits (any float dtype; differentiable).
-        targets (`[B, T, V]`): the verifier's logits (no gradient).
-        shift (`int`): the TTT step `k`; the last `k` rows have no target and get KL 0.
-
-    Returns:
-        `torch.FloatTensor` of shape `[B, T]`.
-    """
-    if logits.requires_grad and torch.is_grad_enabled():
-        return _ShiftedForwardKL.apply(logits, targets.detach(), shift)
-    return _shifted_kl(logits, targets, shift, with_grad=False)[0]
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over `mask` (0 when the mask is empty)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def step_statistics(
-    logits: torch.Tensor,
-    target_logits: torch.Tensor,
-    loss_mask: torch.Tensor,
-    document_ids: torch.Tensor,
-    step: int,
-    prev_correct: torch.Tensor | None,
-    target_ids: torch.Tensor | None = None,
+def fused_ttt_kl(
+    hidden_states: Sequence[torch.Tensor],
+    lm_head_weight: torch.Tensor,
+    verifier_hidden_states: torch.Tensor,
+    verifier_logits: Callable[[torch.Tensor], torch.Tensor],
+    valid: torch.Tensor,
+    step_weights: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss and metric sums of one TTT step.
+    """The TTT objective `sum_k w_k * masked_mean_t KL(p_{t+k} || q^k_t)` without `[T, Vd]` logits kept anywhere.
+
+    Target rows are visited in chunks: each chunk's verifier logits are computed once and serve every step whose
+    row `t` compares with them (row `t + k`), each step's draft logits for those rows are computed, and the KL, the
+    argmax agreement and the loss gradients (`scale * (softmax(q) - p)` pushed through the draft head) are taken
+    before the next chunk. Backward only scales the saved `[N, H]`/`[Vd, H]` gradients: no logits are kept or
+    recomputed. Rows that do not count are skipped (neither head runs on them).
 
     Args:
-        logits (`[B, T, Vd]`): the draft's logits at step `step`.
-        target_logits (`[B, T, Vd]`): verifier logits over the draft vocabulary (rows of step 0).
-        loss_mask (`[B, T]`), document_ids (`[B, T]`): aligned loss mask and document ids of the packed rows.
-        prev_correct (`[B, T]` bool or None): rows whose steps `< step` were all correct (None at step 0).
-        target_ids (`[B, T]`, *optional*): `target_logits.argmax(-1)`, computed once per batch by the caller.
+        hidden_states: K tensors `[B, T, H]`, each TTT step's final-norm draft state (the draft head's input).
+        lm_head_weight (`[Vd, H]`): the draft head (trained or frozen).
+        verifier_hidden_states (`[B, T, Ht]`): the verifier's pre-norm last hidden states (no gradient).
+        verifier_logits: the frozen verifier head, row-wise: `[n, Ht] -> [n, Vd]` (opaque; runs under no_grad).
+        valid (`[K, B, T]` bool): row `t` of step `k` counts (`ttt_valid_rows`); its target is row `t + k`.
+        step_weights: `w_k` (default 1.0 each; `decay**k` for a decayed objective).
 
     Returns:
-        `(loss, stats, correct)`: the masked-mean KL (scalar, differentiable); `stats` `[B, len(STEP_STATS)]` per-row
-        sums (KL sum, rows, correct rows, correct rows among those with all previous steps correct, rows with all
-        previous steps correct); `correct` `[B, T]` bool (draft argmax == verifier argmax, False on dropped rows).
+        `(loss, kl, agree)`: the loss (scalar, differentiable), the per-row KL `[K, B, T]` and the per-row argmax
+        agreement `[K, B, T]` (draft argmax == verifier argmax), both 0/False on rows that do not count.
     """
-    B, T, _ = logits.shape
-    n = T - step
-    valid = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
-    valid[:, :n] = step_valid_rows(loss_mask, document_ids, step)  # rows t < T - k can count
-    kl = shifted_forward_kl(logits, target_logits, step)  # [B, T]
-    loss = masked_mean(kl, valid)
-
+    K, (B, T) = len(hidden_states), verifier_hidden_states.shape[:2]
+    step_weights = [1.0] * K if step_weights is None else list(step_weights)
     with torch.no_grad():
-        if target_ids is None:
-            target_ids = target_logits.argmax(-1)  # [B, T]
-        hit = (logits.argmax(-1) == shift_for_step(target_ids, step, fill=-1)) & valid  # [B, T]
-        prev = valid if prev_correct is None else prev_correct & valid
-        vf = valid.float()
-        stats = torch.stack(
-            [
-                (kl.detach() * vf).sum(-1),
-                vf.sum(-1),
-                hit.float().sum(-1),
-                (hit & prev).float().sum(-1),
-                prev.float().sum(-1),
-            ],
-            dim=-1,
-        )  # [B, 5]
-        correct = hit if prev_correct is None else hit & prev_correct
-    return loss, stats, correct
+        plan = _plan(valid.reshape(K, B * T), lm_head_weight.shape[0])
+    scales = [w / max(n, 1) for w, n in zip(step_weights, plan.counts)]
+    states = [h.reshape(B * T, -1) for h in hidden_states]
+    rows = verifier_hidden_states.detach().reshape(B * T, -1)
+    if torch.is_grad_enabled() and (lm_head_weight.requires_grad or any(s.requires_grad for s in states)):
+        loss, kl, agree = _FusedTTTKL.apply(lm_head_weight, rows, verifier_logits, plan, scales, *states)
+    else:
+        with torch.no_grad():
+            loss, kl, agree = _fused_kl(states, lm_head_weight, rows, verifier_logits, plan, scales, False, False)[:3]
+    return loss, kl.view(K, B, T), agree.view(K, B, T)
+
+
+def step_statistics(kl: torch.Tensor, agree: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-row sums of `STEP_STATS` for each step, `[B, K * len(STEP_STATS)]`, from `fused_ttt_kl`'s outputs.
+
+    For each step k (row sums over the counted rows of each packed row): KL sum, rows, correct rows (draft argmax ==
+    verifier argmax), correct rows among those whose steps `< k` were all correct, rows whose steps `< k` were all
+    correct. Row `t` of step `k` is "all previous correct" when rows `t` of steps `0..k-1` were correct.
+    """
+    with torch.no_grad():
+        stats, prev_correct = [], None
+        for k in range(kl.shape[0]):
+            hit = agree[k] & valid[k]  # [B, T]
+            prev = valid[k] if prev_correct is None else prev_correct & valid[k]
+            vf = valid[k].float()
+            stats.append(
+                torch.stack(
+                    [
+                        (kl[k].float() * vf).sum(-1),
+                        vf.sum(-1),
+                        hit.float().sum(-1),
+                        (hit & prev).float().sum(-1),
+                        prev.float().sum(-1),
+                    ],
+                    dim=-1,
+                )
+            )  # [B, 5]
+            prev_correct = hit if prev_correct is None else hit & prev_correct
+    return torch.cat(stats, dim=-1)  # [B, K * 5]
 
 
 def metrics_from_stats(stats: torch.Tensor) -> dict[str, float]:

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, set_seed
 
 from ..modeling import Eagle3DraftModel
+from ..modeling.configuration_eagle3 import aux_layer_ids_problem, default_aux_layer_ids
 from ..utils import UserError, get_logger
 from ..vocab import load_vocab_mapping, validate_vocab_mapping
 from .arguments import Eagle3ModelArguments, Eagle3TrainingArguments
@@ -38,24 +39,64 @@ def resolve_vocab_mapping(model_args: Eagle3ModelArguments) -> tuple[torch.Tenso
     return None
 
 
-def _check_data(dataset, model_args: Eagle3ModelArguments, verifier_config, aux_ids: list[int]) -> None:
+def _check_hidden_size(dataset, model_args: Eagle3ModelArguments, verifier_config) -> None:
+    hidden = dataset.hidden_shape[1]  # (L, H)
     text = verifier_config.get_text_config()
-    num_layers, hidden = dataset.hidden_shape  # (L, H)
     if hidden != text.hidden_size:
         raise UserError(
             f"--data-path {model_args.data_path}: hidden states have size {hidden} but verifier "
             f"{model_args.verifier_name_or_path} has hidden_size {text.hidden_size}: the data came from another model."
         )
+
+
+def _check_data(dataset, model_args: Eagle3ModelArguments, verifier_config, aux_ids: list[int]) -> None:
+    text = verifier_config.get_text_config()
+    num_layers = dataset.hidden_shape[0]  # (L, H)
     if num_layers != len(aux_ids) + 1:
         raise UserError(
             f"--data-path {model_args.data_path}: {num_layers} hidden-state layers per token, expected "
             f"{len(aux_ids) + 1} (aux layers {aux_ids} + the last layer)."
         )
-    max_id = max(int(dataset[i]["input_ids"].max()) for i in range(min(len(dataset), 16)))
+    tokens = getattr(dataset, "token_dataset", dataset)  # online data: check the tokens without fetching states
+    max_id = max(int(tokens[i]["input_ids"].max()) for i in range(min(len(tokens), 16)))
     if max_id >= text.vocab_size:
         raise UserError(
             f"--data-path {model_args.data_path}: token id {max_id} >= the verifier's vocabulary ({text.vocab_size})."
         )
+
+
+def resolve_aux_layer_ids(model_args: Eagle3ModelArguments, layer_ids: list[int] | None, n: int) -> list[int]:
+    """The aux ids the draft fuses: those recorded with the data (`--aux-layer-ids`, if given, must equal them).
+
+    Data that records no ids needs `--aux-layer-ids`: a guessed default could be one layer off. Ids are ascending
+    (`aux_layer_ids_problem`: the order vLLM fuses them in).
+    """
+    flag, where = model_args.aux_layer_ids, f"--data-path {model_args.data_path}"
+    if layer_ids is None:
+        if not flag:
+            raise UserError(
+                f"{where} records no layer ids (no data_config.json or index.json with layer_ids): pass "
+                f"--aux-layer-ids in vLLM's convention (id i = input to layer i; default [2, n//2, n-3] = "
+                f"{default_aux_layer_ids(n)}; speculators 0.3.0 data: its ids + 1)."
+            )
+        problem = aux_layer_ids_problem(flag, n)
+        if problem:
+            raise UserError(f"--aux-layer-ids: {problem}.")
+        return list(flag)
+    if layer_ids[-1] != n:
+        raise UserError(
+            f"{where}: datagen's last layer id is {layer_ids[-1]}, but the verifier has {n} layers (expected {n})."
+        )
+    recorded = layer_ids[:-1]
+    problem = aux_layer_ids_problem(recorded, n)
+    if problem:
+        raise UserError(f"{where} was written with {problem}; regenerate it with this version of datagen.")
+    if flag and list(flag) != recorded:
+        raise UserError(
+            f"--aux-layer-ids {list(flag)} differs from the aux ids {recorded} the data was generated with "
+            f"({where}, vLLM convention): drop the flag, or regenerate the data with --layer-ids {list(flag) + [n]}."
+        )
+    return recorded
 
 
 def build_datasets(
@@ -66,12 +107,23 @@ def build_datasets(
     if not path.is_dir():
         raise UserError(f"--data-path {path} does not exist (run `speculators-hf datagen` first).")
     version = model_args.data_format_version if model_args.data_format_version is not None else detect_format(path)
-    dataset = open_dataset(path, version)
+    packed = PackedDataset
+    if model_args.hidden_states_source != "offline":  # states streamed from serve-hidden-states servers
+        from ..online.dataset import OnlinePackedDataset, open_online_dataset
+
+        dataset, packed = open_online_dataset(path, version, model_args, args), OnlinePackedDataset
+    else:
+        dataset = open_dataset(path, version, dequantize=False)  # fp8 shards: the trainer dequantizes on its device
     if len(dataset) == 0:
         raise UserError(f"--data-path {path} holds no samples.")
+    if getattr(dataset, "tokens_only", False):
+        raise UserError(
+            f"--data-path {path} holds tokens only (datagen --tokens-only): train with --hidden-states-source online "
+            "or hybrid and --hidden-states-servers URL (speculators-hf serve-hidden-states)."
+        )
     train_idx, eval_idx = train_eval_split(len(dataset), args.eval_split, args.data_seed or 0)
-    train = PackedDataset(dataset, train_idx, args.total_seq_len)
-    held_out = PackedDataset(dataset, eval_idx, args.total_seq_len) if eval_idx else None
+    train = packed(dataset, train_idx, args.total_seq_len)
+    held_out = packed(dataset, eval_idx, args.total_seq_len) if eval_idx else None
     return train, held_out, data_layer_ids(path, version)
 
 
@@ -82,18 +134,19 @@ def build_draft(
     sdpa elsewhere."""
     verifier_config = AutoConfig.from_pretrained(model_args.verifier_name_or_path)
     n = verifier_config.get_text_config().num_hidden_layers
-    aux_ids = model_args.aux_layer_ids or (layer_ids[:-1] if layer_ids else None)
-    if layer_ids and layer_ids[-1] != n:
-        raise UserError(f"datagen's last layer id is {layer_ids[-1]}, but the verifier has {n} layers (expected {n}).")
-    from ..modeling.configuration_eagle3 import default_aux_layer_ids
-
-    aux_ids = list(aux_ids or default_aux_layer_ids(n))
+    _check_hidden_size(train_dataset.dataset, model_args, verifier_config)
+    aux_ids = resolve_aux_layer_ids(model_args, layer_ids, n)
     _check_data(train_dataset.dataset, model_args, verifier_config, aux_ids)
     mapping = resolve_vocab_mapping(model_args)
     if mapping is not None:
         validate_vocab_mapping(*mapping, len(mapping[0]), verifier_config.get_text_config().vocab_size)
     d2t, t2d = mapping if mapping is not None else (None, None)
     set_seed(seed)
+    shape = dict(
+        hidden_size=model_args.draft_hidden_size,
+        intermediate_size=model_args.draft_intermediate_size,
+        sliding_window=model_args.draft_sliding_window,
+    )
     model = Eagle3DraftModel.from_verifier(
         model_args.verifier_name_or_path,
         d2t,
@@ -103,7 +156,10 @@ def build_draft(
         aux_layer_ids=aux_ids,
         norm_before_fc=model_args.norm_before_fc,
         norm_output=model_args.norm_output,
+        fc_norm=model_args.fc_norm,
+        draft_layer_type=model_args.draft_layer_type,
         train_lm_head=model_args.train_lm_head,
+        **{k: v for k, v in shape.items() if v is not None},
     )
     model.set_attn_implementation("flex_attention" if torch.cuda.is_available() else "sdpa")
     return model

@@ -1,0 +1,471 @@
+"""Response regeneration (`speculators_hf.regenerate`): the rollout, the round trip through datagen, resume, engines.
+
+Real tiny verifier and tokenizer; the transformers run of `reference` is shared by most tests. The reasoning and tool
+tests drive the rollout with a scripted engine (fixed answers) to reach cases a tiny model never produces; the vLLM
+tests start one in-process engine and one OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from transformers import AutoTokenizer
+
+from speculators_hf.datagen import DatagenArguments, ShardDataset, build_dataset, tokenize_conversation
+from speculators_hf.regenerate import RegenerateArguments, make_engine, prepare, regenerate
+from speculators_hf.regenerate.engines import Generation
+from speculators_hf.regenerate.rollout import Conversation, RolloutConfig
+from speculators_hf.regenerate.sampling import Sampling
+from speculators_hf.tiny_kit import build_tokenizer, chitchat_conversations
+from speculators_hf.utils import UserError
+
+MAX_NEW = 24
+MAX_TURNS = 3
+SYSTEM = {"role": "system", "content": "You are a friendly chat partner."}
+
+
+def write_chats(path: Path, limit: int = 8, offset: int = 0) -> Path:
+    """Chitchat rows; the first has a system turn, odd rows carry an `id`."""
+    rows = []
+    for k, messages in enumerate(chitchat_conversations(limit, offset)):
+        row = {"messages": [SYSTEM, *messages] if k == 0 else messages}
+        if k % 2:
+            row["id"] = f"chat-{k}"
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def make_args(verifier, chats, out, **overrides) -> RegenerateArguments:
+    values = dict(
+        target_model_path=str(verifier),
+        train_data_path=str(chats),
+        output_path=str(out),
+        backend="transformers",
+        max_new_tokens=MAX_NEW,
+        max_turns=MAX_TURNS,
+        max_model_len=512,
+        cache_dir=str(Path(out).parent / "hf-cache"),
+    )
+    return RegenerateArguments(**{**values, **overrides})
+
+
+class Recording:
+    """A real engine whose requests and answers are kept for the assertions."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+        self.name, self.version, self.max_model_len = engine.name, engine.version, engine.max_model_len
+
+    def generate(self, requests):
+        out = self.engine.generate(requests)
+        self.calls += list(zip(requests, out))
+        return out
+
+    def close(self):
+        self.engine.close()
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    return write_chats(tmp_path_factory.mktemp("chats") / "chats.jsonl")
+
+
+@pytest.fixture(scope="module")
+def reference(peaked_verifier_path, chats, tmp_path_factory):
+    """Greedy multi-turn regeneration with transformers, every request and answer recorded."""
+    out = tmp_path_factory.mktemp("reference") / "regen.jsonl"
+    args = make_args(peaked_verifier_path, chats, out)
+    plan = prepare(args)
+    engine = Recording(make_engine(args, plan.sampling, plan.dtype, plan.model_config))
+    summary = regenerate(args, engine=engine)
+    engine.close()
+    return SimpleNamespace(args=args, out=out, rows=read_jsonl(out), summary=summary, calls=engine.calls)
+
+
+# ----------------------------------------------------------------------------------------- the rollout
+
+
+def test_every_user_turn_is_answered_given_the_regenerated_prefix(reference, chats, peaked_verifier_path):
+    tokenizer = AutoTokenizer.from_pretrained(peaked_verifier_path)
+    source = read_jsonl(chats)
+    answers = {tuple(r.prompt_ids): g.token_ids for r, g in reference.calls}
+    s = reference.summary
+    assert len(reference.rows) == len(source) == s["conversations"] == s["regenerated"] + s["truncated"] > 3
+    assert s["failed"] == s["skipped"] == s["turns_not_round_trip"] == 0
+    for src, row in zip(source, reference.rows):
+        messages = row["messages"]
+        if "id" in src:
+            assert row["id"] == src["id"]
+        # System and user turns are the source's, untouched and in order; assistant turns sit where the source's did.
+        assert [m["role"] for m in messages] == [m["role"] for m in src["messages"]][: len(messages)]
+        kept = [m for m in messages if m["role"] != "assistant"]
+        assert kept == [m for m in src["messages"] if m["role"] != "assistant"][: len(kept)]
+        assert messages[-1]["role"] == "assistant" and 1 <= sum(m["role"] == "assistant" for m in messages) <= 3
+        previous = None
+        for j, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = tokenizer.apply_chat_template(messages[:j], add_generation_prompt=True, tokenize=False)
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            produced = answers[tuple(prompt_ids)]  # the verifier was asked exactly this prefix ...
+            text = tokenizer.decode(produced, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            assert message["content"] == text  # ... and the row holds exactly its answer
+            if previous is not None:  # the next prompt holds the regenerated answer, token for token
+                assert prompt_ids[: len(previous[0]) + len(previous[1])] == previous[0] + previous[1]
+            previous = (prompt_ids, produced)
+
+
+def test_datagen_loss_mask_is_exactly_the_regenerated_tokens(reference, peaked_verifier_path, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(peaked_verifier_path)
+    args = DatagenArguments(
+        target_model_path=str(peaked_verifier_path),
+        train_data_path=str(reference.out),
+        output_dir=str(tmp_path / "data"),
+        seq_length=1024,  # whole conversations (prompt + answer <= 512, plus the template's closing newline)
+        backend="transformers",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    build_dataset(args)
+    answers = {tuple(r.prompt_ids): g.token_ids for r, g in reference.calls}
+    data, runs = ShardDataset(tmp_path / "data"), 0
+    for i in range(len(data)):
+        ids, mask = data[i]["input_ids"].tolist(), data[i]["loss_mask"].tolist()
+        t = 0
+        while t < len(ids):
+            if not mask[t]:
+                t += 1
+                continue
+            end = t
+            while end < len(ids) and mask[end]:
+                end += 1
+            produced = answers[tuple(ids[:t])]  # everything before the span is a prompt the verifier was given
+            closing = [] if produced[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]  # truncated turns
+            assert ids[t:end] == produced + closing  # through the stop token; the template's newline is not trained
+            runs, t = runs + 1, end
+    assert runs == reference.summary["turns"]
+    regeneration = json.loads((tmp_path / "data" / "data_config.json").read_text())["data"]["regeneration"]
+    assert regeneration["matches_source"] is True
+    assert regeneration["counts"]["turns"] == runs and regeneration["verifier"]["name_or_path"] == str(
+        peaked_verifier_path
+    )
+
+
+def test_turns_last_and_truncation(peaked_verifier_path, chats, tmp_path):
+    source = read_jsonl(chats)[:3]
+    # --turns last, into a save_to_disk folder: the source history, then one regenerated answer.
+    args = make_args(peaked_verifier_path, chats, tmp_path / "last", turns="last", max_samples=3, max_model_len=2048)
+    last = regenerate(args)
+    from datasets import load_from_disk
+
+    rows = list(load_from_disk(str(tmp_path / "last")))
+    assert last["written"] == len(rows) == 2 and (tmp_path / "last" / "regenerate_config.json").exists()
+    (failure,) = read_jsonl(tmp_path / "last" / "failures.jsonl")  # chat 2 is 6.7k tokens long
+    assert failure["index"] == 2 and "over --max-model-len" in failure["reason"]
+    for src, row in zip(source, rows):
+        end = max(i for i, m in enumerate(src["messages"]) if m["role"] == "assistant")
+        assert [dict(m) for m in row["messages"][:end]] == src["messages"][:end] and len(row["messages"]) == end + 1
+
+    # A turn cut at --max-new-tokens ends the conversation (kept by default) ...
+    cut = regenerate(make_args(peaked_verifier_path, chats, tmp_path / "cut.jsonl", max_new_tokens=2, max_samples=3))
+    assert cut["truncated"] == cut["truncated_turns"] == 3 and cut["regenerated"] == 0
+    assert all(len(r["messages"]) in (2, 3) for r in read_jsonl(tmp_path / "cut.jsonl"))  # [system,] user, answer
+    # ... or dropped with --drop-truncated; nothing disappears silently.
+    args = make_args(peaked_verifier_path, chats, tmp_path / "drop.jsonl", max_new_tokens=2, max_samples=3)
+    args.drop_truncated = True
+    dropped = regenerate(args)
+    assert dropped["written"] == 0 and dropped["truncated"] == 3
+    failures = read_jsonl(tmp_path / "drop.failures.jsonl")
+    assert [f["status"] for f in failures] == ["truncated"] * 3 and "--drop-truncated" in failures[0]["reason"]
+
+
+def test_skipped_rows_side_file_rerun_and_flag_errors(peaked_verifier_path, tmp_path, capsys):
+    from speculators_hf.regenerate.cli import main
+
+    chats = tmp_path / "mixed.jsonl"
+    good = next(iter(chitchat_conversations(1)))[:2]
+    rows = [
+        {"id": "a", "messages": good},
+        {"id": "b", "messages": [{"role": "assistant", "content": "no question"}]},
+        {"id": "c", "messages": [{"role": "narrator", "content": "?"}, *good]},
+    ]
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    summary = regenerate(make_args(peaked_verifier_path, chats, out))
+    assert (summary["regenerated"] + summary["truncated"], summary["skipped"]) == (1, 2)
+    failures = {f["id"]: f for f in read_jsonl(tmp_path / "out.failures.jsonl")}
+    assert failures["b"]["reason"] == "no user turn" and failures["c"]["reason"].startswith("unknown roles")
+    # The same command again has nothing to do; other flags refuse to mix outputs (one line, exit 2).
+    stamp = out.stat().st_mtime_ns
+    assert regenerate(make_args(peaked_verifier_path, chats, out)) == summary and out.stat().st_mtime_ns == stamp
+    argv = ["--target-model-path", str(peaked_verifier_path), "--train-data-path", str(chats)]
+    assert main([*argv, "--output-path", str(out), "--backend", "transformers", "--max-new-tokens", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "exists" in err.splitlines()[-1] and "--overwrite" in err.splitlines()[-1]
+    assert main([*argv, "--output-path", str(tmp_path / "x.txt")]) == 2
+    assert "write a .jsonl file" in capsys.readouterr().err
+
+
+def test_resume_after_kill_gives_the_uninterrupted_output(reference, peaked_verifier_path, chats, tmp_path):
+    """SIGKILL a real run after a few chats, tear its last record, rerun: same rows as the uninterrupted run."""
+    out = tmp_path / "killed.jsonl"
+    argv = [
+        sys.executable, "-m", "speculators_hf.regenerate", "--target-model-path", str(peaked_verifier_path),
+        "--train-data-path", str(chats), "--output-path", str(out), "--backend", "transformers", "--max-new-tokens",
+        str(MAX_NEW), "--max-turns", str(MAX_TURNS), "--max-model-len", "512", "--chunk-size", "1",
+        "--cache-dir", str(tmp_path / "hf-cache"),
+    ]  # fmt: skip
+    records = tmp_path / ".killed.jsonl.partial" / "records-000.jsonl"
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if records.exists() and len(records.read_text().splitlines()) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not out.exists()  # no final output from a killed run
+    done = [json.loads(line) for line in records.read_text().split("\n")[:-1]]  # the kill may have torn the last
+    assert 2 <= len(done) < len(reference.rows)
+    with open(records, "a") as f:
+        f.write('{"index": 99, "id": "torn')  # as if the kill had landed inside a write
+
+    summary = regenerate(make_args(peaked_verifier_path, chats, out, chunk_size=1))
+    assert summary["this_run"]["conversations"] == len(reference.rows) - len(done)
+    assert read_jsonl(out) == reference.rows
+    assert not records.parent.exists()
+
+
+def test_pipeline_regenerate_stage_feeds_datagen_and_is_skipped_when_unchanged(peaked_verifier_path, chats, tmp_path):
+    from speculators_hf.pipeline import Pipeline, PipelineArguments
+
+    def stages():
+        args = PipelineArguments(
+            verifier=str(peaked_verifier_path),
+            train_data_path=str(chats),
+            eval_prompts=str(chats),
+            output_dir=str(tmp_path / "run"),
+            regenerate=True,
+            regenerate_args="--max-new-tokens 12 --max-turns 2",
+            seq_length=256,
+            max_samples=3,
+            backend="transformers",
+        )
+        pipeline = Pipeline(args)
+        pipeline.resolve_inputs()
+        pipeline.regenerate()
+        pipeline.datagen()
+        return pipeline
+
+    assert set(stages().timings) == {"regenerate", "datagen"}
+    data = json.loads((tmp_path / "run" / "data" / "data_config.json").read_text())["data"]
+    assert data["train_data_path"] == str(tmp_path / "run" / "regenerated.jsonl")
+    assert data["regeneration"]["matches_source"] is True and data["regeneration"]["limits"]["max_model_len"] == 256
+    assert stages().timings == {}  # same inputs: both skipped
+
+
+# ------------------------------------------------------------------------------ reasoning, tools, round trip
+
+# The parts of Qwen3's template that matter here: reasoning dropped from history, a think block on the last turn.
+QWEN3_LIKE = (
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}"
+    "{%- set content = m.content %}{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}"
+    "{%- endif %}"
+    "{%- if loop.index0 > ns.last_query %}"
+    "{{- '<|im_start|>assistant\n<think>\n' + reasoning + '\n</think>\n\n' + content + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+TWO_TURNS = [
+    {"role": "user", "content": "hi there"},
+    {"role": "assistant", "content": "source answer one"},
+    {"role": "user", "content": "and then"},
+    {"role": "assistant", "content": "source answer two"},
+]
+
+
+def rollout(messages, answer, template=None, reasoning="keep", tools=None, char_level=False):
+    """Roll out one conversation with scripted answers (`answer(turn) -> text`); returns it, its record and prompts."""
+    tokenizer = build_tokenizer()
+    eos = tokenizer.eos_token_id
+    config = RolloutConfig(
+        tokenizer=tokenizer,
+        sampling=Sampling(0.0, 1.0, 0, 0, (eos,), "greedy"),
+        max_new_tokens=64,
+        max_model_len=1024,
+        chat_template=template,
+        reasoning=reasoning,
+    )
+    conv, prompts = Conversation("c", 0, messages, config, tools=tools), []
+    while (request := conv.next_request()) is not None:
+        prompts.append(tokenizer.decode(request.prompt_ids))
+        text = answer(len(conv.turns))
+        if char_level:  # a valid but non-canonical tokenisation: the template cannot reproduce it
+            ids = [i for ch in text for i in tokenizer(ch, add_special_tokens=False)["input_ids"]]
+        else:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        conv.accept(Generation(ids + [eos], "stop"))
+    return conv, conv.finalize(), prompts, tokenizer
+
+
+def trained_ids(tokenizer, row, template):
+    result = tokenize_conversation(tokenizer, row["messages"], 4096, template)
+    return [t for t, m in zip(result["input_ids"], result["loss_mask"]) if m]
+
+
+def test_reasoning_stays_in_the_trained_turn_and_out_of_the_history():
+    def answer(k):
+        return f"<think>\nplan {k}\n</think>\n\nanswer {k}"
+
+    conv, record, prompts, tokenizer = rollout(TWO_TURNS, answer, QWEN3_LIKE)
+    assert "answer 0" in prompts[1] and "plan 0" not in prompts[1]  # history as at inference
+    # Qwen3 renders the first turn without its reasoning once a later turn follows: that turn cannot be trained
+    # as produced, so the conversation ends after the first turn, which round-trips with its reasoning.
+    assert record["stats"]["turns"] == 1 and record["stats"]["turns_not_round_trip"] == 1
+    row = record["row"]
+    assert row["messages"][-1]["content"] == answer(0)
+    assert trained_ids(tokenizer, row, QWEN3_LIKE) == conv.turns[0].token_ids
+
+    # --reasoning strip: the answer alone is kept (the reasoning is not trained).
+    conv, record, _, _ = rollout(TWO_TURNS[:2], answer, QWEN3_LIKE, reasoning="strip")
+    assert record["row"]["messages"][-1]["content"] == "answer 0"
+    assert trained_ids(tokenizer, record["row"], QWEN3_LIKE) == conv.turns[0].trained_ids
+    assert conv.turns[0].trained_ids == tokenizer("answer 0<|im_end|>", add_special_tokens=False)["input_ids"]
+
+
+def test_disabled_thinking_round_trips_the_empty_think_block():
+    conv, record, prompts, tokenizer = rollout(TWO_TURNS[:2], lambda k: f"answer {k}", QWEN3_LIKE, "disable")
+    assert prompts[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # datagen renders the empty think block itself and does not supervise it: the mask is what the verifier produced
+    assert record["stats"]["turns_not_round_trip"] == 0
+    assert trained_ids(tokenizer, record["row"], QWEN3_LIKE) == conv.turns[0].token_ids
+
+
+def test_non_canonical_tokens_are_cut_and_counted():
+    _, record, _, _ = rollout(TWO_TURNS[:2], lambda k: "absolutely wonderful", char_level=True)
+    assert record["status"] == "failed" and "round-trips" in record["reason"]
+
+
+def test_tool_calls_splice_the_cached_result_or_stop():
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "18C and sunny", "tool_call_id": "1"},
+        {"role": "assistant", "content": "It is 18C."},
+    ]
+
+    def answer_with(city):
+        def answer(k):
+            if k == 0:
+                return f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>'
+            return "Sunny, 18 degrees."
+
+        return answer
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    conv, record, prompts, _ = rollout(messages, answer_with("Paris"), tools=tools)
+    roles = [m["role"] for m in record["row"]["messages"]]
+    assert roles == ["user", "assistant", "tool", "assistant"] and "18C and sunny" in prompts[1]
+    assert record["row"]["messages"][2]["content"] == "18C and sunny" and record["row"]["tools"] == tools
+    assert record["row"]["messages"][3]["content"] == "Sunny, 18 degrees."
+
+    _, record, prompts, _ = rollout(messages, answer_with("Rome"), tools=tools)
+    assert len(prompts) == 1 and [m["role"] for m in record["row"]["messages"]] == ["user", "assistant"]
+    assert record["stats"]["tool_call_stop"] is True
+
+
+# -------------------------------------------------------------------------------------------------- servers
+
+
+def test_unreachable_server_one_line_and_no_output(peaked_verifier_path, chats, tmp_path, capsys):
+    from speculators_hf.regenerate.cli import main
+
+    from .vllm_server import free_port
+
+    out = tmp_path / "out.jsonl"
+    code = main(
+        [
+            "--target-model-path", str(peaked_verifier_path), "--train-data-path", str(chats),
+            "--output-path", str(out), "--server-url", f"http://127.0.0.1:{free_port()}",
+            "--max-retries", "2", "--retry-backoff", "0.01",
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    line = err.splitlines()[-1]  # (the lines above it are datasets' progress bars)
+    assert code == 2 and "Traceback" not in err and line.startswith("python -m speculators_hf.regenerate: error:")
+    assert "after 3 attempts" in line and "cannot connect" in line
+    assert not list(tmp_path.iterdir())  # no output, no failures file, no partial folder
+
+
+@pytest.mark.vllm
+def test_vllm_in_process_gives_the_transformers_conversations(reference, peaked_verifier_path, chats, tmp_path):
+    from speculators_hf.regenerate.vllm_engine import VLLMEngine
+
+    args = make_args(peaked_verifier_path, chats, tmp_path / "vllm.jsonl", backend="vllm")
+    plan = prepare(args)
+    engine = VLLMEngine(str(peaked_verifier_path), plan.sampling, dtype=plan.dtype, max_model_len=512)
+    try:
+        summary = regenerate(args, engine=engine)
+    finally:
+        engine.close()
+    assert read_jsonl(tmp_path / "vllm.jsonl") == reference.rows
+    config = json.loads((tmp_path / "vllm.regenerate_config.json").read_text())
+    assert list(config["engine"]["used"]) == [f"vllm {engine.version}"]
+    print(
+        f"\nregeneration tokens/s: vLLM {summary['this_run']['tokens_per_second']}, transformers "
+        f"{reference.summary['this_run']['tokens_per_second']} (tiny verifier, CPU)"
+    )
+
+
+@pytest.mark.vllm
+def test_server_mode_round_robin_gives_the_same_conversations(reference, peaked_verifier_path, chats, tmp_path):
+    from .vllm_server import vllm_server
+
+    with vllm_server(peaked_verifier_path, "--max-model-len", "512") as url:
+        args = make_args(
+            peaked_verifier_path, chats, tmp_path / "srv.jsonl", server_url=[url, url + "/v1"], concurrency=3
+        )
+        summary = regenerate(args)
+        # Sampling with a seed is reproducible: every request carries a seed derived from the chat id and turn.
+        sampled = [
+            regenerate(make_args(peaked_verifier_path, chats, tmp_path / f"s{k}.jsonl", server_url=[url],
+                                 temperature=1.0, seed=3, max_samples=3))
+            for k in range(2)
+        ]  # fmt: skip
+    assert read_jsonl(tmp_path / "srv.jsonl") == reference.rows
+    assert summary["this_run"]["engine"].startswith("vllm-server")
+    assert read_jsonl(tmp_path / "s0.jsonl") == read_jsonl(tmp_path / "s1.jsonl")
+    assert sampled[0]["conversations"] == 3 and sampled[0]["written"] >= 1, sampled[0]
+    config = json.loads((tmp_path / "s0.regenerate_config.json").read_text())
+    assert config["sampling"]["temperature"] == 1.0 and config["sampling"]["greedy"] is False
+
+
+def test_errors_are_user_errors(peaked_verifier_path, tmp_path):
+    with pytest.raises(ValueError, match="--turns"):
+        make_args(peaked_verifier_path, tmp_path / "x.jsonl", tmp_path / "o.jsonl", turns="first")
+    with pytest.raises(UserError, match="does not exist"):
+        regenerate(make_args(peaked_verifier_path, tmp_path / "missing.jsonl", tmp_path / "o.jsonl"))
