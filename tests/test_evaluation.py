@@ -223,3 +223,110 @@ def test_transformers_engine_runs_on_the_gpu(setup, tiny_verifier_path, tmp_path
     (run,) = evaluate(args)["runs"]
     expected = "float32" if dtype == "auto" else dtype  # the tiny verifier's config says float32
     assert run["device"] == "cuda" and run["dtype"] == expected and run["tau"] >= 1.0
+
+
+# ----------------------------------------------------------------------------------- sampling (temperature > 0)
+
+
+def _chi_square_p_value(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's chi-square test of counts against expected counts (cells expected below 5 are pooled)."""
+    keep = expected >= 5
+    obs, exp = observed[keep], expected[keep]
+    if not keep.all():
+        obs = torch.cat([obs, observed[~keep].sum().reshape(1)])
+        exp = torch.cat([exp, expected[~keep].sum().reshape(1)])
+    statistic = ((obs - exp) ** 2 / exp).sum()
+    df = torch.tensor((len(obs) - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(df, statistic / 2))  # the chi-square survival function
+
+
+@pytest.fixture(scope="module")
+def four_token_verifier(tmp_path_factory):
+    """A random Llama over a 4-token vocabulary with peaked next-token distributions, and a random draft for it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=4,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        initializer_range=0.3,  # logits of a few units: peaked, not one-hot
+    )
+    path = tmp_path_factory.mktemp("v4")
+    LlamaForCausalLM(config).save_pretrained(path)
+    verifier = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel.from_verifier(str(path), hub_id="org/v4", aux_layer_ids=[1, 2, 3]).eval()
+    return verifier, draft
+
+
+def test_sampled_output_follows_the_verifier_distribution(four_token_verifier):
+    """Speculative sampling at T = 0.7 (K = 2) emits 3-token continuations distributed exactly as sampling from the
+    verifier: a chi-square test of 500 seeds against the exact distribution over all 4^3 continuations. (Sampling
+    from p instead of p without the rejected draft, or ignoring the temperature, gives p < 1e-14 here.)"""
+    import itertools
+
+    from speculators_hf.evaluation import SpeculativeGenerator
+
+    torch.set_num_threads(1)
+    verifier, draft = four_token_verifier
+    temperature, k, new, seeds, prompt = 0.7, 2, 3, 500, [1, 2, 3, 0, 2]
+    heads = list(itertools.product(range(4), repeat=new - 1))
+    with torch.no_grad():
+        logits = verifier(torch.tensor([prompt + list(h) for h in heads])).logits.float()  # [16, L + 2, 4]
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    n = len(prompt)
+    exact = {
+        (*h, x): float((logp[i, n - 1, h[0]] + logp[i, n, h[1]] + logp[i, n + 1, x]).exp())
+        for i, h in enumerate(heads)
+        for x in range(4)
+    }
+    gen = SpeculativeGenerator(verifier, draft, k, temperature)
+    counts, steps = dict.fromkeys(exact, 0), []
+    for seed in range(seeds):
+        out, accepted = gen.generate(prompt, new, generator=torch.Generator().manual_seed(seed))
+        counts[tuple(out)] += 1
+        steps += accepted
+    assert {0, 1, 2} <= set(steps)  # rejections, a partial chain and whole chains (bonus token) all happened
+    observed = torch.tensor(list(counts.values()), dtype=torch.float64)
+    expected = torch.tensor(list(exact.values()), dtype=torch.float64) * seeds
+    assert _chi_square_p_value(observed, expected) > 1e-3
+
+
+def test_rejection_rule_with_draft_probabilities():
+    """The rule with a sampled draft (q not one-hot): the first emitted token follows p_0, and after an accepted
+    first draft the next one follows p_1 (chi-square, 10000 draws)."""
+    from speculators_hf.evaluation.online import speculative_sample
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.1, 0.6, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1]])
+    first, second = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    drafts = torch.multinomial(q, 10000, replacement=True, generator=gen).T.tolist()  # [10000, 2], d_i ~ q_i
+    for drafted in drafts:
+        n, token = speculative_sample(p, drafted, q, gen)
+        emitted = drafted[:n] + [token]
+        first[emitted[0]] += 1
+        if n >= 1:
+            second[emitted[1]] += 1
+    assert _chi_square_p_value(first, p[0].double() * first.sum()) > 1e-3
+    assert _chi_square_p_value(second, p[1].double() * second.sum()) > 1e-3
+
+
+def test_sampled_run_counters_and_seeds(setup):
+    """T = 1 through evaluate_transformers: counters consistent, reproducible per seed, no identity claim."""
+    args = (setup["fitted"], setup["verifier"], setup["prompts"][:3], 3, MAX_NEW, setup["tokenizer"].eos_token_id)
+    result = evaluate_transformers(*args, temperature=1.0, seed=7)
+    again = evaluate_transformers(*args, temperature=1.0, seed=7, baseline=False)
+    _check_counters(result, 3)
+    assert result.output_ids == again.output_ids and result.accepted_per_position == again.accepted_per_position
+    assert result.output_ids != setup["reference"][:3]  # sampled, not greedy
+    summary = result.summary()
+    assert summary["temperature"] == 1.0 and summary["output_matches_verifier_greedy"] is None
+    assert summary["seed"] == 7 and summary["speedup"] > 0

@@ -402,9 +402,8 @@ def test_tool_calls_splice_the_cached_result_or_stop():
 
 
 def test_unreachable_server_one_line_and_no_output(peaked_verifier_path, chats, tmp_path, capsys):
+    from speculators_hf.online.server import free_port
     from speculators_hf.regenerate.cli import main
-
-    from .vllm_server import free_port
 
     out = tmp_path / "out.jsonl"
     code = main(

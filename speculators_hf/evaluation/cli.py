@@ -2,8 +2,10 @@
 
     speculators-hf evaluate --draft out/checkpoint --verifier meta-llama/Llama-3.1-8B-Instruct \\
         --prompts chat.jsonl --engine both --num-speculative-tokens 3 --max-new-tokens 64 --num-prompts 16
+    speculators-hf evaluate --draft out/draft --grid --k 1 2 3 4 5 6 7 --temperature 0 1 --batch-size 1 4 16 64
 
-Prints a table and writes `eval_card.json` / `eval_card.md` next to the draft.
+Prints a table and writes `eval_card.json` / `eval_card.md` next to the draft; `--grid` adds the vLLM serving grid,
+its recommendation and plots (`grid.py`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..utils import UserError, get_logger
-from ..validation import bad_file, describe, parse_json, pretrained_config, type_name
-from .card import build_eval_card, eval_table, write_eval_card
+from ..validation import bad_file, describe, parse_json, pretrained_config, read_json_if_exists, type_name
+from .card import EVAL_CARD_JSON, build_eval_card, eval_table, recommendation_table, write_eval_card
 from .online import SpecDecodeResult, evaluate_transformers
 
 logger = get_logger(__name__)
@@ -112,16 +114,49 @@ class EvaluateArguments:
     """Speculative decoding of a draft with its verifier: tau, acceptance per position, speed-up, eval card."""
 
     draft: str = field(metadata={"help": "Draft checkpoint folder (speculators format)."})
-    prompts: str = field(metadata={"help": "Chat JSONL file ({'messages': [...]} rows) to take prompts from."})
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat JSONL file ({'messages': [...]} rows) to take prompts from (default: the held-out prompts "
+            "that the draft's eval card names, e.g. the pipeline's held-out chats)."
+        },
+    )
     verifier: str | None = field(
         default=None, metadata={"help": "Verifier folder or hub id (default: the one recorded in the draft)."}
     )
-    engine: str = field(
-        default="transformers",
-        metadata={"help": "transformers, vllm or both.", "choices": ["transformers", "vllm", "both"]},
+    engine: str | None = field(
+        default=None,
+        metadata={
+            "help": "transformers, vllm or both (default: transformers; with --grid, the vLLM grid only).",
+            "choices": ["transformers", "vllm", "both"],
+        },
     )
-    num_speculative_tokens: int = field(default=3, metadata={"help": "K: draft tokens per verification step."})
-    max_new_tokens: int = field(default=64, metadata={"help": "New tokens per prompt (greedy, stops at EOS)."})
+    grid: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the vLLM serving grid over --k, --temperature and --batch-size (one engine per K): tau, "
+            "speed-up, a recommended K and plots in the eval card."
+        },
+    )
+    k: list[int] = field(
+        default_factory=lambda: [1, 2, 3, 4, 5, 6, 7], metadata={"help": "With --grid: the K values to serve."}
+    )
+    temperature: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Sampling temperatures (0: greedy; > 0: speculative sampling, seeded per prompt from --seed) "
+            "(default: 0 1 with --grid, else 0)."
+        },
+    )
+    batch_size: list[int] = field(
+        default_factory=lambda: [1, 4, 16, 64],
+        metadata={"help": "With --grid: concurrent requests (prompts are cycled up to the batch size)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of sampled requests (prompt i gets seed + i)."})
+    num_speculative_tokens: int = field(
+        default=3, metadata={"help": "K: draft tokens per verification step (with --grid: the K of the runs table)."}
+    )
+    max_new_tokens: int = field(default=64, metadata={"help": "New tokens per prompt (stops at EOS)."})
     num_prompts: int = field(default=16, metadata={"help": "Prompts to evaluate."})
     prompt_offset: int = field(default=0, metadata={"help": "Skip this many rows (held-out prompts)."})
     vllm_baseline: bool = field(
@@ -154,8 +189,20 @@ class EvaluateArguments:
     def __post_init__(self):
         if self.num_speculative_tokens < 1:
             raise ValueError("--num-speculative-tokens must be >= 1.")
+        if self.engine is None:
+            self.engine = "vllm" if self.grid else "transformers"
         if self.engine not in ("transformers", "vllm", "both"):
             raise ValueError(f"--engine must be transformers, vllm or both, got {self.engine!r}.")
+        if self.temperature is None:
+            self.temperature = [0.0, 1.0] if self.grid else [0.0]
+        if not self.temperature or min(self.temperature) < 0:
+            raise ValueError(f"--temperature takes values >= 0, got {self.temperature}.")
+        if not self.k or min(self.k) < 1:
+            raise ValueError(f"--k takes values >= 1, got {self.k}.")
+        if not self.batch_size or min(self.batch_size) < 1:
+            raise ValueError(f"--batch-size takes values >= 1, got {self.batch_size}.")
+        self.k, self.batch_size = sorted(set(self.k)), sorted(set(self.batch_size))
+        self.temperature = sorted({float(t) for t in self.temperature})
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}, got {self.dtype!r}.")
 
@@ -203,41 +250,119 @@ def load_models(args: EvaluateArguments, verifier_id: str, draft):
     return draft, verifier
 
 
+def previous_card(folder: str | Path) -> dict | None:
+    """The eval card already in `folder`, if any (checked: the parts a later evaluation reads or carries over)."""
+    path = Path(folder) / EVAL_CARD_JSON
+    fix = "delete it (an earlier evaluation's card) or evaluate into another --output-dir"
+    card = read_json_if_exists(path, fix=fix)
+    if card is None:
+        return None
+    grid = card.get("grid")
+    parts = {
+        "dataset": card.get("dataset"),
+        "grid": grid,
+        "grid.dataset": grid.get("dataset") if isinstance(grid, dict) else None,
+    }
+    for name, value in parts.items():
+        if value is not None and not isinstance(value, dict):
+            raise bad_file(str(path), f'"{name}" holds {type_name(value)}, expected an object', fix)
+    runs = card.get("runs")
+    if runs is not None and not (isinstance(runs, list) and all(isinstance(r, dict) for r in runs)):
+        raise bad_file(str(path), '"runs" is not a list of objects', fix)
+    return card
+
+
+def default_prompts(args: EvaluateArguments, previous: dict | None) -> tuple[str, int]:
+    """`(prompts file, offset)`: `--prompts`, else the held-out prompts named by the eval card in the output folder or
+    the draft's folder (the pipeline's evaluate stage writes one naming its held-out chats)."""
+    if args.prompts:
+        return args.prompts, args.prompt_offset
+    for card in (previous, previous_card(args.draft)):
+        for dataset in ((card or {}).get("dataset"), ((card or {}).get("grid") or {}).get("dataset")):
+            if dataset and dataset.get("path") and Path(dataset["path"]).is_file():
+                logger.warning("--prompts: the held-out prompts of the previous evaluation, %s.", dataset["path"])
+                return dataset["path"], int(dataset.get("offset") or 0)
+    raise UserError(
+        f"--prompts is needed: no eval card in {args.output_dir or args.draft} names held-out prompts (a chat JSONL "
+        "file of {'messages': [...]} rows the draft was not trained on)."
+    )
+
+
+def carry_over(card: dict, previous: dict | None, *, grid: bool, same_draft: bool = False) -> dict:
+    """Keep what an earlier evaluation of the same draft wrote and this one did not redo: a grid run keeps the
+    earlier runs table and offline numbers (with their dataset); a run without --grid keeps the earlier grid.
+
+    The earlier card is of the same draft when it names the same verifier and the same draft folder, or when it sits
+    in the draft's own folder (`same_draft`: `export` copies the card along with the weights)."""
+    if not previous or previous.get("verifier") != card["verifier"]:
+        return card
+    if not (same_draft or previous.get("draft") == card["draft"]):
+        return card
+    if grid:
+        if not any(r.get("source") != "grid" for r in card["runs"]):
+            kept = [r for r in previous.get("runs", []) if r.get("source") != "grid"]
+            if kept:
+                card["runs"] = kept + card["runs"]
+                card["dataset"] = previous.get("dataset", card["dataset"])
+        if card.get("offline") is None and previous.get("offline"):
+            card["offline"] = previous["offline"]
+    elif previous.get("grid"):
+        card.update({key: previous.get(key) for key in ("grid", "recommendation", "plots")})
+        card["runs"] += [r for r in previous.get("runs", []) if r.get("source") == "grid"]
+    return card
+
+
 def evaluate(args: EvaluateArguments) -> dict:
-    """Run the requested engines on the same prompts, write the eval card, return it."""
+    """Run the requested engines (and with `--grid` the vLLM grid) on the same prompts, write the eval card (and the
+    grid's plots), return it."""
     import torch
     from transformers import AutoTokenizer
 
     from ..modeling import Eagle3DraftModel
 
+    out_dir = Path(args.output_dir or args.draft)
+    previous = previous_card(out_dir)
     draft = Eagle3DraftModel.from_pretrained(args.draft, dtype=torch.float32).eval()
     verifier_id = args.verifier or draft.config.verifier_name_or_path
     if not verifier_id:
         raise UserError(f"--draft {args.draft} names no verifier; pass --verifier.")
+    prompts_path, offset = default_prompts(args, previous)
     try:
         tokenizer = AutoTokenizer.from_pretrained(verifier_id)
     except Exception as err:
         raise UserError(f"--verifier {verifier_id}: cannot load its tokenizer ({describe(err)}).") from err
-    prompts = load_prompts(args.prompts, tokenizer, args.num_prompts, args.prompt_offset)
+    prompts = load_prompts(prompts_path, tokenizer, args.num_prompts, offset)
     draft, verifier = load_models(args, verifier_id, draft)
     results = []
     if verifier is not None:
-        result = evaluate_transformers(
-            draft, verifier, prompts, args.num_speculative_tokens, args.max_new_tokens, tokenizer.eos_token_id
-        )
-        result.extra.update(device=verifier.device.type, dtype=str(verifier.dtype).removeprefix("torch."))
-        results.append(result)
-    if args.engine in ("vllm", "both"):
-        results.append(
-            evaluate_vllm(
-                args.draft,
-                verifier_id,
+        for temperature in args.temperature:
+            result = evaluate_transformers(
+                draft,
+                verifier,
                 prompts,
                 args.num_speculative_tokens,
                 args.max_new_tokens,
-                baseline=args.vllm_baseline,
+                tokenizer.eos_token_id,
+                temperature=temperature,
+                seed=args.seed,
             )
-        )
+            result.extra.update(device=verifier.device.type, dtype=str(verifier.dtype).removeprefix("torch."))
+            results.append(result)
+        del verifier
+    if args.engine in ("vllm", "both") and not args.grid:
+        for temperature in args.temperature:
+            results.append(
+                evaluate_vllm(
+                    args.draft,
+                    verifier_id,
+                    prompts,
+                    args.num_speculative_tokens,
+                    args.max_new_tokens,
+                    baseline=args.vllm_baseline,
+                    temperature=temperature,
+                    seed=args.seed,
+                )
+            )
     offline = None
     if args.shards:
         offline = evaluate_offline(
@@ -250,16 +375,67 @@ def evaluate(args: EvaluateArguments) -> dict:
             total_seq_len=args.total_seq_len,
         )
     dataset = {
-        "path": str(args.prompts),
+        "path": str(prompts_path),
         "num_prompts": len(prompts),
-        "offset": args.prompt_offset,
+        "offset": offset,
         "max_new_tokens": args.max_new_tokens,
     }
-    card = build_eval_card(results, draft=args.draft, verifier=verifier_id, dataset=dataset, offline=offline)
-    json_path, _ = write_eval_card(card, args.output_dir or args.draft)
+    grid = recommendation = plots = None
+    grid_runs = []
+    if args.grid:
+        grid, recommendation, plots, grid_runs = evaluate_grid(args, verifier_id, prompts, dataset, out_dir)
+    card = build_eval_card(
+        results,
+        draft=args.draft,
+        verifier=verifier_id,
+        dataset=dataset,
+        offline=offline,
+        grid=grid,
+        recommendation=recommendation,
+        plots=plots,
+        extra_runs=grid_runs,
+    )
+    same_draft = out_dir.resolve() == Path(args.draft).resolve()
+    card = carry_over(card, previous, grid=args.grid, same_draft=same_draft)
+    json_path, _ = write_eval_card(card, out_dir)
     print(eval_table(card))
-    print(f"eval card: {json_path} (+ .md)")
+    if grid:
+        print(recommendation_table(card))
+    print(f"eval card: {json_path} (+ .md{', plots' if grid else ''})")
     return card
+
+
+def evaluate_grid(
+    args: EvaluateArguments, verifier_id: str, prompts: list[list[int]], dataset: dict, out_dir: Path
+) -> tuple[dict, dict, dict, list[dict]]:
+    """The vLLM serving grid: `(grid, recommendation, plots, runs of the runs table)`; the runs are the grid's cells
+    at `--num-speculative-tokens` and the smallest batch size, one per temperature."""
+    from .grid import GRID_DIR, build_grid, recommend, run_vllm_grid, runs_from_grid, write_grid_plots
+
+    records, seconds = run_vllm_grid(
+        args.draft,
+        verifier_id,
+        prompts,
+        args.k,
+        args.temperature,
+        args.batch_size,
+        args.max_new_tokens,
+        out_dir / GRID_DIR,
+        seed=args.seed,
+    )
+    grid = build_grid(
+        records,
+        ks=args.k,
+        temperatures=args.temperature,
+        batch_sizes=args.batch_size,
+        seed=args.seed,
+        dataset=dataset,
+        wall_seconds=seconds,
+    )
+    recommendation = recommend(grid["cells"])
+    plots = write_grid_plots(grid, recommendation, out_dir)
+    logger.warning("Eval grid: %d cells in %.0f s; plots in %s.", len(grid["cells"]), seconds, out_dir)
+    return grid, recommendation, plots, runs_from_grid(grid, args.num_speculative_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

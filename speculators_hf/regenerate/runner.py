@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
+from ..replicas import run_replicas
 from ..utils import UserError, get_logger, write_json
 from ..validation import describe, read_json, read_json_if_exists
 from .arguments import RegenerateArguments
@@ -348,23 +345,9 @@ def _record(conv: Conversation, engine_label: str) -> dict:
 
 def _run_replicas(args: RegenerateArguments, layout: OutputLayout) -> dict:
     """`--data-parallel-size N`: N worker processes on this machine, each with its own GPUs and chats."""
-    n, tp = args.data_parallel_size, args.tensor_parallel_size
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    if devices and len(devices) < n * tp:
-        raise UserError(
-            f"--data-parallel-size {n} x --tensor-parallel-size {tp} needs {n * tp} GPUs; {len(devices)} are visible."
-        )
-    procs = []
-    for i in range(n):
-        child = {**asdict(args), "data_parallel_size": 1, "rank": i, "world_size": n, "overwrite": False}
-        env = dict(os.environ)
-        if devices:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[i * tp : (i + 1) * tp])
-        else:  # CPU replicas share the cores instead of each taking all of them
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-        procs.append(subprocess.Popen([sys.executable, "-m", "speculators_hf.regenerate", *_to_argv(child)], env=env))
-    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    n = args.data_parallel_size
+    children = [{"data_parallel_size": 1, "rank": i, "world_size": n, "overwrite": False} for i in range(n)]
+    failed = run_replicas("speculators_hf.regenerate", args, children, args.tensor_parallel_size)
     if failed:
         raise UserError(f"regenerate replicas {failed} failed (see above); rerun the same command to resume.")
     runs = [read_json(layout.partial / f"run-{i:03d}.json", fix="rerun the same command") for i in range(n)]
@@ -376,17 +359,6 @@ def _run_replicas(args: RegenerateArguments, layout: OutputLayout) -> dict:
         "max_model_len": next((r.get("max_model_len") for r in runs if r.get("max_model_len")), None),
         "replicas": n,
     }
-
-
-def _to_argv(values: dict) -> list[str]:
-    argv = []
-    for f in fields(RegenerateArguments):
-        value = values[f.name]
-        if value is None:
-            continue
-        flag = "--" + f.name
-        argv += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
-    return argv
 
 
 # ------------------------------------------------------------------------------------- bookkeeping and records

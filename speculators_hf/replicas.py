@@ -1,0 +1,49 @@
+"""`--data-parallel-size N` on one machine: N copies of a stage's CLI, each with its own GPUs or share of the cores.
+
+datagen and regenerate split their work by `--rank/--world-size`; this module only starts the copies and waits.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict, fields
+
+import torch
+
+from .utils import UserError
+
+
+def run_replicas(module: str, args, children: list[dict], tensor_parallel_size: int) -> list[int]:
+    """Run `python -m module` once per entry of `children` (each overriding fields of the dataclass `args`), in
+    parallel; returns the indices of the copies that failed. Copy `i` sees GPUs `[i * tp, (i + 1) * tp)`."""
+    n, tp = len(children), tensor_parallel_size
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if devices and len(devices) < n * tp:
+        raise UserError(
+            f"--data-parallel-size {n} x --tensor-parallel-size {tp} needs {n * tp} GPUs; {len(devices)} are visible."
+        )
+    procs = []
+    for i, overrides in enumerate(children):
+        env = dict(os.environ)
+        if devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[i * tp : (i + 1) * tp])
+        else:  # CPU replicas share the cores instead of each taking all of them
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+        argv = to_argv(type(args), {**asdict(args), **overrides})
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
+    return [i for i, p in enumerate(procs) if p.wait() != 0]
+
+
+def to_argv(cls, values: dict) -> list[str]:
+    """The command-line flags that parse back into `values` for the argument dataclass `cls` (None fields left out)."""
+    argv = []
+    for f in fields(cls):
+        value = values[f.name]
+        if value is None:
+            continue
+        flag = "--" + f.name
+        argv += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return argv

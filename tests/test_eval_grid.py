@@ -1,0 +1,273 @@
+"""`evaluate --grid`: K x temperature x concurrent requests on vLLM, the recommendation, the plots and the cards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from speculators_hf.evaluation.card import build_eval_card, render_eval_card, write_eval_card
+from speculators_hf.evaluation.cli import carry_over
+from speculators_hf.evaluation.grid import PLOT_FILES, build_grid, recommend, runs_from_grid, write_grid_plots
+from speculators_hf.evaluation.plots import PALETTE, decode_png
+
+KS, TEMPS, SIZES = [1, 2, 3], [0.0, 1.0], [1, 4, 16]
+# Output tokens/s of each engine per (temperature, batch size): K 0 is the verifier alone. At batch 1 K=3 is best,
+# at batch 4 K=2 and K=3 tie (the smaller wins), at batch 16 nothing beats the verifier alone (K=1 is the least slow).
+RATES = {
+    0: {1: 100.0, 4: 300.0, 16: 900.0},
+    1: {1: 150.0, 4: 390.0, 16: 880.0},
+    2: {1: 180.0, 4: 420.0, 16: 850.0},
+    3: {1: 200.0, 4: 420.0, 16: 700.0},
+}
+
+
+def _records() -> dict[int, dict]:
+    """Engine records as the vLLM worker writes them (`vllm_engine.run_grid`), with made-up numbers."""
+    records = {}
+    for k, rates in RATES.items():
+        cells = []
+        for t in TEMPS:
+            for b in SIZES:
+                n, tokens = max(4, b), max(4, b) * 10
+                rate = rates[b] * (0.8 if t and k else 1.0)
+                drafts = tokens // 2
+                per_pos = [drafts * (k - i) // (k + 1) for i in range(k)]  # non-increasing, as a chain's are
+                cells.append(
+                    {
+                        "temperature": t,
+                        "batch_size": b,
+                        "output_ids": [[1, 2, 3]] * n,
+                        "output_tokens": tokens,
+                        "wall_s": tokens / rate,
+                        "tpot_s": b / rate,
+                        "ttft_s": 0.01,
+                        "metrics": {
+                            "num_drafts": drafts,
+                            "num_draft_tokens": drafts * k,
+                            "num_accepted_tokens_per_pos": per_pos,
+                        }
+                        if k
+                        else {},
+                    }
+                )
+        records[k] = {
+            "k": k,
+            "vllm_version": "0.32.0",
+            "device": "cpu",
+            "engine_start_s": 2.0,
+            "engine_s": 9.0,
+            "cells": cells,
+        }
+    return records
+
+
+def _grid():
+    dataset = {"path": "held_out.jsonl", "num_prompts": 4, "offset": 0, "max_new_tokens": 10}
+    grid = build_grid(
+        _records(), ks=KS, temperatures=TEMPS, batch_sizes=SIZES, seed=0, dataset=dataset, wall_seconds=42.0
+    )
+    return grid, recommend(grid["cells"])
+
+
+def test_recommendation_per_load_and_for_serving():
+    grid, rec = _grid()
+    assert len(grid["cells"]) == len(KS) * len(TEMPS) * len(SIZES)
+    cell = next(c for c in grid["cells"] if (c["k"], c["temperature"], c["batch_size"]) == (3, 0.0, 1))
+    assert cell["speedup"] == 2.0 and cell["tau"] == pytest.approx(1 + (15 + 10 + 5) / 20, abs=1e-4)
+    assert cell["output_matches_verifier_greedy"] is True and cell["identical_requests"] == 4
+    best = {(r["temperature"], r["batch_size"]): (r["k"], r["speculate"]) for r in rec["per_load"]}
+    assert best[(0.0, 1)] == (3, True)
+    assert best[(0.0, 4)] == (2, True)  # a tie with K=3: the smaller K
+    assert best[(0.0, 16)] == (1, False)  # every K is slower than the verifier alone
+    # one K for vllm serve: the best geometric mean of the speed-up over the 6 cells
+    geomean = {k: np.exp(np.mean([np.log(c["speedup"]) for c in grid["cells"] if c["k"] == k])) for k in KS}
+    assert rec["num_speculative_tokens"] == max(geomean, key=geomean.get)
+    assert rec["geomean_speedup"] == pytest.approx(max(geomean.values()), abs=1e-3)
+    sampled = [c for c in grid["cells"] if c["temperature"] > 0]
+    assert all(c["output_matches_verifier_greedy"] is None for c in sampled)
+
+
+def test_card_plots_and_model_card(tiny_verifier_path, tmp_path):
+    """The card holds the grid, hardware, versions and recommendation; the three PNGs are real images with the lines
+    drawn; push's model card embeds them and serves the recommended K; the staged upload carries them."""
+    from speculators_hf.hub import build_model_card, serve_commands, stage_upload
+    from speculators_hf.modeling import Eagle3DraftModel
+
+    checkpoint = tmp_path / "draft"
+    Eagle3DraftModel.from_verifier(
+        str(tiny_verifier_path), hub_id="org/tiny-verifier", aux_layer_ids=[1, 2, 3], speculative_tokens=3
+    ).save_pretrained(checkpoint)
+    grid, rec = _grid()
+    plots = write_grid_plots(grid, rec, checkpoint)
+    card = build_eval_card(
+        [],
+        draft=str(checkpoint),
+        verifier="org/tiny-verifier",
+        dataset=grid["dataset"],
+        grid=grid,
+        recommendation=rec,
+        plots=plots,
+        extra_runs=runs_from_grid(grid, 3),
+    )
+    json_path, md_path = write_eval_card(card, checkpoint)
+    saved = json.loads(json_path.read_text())
+    assert saved["recommendation"]["num_speculative_tokens"] == rec["num_speculative_tokens"]
+    assert saved["hardware"]["cpu_cores"] >= 1 and saved["versions"]["torch"] == torch.__version__
+    assert [(r["engine"], r["temperature"], r["batch_size"]) for r in saved["runs"]] == [
+        ("vllm", 0.0, 1),
+        ("vllm", 1.0, 1),
+    ]
+    for name, file in PLOT_FILES.items():
+        pixels = decode_png((checkpoint / file).read_bytes())
+        assert pixels.shape[0] == 400 and pixels.shape[1] >= 560, name
+        colors = {tuple(c) for c in pixels.reshape(-1, 3)[::7].tolist()}
+        assert tuple(PALETTE[0]) in colors and tuple(PALETTE[1]) in colors, name  # one line per temperature
+    md = md_path.read_text()
+    assert md == render_eval_card(saved)
+    assert all(f"]({file})" in md for file in PLOT_FILES.values())
+    assert "| 0 | 16 | none (1 is the least slow) | 0.98x |" in md
+    assert f"**Recommended: `num_speculative_tokens` = {rec['num_speculative_tokens']}**" in md
+
+    k = rec["num_speculative_tokens"]
+    commands, note = serve_commands(checkpoint, "org/x")
+    assert commands[1].endswith(f'"num_speculative_tokens": {k}}}\'') and f"K = {k}" in note
+    text = build_model_card(checkpoint, "org/x")
+    assert commands[1] in text and "### Serving grid (vLLM)" in text and "](eval_grid_k.png)" in text
+    staged = stage_upload(checkpoint, "org/x", tmp_path / "staged")
+    assert all((staged / file).read_bytes() == (checkpoint / file).read_bytes() for file in PLOT_FILES.values())
+
+
+def test_a_grid_run_keeps_the_earlier_runs_and_a_plain_run_keeps_the_grid():
+    grid, rec = _grid()
+    common = dict(draft="d", verifier="v", dataset={"path": "a.jsonl"})
+    plain = build_eval_card([], **common, offline={"tau_sim": 2.0})
+    plain["runs"] = [{"engine": "transformers", "tau": 2.5}]
+    with_grid = build_eval_card(
+        [], **common, grid=grid, recommendation=rec, plots={}, extra_runs=runs_from_grid(grid, 2)
+    )
+    merged = carry_over(json.loads(json.dumps(with_grid)), plain, grid=True)
+    assert [r["engine"] for r in merged["runs"]] == ["transformers", "vllm", "vllm"]
+    assert merged["offline"] == {"tau_sim": 2.0} and merged["grid"] == grid
+    again = carry_over(json.loads(json.dumps(plain)), merged, grid=False)
+    assert again["grid"] == grid and again["recommendation"] == rec
+    assert [r["engine"] for r in again["runs"]] == ["transformers", "vllm", "vllm"]
+    other = carry_over(json.loads(json.dumps(plain)), {**merged, "draft": "another"}, grid=False)
+    assert "grid" not in other  # another draft's grid is not this one's ...
+    moved = carry_over(json.loads(json.dumps(plain)), {**merged, "draft": "another"}, grid=False, same_draft=True)
+    assert moved["grid"] == grid  # ... unless the card sits in the draft's own folder (export copied it there)
+    assert "grid" not in carry_over(json.loads(json.dumps(plain)), {**merged, "verifier": "w"}, grid=False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--k", "0"], "--k takes values >= 1"),
+        (["--batch-size", "0"], "--batch-size takes values >= 1"),
+        (["--temperature", "-1"], "--temperature takes values >= 0"),
+    ],
+)
+def test_grid_flags_are_one_line_errors(flags, message, capsys):
+    from speculators_hf.evaluation.cli import main
+
+    assert main(["--draft", "d", "--grid", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):
+    """`speculators-hf evaluate --grid` on real vLLM: one engine per K (2 engine starts for 8 cells), greedy cells
+    identical to the verifier alone, tau above 1 for a fitted draft, plots and the recommendation in the card, the
+    prompts and the transformers run of the earlier evaluation kept; a rerun reuses every engine; push serves the
+    recommended K."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from speculators_hf.evaluation import EvaluateArguments, evaluate
+    from speculators_hf.modeling import Eagle3DraftModel
+    from speculators_hf.tiny_kit import write_chat_jsonl
+    from tests.draft_fit import chat_prompts, fit_draft
+
+    torch.set_num_threads(1)
+    verifier = AutoModelForCausalLM.from_pretrained(tiny_verifier_path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_verifier_path)
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel.from_verifier(
+        str(tiny_verifier_path), hub_id="org/tiny-verifier", aux_layer_ids=[1, 2, 3], speculative_tokens=3
+    )
+    chats = write_chat_jsonl(tmp_path / "held_out.jsonl", 12, offset=6000)  # some chats have no usable prompt
+    fit_draft(draft, verifier, chat_prompts(tokenizer, 3, offset=6000), 16, steps=80)
+    folder = tmp_path / "draft"
+    draft.save_pretrained(folder)
+    common = dict(draft=str(folder), verifier=str(tiny_verifier_path), num_prompts=3, max_new_tokens=16)
+    evaluate(EvaluateArguments(prompts=str(chats), **common))  # the earlier evaluation: transformers, greedy
+
+    cli = str(Path(sys.executable).with_name("speculators-hf"))
+    argv = [cli, "evaluate", "--draft", str(folder), "--verifier", str(tiny_verifier_path), "--grid"]
+    argv += ["--k", "2", "--temperature", "0", "1", "--batch-size", "1", "3", "--num-prompts", "3"]
+    argv += ["--max-new-tokens", "16", "--num-speculative-tokens", "2"]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Recommended num_speculative_tokens" in done.stdout and "--prompts: the held-out prompts" in done.stderr
+
+    card = json.loads((folder / "eval_card.json").read_text())
+    grid = card["grid"]
+    for k in (0, 2):  # one engine for the verifier alone, one per K: not one per cell
+        log = (folder / "eval_grid" / f"vllm_k{k}.log").read_text()
+        assert log.count("Initializing a V1 LLM engine") == 1, k
+    assert len(grid["cells"]) == 4 and grid["dataset"]["path"] == str(chats)
+    for c in grid["cells"]:
+        assert c["num_requests"] == 3 and c["speedup"] > 0 and c["tpot_ms"] > 0, c
+        pos = c["acceptance_per_position"]
+        assert len(pos) == c["k"] and all(a >= b for a, b in zip(pos, pos[1:])), c
+        if c["temperature"] == 0:
+            assert c["output_matches_verifier_greedy"] is True, c
+            assert c["tau"] > 1.2, c  # the fitted draft is accepted
+        else:
+            assert c["output_matches_verifier_greedy"] is None and c["tau"] >= 1.0, c
+    assert card["recommendation"]["num_speculative_tokens"] == 2 and len(card["recommendation"]["per_load"]) == 4
+    # the earlier transformers run is kept; the grid's cells at K=2, batch 1 are the vLLM rows
+    rows = [(r["engine"], r["num_speculative_tokens"], r["temperature"]) for r in card["runs"]]
+    assert rows == [("transformers", 3, 0.0), ("vllm", 2, 0.0), ("vllm", 2, 1.0)]
+    for file in PLOT_FILES.values():
+        assert decode_png((folder / file).read_bytes()).shape[2] == 3
+    print(f"grid wall time {grid['wall_seconds']} s; engines {grid['engine_seconds']}")
+
+    again = subprocess.run(argv, capture_output=True, text=True)  # same inputs: every engine record is reused
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((folder / "eval_card.json").read_text())["grid"]["reused_engines"] == [0, 2]
+
+    staged = subprocess.run(
+        [cli, "push", "--checkpoint", str(folder), "--repo-id", "org/x", "--local-dir", str(tmp_path / "up")],
+        capture_output=True,
+        text=True,
+    )
+    assert staged.returncode == 0, staged.stderr[-2000:]
+    k = card["recommendation"]["num_speculative_tokens"]
+    assert f'"num_speculative_tokens": {k}}}' in staged.stdout
+    assert all((tmp_path / "up" / file).is_file() for file in PLOT_FILES.values())
+
+
+def test_default_prompts_come_from_the_card_of_the_draft(tmp_path):
+    """Without --prompts: the held-out prompts the eval card names (in the output folder, else the draft's folder);
+    with no such card, a one-line error that says what to pass."""
+    from speculators_hf.evaluation.cli import EvaluateArguments, default_prompts, previous_card
+    from speculators_hf.utils import UserError
+
+    chats = tmp_path / "held_out.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    (tmp_path / "draft").mkdir()
+    card = {"dataset": {"path": str(chats), "offset": 2}}
+    (tmp_path / "draft" / "eval_card.json").write_text(json.dumps(card))
+    args = EvaluateArguments(draft=str(tmp_path / "draft"), output_dir=str(tmp_path / "elsewhere"), grid=True)
+    assert default_prompts(args, previous_card(tmp_path / "elsewhere")) == (str(chats), 2)
+    assert default_prompts(EvaluateArguments(draft="d", prompts="p.jsonl"), None) == ("p.jsonl", 0)
+    chats.unlink()  # the card names a file that is gone
+    with pytest.raises(UserError, match="--prompts is needed"):
+        default_prompts(args, None)
