@@ -12,13 +12,17 @@ silently (draft index i then means target id i), so this check must. A checkpoin
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .utils import UserError, get_logger, write_json
+from .validation import bad_file, describe, load_safetensors, pretrained_config, read_json
 
 logger = get_logger(__name__)
 
@@ -136,19 +140,65 @@ def _dtype_kind(dtype: torch.dtype) -> str:
 
 def load_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of `model.safetensors` (or of the shards its index lists)."""
-    from safetensors.torch import load_file
-
+    fix = "re-save the draft (save_pretrained) or export it again"
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+        return load_safetensors(path / "model.safetensors", fix=fix)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for f in files for k, v in load_file(path / f).items()}
+        files = sorted(set(weight_map(index).values()))
+        return {k: v for f in files for k, v in load_safetensors(path / f, fix=fix).items()}
     raise UserError(f"{path} has no model.safetensors: export it with save_pretrained or `speculators-hf export`.")
 
 
+def weight_map(index: Path) -> dict[str, str]:
+    """`weight_map` of a `model.safetensors.index.json`: tensor name -> shard file name (checked)."""
+    fix = "re-save the draft (save_pretrained) or export it again"
+    mapping = read_json(index, fix=fix).get("weight_map")
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) and "/" not in v for v in mapping.values()):
+        raise bad_file(str(index), "has no weight_map of tensor names to shard files", fix)
+    return mapping
+
+
+# config.json fields whose type every check below relies on: path -> (types, what)
+_CONFIG_TYPES = {
+    ("speculators_config",): (dict, "an object"),
+    ("speculators_config", "proposal_methods"): (list, "a list"),
+    ("speculators_config", "verifier"): (dict, "an object"),
+    ("transformer_layer_config",): (dict, "an object"),
+    ("draft_vocab_size",): (int, "an integer"),
+    ("target_hidden_size",): (int, "an integer or null"),
+    ("eagle_aux_hidden_state_layer_ids",): (list, "a list of integers"),
+    **{("transformer_layer_config", k): (int, "an integer") for k in (
+        "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+        "vocab_size", "max_position_embeddings", "head_dim",
+    )},
+}  # fmt: skip
+
+
+def _type_problems(config: dict) -> list[str]:
+    """Fields of the wrong JSON type (the other checks read them as their types)."""
+    errors = []
+    for keys, (kind, what) in _CONFIG_TYPES.items():
+        value, node = config, config
+        for key in keys:
+            value = node.get(key) if isinstance(node, dict) else None
+            node = value
+        if value is None:
+            continue
+        bad = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        if kind is list and not bad and keys[-1] != "proposal_methods":
+            bad = not all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+        if kind is list and not bad and keys[-1] == "proposal_methods":
+            bad = not all(isinstance(m, dict) for m in value)
+        if bad:
+            errors.append(f"{'.'.join(keys)} is {json.dumps(value)[:40]}, expected {what}")
+    return errors
+
+
 def _config_problems(config: dict) -> tuple[list[str], list[str]]:
-    errors, warnings = [], []
+    errors, warnings = _type_problems(config), []
+    if errors:
+        return errors, warnings
     if config.get("speculators_model_type") != "eagle3":
         errors.append(f"speculators_model_type is {config.get('speculators_model_type')!r}, vLLM needs 'eagle3'")
     spec = config.get("speculators_config") or {}
@@ -254,30 +304,54 @@ def _tensor_problems(config: dict, tensors: dict[str, torch.Tensor]) -> list[str
     return errors
 
 
-def find_problems(path: str | Path) -> tuple[list[str], list[str]]:
-    """`(errors, warnings)` of a speculators-format checkpoint folder against what vLLM loads."""
-    path = Path(path)
+def find_problems(path: str | Path, config: dict | None = None) -> tuple[list[str], list[str]]:
+    """`(errors, warnings)` of a speculators-format checkpoint folder against what vLLM loads (`config`: check this
+    config instead of the folder's `config.json`)."""
+    config_errors, tensor_errors, warnings = _problems(Path(path), config)
+    return config_errors + tensor_errors, warnings
+
+
+def _problems(path: Path, config: dict | None) -> tuple[list[str], list[str], list[str]]:
+    """`(config.json errors, weight errors, warnings)`."""
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json: not a checkpoint folder.")
-    config = json.loads((path / "config.json").read_text())
+    if config is None:
+        config = read_config(path)
     if "speculators_config" not in config:
-        return [f"{path} is not in the speculators format (flat config): convert it with `speculators-hf export`"], []
+        return (
+            [f"{path} is not in the speculators format (flat config): convert it with `speculators-hf export`"],
+            [],
+            [],
+        )
     errors, warnings = _config_problems(config)
-    errors += serving_problems(config)
-    if not any("transformer_layer_config" in e for e in errors):
-        errors += _tensor_problems(config, load_checkpoint_tensors(path))
-    return errors, warnings
+    errors += serving_problems(config) if not errors else []
+    if any("transformer_layer_config" in e for e in errors):
+        return errors, [], warnings
+    return errors, _tensor_problems(config, load_checkpoint_tensors(path)), warnings
 
 
-def check_checkpoint(path: str | Path) -> list[str]:
-    """Raise a one-line `UserError` naming every problem that would make vLLM fail or serve the draft wrongly.
+def read_config(path: str | Path) -> dict:
+    """A checkpoint's `config.json` (a JSON object)."""
+    return read_json(Path(path) / "config.json", fix="re-save the draft (save_pretrained) or export it again")
+
+
+def check_checkpoint(path: str | Path, config: dict | None = None, label: str | Path | None = None) -> list[str]:
+    """Raise a one-line `UserError` naming every problem that would make vLLM fail or serve the draft wrongly, by file.
+
+    Args:
+        config: check this config instead of the folder's `config.json`.
+        label: the checkpoint's name in the error (default: `path`).
 
     Returns:
         `list[str]`: warnings (the checkpoint serves, but e.g. auto mode breaks when folders move).
     """
-    errors, warnings = find_problems(path)
-    if errors:
-        raise UserError(f"{path}: " + "; ".join(errors) + ".")
+    path = Path(path)
+    config_errors, tensor_errors, warnings = _problems(path, config)
+    weights = "model.safetensors" if (path / "model.safetensors").is_file() else "model.safetensors shards"
+    parts = [f"{name}: " + "; ".join(errors) for name, errors in (("config.json", config_errors), (weights,
+             tensor_errors)) if errors]  # fmt: skip
+    if parts:
+        raise UserError(f"{label or path}: " + "; ".join(parts) + ".")
     for w in warnings:
         logger.warning(w)
     return warnings
@@ -288,10 +362,16 @@ def check_checkpoint(path: str | Path) -> list[str]:
 
 def set_verifier_name(path: str | Path, name_or_path: str) -> None:
     """Record the verifier that `vllm serve <draft>` serves (`speculators_config.verifier.name_or_path`)."""
-    config_path = Path(path) / "config.json"
-    config = json.loads(config_path.read_text())
-    config.setdefault("speculators_config", {}).setdefault("verifier", {})["name_or_path"] = name_or_path
-    write_json(config_path, config)
+    write_json(Path(path) / "config.json", with_verifier_name(read_config(path), name_or_path))
+
+
+def with_verifier_name(config: dict, name_or_path: str) -> dict:
+    """`config` with `speculators_config.verifier.name_or_path` set."""
+    config = json.loads(json.dumps(config))
+    spec = config.setdefault("speculators_config", {})
+    if isinstance(spec, dict) and isinstance(spec.setdefault("verifier", {}), dict):
+        spec["verifier"]["name_or_path"] = name_or_path
+    return config
 
 
 def convert_research_checkpoint(
@@ -308,15 +388,13 @@ def convert_research_checkpoint(
             a missing `embed_tokens.weight`. Recorded as the verifier unless the config names one.
         aux_layer_ids: explicit aux ids (vLLM convention) instead of the verifier's default.
     """
-    from transformers import AutoConfig
-
     from .modeling import Eagle3Config, Eagle3DraftModel, default_aux_layer_ids
 
     path = Path(path)
-    flat = json.loads((path / "config.json").read_text())
+    flat = read_config(path)
     for key in ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "auto_map"):
         flat.pop(key, None)
-    vconf = AutoConfig.from_pretrained(verifier).get_text_config() if verifier else None
+    vconf = pretrained_config(verifier, "--verifier").get_text_config() if verifier else None
     n = vconf.num_hidden_layers if vconf is not None else flat.get("verifier_num_hidden_layers")
     ids = aux_layer_ids or flat.get("eagle_aux_hidden_state_layer_ids") or (default_aux_layer_ids(n) if n else None)
     if ids is None:
@@ -333,16 +411,21 @@ def convert_research_checkpoint(
     name = flat.pop("verifier_name_or_path", None) or verifier
     if name is None:
         raise UserError(f"{path}: the config names no verifier; pass --verifier-hub-id or --verifier.")
-    config = Eagle3Config(
-        **{
-            **flat,
-            "eagle_aux_hidden_state_layer_ids": list(ids),
-            "verifier_num_hidden_layers": n,
-            "verifier_name_or_path": name,
-            "architectures": ["Eagle3DraftModel"],
-            "tie_word_embeddings": False,
-        }
-    )
+    try:
+        config = Eagle3Config(
+            **{
+                **flat,
+                "eagle_aux_hidden_state_layer_ids": list(ids),
+                "verifier_num_hidden_layers": n,
+                "verifier_name_or_path": name,
+                "architectures": ["Eagle3DraftModel"],
+                "tie_word_embeddings": False,
+            }
+        )
+    except (TypeError, ValueError) as err:  # a field of the wrong type or value
+        if isinstance(err, UserError):
+            raise
+        raise bad_file(str(path / "config.json"), f"is not a draft config ({describe(err)})") from err
     model, info = Eagle3DraftModel.from_pretrained(
         path, config=config, output_loading_info=True, missing_ok=["embed_tokens.weight"]
     )
@@ -355,7 +438,7 @@ def convert_research_checkpoint(
             raise UserError(f"{path} has no embed_tokens.weight; pass --verifier to copy the verifier's embedding.")
         from .modeling.verifier_weights import load_verifier_tensors
 
-        embed = load_verifier_tensors(verifier, AutoConfig.from_pretrained(verifier), roles=("embed_tokens",))
+        embed = load_verifier_tensors(verifier, pretrained_config(verifier, "--verifier"), roles=("embed_tokens",))
         with torch.no_grad():
             model.embed_tokens.weight.copy_(embed["embed_tokens"])
     model.save_pretrained(output_dir)
@@ -369,36 +452,63 @@ def export_checkpoint(
     verifier: str | None = None,
     aux_layer_ids: list[int] | None = None,
 ) -> tuple[Path, list[str]]:
-    """Convert when needed, record the verifier id, check. Returns `(served folder, warnings)`."""
+    """Convert when needed, record the verifier id, check. Returns `(served folder, warnings)`.
+
+    Nothing is written unless the result passes the checks: a new folder is built beside `output_dir` and moved into
+    place at the end; in place, only `config.json` changes (with `--verifier-hub-id`), after the check."""
     from .modeling.research_format import is_research_checkpoint
 
     src = Path(checkpoint)
     if not (src / "config.json").is_file():
         raise UserError(f"--checkpoint {src} has no config.json.")
+    config = read_config(src)
     if is_research_checkpoint(src):
         out = Path(output_dir) if output_dir else src.with_name(src.name + "-speculators")
-        convert_research_checkpoint(src, out, verifier=verifier or verifier_hub_id, aux_layer_ids=aux_layer_ids)
-    elif output_dir and Path(output_dir).resolve() != src.resolve():
-        refused = serving_problems(json.loads((src / "config.json").read_text()))
+        with _staged(out) as tmp:
+            convert_research_checkpoint(src, tmp, verifier=verifier or verifier_hub_id, aux_layer_ids=aux_layer_ids)
+            if verifier_hub_id:
+                set_verifier_name(tmp, verifier_hub_id)
+            warnings = check_checkpoint(tmp, label=f"--checkpoint {src}")
+        return out, warnings
+    if output_dir and Path(output_dir).resolve() != src.resolve():
+        refused = serving_problems(config)
         if refused:  # before writing anything: a draft vLLM would refuse is not exported
             raise UserError(f"{src}: " + "; ".join(refused) + ".")
         out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "model.safetensors", "model.safetensors.index.json", *SIDE_FILES):
-            if (src / name).is_file():
-                shutil.copy2(src / name, out / name)
-        from .hub import training_record  # Trainer's state sits beside an epoch draft: carry it for the model card
-
-        for name, found in training_record(src).items():
-            shutil.copy2(found, out / name)
         index = src / "model.safetensors.index.json"
-        for shard in set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else ():
-            shutil.copy2(src / shard, out / shard)
-    else:
-        out = src
-    if verifier_hub_id:
-        set_verifier_name(out, verifier_hub_id)
-    return out, check_checkpoint(out)
+        shards = sorted(set(weight_map(index).values())) if index.is_file() else []
+        with _staged(out) as tmp:
+            for name in ("config.json", "model.safetensors", "model.safetensors.index.json", *SIDE_FILES, *shards):
+                if (src / name).is_file():
+                    shutil.copy2(src / name, tmp / name)
+            from .hub import training_record  # Trainer's state sits beside an epoch draft: carry it for the card
+
+            for name, found in training_record(src).items():
+                shutil.copy2(found, tmp / name)
+            if verifier_hub_id:
+                set_verifier_name(tmp, verifier_hub_id)
+            warnings = check_checkpoint(tmp, label=f"--checkpoint {src}")
+        return out, warnings
+    if verifier_hub_id:  # in place: check the edited config before writing it
+        edited = with_verifier_name(config, verifier_hub_id)
+        warnings = check_checkpoint(src, edited)
+        write_json(src / "config.json", edited)
+        return src, warnings
+    return src, check_checkpoint(src)
+
+
+@contextmanager
+def _staged(out: Path):
+    """A fresh folder beside `out`; on success its files move into `out` (created if needed), else it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".exporting"))
+    try:
+        yield tmp
+        out.mkdir(exist_ok=True)
+        for file in tmp.iterdir():
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -439,7 +549,7 @@ def run(args: ExportArguments) -> Path:
     out, warnings = export_checkpoint(
         args.checkpoint, args.output_dir, args.verifier_hub_id, args.verifier, args.aux_layer_ids
     )
-    config = json.loads((out / "config.json").read_text())
+    config = read_config(out)
     print(
         f"OK {out}: vLLM-servable EAGLE-3 draft for {config['speculators_config']['verifier']['name_or_path']}"
         f" (draft vocab {config['draft_vocab_size']}, aux ids {config['eagle_aux_hidden_state_layer_ids']})"

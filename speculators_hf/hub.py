@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .evaluation.card import EVAL_CARD_JSON, render_eval_card
-from .export import SIDE_FILES, check_checkpoint
+from .export import SIDE_FILES, check_checkpoint, read_config, weight_map
 from .utils import UserError, get_logger
+from .validation import bad_file, describe, read_json_if_exists
 
 logger = get_logger(__name__)
 
@@ -34,7 +35,7 @@ LAST_LOGGED_KEYS = ("loss", "tau_sim", "eval_loss", "eval_tau_sim", "eval_acc_0"
 
 
 def _read_json(path: Path | None) -> dict | None:
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+    return read_json_if_exists(path, fix="rerun the stage that wrote it, or delete it") if path is not None else None
 
 
 def _trainer_state_beside(checkpoint: Path) -> Path | None:
@@ -73,6 +74,12 @@ def training_record(checkpoint: str | Path, data_path: str | Path | None = None)
 def _training_section(checkpoint: Path, data_path: str | Path | None = None) -> list[str]:
     files = training_record(checkpoint, data_path)
     objective, state, data = (_read_json(files.get(name)) for name in TRAINING_FILES)
+    fix = "rerun the stage that wrote it"
+    if data is not None and not isinstance(data.get("data", {}), dict):
+        raise bad_file(str(files[DATA_CONFIG]), "its `data` is not a JSON object", fix)
+    history = state.get("log_history", []) if state is not None else []
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        raise bad_file(str(files[TRAINER_STATE]), "its `log_history` is not a list of objects", fix)
     lines = ["## Training", ""]
     if not (objective or state or data):
         return lines + [
@@ -126,10 +133,20 @@ def serve_commands(checkpoint: str | Path, repo_id: str) -> tuple[list[str], str
     """`(vllm serve commands, a sentence about K)`: the explicit form uses the K the eval grid recommends, when the
     checkpoint's eval card has a grid, else the K in `config.json` (what `vllm serve <repo>` alone uses)."""
     checkpoint = Path(checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = read_config(checkpoint)  # checked by check_checkpoint before
     verifier = config["speculators_config"]["verifier"]["name_or_path"]
     k_config = config["speculators_config"]["proposal_methods"][0]["speculative_tokens"]
     recommendation = (_read_json(checkpoint / EVAL_CARD_JSON) or {}).get("recommendation")
+    if recommendation is not None and not (
+        isinstance(recommendation, dict)
+        and isinstance(recommendation.get("num_speculative_tokens"), int)
+        and isinstance(recommendation.get("geomean_speedup"), (int, float))
+    ):
+        raise bad_file(
+            str(checkpoint / EVAL_CARD_JSON),
+            '"recommendation" lacks num_speculative_tokens or geomean_speedup',
+            "rerun evaluate --grid, or delete the card",
+        )
     k = recommendation["num_speculative_tokens"] if recommendation else k_config
     spec = json.dumps({"model": repo_id, "method": "eagle3", "num_speculative_tokens": k})
     commands = [f"vllm serve {repo_id}", f"vllm serve {verifier} --speculative-config '{spec}'"]
@@ -151,7 +168,7 @@ def serve_commands(checkpoint: str | Path, repo_id: str) -> tuple[list[str], str
 def build_model_card(checkpoint: str | Path, repo_id: str, data_path: str | Path | None = None) -> str:
     """The README.md of the uploaded repo (YAML metadata + markdown); `data_path`: datagen's output folder."""
     checkpoint = Path(checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = read_config(checkpoint)
     verifier = config["speculators_config"]["verifier"]["name_or_path"]
     k = config["speculators_config"]["proposal_methods"][0]["speculative_tokens"]
     (auto_command, explicit_command), serve_note = serve_commands(checkpoint, repo_id)
@@ -191,7 +208,11 @@ def build_model_card(checkpoint: str | Path, repo_id: str, data_path: str | Path
         *_training_section(checkpoint, data_path),
     ]
     if eval_card:
-        lines.append(render_eval_card(eval_card))
+        try:
+            lines.append(render_eval_card(eval_card))
+        except (KeyError, TypeError, AttributeError) as err:
+            problem = f"is not an eval card (no {describe(err)})"
+            raise bad_file(str(checkpoint / EVAL_CARD_JSON), problem, "rerun `speculators-hf evaluate`") from err
     else:
         lines += ["## Evaluation", "", "Not evaluated yet (`speculators-hf evaluate` writes `eval_card.json`).", ""]
     lines += [f"Trained with {_project_link()} (EAGLE-3, speculators checkpoint format).", ""]
@@ -210,15 +231,16 @@ def stage_upload(
             f"{checkpoint} records a local verifier path; a hub repo needs a hub id: "
             "run `speculators-hf export --checkpoint ... --verifier-hub-id ORG/NAME` first."
         )
+    card = build_model_card(checkpoint, repo_id, data_path)  # reads (and checks) every record before writing
+    index = checkpoint / "model.safetensors.index.json"
+    shards = sorted(set(weight_map(index).values())) if index.is_file() else []
     folder.mkdir(parents=True, exist_ok=True)
-    index = _read_json(checkpoint / "model.safetensors.index.json")
-    shards = sorted(set(index["weight_map"].values())) if index else []
     for name in (*WEIGHT_FILES, *shards, *(f for f in SIDE_FILES if f != "README.md")):
         if (checkpoint / name).is_file():
             shutil.copy2(checkpoint / name, folder / name)
     for name, found in training_record(checkpoint, data_path).items():
         shutil.copy2(found, folder / name)
-    (folder / "README.md").write_text(build_model_card(checkpoint, repo_id, data_path))
+    (folder / "README.md").write_text(card)
     return folder
 
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .utils import UserError, atomic_path, get_logger, write_json
+from .validation import bad_file, parse_json, read_json, read_json_if_exists
 
 logger = get_logger(__name__)
 
@@ -251,7 +252,10 @@ class Pipeline:
         fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.fingerprints[name] = fingerprint
         state_file = self.state_dir / f"{name}.json"
-        state = json.loads(state_file.read_text()) if state_file.exists() else None
+        fix = f"delete it (the {name} stage then reruns)"
+        state = read_json_if_exists(state_file, fix=fix)
+        if state is not None and not isinstance(state.get("fingerprint"), str):
+            raise bad_file(str(state_file), "has no fingerprint", fix)
         if (
             name not in self.forced
             and state
@@ -461,7 +465,7 @@ class Pipeline:
         if a.hidden_states_servers:  # a running fleet: nothing to start or stop
             yield list(a.hidden_states_servers), {}
             return
-        config = json.loads((self.data_dir / "data_config.json").read_text())
+        config = read_json(self.data_dir / "data_config.json", fix="rerun with --force datagen")
         groups: list[dict[str, str]] = [{} for _ in range(a.online_servers)]
         trainer_env: dict[str, str] = {}
         if a.online_gpus:
@@ -515,7 +519,9 @@ class Pipeline:
             engine = "transformers"
         grid = a.eval_grid and engine != "transformers"  # the grid is vLLM's; its cells give the vLLM rows
         # Score offline exactly the samples training held out (recorded with the checkpoint).
-        held_out = json.loads((self.final_checkpoint() / TRAINING_CONFIG_FILE).read_text())
+        held_out = read_json(self.final_checkpoint() / TRAINING_CONFIG_FILE, fix="rerun with --force train")
+        if not isinstance(held_out.get("eval_split"), (int, float)) or "eval_split_seed" not in held_out:
+            raise bad_file(str(self.final_checkpoint() / TRAINING_CONFIG_FILE), "has no eval_split", "--force train")
         eval_args = EvaluateArguments(
             draft=str(self.final_checkpoint()),
             prompts=a.eval_prompts,
@@ -576,7 +582,7 @@ class Pipeline:
         from .evaluation import eval_table
         from .evaluation.card import recommendation_table
 
-        card = json.loads((self.draft_dir / "eval_card.json").read_text())
+        card = read_json(self.draft_dir / "eval_card.json", fix="rerun with --force evaluate")
         ran = ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()) or "nothing (all stages up to date)"
         print(eval_table(card))
         k = self.args.ttt_steps
@@ -587,7 +593,7 @@ class Pipeline:
         print(f"\nPipeline done in {seconds:.0f} s; ran: {ran}.")
         report_path = self.checkpoints / "hidden_states_report.json"
         if self.args.online and report_path.exists():
-            r = json.loads(report_path.read_text())
+            r = read_json(report_path, fix="rerun with --force train")
             print(
                 f"hidden states on disk: peak {r['disk_peak_bytes'] / 2**20:.2f} MiB in flight ({r['mode']}); offline "
                 f"shards of the same samples: {r['offline_shard_bytes'] / 2**20:.2f} MiB "
@@ -615,7 +621,7 @@ def hold_out_prompts(source: Path, folder: Path, num_prompts: int) -> tuple[Path
     rows) and `folder/held_out.json` (the source's hash, the held-out row numbers); an unchanged source is not split
     again. Returns `(train file, prompts file)`.
     """
-    from .datagen.sources import normalize_messages
+    from .datagen.sources import ChatRowError, normalize_messages
 
     train_path, prompts_path, record_path = (
         folder / "train_chats.jsonl",
@@ -623,7 +629,7 @@ def hold_out_prompts(source: Path, folder: Path, num_prompts: int) -> tuple[Path
         folder / "held_out.json",
     )
     signature = _file_signature(str(source))
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record = read_json_if_exists(record_path, fix="delete it (the chats are then split again)") or {}
     if (
         record.get("source") == signature
         and record.get("num_prompts") == num_prompts
@@ -632,11 +638,24 @@ def hold_out_prompts(source: Path, folder: Path, num_prompts: int) -> tuple[Path
     ):
         return train_path, prompts_path
 
+    label = f"--train-data-path {source}"
+    if source.stat().st_size == 0:
+        raise bad_file(label, "is empty", "give a JSON/JSONL file of chats")
+
     def parse(line: bytes, number: int) -> dict:
         try:
-            return json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--train-data-path {source}: row {number + 1} is not JSON ({err.msg}).") from None
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_file(f"{label}: row {number + 1}", "is not UTF-8 text") from None
+        return parse_json(text, f"{label}: row {number + 1}", expect=None)
+
+    def messages_of(chat, number: int) -> list[dict] | None:
+        try:
+            return normalize_messages(chat)
+        except ChatRowError as err:
+            raise bad_file(
+                f"{label}: row {number + 1}", str(err), "each row needs `messages` (role/content)"
+            ) from None
 
     if source.suffix == ".jsonl":  # rows by byte offset: the file is never held in memory
         with open(source, "rb") as f:
@@ -653,13 +672,11 @@ def hold_out_prompts(source: Path, folder: Path, num_prompts: int) -> tuple[Path
 
         num_rows = len(offsets)
     else:
-        rows = json.loads(source.read_text())
-        if not isinstance(rows, list):
-            raise UserError(f"--train-data-path {source}: expected a JSON list of chats; pass --eval-prompts.")
+        rows = read_json(source, label, expect=list, fix="give a JSON list of chats, or pass --eval-prompts")
         row, num_rows = rows.__getitem__, len(rows)
     held_out: dict[str, tuple[int, list[dict]]] = {}  # prompt -> (row, messages), from the end of the file
     for i in range(num_rows - 1, -1, -1):
-        messages = normalize_messages(row(i))
+        messages = messages_of(row(i), i)
         if messages and messages[0]["role"] != "assistant" and _prompt_key(messages) not in held_out:
             held_out[_prompt_key(messages)] = (i, messages)
             if len(held_out) == num_prompts:
@@ -682,7 +699,7 @@ def hold_out_prompts(source: Path, folder: Path, num_prompts: int) -> tuple[Path
         for i, chat, text in numbered:
             if i in held:
                 continue
-            messages = normalize_messages(chat)
+            messages = messages_of(chat, i)
             if messages and _prompt_key(messages) in held_out:
                 dropped += 1  # the same prompt as a held-out row: evaluating on it would measure training data
                 continue
@@ -724,14 +741,11 @@ def _file_signature(path: str | None) -> dict | str | None:
 
 def _state_bytes(data_dir: Path) -> int:
     """Bytes of hidden states in datagen's shards (0 for tokens-only data)."""
-    from safetensors import safe_open
+    from .validation import safetensors_header
 
-    total = 0
-    for path in data_dir.glob("data-*.safetensors"):
-        with safe_open(str(path), "pt") as f:
-            if "hidden_states" in f.keys():
-                total += path.stat().st_size
-    return total
+    return sum(
+        p.stat().st_size for p in data_dir.glob("data-*.safetensors") if "hidden_states" in safetensors_header(p)
+    )
 
 
 def _has_vllm() -> bool:

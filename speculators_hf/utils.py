@@ -16,7 +16,14 @@ def get_logger(name: str):
 
 
 class UserError(ValueError):
-    """A problem with the user's input: the CLI prints its message as one line and exits non-zero (no traceback)."""
+    """A problem with the user's input: the CLI prints its message as one line and exits 2 (no traceback).
+
+    The message is one short line (what is wrong, where, how to fix it); `details`, if any, follow it on later lines.
+    """
+
+    def __init__(self, message: str, details: str | None = None):
+        super().__init__(message)
+        self.details = details
 
 
 @contextmanager

@@ -18,22 +18,42 @@ import numpy as np
 import torch
 
 from .utils import UserError, atomic_path, get_logger
+from .validation import bad_file, np_load, pretrained_config, torch_load
 
 logger = get_logger(__name__)
 
 
 def load_token_freq(path: str | Path) -> dict[int, int]:
-    """Read `token_freq.pt`: a `{token_id: count}` dict (the seed's layout) or a dense count tensor."""
+    """Read `token_freq.pt`: a `{token_id: count}` dict (the seed's layout) or a dense count tensor `[V]`."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"--token-freq-path {path} does not exist (datagen writes token_freq.pt into its output dir).")
-    obj = torch.load(path, weights_only=True)
+    label = f"--token-freq-path {path}"
+    fix = "pass the token_freq.pt that datagen writes into its output dir"
+    obj = torch_load(path, label, fix)
     if isinstance(obj, torch.Tensor):
+        if obj.dim() != 1 or obj.is_complex() or obj.dtype == torch.bool:
+            problem = f"holds {str(obj.dtype).replace('torch.', '')} values of shape {list(obj.shape)}"
+            raise bad_file(label, f"{problem}, expected counts [V]", fix)
+        if not torch.isfinite(obj.double()).all() or (obj < 0).any():
+            raise bad_file(label, "holds negative or non-finite counts", fix)
         counts = obj.long()
         return {int(i): int(counts[i]) for i in torch.nonzero(counts).flatten()}
     if isinstance(obj, Mapping):
-        return {int(k): int(v) for k, v in obj.items()}
-    raise UserError(f"{path} holds a {type(obj).__name__}; expected a dict token_id -> count or a count tensor.")
+        freq = {}
+        for k, v in obj.items():
+            k, v = _plain_int(k), _plain_int(v)
+            if k is None or v is None or k < 0 or v < 0:
+                raise bad_file(label, "holds a key or count that is not a non-negative integer", fix)
+            freq[k] = v
+        return freq
+    kind = type(obj).__name__
+    raise bad_file(label, f"holds a {kind}, expected a dict token_id -> count or a count tensor", fix)
+
+
+def _plain_int(value) -> int | None:
+    """An integer key or count (a Python int or a one-element integer tensor), else None."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def build_vocab_mapping(
@@ -100,13 +120,24 @@ def save_vocab_mapping(output_dir: str | Path, d2t: np.ndarray, t2d: np.ndarray)
     return paths
 
 
-def load_vocab_mapping(d2t_path: str | Path, t2d_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    for flag, path in (("--d2t-path", d2t_path), ("--t2d-path", t2d_path)):
-        if not Path(path).exists():
-            raise UserError(f"{flag} {path} does not exist (build it with `python -m speculators_hf.vocab`).")
-    d2t = torch.from_numpy(np.load(d2t_path, allow_pickle=False)).long()
-    t2d = torch.from_numpy(np.load(t2d_path, allow_pickle=False)).bool()
-    return d2t, t2d
+def load_vocab_mapping(
+    d2t_path: str | Path, t2d_path: str | Path, flags: tuple[str | None, str | None] = ("--d2t-path", "--t2d-path")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(d2t int64 [Vd], t2d bool [V])` from `.npy` files, checked for dtype and shape (one line naming the file)."""
+    fix = "rebuild it with `python -m speculators_hf.vocab`"
+    arrays = []
+    for flag, path, kinds, what in (
+        (flags[0], d2t_path, "iu", "int64 offsets [Vd]"),
+        (flags[1], t2d_path, "bui", "a bool mask [V]"),
+    ):
+        label = f"{flag} {path}" if flag else str(path)
+        arr = np_load(path, label, fix)
+        if arr.ndim != 1 or arr.dtype.kind not in kinds:
+            raise bad_file(label, f"holds {arr.dtype} values of shape {list(arr.shape)}, expected {what}", fix)
+        if kinds == "bui" and arr.dtype.kind != "b" and not np.isin(arr, (0, 1)).all():
+            raise bad_file(label, "holds values other than 0/1, expected a bool mask [V]", fix)
+        arrays.append(arr)
+    return torch.from_numpy(arrays[0].astype(np.int64)), torch.from_numpy(arrays[1].astype(bool))
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -134,9 +165,7 @@ class VocabArguments:
 def run(args: VocabArguments) -> tuple[Path, Path]:
     target_vocab_size = args.target_vocab_size
     if args.target_model_path is not None:
-        from transformers import AutoConfig
-
-        model_vocab = AutoConfig.from_pretrained(args.target_model_path).get_text_config().vocab_size
+        model_vocab = pretrained_config(args.target_model_path, "--target-model-path").get_text_config().vocab_size
         if target_vocab_size is not None and target_vocab_size != model_vocab:
             raise UserError(
                 f"--target-vocab-size {target_vocab_size} disagrees with {args.target_model_path} ({model_vocab})."

@@ -1,6 +1,7 @@
 """Loss masks from chat templates (token by token, three template styles) and the fingerprint-cached map."""
 
 import json
+import re
 
 import pytest
 from datasets import Dataset
@@ -148,5 +149,8 @@ def test_all_skipped_explains_the_template(tokenizer, tmp_path):
         tokenize_dataset(raw, tokenizer, 64, cache_dir=str(tmp_path))
     assert "\n" not in str(err.value)
     only_users = Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}]}] * 2)
-    with pytest.raises(UserError, match=r"no assistant turn.*roles \['user'\].*<\|im_start\|>user"):
-        tokenize_dataset(only_users, tokenizer, 64, cache_dir=str(tmp_path))
+    with pytest.raises(UserError, match=r"^chats.jsonl: all 2 chats were skipped \(no assistant turn: 2\)") as err:
+        tokenize_dataset(only_users, tokenizer, 64, cache_dir=str(tmp_path), source="chats.jsonl")
+    # one short line; the rendered template (hundreds of characters on real templates) follows it as details
+    assert "\n" not in str(err.value) and len(str(err.value)) < 200 and "im_start" not in str(err.value)
+    assert re.search(r"roles \['user'\].*<\|im_start\|>user", err.value.details)

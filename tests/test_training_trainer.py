@@ -1,5 +1,6 @@
 """Eagle3Trainer on the tiny verifier kit (CPU): learning, checkpoints, packing isolation, input errors, loggers."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -170,7 +171,14 @@ def test_bad_inputs_give_one_line_errors(peaked_verifier_path, peaked_data, tmp_
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("logger", ["tensorboard", "wandb", "trackio"])
+def _logger_param(name: str):
+    """A logger needs its optional extra (`pip install 'speculators_hf[NAME]'`): skipped, with why, without it."""
+    missing = importlib.util.find_spec(name) is None
+    reason = f"{name} is not installed (pip install 'speculators_hf[{name}]')"
+    return pytest.param(name, marks=pytest.mark.skipif(missing, reason=reason))
+
+
+@pytest.mark.parametrize("logger", [_logger_param(name) for name in ("tensorboard", "wandb", "trackio")])
 def test_each_logger_writes_locally(logger, tiny_verifier_path, peaked_data, tmp_path, monkeypatch):
     for var in ("TENSORBOARD_LOGGING_DIR", "WANDB_DIR", "TRACKIO_DIR"):
         monkeypatch.delenv(var, raising=False)
@@ -194,6 +202,14 @@ def test_each_logger_writes_locally(logger, tiny_verifier_path, peaked_data, tmp
     assert main(argv) == 0
     files = [p for p in log_dir.rglob("*") if p.is_file()]
     assert files, f"{logger} wrote nothing under {log_dir}"
+
+
+def test_a_logger_that_is_not_installed_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "trackio", None)  # what `import trackio` sees where the extra is not installed
+    with pytest.raises(
+        UserError, match=r"--logger trackio: trackio is not installed; pip install 'speculators_hf\[trackio\]'"
+    ):
+        Eagle3TrainingArguments(output_dir=str(tmp_path), report_to="trackio")
 
 
 def test_final_draft_when_training_ends_mid_epoch_and_resume_checks_inputs(

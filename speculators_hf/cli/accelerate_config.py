@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..utils import UserError
+from ..validation import read_yaml
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 
@@ -31,6 +32,9 @@ def resolve_accelerate_config(name_or_path: str) -> Path:
     """An existing file as given, else a shipped config by name (`ddp`, `ddp.yaml`, `accelerate_configs/ddp.yaml`)."""
     given = Path(name_or_path).expanduser()
     if given.is_file():
+        read_yaml(
+            given, f"accelerate config {given}", "give an accelerate config file (`accelerate config` writes one)"
+        )
         return given.resolve()
     shipped = accelerate_config_dir() / f"{Path(name_or_path).stem}.yaml"
     if given.suffix in ("", ".yaml") and shipped.is_file():

@@ -1,7 +1,9 @@
-"""One CLI mechanism: `HfArgumentParser` over argument dataclasses, plus `--config file.yaml`.
+"""One CLI mechanism: `HfArgumentParser` over argument dataclasses, plus `--config file.yaml` and `--verbose`.
 
-YAML values become defaults and flags given on the command line override them; unknown YAML keys are an error.
-A `UserError` (or `ValueError` from argument validation) prints one line and exits 2, with no traceback.
+YAML values become defaults and flags given on the command line override them; unknown YAML keys, and values of the
+wrong type for their flag, are an error. A `UserError` (or `ValueError` from argument validation) prints one line
+(and its details, if any, on the lines after it) and exits 2, with no traceback; `--verbose` adds the traceback of
+the error's cause.
 `--help` lists our own flags first; flags a dataclass inherits (e.g. `TrainingArguments`') follow in their own group.
 """
 
@@ -10,13 +12,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import traceback
+import types
+import typing
 from collections.abc import Callable, Sequence
+from enum import Enum
 from pathlib import Path
 
-import yaml
 from transformers import HfArgumentParser
 
 from ..utils import UserError
+from ..validation import read_yaml
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -37,6 +43,7 @@ def make_parser(dataclass_types, prog: str | None = None, description: str | Non
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file of flag values (flags on the command line win).")
+    parser.add_argument("--verbose", action="store_true", help="On an error, also print the traceback of its cause.")
     _own_flags_first(parser, types)
     return parser
 
@@ -79,7 +86,7 @@ def _own_flags_first(parser: argparse.ArgumentParser, types) -> None:
     parser._actions.sort(key=order)
     required = [a for a in parser._actions if a.required and a.option_strings]
     flags = "".join(f" {a.option_strings[min(1, len(a.option_strings) - 1)]} {a.dest.upper()}" for a in required)
-    parser.usage = f"%(prog)s [-h] [--config CONFIG]{flags} [flags below]"
+    parser.usage = f"%(prog)s [-h] [--config CONFIG] [--verbose]{flags} [flags below]"
 
 
 def parse(parser: HfArgumentParser, argv: list[str] | None):
@@ -89,20 +96,23 @@ def parse(parser: HfArgumentParser, argv: list[str] | None):
     known, _ = pre.parse_known_args(argv)
     if known.config:
         path = Path(known.config)
-        if not path.exists():
-            raise UserError(f"--config {path} does not exist.")
-        values = yaml.safe_load(path.read_text()) or {}
+        label = f"--config {path}"
+        values = read_yaml(path, label, fix="write one `flag-name: value` per line")
         dests = {a.dest for a in parser._actions}
-        unknown = sorted(k for k in values if k.replace("-", "_") not in dests)
+        unknown = sorted(str(k) for k in values if str(k).replace("-", "_") not in dests)
         if unknown:
-            raise UserError(f"--config {path}: unknown keys {unknown}.")
-        defaults = {k.replace("-", "_"): v for k, v in values.items()}
+            raise UserError(f"{label}: unknown keys {unknown} (see --help for the flags).")
+        hints = _field_hints(parser)
+        defaults = {}
+        for key, value in values.items():
+            dest = key.replace("-", "_")
+            defaults[dest] = _yaml_value(label, key, value, hints.get(dest), _main_action(parser, dest))
         parser.set_defaults(**defaults)
         for action in parser._actions:  # a required flag given in the YAML is no longer required on the command line
             if action.dest in defaults:
                 action.required = False
     *outputs, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    # HfArgumentParser appends a Namespace holding arguments outside the dataclasses (here: --config); drop it.
+    # HfArgumentParser appends a Namespace holding arguments outside the dataclasses (--config, --verbose); drop it.
     outputs = [o for o in outputs if not isinstance(o, argparse.Namespace)]
     rest = [r for i, r in enumerate(rest) if not (r == "--config" or (i > 0 and rest[i - 1] == "--config"))]
     rest = [r for r in rest if not r.startswith("--config=")]
@@ -111,21 +121,104 @@ def parse(parser: HfArgumentParser, argv: list[str] | None):
     return outputs
 
 
+def _field_hints(parser: HfArgumentParser) -> dict[str, object]:
+    """Each flag's type annotation as its dataclass declares it (HfArgumentParser rewrites `field.type`)."""
+    hints = {}
+    for cls in parser.dataclass_types:
+        try:
+            hints.update(typing.get_type_hints(cls))
+        except Exception:  # noqa: BLE001 - an unresolvable annotation: its values are not checked here
+            continue
+    return hints
+
+
+def _main_action(parser: argparse.ArgumentParser, dest: str) -> argparse.Action | None:
+    """The flag's own action (not the `--no-*` complement that shares its dest)."""
+    return next((a for a in parser._actions if a.dest == dest and a.option_strings and a.const is not False), None)
+
+
+_SCALARS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _yaml_value(label: str, key: str, value, hint, action: argparse.Action | None):
+    """A YAML value for flag `key`, converted to the flag's type, or a one-line error naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, dict) and dict in args:
+            return value  # e.g. TrainingArguments' fsdp_config: dict | str
+        scalars = [a for a in args if a is not type(None) and a is not dict]
+        hint = next((a for a in scalars if a is not str), scalars[0] if scalars else None)
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    choices = getattr(action, "choices", None)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_scalar(label, key, item, args[0] if args else None, choices) for item in items]
+    return _scalar(label, key, value, hint, choices)
+
+
+def _scalar(label: str, key: str, value, hint, choices):
+    def wrong(expected: str) -> UserError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return UserError(f"{label}: {key} is {shown}; expected {expected}.")
+
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        choices, hint = [m.value for m in hint], None
+    elif typing.get_origin(hint) is typing.Literal:
+        choices, hint = list(typing.get_args(hint)), None
+    if hint in _SCALARS:
+        if isinstance(value, (dict, list)) or value is None:
+            raise wrong(_SCALARS[hint])
+        try:
+            if hint is bool:
+                from transformers.hf_argparser import string_to_bool
+
+                value = string_to_bool(value if isinstance(value, bool) else str(value))
+            elif hint is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                value = int(value)
+            elif hint is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                value = value if isinstance(value, int) else float(value)  # YAML's 500 stays 500, as before
+            else:
+                value = str(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise wrong(_SCALARS[hint]) from None
+    if choices and value not in choices and str(value) not in map(str, choices):
+        raise wrong(f"one of {', '.join(map(str, choices))}")
+    return value
+
+
 def run_command(dataclass_types, fn: Callable, argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Parse, run `fn(*args)`, and turn user errors into one line on stderr and exit status 2."""
+    """Parse, run `fn(*args)`, and turn user errors into one line on stderr (details after it) and exit status 2."""
     parser = make_parser(dataclass_types, prog=prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
     try:
         args = parse(parser, argv)
         fn(*args)
     except UserError as err:
-        print(f"{prog or parser.prog}: error: {err}", file=sys.stderr)
+        _report(prog or parser.prog, err, verbose)
         return 2
     except ValueError as err:  # raised by dataclass validation inside HfArgumentParser
         if err.__traceback__ is not None and _raised_in_post_init(err):
-            print(f"{prog or parser.prog}: error: {err}", file=sys.stderr)
+            _report(prog or parser.prog, err, verbose)
             return 2
         raise
     return 0
+
+
+def _report(prog: str, err: Exception, verbose: bool) -> None:
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    details = getattr(err, "details", None)
+    if details:
+        print("\n".join(f"  {line}" for line in str(details).splitlines()), file=sys.stderr)
+    cause = err.__cause__ or err.__context__
+    if verbose and cause is not None:
+        print("".join(traceback.format_exception(cause)).rstrip(), file=sys.stderr)
 
 
 def _raised_in_post_init(err: BaseException) -> bool:

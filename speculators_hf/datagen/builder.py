@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..replicas import run_replicas
 from ..utils import UserError, atomic_path, get_logger, write_json
+from ..validation import bad_file, describe, read_json, read_text
 from .arguments import DatagenArguments
 from .backends import HiddenStatesBackend, make_backend, resolve_backend_name, resolve_layer_ids
 from .metadata import data_config, load_verifier_config, resolve_dtype, resolve_storage_dtype, storage_bytes_per_value
@@ -86,14 +87,19 @@ def prepare(args: DatagenArguments) -> Plan:
     """Everything before the verifier runs: validate inputs, tokenize (cached), plan the shards. Writes nothing."""
     from transformers import AutoTokenizer
 
+    from ..modeling.verifier_weights import check_verifier_weights
+
     verifier = load_verifier_config(args.target_model_path)
+    check_verifier_weights(args.target_model_path, "--target-model-path")
     layer_ids = resolve_layer_ids(args.layer_ids, verifier["num_hidden_layers"])
     dtype = resolve_dtype(args.dtype, verifier)
     storage_dtype = resolve_storage_dtype(args.storage_dtype, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.target_model_path)
     except Exception as err:
-        raise UserError(f"--target-model-path {args.target_model_path}: cannot load its tokenizer ({err}).") from err
+        raise UserError(
+            f"--target-model-path {args.target_model_path}: cannot load its tokenizer ({describe(err)})."
+        ) from err
     chat_template = _read_chat_template(args.chat_template)
     if chat_template is None and not tokenizer.chat_template:
         raise UserError(f"The tokenizer of {args.target_model_path} has no chat template: pass --chat-template.")
@@ -103,7 +109,14 @@ def prepare(args: DatagenArguments) -> Plan:
         raw = raw.shuffle(seed=args.seed)
     if args.max_samples is not None and args.max_samples < len(raw):
         raw = raw.select(range(args.max_samples))
-    tokenized, token_stats = tokenize_dataset(raw, tokenizer, args.seq_length, chat_template, args.cache_dir)
+    tokenized, token_stats = tokenize_dataset(
+        raw,
+        tokenizer,
+        args.seq_length,
+        chat_template,
+        args.cache_dir,
+        source=f"--train-data-path {args.train_data_path}",
+    )
 
     num_tokens = tokenized["num_tokens"]
     kept = [i for i, n in enumerate(num_tokens) if n > 0]
@@ -138,13 +151,25 @@ def prepare(args: DatagenArguments) -> Plan:
 
 
 def _read_chat_template(value: str | None) -> str | None:
+    """`--chat-template`: a Jinja template, or a file holding one; checked to compile."""
     if value is None:
         return None
     path = Path(value)
+    label = "--chat-template"
     if "{" not in value and len(value) < 4096 and path.exists():
-        return path.read_text()
-    if "{" not in value:
+        label = f"--chat-template {path}"
+        value = read_text(path, label, "give a Jinja chat template file")
+        if not value.strip():
+            raise bad_file(label, "is empty", "give a Jinja chat template file")
+    elif "{" not in value:
         raise UserError(f"--chat-template {value!r} is neither a Jinja template nor an existing file.")
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(value)  # as transformers compiles it (its {% generation %} tag included)
+    except jinja2.TemplateSyntaxError as err:
+        raise bad_file(label, f"is not a valid Jinja template (line {err.lineno}: {err.message})") from err
     return value
 
 
@@ -188,9 +213,16 @@ def _claim_output_dir(output_dir: Path, plan: Plan) -> None:
     """Start or resume in `output_dir`; refuse to mix data written with other flags (unless --overwrite)."""
     path = output_dir / DATA_CONFIG
     if path.exists():
-        previous = json.loads(path.read_text())
-        stored = previous.get("hidden_states_storage", {}).get("dtype") or previous.get("model", {}).get(
-            "hidden_states_dtype"
+        fix = "delete it, or pass --overwrite (which removes the folder's data files)"
+        try:
+            previous = read_json(path, fix=fix)
+        except UserError:
+            if not plan.args.overwrite:
+                raise
+            previous = {}
+        storage_record, model = previous.get("hidden_states_storage"), previous.get("model")
+        stored = (storage_record.get("dtype") if isinstance(storage_record, dict) else None) or (
+            model.get("hidden_states_dtype") if isinstance(model, dict) else None
         )
         storage = plan.storage_dtype or plan.dtype
         if stored and stored != storage and not plan.args.overwrite:

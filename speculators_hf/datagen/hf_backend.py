@@ -86,9 +86,11 @@ class HFHiddenStatesBackend:
     ) -> HFHiddenStatesBackend:
         """Load the verifier; `attn_implementation` defaults to transformers' choice for it (sdpa where supported;
         eager for e.g. gpt-oss, whose attention sinks sdpa does not take)."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        config = AutoConfig.from_pretrained(path)
+        from ..validation import pretrained_config
+
+        config = pretrained_config(path, "verifier")
         # Multimodal verifiers without a causal-LM class (Qwen2.5-VL): the whole model; only its text path runs
         auto = (
             AutoModelForCausalLM

@@ -18,13 +18,9 @@ PACKAGES = ("speculators_hf", "torch", "transformers", "datasets", "safetensors"
 
 def load_verifier_config(path: str) -> dict:
     """The verifier's text config, reduced to what datagen needs (and records)."""
-    from transformers import AutoConfig
+    from ..validation import pretrained_config
 
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"--target-model-path {path}: cannot load its config ({first}).") from err
+    config = pretrained_config(path, "--target-model-path")
     text = config.get_text_config()
     dtype = getattr(text, "dtype", None) or getattr(config, "dtype", None)
     return {

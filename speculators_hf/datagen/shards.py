@@ -25,7 +25,6 @@ and `index.json` is rewritten atomically after each one, so a killed run leaves 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..utils import UserError, atomic_path, write_json
+from ..validation import bad_file, read_json_if_exists, safetensors_header
 
 INDEX_FILE = "index.json"
 SHARD_FORMAT = "speculators_hf.shards"
@@ -141,8 +141,16 @@ def write_shard(
 
 
 def read_index(data_dir: str | Path) -> dict | None:
+    """`index.json` of a datagen folder (None when there is none), checked: `shards` lists `{"file": ...}` entries."""
     path = Path(data_dir) / INDEX_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    fix = "rerun datagen with the same flags (it rewrites index.json), or delete index.json"
+    index = read_json_if_exists(path, fix=fix)
+    if index is None:
+        return None
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in shards):
+        raise bad_file(str(path), 'has no list of {"file": ...} entries under "shards"', fix)
+    return index
 
 
 def write_index(data_dir: str | Path, index: dict) -> None:
@@ -159,6 +167,49 @@ def shard_storage(f, name: str) -> str:
             f"Shard {name} stores {what}: not a datagen layout (regenerate it with speculators-hf datagen)."
         )
     return storage
+
+
+# name -> (rank, safetensors dtypes allowed) of the tensors a shard holds (hidden_states: not in tokens-only shards)
+_SHARD_TENSORS = {
+    "input_ids": (1, ("I64", "I32")),
+    "loss_mask": (1, ("U8", "I64", "I32", "BOOL")),
+    "hidden_states": (3, tuple(_STORED)),
+    "sample_offsets": (1, ("I64",)),
+    "sample_ids": (1, ("I64",)),
+}
+_SCALE_DTYPES = ("F32", "BF16", "F16")
+
+
+def check_shard(path: Path, fix: str = "delete it and rerun datagen with the same flags (it resumes)"):
+    """Check a shard's header (tensors, ranks, dtypes, matching lengths) and its sample offsets, without reading its
+    hidden states. Returns `(hidden_states shape [N, L, H] or None (tokens only), sample_offsets [S + 1],
+    sample_ids [S])`; `fix` ends the one-line error."""
+    label = str(path)
+    fix = f"it is truncated or not a datagen shard: {fix}"
+    header = safetensors_header(path, label, fix)
+    for name, (rank, dtypes) in _SHARD_TENSORS.items():
+        if name not in header:
+            if name == "hidden_states" and SCALE_KEY not in header:
+                continue  # a tokens-only shard
+            raise bad_file(label, f"has no {name} tensor", fix)
+        dtype, shape = header[name]
+        if len(shape) != rank or dtype not in dtypes:
+            raise bad_file(label, f"{name} is {dtype} {shape}, expected rank {rank} of {'/'.join(dtypes)}", fix)
+    n = header["input_ids"][1][0]
+    shape = header["hidden_states"][1] if "hidden_states" in header else None
+    counts = {k: header[k][1][0] for k in ("input_ids", "loss_mask", "hidden_states") if k in header}
+    if len(set(counts.values())) > 1:
+        raise bad_file(label, f"{', '.join(counts)} have {', '.join(map(str, counts.values()))} tokens", fix)
+    if SCALE_KEY in header and (header[SCALE_KEY][1] != shape[:2] or header[SCALE_KEY][0] not in _SCALE_DTYPES):
+        dtype, scale_shape = header[SCALE_KEY]
+        raise bad_file(label, f"{SCALE_KEY} is {dtype} {scale_shape}, expected {shape[:2]} of a float dtype", fix)
+    with safe_open(str(path), "pt") as f:
+        offsets, sample_ids = f.get_tensor("sample_offsets"), f.get_tensor("sample_ids")
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n or (offsets[1:] <= offsets[:-1]).any():
+        raise bad_file(label, f"sample_offsets do not split its {n} tokens into non-empty samples", fix)
+    if len(sample_ids) != len(offsets) - 1:
+        raise bad_file(label, f"has {len(sample_ids)} sample_ids for {len(offsets) - 1} samples", fix)
+    return shape, offsets, sample_ids
 
 
 class ShardDataset(torch.utils.data.Dataset):
@@ -178,6 +229,12 @@ class ShardDataset(torch.utils.data.Dataset):
         index = read_index(self.data_dir)
         if index is not None:
             files = [self.data_dir / s["file"] for s in index["shards"]]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise UserError(
+                    f"{self.data_dir / INDEX_FILE} lists {missing[0]}, which is missing ({len(missing)} of "
+                    f"{len(files)} shards): rerun datagen with the same flags (it resumes) or restore the file."
+                )
         else:
             files = sorted(self.data_dir.glob("data-*.safetensors"))
         if not files:
@@ -187,19 +244,27 @@ class ShardDataset(torch.utils.data.Dataset):
         self.sample_ids: list[torch.Tensor] = []
         self._where: list[tuple[int, int]] = []
         for k, file in enumerate(files):
-            with safe_open(str(file), "pt") as f:
-                offsets = f.get_tensor("sample_offsets")
-                self.sample_ids.append(f.get_tensor("sample_ids"))
-                has_states = "hidden_states" in f.keys()
-                storage = shard_storage(f, file.name) if has_states else None
-                if k == 0:
-                    self.hidden_shape = tuple(f.get_slice("hidden_states").get_shape()[1:]) if has_states else None
-                    self.storage = storage  # the --storage-dtype of every shard (None: tokens only)
-                elif storage != self.storage:
-                    raise UserError(
-                        f"{self.data_dir}: {file.name} stores hidden states as {storage} but {files[0].name} as "
-                        f"{self.storage}; one data folder holds one --storage-dtype (regenerate into a new folder)."
-                    )
+            shape, offsets, sample_ids = check_shard(file)
+            self.sample_ids.append(sample_ids)
+            if shape is None:
+                storage = None  # tokens only
+            else:
+                with safe_open(str(file), "pt") as f:
+                    storage = shard_storage(f, str(file))
+            if k == 0:
+                self.hidden_shape = None if shape is None else tuple(shape[1:])  # (L, H)
+                self.storage = storage  # the --storage-dtype of every shard (None: tokens only)
+            elif storage != self.storage:
+                kinds = [f"stores hidden states as {s}" if s else "holds tokens only" for s in (storage, self.storage)]
+                raise UserError(
+                    f"{self.data_dir}: {file.name} {kinds[0]} but {files[0].name} {kinds[1]}; one data folder holds "
+                    "one datagen run (one --storage-dtype, --tokens-only or not): regenerate into a new folder."
+                )
+            elif shape is not None and tuple(shape[1:]) != self.hidden_shape:
+                raise UserError(
+                    f"{file}: hidden states of shape [N, {shape[1]}, {shape[2]}] but {files[0].name} has "
+                    f"[N, {self.hidden_shape[0]}, {self.hidden_shape[1]}]; one data folder holds one datagen run."
+                )
             self.offsets.append(offsets)
             self._where += [(k, s) for s in range(len(offsets) - 1)]
         self.tokens_only = tokens_only or self.hidden_shape is None

@@ -195,9 +195,16 @@ def _map_batch(batch: dict, tokenizer, seq_length: int, chat_template: str | Non
 
 
 def tokenize_dataset(
-    dataset: Dataset, tokenizer, seq_length: int, chat_template: str | None = None, cache_dir: str | None = None
+    dataset: Dataset,
+    tokenizer,
+    seq_length: int,
+    chat_template: str | None = None,
+    cache_dir: str | None = None,
+    source: str = "the chats",
 ) -> tuple[Dataset, dict]:
     """Tokenize every chat; returns the tokenized dataset (one row per input row, skipped rows empty) and stats.
+
+    `source` names the chats in errors (e.g. `--train-data-path chats.jsonl`).
 
     The result is cached under `<cache_dir>/speculators_hf/tokenized-<fingerprint>.arrow`; the fingerprint covers the
     input dataset's own fingerprint, the tokenizer, the chat template, `seq_length` and this module's version.
@@ -240,7 +247,7 @@ def tokenize_dataset(
         "boundary_merges": int(sum(tokenized["boundary_merge"])),
     }
     if stats["num_skipped"] == len(tokenized):
-        raise UserError(_all_skipped_message(dataset, tokenizer, chat_template, reasons))
+        raise _all_skipped_error(dataset, tokenizer, chat_template, reasons, source)
     logger.info(
         "Tokenized %d chats (%d skipped, cache %s): %s",
         len(tokenized),
@@ -251,17 +258,20 @@ def tokenize_dataset(
     return tokenized, stats
 
 
-def _all_skipped_message(dataset: Dataset, tokenizer, chat_template: str | None, reasons: Counter) -> str:
+def _all_skipped_error(dataset: Dataset, tokenizer, chat_template: str | None, reasons: Counter, source: str):
+    """One short line (what and how to fix it); the reasons, the first chat's roles and its rendering follow it."""
     sample = ""
     messages = normalize_messages(dataset[0]) if len(dataset) else None
     if messages:
         try:
             sample = render(tokenizer, messages, False, chat_template)[:160]
         except Exception as err:
-            sample = f"<template error: {err}>"
+            sample = f"<template error: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}>"
     roles = sorted({m["role"] for m in messages}) if messages else []
-    return (
-        f"all {len(dataset)} chats were skipped ({dict(reasons)}); the first has roles {roles} and the template "
-        f"rendered {sample!r}. Check that chats have assistant turns (roles user/assistant, or ShareGPT human/gpt) "
-        "and that the chat template renders them, or pass --chat-template."
+    reason, count = reasons.most_common(1)[0]
+    details = f"skip reasons: {dict(reasons)}\nthe first chat has roles {roles}; the template renders it as {sample!r}"
+    return UserError(
+        f"{source}: all {len(dataset)} chats were skipped ({reason[:60]}: {count}); give chats with assistant turns "
+        "(roles user/assistant or human/gpt) or pass --chat-template (details below).",
+        details,
     )

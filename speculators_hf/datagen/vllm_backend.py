@@ -78,11 +78,10 @@ def _remove_when_written(path: str) -> None:
 
 def _check_architecture(model_path: str) -> None:
     """vLLM captures aux hidden states only through its EAGLE-3 interface: refuse other verifiers before the engine."""
-    from transformers import AutoConfig
-
     from ..export import VLLM_VERSION, vllm_serves_eagle3
+    from ..validation import pretrained_config
 
-    architectures = getattr(AutoConfig.from_pretrained(model_path), "architectures", None) or []
+    architectures = getattr(pretrained_config(model_path, "--target-model-path"), "architectures", None) or []
     if architectures and not vllm_serves_eagle3(architectures):
         raise UserError(
             f"--backend vllm: vLLM {VLLM_VERSION} cannot capture hidden states of {'/'.join(architectures)} "

@@ -10,11 +10,11 @@ its recommendation and plots (`grid.py`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..utils import UserError, get_logger
+from ..validation import bad_file, describe, parse_json, pretrained_config, read_json_if_exists, type_name
 from .card import EVAL_CARD_JSON, build_eval_card, eval_table, recommendation_table, write_eval_card
 from .online import SpecDecodeResult, evaluate_transformers
 
@@ -46,38 +46,64 @@ def load_prompts(path: str | Path, tokenizer, num_prompts: int, offset: int = 0)
 
     Each row is `{"messages": [...]}` (the conversation up to its first assistant turn, rendered with the chat template
     and the generation prompt), `{"prompt": "text"}` or `{"prompt_token_ids": [...]}`. Rows `offset..offset+n-1`:
-    use an offset past the training rows for held-out prompts.
+    use an offset past the training rows for held-out prompts. A row of another shape is a one-line error naming it.
     """
+    from ..datagen.sources import ChatRowError, chat_turns
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--prompts {path} does not exist (a JSONL file of {{'messages': [...]}} rows).")
+    fix = (
+        'each row is {"messages": [{"role": ..., "content": ...}]}, {"prompt": "text"} or {"prompt_token_ids": [...]}'
+    )
+    if path.stat().st_size == 0:
+        raise bad_file(f"--prompts {path}", "is empty", fix)
     prompts = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if i < offset or not line.strip():
+    for i, line in enumerate(_lines(path)):  # streamed: a large chat file may serve as prompts with an offset
+        if i < offset or not line.strip():
+            continue
+        label = f"--prompts {path}: row {i + 1}"
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_file(label, "is not UTF-8 text (a binary file?)", fix) from None
+        row = parse_json(line, label, dict, fix)
+        if "prompt_token_ids" in row:
+            ids = row["prompt_token_ids"]
+            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+                raise bad_file(label, "prompt_token_ids is not a non-empty list of token ids", fix)
+            prompts.append(list(ids))
+        elif "prompt" in row:
+            if not isinstance(row["prompt"], str) or not row["prompt"]:
+                raise bad_file(label, f"prompt is {type_name(row['prompt'])}, expected text", fix)
+            prompts.append(tokenizer(row["prompt"])["input_ids"])
+        elif "messages" in row:
+            try:
+                turns = chat_turns({"messages": row["messages"]}) or []
+            except ChatRowError as err:
+                raise bad_file(label, str(err), fix) from None
+            if any(not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str) for m in turns):
+                raise bad_file(label, "a turn has no role or content", fix)
+            first = next((j for j, m in enumerate(turns) if m["role"] == "assistant"), len(turns))
+            if first == 0:
                 continue
-            row = json.loads(line)
-            if "prompt_token_ids" in row:
-                prompts.append(list(row["prompt_token_ids"]))
-            elif "prompt" in row:
-                prompts.append(tokenizer(row["prompt"])["input_ids"])
-            elif "messages" in row:
-                turns = row["messages"]
-                first = next((j for j, m in enumerate(turns) if m["role"] == "assistant"), len(turns))
-                if first == 0:
-                    continue
-                prompts.append(
-                    tokenizer.apply_chat_template(
-                        turns[:first], add_generation_prompt=True, tokenize=True, return_dict=False
-                    )
+            prompts.append(
+                tokenizer.apply_chat_template(
+                    turns[:first], add_generation_prompt=True, tokenize=True, return_dict=False
                 )
-            else:
-                raise UserError(f"{path}:{i + 1}: expected 'messages', 'prompt' or 'prompt_token_ids'.")
-            if len(prompts) == num_prompts:
-                break
+            )
+        else:
+            raise bad_file(label, "has none of 'messages', 'prompt' or 'prompt_token_ids'", fix)
+        if len(prompts) == num_prompts:
+            break
     if not prompts:
         raise UserError(f"--prompts {path} gave no prompts (offset {offset}).")
     return prompts
+
+
+def _lines(path: Path):
+    with open(path, "rb") as f:
+        yield from f
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -206,15 +232,18 @@ def load_models(args: EvaluateArguments, verifier_id: str, draft):
     """Move the draft, and load the verifier for the transformers engine, onto the resolved device and dtype (one for
     both: the draft is fed the verifier's hidden states). Returns `(draft, verifier or None)`."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(verifier_id)
+    config = pretrained_config(verifier_id, "--verifier")
     config_dtype = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None)
     device, dtype_name = resolve_placement(config_dtype, args.dtype, args.device)
     dtype = getattr(torch, dtype_name)
     draft = draft.to(device=device, dtype=dtype).eval()
     if args.engine not in ("transformers", "both"):
         return draft, None
+    from ..modeling.verifier_weights import check_verifier_weights
+
+    check_verifier_weights(verifier_id, "--verifier")
     verifier = AutoModelForCausalLM.from_pretrained(
         verifier_id, dtype=dtype, device_map=None if device == "cpu" else device
     ).eval()
@@ -222,9 +251,25 @@ def load_models(args: EvaluateArguments, verifier_id: str, draft):
 
 
 def previous_card(folder: str | Path) -> dict | None:
-    """The eval card already in `folder`, if any."""
+    """The eval card already in `folder`, if any (checked: the parts a later evaluation reads or carries over)."""
     path = Path(folder) / EVAL_CARD_JSON
-    return json.loads(path.read_text()) if path.is_file() else None
+    fix = "delete it (an earlier evaluation's card) or evaluate into another --output-dir"
+    card = read_json_if_exists(path, fix=fix)
+    if card is None:
+        return None
+    grid = card.get("grid")
+    parts = {
+        "dataset": card.get("dataset"),
+        "grid": grid,
+        "grid.dataset": grid.get("dataset") if isinstance(grid, dict) else None,
+    }
+    for name, value in parts.items():
+        if value is not None and not isinstance(value, dict):
+            raise bad_file(str(path), f'"{name}" holds {type_name(value)}, expected an object', fix)
+    runs = card.get("runs")
+    if runs is not None and not (isinstance(runs, list) and all(isinstance(r, dict) for r in runs)):
+        raise bad_file(str(path), '"runs" is not a list of objects', fix)
+    return card
 
 
 def default_prompts(args: EvaluateArguments, previous: dict | None) -> tuple[str, int]:
@@ -282,7 +327,10 @@ def evaluate(args: EvaluateArguments) -> dict:
     if not verifier_id:
         raise UserError(f"--draft {args.draft} names no verifier; pass --verifier.")
     prompts_path, offset = default_prompts(args, previous)
-    tokenizer = AutoTokenizer.from_pretrained(verifier_id)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(verifier_id)
+    except Exception as err:
+        raise UserError(f"--verifier {verifier_id}: cannot load its tokenizer ({describe(err)}).") from err
     prompts = load_prompts(prompts_path, tokenizer, args.num_prompts, offset)
     draft, verifier = load_models(args, verifier_id, draft)
     results = []

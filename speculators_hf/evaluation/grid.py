@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..utils import get_logger
+from ..validation import read_json_if_exists
 from .card import sampling_note
 from .plots import Chart, Series, write_figure
 
@@ -90,7 +91,7 @@ def run_vllm_grid(
 
     def done(k: int) -> dict | None:
         path = records_dir / f"k{k}.json"
-        record = json.loads(path.read_text()) if path.is_file() else None
+        record = read_json_if_exists(path, fix="delete it (that engine then runs again)")
         return record if record and record.get("fingerprint") == request["fingerprint"] else None
 
     engines = [k for k in [0, *ks] if done(k) is None]

@@ -15,6 +15,7 @@ Draft index `j` is verifier token `j + d2t[j]`. Names and shapes match what vLLM
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 from ..utils import UserError
+from ..validation import bad_file, describe, pretrained_config, read_json, safetensors_header, torch_load
 from .configuration_eagle3 import Eagle3Config
 from .verifier_head import VerifierHead
 
@@ -143,6 +145,35 @@ class Eagle3PreTrainedModel(PreTrainedModel):
             module.d2t.zero_()
             module.t2d.zero_()
             module.t2d[: module.config.draft_vocab_size] = True
+
+
+def check_local_checkpoint(path, config_given: bool = False) -> None:
+    """The files of a local draft folder, before transformers reads them: `config.json` a draft config, the weights
+    readable (`model.safetensors`, its index and shards, or `pytorch_model.bin`). One line naming the bad file."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id: transformers resolves (and reports) it
+    fix = "re-save the draft (save_pretrained) or export it again"
+    if not config_given:
+        read_json(folder / "config.json", fix=fix)
+        try:
+            Eagle3Config.from_pretrained(folder)
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a field of the wrong type or value, whatever transformers raises
+            raise bad_file(str(folder / "config.json"), f"is not a draft config ({describe(err)})", fix) from err
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        safetensors_header(folder / "model.safetensors", fix=fix)
+    elif index.is_file():
+        from ..export import weight_map
+
+        for shard in sorted(set(weight_map(index).values())):
+            safetensors_header(folder / shard, fix=fix)
+    elif (folder / "pytorch_model.bin").is_file():
+        torch_load(folder / "pytorch_model.bin", fix=fix)
+    else:
+        raise UserError(f"{folder} has no model.safetensors: not a draft checkpoint folder ({fix}).")
 
 
 class Eagle3DraftModel(Eagle3PreTrainedModel):
@@ -380,6 +411,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
         want_info = kwargs.pop("output_loading_info", False)
         missing_ok = set(kwargs.pop("missing_ok", ()))  # tensors the caller fills itself (export: the embedding)
+        check_local_checkpoint(pretrained_model_name_or_path, config_given="config" in kwargs)
         research = "key_mapping" not in kwargs and is_research_checkpoint(pretrained_model_name_or_path)
         if research:  # the EAGLE authors' format names layer 0 `midlayer.*`
             kwargs["key_mapping"] = RESEARCH_KEY_MAPPING
@@ -402,7 +434,6 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         Reads only those tensors from the verifier's safetensors (default: the verifier recorded in the config).
         With `init_lm_head`, also initialise the embedding and the draft lm_head from the verifier (a new draft).
         """
-        from transformers import AutoConfig
 
         from .verifier_head import load_verifier_head
         from .verifier_weights import load_verifier_tensors
@@ -410,7 +441,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         path = verifier_name_or_path or self.config.verifier_name_or_path
         if not path:
             raise UserError("The draft config names no verifier: pass the verifier's id or folder.")
-        verifier_config = AutoConfig.from_pretrained(path)
+        verifier_config = pretrained_config(path, "verifier")
         Ht = self.config.target_hidden_size or self.config.hidden_size
         if verifier_config.get_text_config().hidden_size != Ht:
             raise UserError(
@@ -450,11 +481,10 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
                 local path; a local absolute path breaks when folders move).
             **config_kwargs: `Eagle3Config.from_verifier` options (`num_hidden_layers`, `aux_layer_ids`, ...).
         """
-        from transformers import AutoConfig
 
         from .verifier_weights import recorded_verifier_name
 
-        verifier_config = AutoConfig.from_pretrained(verifier_name_or_path)
+        verifier_config = pretrained_config(verifier_name_or_path, "verifier")
         draft_vocab_size = len(d2t) if d2t is not None else None
         config = Eagle3Config.from_verifier(
             verifier_config,

@@ -8,8 +8,9 @@ the authors hard-code `[2, n//2, n-3]`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..validation import bad_file, read_json, safetensors_header, torch_load
 
 RESEARCH_KEY_MAPPING = {
     r"^midlayer\.": "layers.0."
@@ -22,7 +23,7 @@ def is_research_checkpoint(path: str | Path) -> bool:
     config = path / "config.json"
     if not config.is_file():
         return False
-    if "speculators_config" not in json.loads(config.read_text()):
+    if "speculators_config" not in read_json(config, fix="re-save the draft (save_pretrained) or export it again"):
         return True
     return any(n.startswith("midlayer.") for n in research_tensor_names(path))
 
@@ -30,13 +31,12 @@ def is_research_checkpoint(path: str | Path) -> bool:
 def research_tensor_names(path: str | Path) -> list[str]:
     """Tensor names of a checkpoint folder (safetensors read lazily; a `.bin` is read with `weights_only=True`)."""
     path = Path(path)
+    fix = "re-save the draft (save_pretrained) or export it again"
     if (path / "model.safetensors").is_file():
-        from safetensors import safe_open
-
-        with safe_open(path / "model.safetensors", "pt") as f:
-            return list(f.keys())
+        return list(safetensors_header(path / "model.safetensors", fix=fix))
     if (path / "pytorch_model.bin").is_file():
-        import torch
-
-        return list(torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True))
+        state = torch_load(path / "pytorch_model.bin", fix=fix)
+        if not isinstance(state, dict):
+            raise bad_file(str(path / "pytorch_model.bin"), f"holds a {type(state).__name__}, expected a state dict")
+        return list(state)
     return []

@@ -135,11 +135,10 @@ def load_verifier_head(
 ) -> VerifierHead:
     """The verifier's head for the draft vocabulary (`target_ids[j]` = verifier token of draft index `j`), reading only
     its final norm and the lm_head rows from the verifier's safetensors (fp32)."""
-    from transformers import AutoConfig
-
+    from ..validation import pretrained_config
     from .verifier_weights import find_role_tensors, read_tensors
 
-    config = verifier_config if verifier_config is not None else AutoConfig.from_pretrained(path_or_id)
+    config = verifier_config if verifier_config is not None else pretrained_config(path_or_id, "verifier")
     head = VerifierHead.from_config(config, len(target_ids))
     lm_prefix = head.output_embedding_name + "."
     keys = list(head.state_dict())

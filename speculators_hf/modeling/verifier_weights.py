@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -12,8 +11,11 @@ from huggingface_hub import hf_hub_download
 from safetensors import safe_open
 
 from ..utils import UserError, get_logger
+from ..validation import safetensors_header
 
 logger = get_logger(__name__)
+
+_FIX = "the verifier's checkpoint is incomplete or corrupt: download or save it again"
 
 # Tensor name patterns, most specific first; `layers.` is never matched, so a decoder-layer norm is never taken.
 PATTERNS = {
@@ -25,6 +27,15 @@ PATTERNS = {
     "norm": [r"^(model\.)?(language_model\.)?(model\.)?norm\.weight$", r"^(transformer\.)?ln_f\.weight$"],
     "lm_head": [r"^(language_model\.)?lm_head\.weight$", r"(^|\.)lm_head\.weight$"],
 }
+
+
+def check_verifier_weights(path_or_id: str, label: str) -> None:
+    """A local verifier folder's safetensors files have readable headers (a truncated download is one line, before
+    anything is written); hub ids are left to the hub client."""
+    folder = Path(path_or_id)
+    if folder.is_dir():
+        for file in sorted(folder.glob("*.safetensors")):
+            safetensors_header(file, f"{label} {path_or_id}: {file.name}", _FIX)
 
 
 def _resolve(path_or_id: str, filename: str) -> str | None:
@@ -41,12 +52,13 @@ def _weight_map(path_or_id: str) -> dict[str, str]:
     """tensor name -> safetensors file name, from the index or the single-file checkpoint."""
     index = _resolve(path_or_id, "model.safetensors.index.json")
     if index is not None:
-        return json.loads(Path(index).read_text())["weight_map"]
+        from ..export import weight_map
+
+        return weight_map(Path(index))
     single = _resolve(path_or_id, "model.safetensors")
     if single is None:
         raise UserError(f"No safetensors weights found for verifier {path_or_id!r} (model.safetensors[.index.json]).")
-    with safe_open(single, "pt") as f:
-        return {k: "model.safetensors" for k in f.keys()}
+    return {k: "model.safetensors" for k in safetensors_header(single, fix=_FIX)}
 
 
 def _find(names: list[str], role: str) -> str | None:
@@ -86,7 +98,14 @@ def read_tensors(path_or_id: str, names: list[str], weight_map: dict[str, str]) 
     """Read only `names` (fp32), opening only the shards that hold them."""
     out = {}
     for file in sorted({weight_map[n] for n in names}):
-        with safe_open(_resolve(path_or_id, file), "pt") as f:
+        path = _resolve(path_or_id, file)
+        if path is None:
+            raise UserError(f"Verifier {path_or_id!r}: its index lists {file}, which is missing ({_FIX}).")
+        header = safetensors_header(path, fix=_FIX)
+        absent = [n for n in names if weight_map[n] == file and n not in header]
+        if absent:
+            raise UserError(f"{path}: has no {absent[0]}, which its index lists ({_FIX}).")
+        with safe_open(path, "pt") as f:
             out.update({n: f.get_tensor(n).float() for n in names if weight_map[n] == file})
     return out
 

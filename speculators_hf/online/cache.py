@@ -3,12 +3,13 @@
 Each write is one shard (`datagen.shards.write_shard`, atomic) named `data-c<first sample>-<random>.safetensors`, so
 several processes can fill one folder and `ShardDataset(folder)` reads it like datagen output. Samples are keyed by
 their datagen sample id (`ShardDataset.sample_id`). A killed run leaves only complete shards, and the next run reads
-them instead of fetching again.
+them instead of fetching again. Every shard is checked (`check_shard`, and its states' shape against `meta`) when it is
+first indexed, so a bad file left in the folder is one line naming it; the folder and its `cache_config.json` are
+written with the first shard (a run that stops before fetching anything leaves nothing).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
@@ -16,8 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..datagen.shards import write_shard
-from ..utils import write_json
+from ..datagen.shards import check_shard, write_shard
+from ..utils import UserError, write_json
+from ..validation import read_json_if_exists
 from .client import OnlineError
 
 CACHE_CONFIG = "cache_config.json"
@@ -28,31 +30,43 @@ class HiddenStatesCache:
 
     def __init__(self, folder: str | Path, meta: dict):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        config = self.folder / CACHE_CONFIG
-        if config.exists():
-            previous = json.loads(config.read_text())
-            if previous != meta:
-                raise OnlineError(
-                    f"--hidden-states-cache-dir {self.folder} holds states of other data or layers ({previous}); "
-                    "delete it or choose another folder."
-                )
-        else:
-            write_json(config, meta)
+        self.meta = meta
+        fix = "delete it or choose another --hidden-states-cache-dir"
+        try:
+            previous = read_json_if_exists(self.folder / CACHE_CONFIG, fix=fix)
+        except UserError as err:
+            raise OnlineError(str(err)) from err
+        if previous is not None and previous != meta:
+            shown = str(previous) if len(str(previous)) <= 120 else str(previous)[:117] + "..."
+            raise OnlineError(
+                f"--hidden-states-cache-dir {self.folder / CACHE_CONFIG}: records states of other data or layers "
+                f"({shown}); delete the folder or choose another."
+            )
         self._where: dict[int, tuple[str, int, int]] = {}  # sample id -> (file, start, end)
         self._files: set[str] = set()
         self._handles: dict[str, object] = {}
+        self.refresh()  # what an earlier run left, checked now (in the main process)
 
     def __getstate__(self):
         return {**self.__dict__, "_handles": {}}
 
     def refresh(self) -> None:
-        """Index shards written since the last call (by this or any other process)."""
+        """Index shards written since the last call (by this or any other process), checking each one."""
         for path in sorted(self.folder.glob("data-*.safetensors")):
             if path.name in self._files:
                 continue
-            with safe_open(str(path), "pt") as f:
-                ids, offsets = f.get_tensor("sample_ids").tolist(), f.get_tensor("sample_offsets").tolist()
+            try:
+                shape, offsets, ids = check_shard(path, fix="delete it (its samples are fetched again)")
+            except UserError as err:  # an OnlineError: one line even from a DataLoader worker
+                raise OnlineError(str(err)) from err
+            layers, hidden = len(self.meta.get("layer_ids") or []), self.meta.get("hidden_size")
+            if shape is None or (hidden is not None and list(shape[1:]) != [layers, hidden]):
+                got = "no hidden states" if shape is None else f"states [N, {shape[1]}, {shape[2]}]"
+                raise OnlineError(
+                    f"{path}: holds {got}, expected [N, {layers}, {hidden}] (layers, hidden size); delete it (its "
+                    "samples are fetched again)."
+                )
+            offsets, ids = offsets.tolist(), ids.tolist()
             for s, sample_id in enumerate(ids):
                 self._where[sample_id] = (path.name, offsets[s], offsets[s + 1])
             self._files.add(path.name)
@@ -65,7 +79,7 @@ class HiddenStatesCache:
         if where is None:
             return None
         name, a, b = where
-        if name not in self._handles:
+        if name not in self._handles:  # a shard refresh() checked, or put() wrote
             self._handles[name] = safe_open(str(self.folder / name), "pt")
         return self._handles[name].get_slice("hidden_states")[a:b]  # [T, L, H]
 
@@ -73,6 +87,8 @@ class HiddenStatesCache:
         """Write `samples` (`input_ids`, `loss_mask`, `hidden_states`) as one shard and index it."""
         if not samples:
             return
+        if not (self.folder / CACHE_CONFIG).exists():
+            write_json(self.folder / CACHE_CONFIG, self.meta)
         path = self.folder / f"data-c{sample_ids[0]:09d}-{uuid.uuid4().hex[:8]}.safetensors"
         write_shard(path, samples, sample_ids)
         offset = 0
@@ -84,4 +100,4 @@ class HiddenStatesCache:
 
     def num_bytes(self) -> int:
         """Bytes of every cache shard in the folder (written by any process)."""
-        return sum(os.path.getsize(p) for p in self.folder.glob("data-*.safetensors"))
+        return sum(os.path.getsize(p) for p in self.folder.glob("data-*.safetensors"))  # none: no folder yet

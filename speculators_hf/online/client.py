@@ -254,7 +254,7 @@ class HiddenStatesClient:
     def _load_and_check(self, server: _Server, params: dict, token_ids: list[int]) -> torch.Tensor:
         if not server.checked and self.layer_ids is not None:
             info = self.transport.server_info(params)
-            if info is not None and list(info.get("layer_ids", [])) != self.layer_ids:
+            if info is not None and isinstance(info.get("layer_ids"), list) and info["layer_ids"] != self.layer_ids:
                 self.transport.discard(params)
                 raise OnlineError(
                     f"hidden-states server {server.url} captures layer ids {info.get('layer_ids')} but the data needs "

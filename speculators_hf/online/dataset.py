@@ -17,7 +17,6 @@ Each sample carries `fetch_stats` (`FETCH_STATS_COLUMNS`), which the collator an
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ import torch
 from ..datagen.shards import ShardDataset
 from ..training.data import PackedDataset
 from ..utils import get_logger, write_json
+from ..validation import read_json_if_exists
 from .cache import HiddenStatesCache
 from .client import HiddenStatesClient
 
@@ -167,13 +167,13 @@ class OnlinePackedDataset(PackedDataset):
 def open_online_dataset(data_path: str | Path, version: int, model_args, args) -> OnlineHiddenStatesDataset:
     """The online/hybrid dataset for `speculators-hf train --hidden-states-source online|hybrid` (checked first).
 
-    Waits (up to `--hidden-states-timeout`) until a server answers, and gives the DataLoader 2 persistent workers
-    when none were asked for, so fetching runs ahead of the training step.
+    Reads and checks the local files (shards, data_config.json, a hybrid cache) before it waits (up to
+    `--hidden-states-timeout`) until a server answers, and gives the DataLoader 2 persistent workers when none were
+    asked for, so fetching runs ahead of the training step.
     """
-    from transformers import AutoConfig
-
     from ..training.data import SHARDS_DATA_FORMAT, data_layer_ids
     from ..utils import UserError
+    from ..validation import pretrained_config
 
     path = Path(data_path)
     if version != SHARDS_DATA_FORMAT:
@@ -181,23 +181,24 @@ def open_online_dataset(data_path: str | Path, version: int, model_args, args) -
     layer_ids = data_layer_ids(path, version)
     if not layer_ids:
         raise UserError(f"--data-path {path} records no layer ids (data_config.json): rerun datagen --tokens-only.")
-    hidden_size = AutoConfig.from_pretrained(model_args.verifier_name_or_path).get_text_config().hidden_size
-    if args.dataloader_num_workers == 0:
-        args.dataloader_num_workers, args.dataloader_persistent_workers = 2, True
-        logger.warning("online hidden states: 2 persistent DataLoader workers fetch ahead of the training step.")
+    verifier = pretrained_config(model_args.verifier_name_or_path, "--verifier-name-or-path")
+    hidden_size = verifier.get_text_config().hidden_size
+    tokens = ShardDataset(path, tokens_only=True)
     cache_dir, meta = None, None
     if model_args.hidden_states_source == "hybrid":
         cache_dir = model_args.hidden_states_cache_dir or str(Path(args.output_dir) / "hidden_states_cache")
+        fingerprint = None
         for name in ("data_config.json", "index.json"):
-            if (path / name).exists():
-                fingerprint = json.loads((path / name).read_text()).get("fingerprint")
+            record = read_json_if_exists(path / name, fix="rerun datagen with the same flags")
+            if record is not None:
+                fingerprint = record.get("fingerprint")
                 break
-        else:
-            fingerprint = None
         meta = {"data_fingerprint": fingerprint, "layer_ids": layer_ids, "hidden_size": hidden_size}
-    HiddenStatesClient(model_args.hidden_states_servers, timeout=model_args.hidden_states_timeout).wait_for_servers()
-    return OnlineHiddenStatesDataset(
-        ShardDataset(path, tokens_only=True),
+    if args.dataloader_num_workers == 0:
+        args.dataloader_num_workers, args.dataloader_persistent_workers = 2, True
+        logger.warning("online hidden states: 2 persistent DataLoader workers fetch ahead of the training step.")
+    dataset = OnlineHiddenStatesDataset(
+        tokens,
         model_args.hidden_states_servers,
         layer_ids,
         hidden_size,
@@ -208,6 +209,8 @@ def open_online_dataset(data_path: str | Path, version: int, model_args, args) -
         cache_meta=meta,
         rank=args.process_index,
     )
+    HiddenStatesClient(model_args.hidden_states_servers, timeout=model_args.hidden_states_timeout).wait_for_servers()
+    return dataset
 
 
 def report_hidden_states(trainer, dataset: OnlineHiddenStatesDataset) -> dict | None:
@@ -219,8 +222,7 @@ def report_hidden_states(trainer, dataset: OnlineHiddenStatesDataset) -> dict | 
     if totals is None:
         return None
     L, H = dataset.hidden_shape
-    config_path = dataset.tokens.data_dir / "data_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config = read_json_if_exists(dataset.tokens.data_dir / "data_config.json") or {}  # checked when training began
     dtype = config.get("model", {}).get("hidden_states_dtype") or "float32"
     itemsize = torch.finfo(getattr(torch, dtype)).bits // 8  # what datagen's shards of the same samples would use
     report = {

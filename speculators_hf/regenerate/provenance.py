@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..utils import UserError
+from ..validation import read_json, read_json_if_exists
 from .writer import OutputLayout, config_path_for, file_sha256
 
 CONFIG_VERSION = "speculators_hf.regenerate/1"
@@ -21,16 +22,16 @@ def read_provenance(data_path: str | Path) -> dict | None:
     path = config_path_for(data_path)
     if path is None or not path.exists():
         return None
-    try:
-        config = json.loads(path.read_text())
-    except ValueError:
-        return {"config_path": str(path), "error": "unreadable"}
-    output = config.get("output", {})
+    try:  # a record only: an unreadable one is noted, not an error
+        config = read_json(path)
+        state = read_json_if_exists(Path(data_path) / "state.json") if Path(data_path).is_dir() else None
+    except UserError as err:
+        return {"config_path": str(path), "error": str(err)}
+    output = config.get("output") if isinstance(config.get("output"), dict) else {}
     if OutputLayout(Path(data_path)).is_file:
         matches = output.get("sha256") == file_sha256(Path(data_path))
     else:
-        state = Path(data_path) / "state.json"
-        fingerprint = json.loads(state.read_text()).get("_fingerprint") if state.exists() else None
+        fingerprint = state.get("_fingerprint") if state is not None else None
         matches = fingerprint is not None and fingerprint == output.get("fingerprint")
     keys = ("fingerprint", "generated_at", "verifier", "engine", "sampling", "limits", "source", "counts")
     return {"config_path": str(path), "matches_source": matches, **{k: config.get(k) for k in keys}}

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..replicas import run_replicas
 from ..utils import UserError, get_logger, write_json
+from ..validation import describe, read_json, read_json_if_exists
 from .arguments import RegenerateArguments
 from .engines import Engine, make_engine, resolve_backend_name
 from .provenance import CONFIG_VERSION, PROMPTS
@@ -91,8 +92,11 @@ def prepare(args: RegenerateArguments) -> Plan:
         config = AutoConfig.from_pretrained(path, revision=args.revision)
         tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"--target-model-path {path}: cannot load its config and tokenizer ({first}).") from err
+        problem = f"cannot load its config and tokenizer ({describe(err)})"
+        raise UserError(f"--target-model-path {path}: {problem}.") from err
+    from ..modeling.verifier_weights import check_verifier_weights
+
+    check_verifier_weights(path, "--target-model-path")
     text_config = config.get_text_config()
     chat_template = _read_chat_template(args.chat_template)
     if chat_template is None and not tokenizer.chat_template:
@@ -346,7 +350,7 @@ def _run_replicas(args: RegenerateArguments, layout: OutputLayout) -> dict:
     failed = run_replicas("speculators_hf.regenerate", args, children, args.tensor_parallel_size)
     if failed:
         raise UserError(f"regenerate replicas {failed} failed (see above); rerun the same command to resume.")
-    runs = [json.loads((layout.partial / f"run-{i:03d}.json").read_text()) for i in range(n)]
+    runs = [read_json(layout.partial / f"run-{i:03d}.json", fix="rerun the same command") for i in range(n)]
     return {
         "conversations": sum(r["conversations"] for r in runs),
         "generated_tokens": sum(r["generated_tokens"] for r in runs),
@@ -363,13 +367,16 @@ def _run_replicas(args: RegenerateArguments, layout: OutputLayout) -> dict:
 def _finished_summary(plan: Plan) -> dict | None:
     """The summary of a complete earlier run with the same fingerprint (nothing to do), else None."""
     layout, args = plan.layout, plan.args
-    config = json.loads(layout.config.read_text()) if layout.config.exists() else None
+    fix = f"delete it, or pass --overwrite to regenerate {layout.output}"
+    config = None if args.overwrite else read_json_if_exists(layout.config, fix=fix)
     if config is not None and layout.output.exists() and config.get("fingerprint") == plan.fingerprint:
+        if not isinstance(config.get("counts"), dict):
+            raise UserError(f"{layout.config}: has no counts; {fix}.")
         if not args.overwrite:
             shutil.rmtree(layout.partial, ignore_errors=True)  # left by a kill just before its removal
             logger.warning("%s is complete with the same flags and inputs: nothing to do.", layout.output)
             return config["counts"]
-    state = json.loads(layout.state.read_text()) if layout.state.exists() else None
+    state = None if args.overwrite else _read_state(layout)
     finishing = state is not None and state.get("fingerprint") == plan.fingerprint  # killed while writing the end
     if layout.output.exists() and not args.overwrite and not finishing:
         why = "other flags or inputs" if config is not None else "no regenerate_config.json"
@@ -382,7 +389,7 @@ def _finished_summary(plan: Plan) -> dict | None:
 def _claim(plan: Plan) -> None:
     """Start or resume the partial folder; refuse one written with other flags (unless --overwrite)."""
     layout = plan.layout
-    state = json.loads(layout.state.read_text()) if layout.state.exists() else None
+    state = None if plan.args.overwrite else _read_state(layout)
     if plan.args.overwrite or (state is not None and state.get("fingerprint") != plan.fingerprint):
         if state is not None and not plan.args.overwrite:
             raise UserError(
@@ -393,6 +400,11 @@ def _claim(plan: Plan) -> None:
         state = None
     if state is None:
         write_json(layout.state, {"fingerprint": plan.fingerprint, "arguments": asdict(plan.args)})
+
+
+def _read_state(layout: OutputLayout) -> dict | None:
+    """The unfinished run's `state.json` (None when there is none)."""
+    return read_json_if_exists(layout.state, fix=f"delete {layout.partial}, or pass --overwrite to start over")
 
 
 def summarize(records) -> dict:

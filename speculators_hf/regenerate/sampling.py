@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from ..utils import get_logger
 
@@ -43,6 +44,11 @@ def generation_config_values(model_path: str, revision: str | None = None) -> di
     """The values the verifier's `generation_config.json` sets explicitly ({} when it has none)."""
     from transformers import GenerationConfig
 
+    from ..validation import read_json_if_exists
+
+    local = Path(model_path) / "generation_config.json"
+    if Path(model_path).is_dir() and read_json_if_exists(local, fix="fix or delete it") is None:
+        return {}  # checked first: an unreadable file would otherwise be taken for a missing one (greedy, silently)
     try:
         return GenerationConfig.from_pretrained(model_path, revision=revision).to_diff_dict()
     except (OSError, ValueError):

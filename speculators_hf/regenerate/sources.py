@@ -6,14 +6,10 @@ import hashlib
 import json
 from collections import Counter
 
-from ..datagen.sources import MESSAGE_COLUMNS, ROLE_ALIASES, normalize_messages
+from ..datagen.sources import MESSAGE_COLUMNS, ROLE_ALIASES, chat_turns, normalize_messages
 
 TOOL_ROLES = {"tool": "tool", "function": "tool", "ipython": "tool", "observation": "tool"}
 ID_COLUMNS = ("id", "conversation_id", "prompt_id")
-
-
-def _turns(row: dict):
-    return next((row[c] for c in MESSAGE_COLUMNS if row.get(c) is not None), None)
 
 
 def _has_tools(turns) -> bool:
@@ -35,7 +31,7 @@ def source_conversation(row: dict) -> tuple[list[dict] | None, list | None]:
             tools = json.loads(tools)
         except ValueError:
             tools = None
-    turns = _turns(row)
+    turns = chat_turns(row)  # checked for shape (as every row was when the source was loaded)
     if not turns or not _has_tools(turns):
         return normalize_messages(row), tools or None
     messages = []

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..utils import atomic_path, get_logger, write_json
+from ..validation import bad_file, parse_json
 
 logger = get_logger(__name__)
 
@@ -107,12 +108,20 @@ def repair(path: Path) -> None:
 def read_records(layout: OutputLayout) -> dict[str, dict]:
     """Every finished conversation of earlier runs, by id (torn last lines are repaired first)."""
     records: dict[str, dict] = {}
+    fix = f"delete {layout.partial} (or pass --overwrite) to regenerate its chats"
     for path in sorted(layout.partial.glob("records-*.jsonl")):
         repair(path)
-        with open(path, encoding="utf-8") as f:
-            for line in f:
+        with open(path, "rb") as f:  # streamed: the records of a large run do not fit in memory twice
+            for number, raw in enumerate(f, 1):
+                label = f"{path} line {number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise bad_file(label, "is not UTF-8 text", fix) from None
                 if line.strip():
-                    record = json.loads(line)
+                    record = parse_json(line, label, fix=fix)
+                    if not isinstance(record.get("id"), str) or not isinstance(record.get("index"), int):
+                        raise bad_file(label, "is not a regenerate record (no id and index)", fix)
                     records[record["id"]] = record
     return records
 

@@ -20,6 +20,14 @@ from .collator import LOSS_MASK_ALIGNMENTS
 
 LOGGERS = ("trackio", "wandb", "tensorboard")
 HIDDEN_STATES_SOURCES = ("offline", "online", "hybrid")
+# what each logger imports (transformers' TensorBoard callback takes torch's writer, which needs tensorboard, or X)
+LOGGER_PACKAGES = {"trackio": ("trackio",), "wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
 
 
 @dataclass
@@ -209,6 +217,12 @@ class Eagle3TrainingArguments(TrainingArguments):
         bad = [r for r in reporters if r not in (*LOGGERS, "none", "all", "mlflow", "comet_ml", "dvclive", "swanlab")]
         if bad:
             raise UserError(f"--logger {bad[0]!r}: choose one of {', '.join(LOGGERS)} (or leave it empty).")
+        missing = [r for r in reporters if r in LOGGERS and not any(map(_installed, LOGGER_PACKAGES[r]))]
+        if missing:
+            raise UserError(
+                f"--logger {missing[0]}: {missing[0]} is not installed; pip install 'speculators_hf[{missing[0]}]' "
+                "or choose another --logger."
+            )
         if self.eval_strategy is None:
             self.eval_strategy = "epoch" if self.eval_split > 0 else "no"
         if self.ttt_steps < 1:

@@ -13,7 +13,6 @@ format 2 (with per-token scales); `.pt` files holding float8 tensors are refused
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 from ..datagen.shards import ShardDataset
 from ..utils import UserError, get_logger
+from ..validation import bad_file, describe, read_json_if_exists, torch_load
 
 logger = get_logger(__name__)
 
@@ -32,6 +32,47 @@ def _natural_key(path: Path):
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", path.name)]
 
 
+_PT_FIX = "it is truncated or not a datagen .pt sample: delete it or regenerate the data"
+# the keys of a sample file, by format version
+_PT_KEYS = {0: ("input_ids", "loss_mask", "hidden_state", "target"), 1: ("input_ids", "loss_mask", "hidden_states")}
+
+
+def load_pt_sample(path: Path, version: int | None = None) -> dict:
+    """One `data_*.pt` sample, read with `weights_only=True` and checked: a dict with the format's keys, tensors of
+    one length `T` (`hidden_state [T, 3H]` and `target [T, H]` in v0, `hidden_states` a list of `[T, H]` in v1)."""
+    label = str(path)
+    d = torch_load(path, label, _PT_FIX, mmap=True)
+    if not isinstance(d, dict):
+        raise bad_file(label, f"holds a {type(d).__name__}, expected a dict of tensors", _PT_FIX)
+    if version is None:
+        version = 0 if "hidden_state" in d else 1
+    missing = [k for k in _PT_KEYS[version] if k not in d]
+    if missing:
+        raise bad_file(label, f"has no {missing} (format v{version} needs {list(_PT_KEYS[version])})", _PT_FIX)
+    tensors = {"input_ids": d["input_ids"], "loss_mask": d["loss_mask"]}
+    if version == 0:
+        tensors |= {"hidden_state": d["hidden_state"], "target": d["target"]}
+    elif isinstance(d["hidden_states"], (list, tuple)) and d["hidden_states"]:
+        tensors |= {f"hidden_states[{i}]": t for i, t in enumerate(d["hidden_states"])}
+    else:
+        raise bad_file(label, "hidden_states is not a non-empty list of [T, H] tensors", _PT_FIX)
+    for name, t in tensors.items():
+        rank = 1 if name in ("input_ids", "loss_mask") else 2
+        if not isinstance(t, torch.Tensor) or t.dim() != rank:
+            what = f"a {t.dtype} tensor {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise bad_file(label, f"{name} is {what}, expected a rank-{rank} tensor", _PT_FIX)
+    lengths = {name: len(t) for name, t in tensors.items()}
+    if len(set(lengths.values())) != 1 or not lengths["input_ids"]:
+        raise bad_file(label, f"its tensors have different or zero lengths {lengths}", _PT_FIX)
+    if d["input_ids"].is_floating_point() or d["input_ids"].dtype == torch.bool:
+        raise bad_file(label, f"input_ids are {d['input_ids'].dtype}, expected integers", _PT_FIX)
+    if version == 0 and d["hidden_state"].shape[-1] % d["target"].shape[-1]:
+        raise bad_file(
+            label, "hidden_state's width is not a multiple of target's (expected [T, 3H] and [T, H])", _PT_FIX
+        )
+    return d
+
+
 def detect_format(data_path: Path) -> int:
     if list(data_path.glob("data-*.safetensors")) or (data_path / "index.json").exists():
         return SHARDS_DATA_FORMAT
@@ -39,7 +80,7 @@ def detect_format(data_path: Path) -> int:
     files = [f for f in files if f.name != "token_freq.pt"]
     if not files:
         raise UserError(f"--data-path {data_path}: no datagen shards (data-*.safetensors) or data_*.pt files found.")
-    keys = torch.load(files[0], weights_only=True, mmap=True, map_location="cpu").keys()
+    keys = load_pt_sample(files[0]).keys()
     return 0 if "hidden_state" in keys else 1
 
 
@@ -59,15 +100,20 @@ class PtFileDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def sample_length(self, i: int) -> int:
-        return len(torch.load(self.files[i], weights_only=True, mmap=True, map_location="cpu")["input_ids"])
+        return len(load_pt_sample(self.files[i], self.version)["input_ids"])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        d = torch.load(self.files[i], weights_only=True, mmap=True, map_location="cpu")
-        if self.version == 0:
-            aux, last = d["hidden_state"], d["target"]  # [T, 3H], [T, H]
-            hs = torch.cat([aux.view(len(aux), -1, last.shape[-1]), last[:, None]], dim=1)  # [T, 4, H]
-        else:
-            hs = torch.stack(list(d["hidden_states"]), dim=1)  # [T, L, H]
+        d = load_pt_sample(self.files[i], self.version)
+        try:
+            if self.version == 0:
+                aux, last = d["hidden_state"], d["target"]  # [T, 3H], [T, H]
+                hs = torch.cat([aux.view(len(aux), -1, last.shape[-1]), last[:, None]], dim=1)  # [T, 4, H]
+            else:
+                hs = torch.stack(list(d["hidden_states"]), dim=1)  # [T, L, H]
+        except RuntimeError as err:  # layers of different widths or dtypes
+            raise bad_file(
+                str(self.files[i]), f"its hidden states do not stack ({describe(err, 80)})", _PT_FIX
+            ) from err
         if hs.dtype.itemsize == 1:
             raise UserError(
                 f"{self.files[i]}: {str(hs.dtype).replace('torch.', '')} hidden states without scales; the .pt "
@@ -116,11 +162,15 @@ def data_layer_ids(data_path: str | Path, version: int | None) -> list[int] | No
     vllm, seed = (c.split(":")[0] for c in (LAYER_ID_CONVENTION, SEED_LAYER_ID_CONVENTION))
     for name in ("data_config.json", "index.json"):
         path = Path(data_path) / name
-        recorded = json.loads(path.read_text()) if path.exists() else {}
+        recorded = read_json_if_exists(path, fix="rerun datagen, or fix the file by hand") or {}
         ids = recorded.get("layer_ids")
         if not ids:
             continue
-        ids = [int(i) for i in ids]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise bad_file(str(path), f"layer_ids is {ids!r}, expected a list of integers", "rerun datagen")
+        convention = recorded.get("layer_id_convention")
+        if convention is not None and not isinstance(convention, str):
+            raise bad_file(str(path), f"layer_id_convention is {convention!r}, expected a string", "rerun datagen")
         convention = str(recorded.get("layer_id_convention") or "").split(":")[0].strip()
         if not convention and (name == "index.json" or version == SHARDS_DATA_FORMAT):
             convention = vllm  # datagen shards exist only in our format

@@ -17,6 +17,7 @@ from pathlib import Path
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..utils import UserError, get_logger
+from ..validation import read_json, read_json_if_exists
 
 logger = get_logger(__name__)
 
@@ -128,7 +129,7 @@ def data_fingerprint(data_path: str | Path, dataset) -> str:
     for name in ("data_config.json", "index.json"):
         path = Path(data_path) / name
         if path.exists():
-            info = json.loads(path.read_text())
+            info = read_json(path, fix="rerun datagen, or fix the file by hand")
             recorded[name] = {k: info.get(k) for k in ("fingerprint", "layer_ids", "layer_id_convention")}
     files = [(Path(f).name, Path(f).stat().st_size) for f in getattr(dataset, "files", [])]
     return _digest([recorded, files, len(dataset)])
@@ -165,8 +166,12 @@ def checkpoint_to_resume(args, inputs: dict) -> str | None:
         checkpoint = get_last_checkpoint(args.output_dir)
         if checkpoint is None:
             return None
+    if explicit and not Path(checkpoint).is_dir():
+        raise UserError(f"--resume-from-checkpoint {checkpoint} is not a folder (a checkpoint-<step>/ of a run).")
     config_path = Path(checkpoint) / TRAINING_CONFIG_FILE
-    recorded = json.loads(config_path.read_text()) if config_path.exists() else {}
+    fix = "delete that checkpoint, or start fresh with --no-resume-from-checkpoint"
+    recorded = read_json_if_exists(config_path, fix=fix) or {}
+    read_json_if_exists(Path(checkpoint) / "trainer_state.json", fix=fix)  # Trainer reads it: fail here, in one line
     if RUN_FINGERPRINT_KEY not in recorded:
         logger.warning("%s records no run fingerprint (an older version): resuming without checking.", checkpoint)
         return checkpoint

@@ -8,11 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, set_seed
+from transformers import set_seed
 
 from ..modeling import Eagle3DraftModel
 from ..modeling.configuration_eagle3 import aux_layer_ids_problem, default_aux_layer_ids
 from ..utils import UserError, get_logger
+from ..validation import pretrained_config
 from ..vocab import load_vocab_mapping, validate_vocab_mapping
 from .arguments import Eagle3ModelArguments, Eagle3TrainingArguments
 from .data import PackedDataset, data_layer_ids, detect_format, open_dataset, train_eval_split
@@ -30,7 +31,7 @@ def resolve_vocab_mapping(model_args: Eagle3ModelArguments) -> tuple[torch.Tenso
         raise UserError("--t2d-path needs --d2t-path too.")
     folder = Path(model_args.data_path)
     if (folder / "d2t.npy").exists() and (folder / "t2d.npy").exists():
-        return load_vocab_mapping(folder / "d2t.npy", folder / "t2d.npy")
+        return load_vocab_mapping(folder / "d2t.npy", folder / "t2d.npy", flags=(None, None))
     logger.warning(
         "No d2t.npy/t2d.npy in --data-path %s (and no --d2t-path): the draft predicts over the full verifier "
         "vocabulary.",
@@ -132,7 +133,7 @@ def build_draft(
 ) -> Eagle3DraftModel:
     """A new draft for the verifier (initialised with `seed`), checked against the data; flex attention on CUDA,
     sdpa elsewhere."""
-    verifier_config = AutoConfig.from_pretrained(model_args.verifier_name_or_path)
+    verifier_config = pretrained_config(model_args.verifier_name_or_path, "--verifier-name-or-path")
     n = verifier_config.get_text_config().num_hidden_layers
     _check_hidden_size(train_dataset.dataset, model_args, verifier_config)
     aux_ids = resolve_aux_layer_ids(model_args, layer_ids, n)
