@@ -177,35 +177,6 @@ def test_two_trainer_processes_and_two_servers(data, servers, tiny_verifier_path
     assert "hidden states on disk: peak" in proc.stdout
 
 
-def test_pipeline_online_leaves_no_hidden_states_on_disk(data, servers, tiny_verifier_path, tmp_path, capsys):
-    from speculators_hf.pipeline import Pipeline, PipelineArguments
-
-    args = PipelineArguments(
-        verifier=str(tiny_verifier_path),
-        train_data_path=str(write_chat_jsonl(tmp_path / "chats.jsonl", 30)),
-        eval_prompts=str(write_chat_jsonl(tmp_path / "eval.jsonl", 4, offset=6000)),
-        output_dir=str(tmp_path / "run"),
-        seq_length=SEQ,
-        max_samples=20,
-        draft_vocab_size=512,
-        epochs=1,
-        total_seq_len=256,
-        eval_engine="transformers",
-        num_eval_prompts=2,
-        max_new_tokens=8,
-        online=True,
-        hidden_states_servers=[s.url for s in servers],
-    )
-    draft = Pipeline(args).run()
-    out = capsys.readouterr().out
-    assert (draft / "model.safetensors").exists() and "hidden states on disk: peak" in out
-    assert "left on disk: 0.00 MiB of states" in out
-    assert json.loads((tmp_path / "run" / "data" / "data_config.json").read_text())["tokens_only"] is True
-    report = json.loads((tmp_path / "run" / "checkpoints" / HIDDEN_STATES_REPORT).read_text())
-    assert report["fetched"] > 0 and report["skipped"] == 0
-    assert all(spool_files(s) == [] for s in servers)
-
-
 def _kill_after_requests(server, count: float, proc, timeout=120):
     start, deadline = requests_served(server), time.monotonic() + timeout
     while requests_served(server) < start + count:

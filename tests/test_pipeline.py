@@ -167,3 +167,23 @@ def test_presets_are_explicit_and_the_help_says_both(capsys):
     out = capsys.readouterr().out
     assert "(default: None)" not in out
     assert "Datagen truncation (default from --preset: general 2048, embedded 512)" in " ".join(out.split())
+
+
+@pytest.mark.vllm
+def test_pipeline_online_starts_its_server_and_leaves_no_hidden_states(tmp_path, tiny_verifier_path, capsys):
+    """`--online`: tokens-only datagen, a serve-hidden-states server started for training (on CPU: the trainer keeps
+    off the server's cores) and stopped after it, nothing spooled left behind."""
+    from speculators_hf.online.dataset import HIDDEN_STATES_REPORT
+
+    args = small_args(tmp_path, tiny_verifier_path, online=True, max_samples=16, max_new_tokens=8)
+    draft = Pipeline(args).run()
+    out = capsys.readouterr().out
+    assert (draft / "model.safetensors").exists() and "left on disk: 0.00 MiB of states" in out
+    run = tmp_path / "run"
+    assert json.loads((run / "data" / "data_config.json").read_text())["tokens_only"] is True
+    report = json.loads((run / "checkpoints" / HIDDEN_STATES_REPORT).read_text())
+    assert report["fetched"] > 0 and report["skipped"] == 0
+    if "OMP_NUM_THREADS" not in os.environ:
+        assert report["trainer_threads"] == max(1, (os.cpu_count() or 1) // 2)  # one server, one share of the cores
+    log = (run / "logs" / "hidden-states-server-0.log").read_text()
+    assert "Application startup complete" in log  # the server the pipeline started answered

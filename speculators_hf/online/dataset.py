@@ -234,6 +234,7 @@ def report_hidden_states(trainer, dataset: OnlineHiddenStatesDataset) -> dict | 
         "skipped": int(totals["skipped"]),
         "retries": int(totals["retries"]),
         "cache_bytes": dataset.cache.num_bytes() if dataset.cache is not None else 0,
+        "trainer_threads": torch.get_num_threads(),  # CPU servers beside the trainer: it must not take their cores
     }
     if trainer.is_world_process_zero():
         cache = (
