@@ -391,3 +391,46 @@ def test_sliding_window_training_masks_equal_windowed_drafting():
             one = model(next_ids[:, t : t + 1], hidden_states=pre.hidden_states[:, t:], past_key_values=cache)
             torch.testing.assert_close(one.logits[0, 0], step1[t])
     assert not torch.allclose(unwindowed[W:], step1[W:])  # the window does change what later rows see
+
+
+@pytest.mark.parametrize("options", [{}, {"norm_output": True}, {"sliding_window": 4}, {"num_hidden_layers": 2}])
+def test_ttt_training_steps_equal_incremental_drafting(tiny_verifier_path, options):
+    """The TTT unroll training runs (all rows at once: step k fed ground-truth tokens shifted by k, positions + k, the
+    step-k mask and the previous step's states) gives, at every row t, the logits that drafting gives when it extends
+    the prefix 0..t step by step with a KV cache (as our engine and vLLM draft), fed the same tokens."""
+    from transformers import DynamicCache
+
+    from speculators_hf.training.losses import shift_for_step, ttt_attention_mask
+    from speculators_hf.training.ttt_cache import TTTCache
+
+    d2t, t2d = mapping()
+    torch.manual_seed(0)
+    model = Eagle3DraftModel.from_verifier(str(tiny_verifier_path), d2t, t2d, **options).eval()
+    T, K = 10, 3
+    ids, aux = inputs(model.config, B=1, T=T)
+    positions = torch.arange(T)[None]
+    document_ids = torch.zeros(1, T, dtype=torch.long)
+    window = model.config.sliding_window
+    with torch.no_grad():
+        cache, hidden, trained = TTTCache(), None, []
+        step0 = ttt_attention_mask(document_ids, 0, sliding_window=window)
+        for k in range(K):
+            out = model(
+                input_ids=shift_for_step(ids, k),
+                aux_hidden_states=aux if k == 0 else None,
+                hidden_states=hidden,
+                position_ids=positions + k,
+                attention_mask=ttt_attention_mask(document_ids, k, step0, sliding_window=window),
+                past_key_values=cache.step(k),
+                use_cache=True,
+            )
+            trained.append(out.logits[0])  # [T, Vd]
+            hidden = out.hidden_states
+        for t in range(T - K + 1):  # rows whose K teacher-forced tokens all exist
+            kv = DynamicCache()
+            out = model(ids[:, : t + 1], aux_hidden_states=aux[:, : t + 1], past_key_values=kv, use_cache=True)
+            for k in range(K):
+                if k:
+                    out = model(ids[:, t + k : t + k + 1], hidden_states=out.hidden_states[:, -1:], past_key_values=kv,
+                                use_cache=True)  # fmt: skip
+                torch.testing.assert_close(out.logits[0, -1], trained[k][t], atol=1e-5, rtol=1e-5)
