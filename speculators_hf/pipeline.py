@@ -648,11 +648,7 @@ def hold_out_prompts(source: Path, folder: Path, num_prompts: int) -> tuple[Path
         raise bad_file(label, "is empty", "give a JSON/JSONL file of chats")
 
     def parse(line: bytes, number: int) -> dict:
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise bad_file(f"{label}: row {number + 1}", "is not UTF-8 text") from None
-        return parse_json(text, f"{label}: row {number + 1}", expect=None)
+        return parse_json(line, f"{label}: row {number + 1}", expect=None)
 
     def messages_of(chat, number: int) -> list[dict] | None:
         try:

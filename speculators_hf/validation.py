@@ -66,8 +66,14 @@ def type_name(value) -> str:
     return _JSON_TYPES.get(type(value), "null" if value is None else type(value).__name__)
 
 
-def parse_json(text: str, label: str, expect: type | None = dict, fix: str | None = None):
-    """Parse one JSON document (a file's text, or one JSONL row) and check its top-level type."""
+def parse_json(text: str | bytes, label: str, expect: type | None = dict, fix: str | None = None):
+    """Parse one JSON document (a file's text, or one JSONL row, as read or as raw bytes) and check its top-level
+    type."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_file(label, "is not UTF-8 text (a binary file?)", fix) from None
     if not text.strip():
         raise bad_file(label, "is empty", fix)
     try:

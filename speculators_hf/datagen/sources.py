@@ -97,13 +97,8 @@ def _find_bad_json(path: Path, label: str) -> None:
                 raise
     with open(path, "rb") as f:  # JSON Lines: the first row that is not a JSON object
         for number, line in enumerate(f, 1):
-            row = f"{label}: row {number}"
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                raise bad_file(row, "is not UTF-8 text (a binary file?)", fix) from None
-            if text.strip():
-                parse_json(text, row, expect=dict, fix=fix)
+            if line.strip():
+                parse_json(line, f"{label}: row {number}", expect=dict, fix=fix)
 
 
 class ChatRowError(ValueError):

@@ -64,10 +64,6 @@ def load_prompts(path: str | Path, tokenizer, num_prompts: int, offset: int = 0)
         if i < offset or not line.strip():
             continue
         label = f"--prompts {path}: row {i + 1}"
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise bad_file(label, "is not UTF-8 text (a binary file?)", fix) from None
         row = parse_json(line, label, dict, fix)
         if "prompt_token_ids" in row:
             ids = row["prompt_token_ids"]

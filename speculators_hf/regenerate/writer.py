@@ -112,12 +112,8 @@ def read_records(layout: OutputLayout) -> dict[str, dict]:
     for path in sorted(layout.partial.glob("records-*.jsonl")):
         repair(path)
         with open(path, "rb") as f:  # streamed: the records of a large run do not fit in memory twice
-            for number, raw in enumerate(f, 1):
+            for number, line in enumerate(f, 1):
                 label = f"{path} line {number}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise bad_file(label, "is not UTF-8 text", fix) from None
                 if line.strip():
                     record = parse_json(line, label, fix=fix)
                     if not isinstance(record.get("id"), str) or not isinstance(record.get("index"), int):
