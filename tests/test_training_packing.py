@@ -4,23 +4,9 @@ import random
 
 import pytest
 
+from benchmarks.packing import linear_first_fit_decreasing  # the previous implementation, as the reference
 from speculators_hf.training.data import pack
 from speculators_hf.utils import UserError
-
-
-def linear_first_fit_decreasing(lengths: list[int], total_seq_len: int) -> list[list[int]]:
-    """The previous implementation (a linear scan over the open bins per sample: O(n * bins)), as the reference."""
-    bins, room = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(total_seq_len - lengths[i])
-    return [sorted(b) for b in bins]
 
 
 @pytest.mark.parametrize("seed", range(6))
