@@ -23,8 +23,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .datagen.vllm_backend import vllm_is_available
-from .utils import UserError, atomic_path, get_logger, write_json
+from .utils import UserError, atomic_path, get_logger, vllm_is_available, write_json
 from .validation import bad_file, parse_json, read_json, read_json_if_exists
 
 logger = get_logger(__name__)
@@ -459,6 +458,8 @@ class Pipeline:
     def hidden_states_servers(self):
         """`--online`: start the servers (on `--online-gpus`, else `--online-servers` of them), wait until they
         answer, yield `(urls, environment for the trainer)`, and stop them whatever happens."""
+        import torch
+
         from .online import HiddenStatesServer, ServeArguments
         from .online.server import free_port
 
@@ -476,14 +477,12 @@ class Pipeline:
                 raise UserError(f"--online-gpus {a.online_gpus}: give a multiple of --tensor-parallel-size {tp} GPUs.")
             groups = [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i : i + tp])} for i in range(0, len(gpus), tp)]
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            import torch
-
             pool = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
             rest = [g for g in pool if g not in gpus]
             if not rest:
                 raise UserError(f"--online-gpus {a.online_gpus} leaves no GPU for training (visible: {pool}).")
             trainer_env = {"CUDA_VISIBLE_DEVICES": ",".join(rest)}
-        elif not _on_gpu() and "OMP_NUM_THREADS" not in os.environ:
+        elif not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
             # Servers and trainer share the CPU cores: vLLM's worker keeps its cores busy, and a trainer whose threads
             # land on them waits at every parallel op (measured on 2 cores: 488 s -> 48 s for the embedded training).
             trainer_env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // (len(groups) + 1)))}
@@ -765,9 +764,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -15,6 +15,13 @@ def get_logger(name: str):
     return hf_logging.get_logger(name)
 
 
+def vllm_is_available() -> bool:
+    """Whether vLLM is installed (without importing it: that takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
 class UserError(ValueError):
     """A problem with the user's input: the CLI prints its message as one line and exits 2 (no traceback).
 

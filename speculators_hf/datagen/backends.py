@@ -59,7 +59,7 @@ def resolve_layer_ids(layer_ids: list[int] | None, num_hidden_layers: int) -> li
 def resolve_backend_name(backend: str) -> str:
     if backend != "auto":
         return backend
-    from .vllm_backend import vllm_is_available
+    from ..utils import vllm_is_available
 
     return "vllm" if vllm_is_available() else "transformers"
 

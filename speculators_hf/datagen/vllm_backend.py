@@ -18,15 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..utils import UserError, get_logger
+from ..utils import UserError, get_logger, vllm_is_available
 
 logger = get_logger(__name__)
-
-
-def vllm_is_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
 
 
 def _connector_config(storage_path: str) -> dict:

@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..datagen.vllm_backend import vllm_is_available
-from ..utils import UserError, get_logger
+from ..utils import UserError, get_logger, vllm_is_available
 from ..validation import bad_file, describe, parse_json, pretrained_config, read_json_if_exists, type_name
 from .card import EVAL_CARD_JSON, build_eval_card, eval_table, recommendation_table, write_eval_card
 from .online import SpecDecodeResult, evaluate_transformers

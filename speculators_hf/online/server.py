@@ -110,7 +110,8 @@ class HiddenStatesServer:
 
     @property
     def command(self) -> list[str]:
-        from ..datagen.vllm_backend import _connector_config, vllm_is_available
+        from ..datagen.vllm_backend import _connector_config
+        from ..utils import vllm_is_available
 
         if not vllm_is_available():
             raise UserError(

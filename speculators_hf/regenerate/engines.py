@@ -54,7 +54,7 @@ def resolve_backend_name(args) -> str:
         return "vllm-server"
     if args.backend != "auto":
         return args.backend
-    from ..datagen.vllm_backend import vllm_is_available
+    from ..utils import vllm_is_available
 
     return "vllm" if vllm_is_available() else "transformers"
 

@@ -33,7 +33,7 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.9,
         revision: str | None = None,
     ):
-        from ..datagen.vllm_backend import vllm_is_available
+        from ..utils import vllm_is_available
 
         if not vllm_is_available():
             raise UserError(
