@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -28,9 +29,55 @@ class UserError(ValueError):
     The message is one short line (what is wrong, where, how to fix it); `details`, if any, follow it on later lines.
     """
 
+    exit_code = 2
+
     def __init__(self, message: str, details: str | None = None):
         super().__init__(message)
         self.details = details
+
+
+class RunFailed(UserError):
+    """The run itself failed (non-finite values, nothing to train on, a full disk, a server gone): one line, exit 1.
+
+    Nothing is taken for finished: the stage's outputs stay marked unfinished, and what was complete is kept."""
+
+    exit_code = 1
+
+
+_FAULTS = {
+    errno.ENOSPC: ("the disk is full", "free space there (or write elsewhere) and rerun: finished work is kept"),
+    errno.EDQUOT: ("the disk quota is used up", "free space there (or write elsewhere) and rerun"),
+    errno.EROFS: ("the file system is read-only", "choose a writable folder"),
+    errno.EACCES: ("permission denied", "choose a folder you may write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a folder you may write to, or fix its permissions"),
+}
+
+
+def environment_fault(err: BaseException) -> RunFailed | None:
+    """One line for a fault of the machine rather than of the code (disk full, read-only or forbidden folder), naming
+    the path; None for any other error."""
+    while err is not None and not (isinstance(err, OSError) and err.errno in _FAULTS):
+        err = err.__cause__ or err.__context__
+    if err is None:
+        return None
+    what, fix = _FAULTS[err.errno]
+    where = f"{err.filename}: " if err.filename else ""
+    return RunFailed(f"{where}{what} ({os.strerror(err.errno)}); {fix}.")
+
+
+def check_writable(folder: str | Path, label: str) -> None:
+    """Fail before any work starts when `folder` (created if missing) cannot take new files."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        fault = environment_fault(err)
+        if fault is None:
+            raise UserError(f"{label} {folder}: cannot write there ({err.strerror or err}).") from err
+        raise RunFailed(f"{label} {folder}: {str(fault).split(': ', 1)[-1]}") from err
 
 
 @contextmanager

@@ -47,6 +47,32 @@ def _require(path: Path, label: str, fix: str | None) -> None:
         raise bad_file(label, "does not exist", fix)
     if path.is_dir():
         raise bad_file(label, "is a folder, expected a file", fix)
+    if not path.is_file():  # opening a FIFO blocks until a writer comes; a device may never end
+        raise bad_file(label, "is not a regular file (a FIFO, socket or device)", fix)
+
+
+def require_file(path: str | Path, label: str | None = None, fix: str | None = None) -> Path:
+    """`path` if it is a regular file (symlinks followed), else one line saying what it is instead."""
+    path = Path(path)
+    _require(path, label or str(path), fix)
+    return path
+
+
+def resolve_inside(root: str | Path, name: str | Path, label: str, fix: str | None = None) -> Path:
+    """`root / name` with symlinks resolved, if it stays inside `root` (also resolved); else one line.
+
+    Every path the project takes from a file or an answer (an index's shard names, a server's spool path, a config's
+    file names) goes through this before it is read or deleted: `../x`, an absolute path or a symlink out of the
+    folder is refused."""
+    base = Path(root).resolve()
+    text = str(name)
+    if not text or "\x00" in text:
+        raise bad_file(label, f"names an empty or invalid path {text!r}", fix)
+    target = (base / name).resolve()  # an absolute `name` replaces `base`: caught below
+    if target != base and base not in target.parents:
+        fix = fix or "refused: it may only name files inside that folder"
+        raise bad_file(label, f"names {text!r}, which is outside {base}", fix)
+    return target
 
 
 def read_text(path: str | Path, label: str | None = None, fix: str | None = None) -> str:
@@ -196,14 +222,33 @@ def np_load(path: str | Path, label: str | None = None, fix: str | None = None):
     return value
 
 
-def pretrained_config(path_or_id: str, label: str, **kwargs):
-    """`AutoConfig.from_pretrained` (no remote code), with one line when the config cannot be read."""
+def pretrained_config(path_or_id: str, label: str, trust_remote_code: bool = False, **kwargs):
+    """`AutoConfig.from_pretrained` with `trust_remote_code` always explicit (False unless the user gave
+    `--trust-remote-code`: a folder's `auto_map` code never runs, and transformers never asks on stdin), with one line
+    when the config cannot be read."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path_or_id, **kwargs)
+        return AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as err:
-        raise bad_file(f"{label} {path_or_id}", f"cannot load its config.json ({describe(err)})") from err
+        raise bad_file(f"{label} {path_or_id}", f"cannot load its config.json ({_remote_code_hint(err)})") from err
+
+
+def pretrained_tokenizer(path_or_id: str, label: str, trust_remote_code: bool = False, **kwargs):
+    """`AutoTokenizer.from_pretrained` under the same rule as `pretrained_config`."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, **kwargs)
+    except Exception as err:
+        raise bad_file(f"{label} {path_or_id}", f"cannot load its tokenizer ({_remote_code_hint(err)})") from err
+
+
+def _remote_code_hint(err: BaseException) -> str:
+    text = describe(err)
+    if "trust_remote_code" in text:
+        return "it needs code from its folder (auto_map); pass --trust-remote-code if you trust that code"
+    return text
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from ..utils import UserError
+from ..utils import UserError, environment_fault
 from ..validation import read_yaml
 
 
@@ -193,7 +193,8 @@ def _scalar(label: str, key: str, value, hint, choices):
 
 
 def run_command(dataclass_types, fn: Callable, argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Parse, run `fn(*args)`, and turn user errors into one line on stderr (details after it) and exit status 2."""
+    """Parse, run `fn(*args)`, and turn user errors into one line on stderr (details after it) and exit status 2; a
+    failed run (`RunFailed`) or a fault of the machine (disk full, read-only folder) is one line and exit status 1."""
     parser = make_parser(dataclass_types, prog=prog)
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
@@ -202,12 +203,19 @@ def run_command(dataclass_types, fn: Callable, argv: list[str] | None = None, pr
         fn(*args)
     except UserError as err:
         _report(prog or parser.prog, err, verbose)
-        return 2
+        return err.exit_code
     except ValueError as err:  # raised by dataclass validation inside HfArgumentParser
         if err.__traceback__ is not None and _raised_in_post_init(err):
             _report(prog or parser.prog, err, verbose)
             return 2
         raise
+    except OSError as err:  # the machine's fault (disk full, read-only folder): one line naming the path
+        fault = environment_fault(err)
+        if fault is None:
+            raise
+        fault.__cause__ = err
+        _report(prog or parser.prog, fault, verbose)
+        return fault.exit_code
     return 0
 
 
