@@ -3,8 +3,9 @@
 Every comparison runs both trainers as fresh subprocesses, back to back, on the same data and shapes:
 
 * ours with this repository's interpreter (`.venv`), through `benchmarks/_ours_runner.py`;
-* vllm-project/speculators 0.9.0 with its own interpreter (`--baseline-python`, default `/work/venv-spec/bin/python`
-  or `$SPECULATORS_PYTHON`), through `benchmarks/_spec_runner.py`, which calls its `speculators train` entry point.
+* vllm-project/speculators 0.9.0 with its own interpreter (`--baseline-python` or `$SPECULATORS_PYTHON`; by default
+  `benchmarks/.venv-speculators`, created on first use by `ensure_baseline`), through `benchmarks/_spec_runner.py`,
+  which calls its `speculators train` entry point.
 
 Both runners write a JSON result with per-step end timestamps, tokens per step and peak memory, measured the same way.
 """
@@ -12,6 +13,7 @@ Both runners write a JSON result with per-step end timestamps, tokens per step a
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -26,7 +28,12 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 DEFAULT_WORK_DIR = BENCH_DIR / ".work"  # data, checkpoints, logs and result JSON (git-ignored)
-DEFAULT_BASELINE_PY = os.environ.get("SPECULATORS_PYTHON", "/work/venv-spec/bin/python")
+DEFAULT_BASELINE_PY = os.environ.get("SPECULATORS_PYTHON")  # None: benchmarks/.venv-speculators (ensure_baseline)
+BASELINE_VENV = BENCH_DIR / ".venv-speculators"  # git-ignored
+# The baseline and what its install needs on a CPU machine: torch pinned first (an unpinned one pulls a CUDA build),
+# and the torchvision/torchaudio it drags in removed (they break `from transformers import LlamaConfig` on CPU torch).
+BASELINE_PACKAGES = ("torch==2.13.0", "speculators==0.9.0")
+BASELINE_REMOVE = ("torchvision", "torchaudio")
 
 # Draft/verifier shapes. "tiny" is the tiny verifier kit's shape (speculators_hf.tiny_kit.TINY_LLAMA).
 SHAPES = {
@@ -151,7 +158,29 @@ def train_flops_per_token(shape: dict, sample_len: int, ttt_steps: int, train_lm
     return total + 3 * 2 * aux * H + 2 * H * V
 
 
-def baseline_versions(baseline_python: str) -> dict:
+@functools.cache
+def ensure_baseline(baseline_python: str | None = None) -> str:
+    """The baseline's interpreter: the one given (`--baseline-python`, `$SPECULATORS_PYTHON`), else
+    `benchmarks/.venv-speculators/bin/python`, installed there on first use (a few minutes, package registry only)."""
+    if baseline_python:
+        return baseline_python
+    python = BASELINE_VENV / "bin" / "python"
+    stamp = BASELINE_VENV / (".installed-" + "-".join(BASELINE_PACKAGES))
+    if python.exists() and stamp.exists():
+        return str(python)
+    log(f"installing the baseline ({', '.join(BASELINE_PACKAGES)}) into {BASELINE_VENV} (first use: a few minutes)")
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(BASELINE_VENV)], check=True)
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", BASELINE_PACKAGES[0]], check=True)
+    subprocess.run([*pip, "install", *BASELINE_PACKAGES], check=True)
+    subprocess.run([*pip, "uninstall", "-y", *BASELINE_REMOVE], check=False, capture_output=True)
+    stamp.touch()
+    return str(python)
+
+
+def baseline_versions(baseline_python: str | None) -> dict:
+    baseline_python = ensure_baseline(baseline_python)
     code = (
         "import json, importlib.metadata as m\n"
         "print(json.dumps({p: m.version(p) for p in ('speculators', 'torch', 'transformers', 'datasets')}))"
@@ -263,9 +292,10 @@ def synthetic_samples(
     return out
 
 
-def convert_to_speculators(our_dir: Path, spec_dir: Path, baseline_python: str, extra_rows: int = 1) -> dict:
+def convert_to_speculators(our_dir: Path, spec_dir: Path, baseline_python: str | None, extra_rows: int = 1) -> dict:
     """Write the speculators 0.9.0 offline layout of our shards (run with its own interpreter; verified there)."""
-    cmd = [baseline_python, str(BENCH_DIR / "_to_speculators.py"), str(our_dir), str(spec_dir), str(extra_rows)]
+    cmd = [ensure_baseline(baseline_python), str(BENCH_DIR / "_to_speculators.py"), str(our_dir), str(spec_dir)]
+    cmd.append(str(extra_rows))
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"conversion to the speculators layout failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -486,7 +516,7 @@ def run_baseline(
     tag: str,
     device: str,
     max_steps: int,
-    baseline_python: str,
+    baseline_python: str | None,
     save_final: Path | None = None,
     timeout: float | None = None,
     env: dict | None = None,
@@ -504,7 +534,7 @@ def run_baseline(
     log(f"baseline run {tag} ...")
     env = {"BENCH_DEVICE": device, **(env or {})}
     res = run_json(
-        [baseline_python, str(BENCH_DIR / "_spec_runner.py"), str(cfg_path)],
+        [ensure_baseline(baseline_python), str(BENCH_DIR / "_spec_runner.py"), str(cfg_path)],
         Path(cfg["result"]),
         out_dir / f"{tag}.log",
         env=env,
@@ -546,7 +576,7 @@ def prepare_synthetic(
     n_samples: int,
     sample_len: int,
     device: str,
-    baseline_python: str,
+    baseline_python: str | None,
     unique: int | None = None,
 ) -> dict:
     """Synthetic verifier + the same synthetic hidden states in both layouts (cached in `work`)."""
