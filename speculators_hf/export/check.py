@@ -1,32 +1,43 @@
-"""Stage 6: check (and convert) a draft checkpoint so that vLLM serves it as an EAGLE-3 draft.
+"""What vLLM's EAGLE-3 loader reads, checked before a draft is exported or uploaded.
 
-    speculators-hf export --checkpoint out/checkpoint --verifier-hub-id meta-llama/Llama-3.1-8B-Instruct
-
-`check_checkpoint` compares `config.json` and `model.safetensors` with exactly what vLLM's eagle3 speculators loader
-reads (names, shapes, dtypes, config keys) and with the vocabulary mapping; vLLM itself accepts a draft without `d2t`
-silently (draft index i then means target id i), so this check must. A checkpoint in the EAGLE authors' research format
-(flat config, `midlayer.*`) is converted into the speculators format; `--verifier-hub-id` sets the verifier that
-`vllm serve <draft>` (auto mode) serves.
+`check_checkpoint` compares `config.json` and the weights with exactly what vLLM's eagle3 speculators loader reads
+(names, shapes, dtypes, config keys), with the vocabulary mapping, and refuses weights holding NaN/inf; vLLM itself
+accepts a draft without `d2t` silently (draft index i then means target id i), so this check must. Shapes and dtypes
+come from the safetensors headers; the values are read in slices (a large draft is never held in memory).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+import math
 from pathlib import Path
 
 import torch
 
-from .utils import UserError, get_logger, write_json
-from .validation import bad_file, describe, load_safetensors, pretrained_config, read_json
+from ..formats.checkpoint import (
+    D2T,
+    T2D,
+    VLLM_VERSION,
+    WEIGHTS,
+    non_finite_count,
+    read_config,
+    read_tensor,
+    tensor_header,
+    vllm_serves_eagle3,
+)
+from ..modeling.configuration_eagle3 import aux_layer_ids_problem
+from ..utils import UserError, get_logger
+from ..vocab import validate_vocab_mapping
 
 logger = get_logger(__name__)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# safetensors header dtypes as torch names them (the messages say `torch.int32`, as the tensors would)
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
 # transformer_layer_config keys vLLM builds the draft decoder from.
 LAYER_KEYS = (
     "model_type",
@@ -39,42 +50,6 @@ LAYER_KEYS = (
     "max_position_embeddings",
     "vocab_size",
     "hidden_act",
-)
-# Verifier architectures whose model class in vLLM 0.32 implements `SupportsEagle3`, the interface vLLM needs to feed
-# an EAGLE-3 draft (read in vllm/model_executor/models; `tests/test_families_vllm.py` checks it against the installed
-# vLLM). For any other verifier, vLLM stops at serve time with "Model does not support EAGLE3 interface".
-VLLM_VERSION = "0.32"
-VLLM_EAGLE3_VERIFIERS = frozenset(
-    {
-        "AfmoeForCausalLM", "ApertusForCausalLM", "Cohere2MoeForCausalLM", "DeepseekForCausalLM",
-        "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Ernie4_5ForCausalLM", "Gemma4ForCausalLM",
-        "GptOssForCausalLM", "GraniteForCausalLM", "GraniteSWAForCausalLM", "IQuestCoderForCausalLM",
-        "InternLM3ForCausalLM", "K2HorizonForCausalLM", "LLaMAForCausalLM", "LagunaForCausalLM", "Llama4ForCausalLM",
-        "LlamaForCausalLM", "MiMoForCausalLM", "MiMoV2FlashForCausalLM", "MiMoV2ForCausalLM", "MiniCPM3ForCausalLM",
-        "MiniCPMForCausalLM", "MiniMaxM2ForCausalLM", "Ministral3ForCausalLM", "MistralForCausalLM",
-        "MistralLarge3ForCausalLM", "NemotronHForCausalLM", "NemotronHPuzzleForCausalLM", "Phi3ForCausalLM",
-        "Plamo3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM",
-        "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "SarvamMLAForCausalLM", "Step1ForCausalLM",
-        "TeleChat2ForCausalLM", "TeleChat3ForCausalLM", "TeleFLMForCausalLM",
-        # multimodal verifiers (their language model feeds the draft)
-        "Gemma4ForConditionalGeneration", "KimiK25ForConditionalGeneration", "LlavaForConditionalGeneration",
-        "Llama4ForConditionalGeneration", "Mistral3ForConditionalGeneration", "PixtralForConditionalGeneration",
-        "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
-        "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",
-    }
-)  # fmt: skip
-# Files copied along with the checkpoint when exporting into another folder.
-SIDE_FILES = (
-    "eval_card.json",
-    "eval_card.md",
-    "eval_grid_k.png",  # the eval grid's plots (speculators_hf.evaluation.grid.PLOT_FILES), linked from the cards
-    "eval_grid_batch.png",
-    "eval_grid_acceptance.png",
-    "training_config.json",
-    "trainer_state.json",
-    "data_config.json",
-    "README.md",
-    "generation_config.json",
 )
 
 
@@ -136,27 +111,6 @@ def expected_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def _dtype_kind(dtype: torch.dtype) -> str:
     return "float" if dtype in FLOAT_DTYPES else {torch.int64: "int64", torch.bool: "bool"}.get(dtype, str(dtype))
-
-
-def load_checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of `model.safetensors` (or of the shards its index lists)."""
-    fix = "re-save the draft (save_pretrained) or export it again"
-    if (path / "model.safetensors").is_file():
-        return load_safetensors(path / "model.safetensors", fix=fix)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(weight_map(index).values()))
-        return {k: v for f in files for k, v in load_safetensors(path / f, fix=fix).items()}
-    raise UserError(f"{path} has no model.safetensors: export it with save_pretrained or `speculators-hf export`.")
-
-
-def weight_map(index: Path) -> dict[str, str]:
-    """`weight_map` of a `model.safetensors.index.json`: tensor name -> shard file name (checked)."""
-    fix = "re-save the draft (save_pretrained) or export it again"
-    mapping = read_json(index, fix=fix).get("weight_map")
-    if not isinstance(mapping, dict) or not all(isinstance(v, str) and "/" not in v for v in mapping.values()):
-        raise bad_file(str(index), "has no weight_map of tensor names to shard files", fix)
-    return mapping
 
 
 # config.json fields whose type every check below relies on: path -> (types, what)
@@ -227,19 +181,12 @@ def _config_problems(config: dict) -> tuple[list[str], list[str]]:
     if not ids:
         errors.append("eagle_aux_hidden_state_layer_ids is missing: vLLM would capture its default (2, n//2, n-3)")
     else:
-        from .modeling.configuration_eagle3 import aux_layer_ids_problem
-
         problem = aux_layer_ids_problem(ids, config.get("verifier_num_hidden_layers"))
         if problem:  # e.g. not ascending: vLLM would feed the draft's fc the aux states in another order
             errors.append(f"eagle_aux_hidden_state_layer_ids: {problem}")
     if "norm_before_residual" not in config:
         warnings.append("norm_before_residual is missing: vLLM assumes True")
     return errors, warnings
-
-
-def vllm_serves_eagle3(verifier_architectures: list[str] | None) -> bool:
-    """Whether vLLM 0.32 serves EAGLE-3 drafts for a verifier of these architectures."""
-    return any(arch in VLLM_EAGLE3_VERIFIERS for arch in verifier_architectures or ())
 
 
 def serving_problems(config: dict) -> list[str]:
@@ -263,45 +210,60 @@ def serving_problems(config: dict) -> list[str]:
     return errors
 
 
-def _tensor_problems(config: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
+def _tensor_problems(config: dict, header: dict[str, tuple[str, list[int], Path]]) -> list[str]:
+    """Names, shapes and dtypes (from the headers), the vocabulary mapping, then the values (NaN/inf)."""
     expected = expected_tensors(config)
     layer = config["transformer_layer_config"]
     V, Vd = layer["vocab_size"], config.get("draft_vocab_size") or layer["vocab_size"]
     errors = []
-    missing = [n for n in expected if n not in tensors]
-    if Vd != V and "d2t" in missing:
+    missing = [n for n in expected if n not in header]
+    if Vd != V and D2T in missing:
         errors.append(
             f"d2t is missing although draft_vocab_size {Vd} != vocab_size {V}: vLLM would silently read "
             "draft index i as target id i"
         )
-    missing = [n for n in missing if n not in ("d2t", "t2d")] + (["t2d"] if "t2d" in missing else [])
+    missing = [n for n in missing if n not in (D2T, T2D)] + ([T2D] if T2D in missing else [])
     if missing:
         errors.append(f"missing tensors {missing}")
-    extra = sorted(set(tensors) - set(expected))
+    extra = sorted(set(header) - set(expected))
     if extra:
-        hint = " (full draft vocabulary: vLLM expects no d2t/t2d)" if {"d2t", "t2d"} & set(extra) else ""
+        hint = " (full draft vocabulary: vLLM expects no d2t/t2d)" if {D2T, T2D} & set(extra) else ""
         errors.append(f"unexpected tensors {extra}{hint}")
     floats = set()
     for name, (shape, kind) in expected.items():
-        if name not in tensors:
+        if name not in header:
             continue
-        t = tensors[name]
-        if tuple(t.shape) != shape:
-            errors.append(f"{name} has shape {list(t.shape)}, expected {list(shape)}")
-        if _dtype_kind(t.dtype) != kind:
-            errors.append(f"{name} has dtype {t.dtype}, expected {kind}")
+        dtype, found, _ = header[name]
+        dtype = _TORCH_DTYPES.get(dtype, dtype)
+        if tuple(found) != shape:
+            errors.append(f"{name} has shape {list(found)}, expected {list(shape)}")
+        if _dtype_kind(dtype) != kind:
+            errors.append(f"{name} has dtype {dtype}, expected {kind}")
         if kind == "float":
-            floats.add(t.dtype)
+            floats.add(dtype)
     if len(floats) > 1:
         errors.append(f"mixed float dtypes {sorted(map(str, floats))}")
-    if "d2t" in tensors and "t2d" in tensors and not errors:
-        from .vocab import validate_vocab_mapping
-
+    if errors:
+        return errors
+    if D2T in header and T2D in header:
         try:
-            validate_vocab_mapping(tensors["d2t"], tensors["t2d"], Vd, V)
+            validate_vocab_mapping(read_tensor(header[D2T][2], D2T), read_tensor(header[T2D][2], T2D), Vd, V)
         except UserError as err:
             errors.append(str(err).rstrip("."))
-    return errors
+    return errors + _non_finite_problems(header, [n for n, (_, kind) in expected.items() if kind == "float"])
+
+
+def _non_finite_problems(header: dict[str, tuple[str, list[int], Path]], names: list[str]) -> list[str]:
+    """One problem naming the tensors that hold NaN/inf (a draft whose training diverged serves garbage)."""
+    bad = {name: n for name in names if (n := non_finite_count(header[name][2], name))}
+    if not bad:
+        return []
+    shown = ", ".join(f"{name} ({n} of {math.prod(header[name][1])})" for name, n in list(bad.items())[:3])
+    more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+    return [
+        f"non-finite weights (NaN/inf) in {shown}{more}: the training diverged; export an earlier checkpoint or "
+        "retrain (with a lower --lr)"
+    ]
 
 
 def find_problems(path: str | Path, config: dict | None = None) -> tuple[list[str], list[str]]:
@@ -327,12 +289,7 @@ def _problems(path: Path, config: dict | None) -> tuple[list[str], list[str], li
     errors += serving_problems(config) if not errors else []
     if any("transformer_layer_config" in e for e in errors):
         return errors, [], warnings
-    return errors, _tensor_problems(config, load_checkpoint_tensors(path)), warnings
-
-
-def read_config(path: str | Path) -> dict:
-    """A checkpoint's `config.json` (a JSON object)."""
-    return read_json(Path(path) / "config.json", fix="re-save the draft (save_pretrained) or export it again")
+    return errors, _tensor_problems(config, tensor_header(path)), warnings
 
 
 def check_checkpoint(path: str | Path, config: dict | None = None, label: str | Path | None = None) -> list[str]:
@@ -347,7 +304,7 @@ def check_checkpoint(path: str | Path, config: dict | None = None, label: str | 
     """
     path = Path(path)
     config_errors, tensor_errors, warnings = _problems(path, config)
-    weights = "model.safetensors" if (path / "model.safetensors").is_file() else "model.safetensors shards"
+    weights = WEIGHTS if (path / WEIGHTS).is_file() else f"{WEIGHTS} shards"
     parts = [f"{name}: " + "; ".join(errors) for name, errors in (("config.json", config_errors), (weights,
              tensor_errors)) if errors]  # fmt: skip
     if parts:
@@ -355,215 +312,3 @@ def check_checkpoint(path: str | Path, config: dict | None = None, label: str | 
     for w in warnings:
         logger.warning(w)
     return warnings
-
-
-# ---------------------------------------------------------------------------------------------------- convert
-
-
-def set_verifier_name(path: str | Path, name_or_path: str) -> None:
-    """Record the verifier that `vllm serve <draft>` serves (`speculators_config.verifier.name_or_path`)."""
-    write_json(Path(path) / "config.json", with_verifier_name(read_config(path), name_or_path))
-
-
-def with_verifier_name(config: dict, name_or_path: str) -> dict:
-    """`config` with `speculators_config.verifier.name_or_path` set."""
-    config = json.loads(json.dumps(config))
-    spec = config.setdefault("speculators_config", {})
-    if isinstance(spec, dict) and isinstance(spec.setdefault("verifier", {}), dict):
-        spec["verifier"]["name_or_path"] = name_or_path
-    return config
-
-
-def convert_research_checkpoint(
-    path: str | Path, output_dir: str | Path, verifier: str | None = None, aux_layer_ids: list[int] | None = None
-) -> Path:
-    """EAGLE authors' research checkpoint (flat config, `midlayer.*`) -> speculators format in `output_dir`.
-
-    The tensors are read by `Eagle3DraftModel.from_pretrained` (its `key_mapping` renames `midlayer.*`); this adds
-    what the research config lacks.
-
-    Args:
-        verifier: hub id or folder of the verifier: its layer count gives the default aux ids `[2, n//2, n-3]`, its
-            `max_position_embeddings` replaces a smaller one (which would clip RoPE in vLLM), and its embedding fills
-            a missing `embed_tokens.weight`. Recorded as the verifier unless the config names one.
-        aux_layer_ids: explicit aux ids (vLLM convention) instead of the verifier's default.
-    """
-    from .modeling import Eagle3Config, Eagle3DraftModel, default_aux_layer_ids
-
-    path = Path(path)
-    flat = read_config(path)
-    for key in ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "auto_map"):
-        flat.pop(key, None)
-    vconf = pretrained_config(verifier, "--verifier").get_text_config() if verifier else None
-    n = vconf.num_hidden_layers if vconf is not None else flat.get("verifier_num_hidden_layers")
-    ids = aux_layer_ids or flat.get("eagle_aux_hidden_state_layer_ids") or (default_aux_layer_ids(n) if n else None)
-    if ids is None:
-        raise UserError(
-            f"{path}: no aux layer ids in the config; pass --verifier (for [2, n//2, n-3]) or --aux-layer-ids."
-        )
-    if vconf is not None and flat.get("max_position_embeddings", 0) < vconf.max_position_embeddings:
-        logger.warning(
-            "Raising max_position_embeddings %s to the verifier's %d (vLLM would clip RoPE).",
-            flat.get("max_position_embeddings"),
-            vconf.max_position_embeddings,
-        )
-        flat["max_position_embeddings"] = vconf.max_position_embeddings
-    name = flat.pop("verifier_name_or_path", None) or verifier
-    if name is None:
-        raise UserError(f"{path}: the config names no verifier; pass --verifier-hub-id or --verifier.")
-    try:
-        config = Eagle3Config(
-            **{
-                **flat,
-                "eagle_aux_hidden_state_layer_ids": list(ids),
-                "verifier_num_hidden_layers": n,
-                "verifier_name_or_path": name,
-                "architectures": ["Eagle3DraftModel"],
-                "tie_word_embeddings": False,
-            }
-        )
-    except (TypeError, ValueError) as err:  # a field of the wrong type or value
-        if isinstance(err, UserError):
-            raise
-        raise bad_file(str(path / "config.json"), f"is not a draft config ({describe(err)})") from err
-    model, info = Eagle3DraftModel.from_pretrained(
-        path, config=config, output_loading_info=True, missing_ok=["embed_tokens.weight"]
-    )
-    if info["unexpected_keys"]:
-        raise UserError(
-            f"{path}: research checkpoint does not match its config: unexpected {info['unexpected_keys']}."
-        )
-    if "embed_tokens.weight" in info["missing_keys"]:  # the authors' drafts share the verifier's embedding
-        if verifier is None:
-            raise UserError(f"{path} has no embed_tokens.weight; pass --verifier to copy the verifier's embedding.")
-        from .modeling.verifier_weights import load_verifier_tensors
-
-        embed = load_verifier_tensors(verifier, pretrained_config(verifier, "--verifier"), roles=("embed_tokens",))
-        with torch.no_grad():
-            model.embed_tokens.weight.copy_(embed["embed_tokens"])
-    model.save_pretrained(output_dir)
-    return Path(output_dir)
-
-
-def export_checkpoint(
-    checkpoint: str | Path,
-    output_dir: str | Path | None = None,
-    verifier_hub_id: str | None = None,
-    verifier: str | None = None,
-    aux_layer_ids: list[int] | None = None,
-) -> tuple[Path, list[str]]:
-    """Convert when needed, record the verifier id, check. Returns `(served folder, warnings)`.
-
-    Nothing is written unless the result passes the checks: a new folder is built beside `output_dir` and moved into
-    place at the end; in place, only `config.json` changes (with `--verifier-hub-id`), after the check."""
-    from .modeling.research_format import is_research_checkpoint
-
-    src = Path(checkpoint)
-    if not (src / "config.json").is_file():
-        raise UserError(f"--checkpoint {src} has no config.json.")
-    config = read_config(src)
-    if is_research_checkpoint(src):
-        out = Path(output_dir) if output_dir else src.with_name(src.name + "-speculators")
-        with _staged(out) as tmp:
-            convert_research_checkpoint(src, tmp, verifier=verifier or verifier_hub_id, aux_layer_ids=aux_layer_ids)
-            if verifier_hub_id:
-                set_verifier_name(tmp, verifier_hub_id)
-            warnings = check_checkpoint(tmp, label=f"--checkpoint {src}")
-        return out, warnings
-    if output_dir and Path(output_dir).resolve() != src.resolve():
-        refused = serving_problems(config)
-        if refused:  # before writing anything: a draft vLLM would refuse is not exported
-            raise UserError(f"{src}: " + "; ".join(refused) + ".")
-        out = Path(output_dir)
-        index = src / "model.safetensors.index.json"
-        shards = sorted(set(weight_map(index).values())) if index.is_file() else []
-        with _staged(out) as tmp:
-            for name in ("config.json", "model.safetensors", "model.safetensors.index.json", *SIDE_FILES, *shards):
-                if (src / name).is_file():
-                    shutil.copy2(src / name, tmp / name)
-            from .hub import training_record  # Trainer's state sits beside an epoch draft: carry it for the card
-
-            for name, found in training_record(src).items():
-                shutil.copy2(found, tmp / name)
-            if verifier_hub_id:
-                set_verifier_name(tmp, verifier_hub_id)
-            warnings = check_checkpoint(tmp, label=f"--checkpoint {src}")
-        return out, warnings
-    if verifier_hub_id:  # in place: check the edited config before writing it
-        edited = with_verifier_name(config, verifier_hub_id)
-        warnings = check_checkpoint(src, edited)
-        write_json(src / "config.json", edited)
-        return src, warnings
-    return src, check_checkpoint(src)
-
-
-@contextmanager
-def _staged(out: Path):
-    """A fresh folder beside `out`; on success its files move into `out` (created if needed), else it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".exporting"))
-    try:
-        yield tmp
-        out.mkdir(exist_ok=True)
-        for file in tmp.iterdir():
-            os.replace(file, out / file.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------------------------ CLI
-
-
-@dataclass
-class ExportArguments:
-    """Check a draft checkpoint against what vLLM's EAGLE-3 loader reads; convert research checkpoints."""
-
-    checkpoint: str = field(metadata={"help": "Draft checkpoint folder (speculators or EAGLE research format)."})
-    output_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Write the served checkpoint here (default: in place; `<checkpoint>-speculators` for a "
-            "research checkpoint)."
-        },
-    )
-    verifier_hub_id: str | None = field(
-        default=None,
-        metadata={
-            "help": "Verifier recorded in speculators_config.verifier.name_or_path, which `vllm serve <draft>` "
-            "serves. Use a hub id: a local absolute path breaks when folders move."
-        },
-    )
-    verifier: str | None = field(
-        default=None,
-        metadata={
-            "help": "Verifier folder or hub id to read (research checkpoints only: layer count, "
-            "max_position_embeddings and a missing embedding)."
-        },
-    )
-    aux_layer_ids: list[int] | None = field(
-        default=None, metadata={"help": "Aux layer ids for a research checkpoint (default [2, n//2, n-3])."}
-    )
-
-
-def run(args: ExportArguments) -> Path:
-    out, warnings = export_checkpoint(
-        args.checkpoint, args.output_dir, args.verifier_hub_id, args.verifier, args.aux_layer_ids
-    )
-    config = read_config(out)
-    print(
-        f"OK {out}: vLLM-servable EAGLE-3 draft for {config['speculators_config']['verifier']['name_or_path']}"
-        f" (draft vocab {config['draft_vocab_size']}, aux ids {config['eagle_aux_hidden_state_layer_ids']})"
-    )
-    for w in warnings:
-        print(f"warning: {w}")
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli.parser import run_command
-
-    return run_command(ExportArguments, run, argv, prog="speculators-hf export")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
