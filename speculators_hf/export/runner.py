@@ -10,15 +10,14 @@ is replaced (only its recorded files) with `--overwrite` or by the pipeline. In 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import runstate
-from ..formats.checkpoint import CONFIG, read_config, served_files, training_record
+from ..formats.checkpoint import CONFIG, copy_file, read_config, served_files, training_record
 from ..modeling.research_format import is_research_checkpoint
-from ..utils import UserError, atomic_path, get_logger, write_json
+from ..utils import UserError, get_logger, write_json
 from .arguments import ExportArguments
 from .check import check_checkpoint
 from .convert import convert_research_checkpoint, set_verifier_name, with_verifier_name
@@ -112,8 +111,7 @@ def _copy(args: ExportArguments, src: Path, out: Path, label: str, replace_stale
     if claim.finished:
         return ExportResult(**claim.result)
     for name, source in sources.items():
-        with atomic_path(claim.path(name)) as tmp:
-            shutil.copy2(source, tmp)
+        copy_file(source, claim.path(name))
     if edited is not None:
         write_json(claim.path(CONFIG), edited)
     return _finish(claim, _result(out, edited or config, warnings, list(sources)))

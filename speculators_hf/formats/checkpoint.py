@@ -8,12 +8,13 @@ share live here, below every stage (`speculators_hf/formats`, layer 1).
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from ..utils import UserError
+from ..utils import UserError, atomic_path
 from ..validation import bad_file, read_json, read_json_if_exists, safetensors_header
 
 CONFIG = "config.json"
@@ -134,6 +135,16 @@ def non_finite_count(file: Path, name: str, chunk: int = _CHUNK) -> int:
             return sum(int((~torch.isfinite(part[a : a + step])).sum()) for a in range(0, shape[0], step))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own errors or a Rust panic
         raise bad_file(str(file), f"cannot read {name} (truncated or corrupt)", FIX) from err
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """Copy one file of a checkpoint to `target` atomically (a temp name beside it, then renamed); a fault while
+    writing (disk full, read-only) names `target`, not the file read."""
+    with atomic_path(target) as tmp:
+        try:
+            shutil.copy2(source, tmp)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(target)) from err
 
 
 def _read_record(path: Path | None) -> dict | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..utils import get_logger
 from .arguments import PushArguments
-from .upload import plan_upload, stage_upload, upload
+from .upload import plan_upload, stage_upload, upload_plan
 
 logger = get_logger(__name__)
 
@@ -32,7 +32,7 @@ def run(args: PushArguments) -> PushResult:
         files = sorted(p.name for p in Path(folder).iterdir() if not p.name.startswith("."))
         return PushResult(args.repo_id, files, local_dir=str(folder))
     plan = plan_upload(args.checkpoint, args.repo_id, args.data_path)
-    done = upload(plan, args.repo_id, private=args.private, timeout=args.timeout)
+    done = upload_plan(plan, args.repo_id, private=args.private, timeout=args.timeout)
     return PushResult(args.repo_id, plan.names, done["url"], done["commit_url"], done["commit_oid"])
 
 
@@ -57,5 +57,5 @@ def push_to_hub(
         logger.warning("Staged the upload in %s; nothing was uploaded (local_dir given).", folder)
         return str(folder)
     plan = plan_upload(checkpoint, repo_id, data_path)
-    done = upload(plan, repo_id, private=private, token=token, commit_message=commit_message, timeout=timeout)
+    done = upload_plan(plan, repo_id, private=private, token=token, commit_message=commit_message, timeout=timeout)
     return done["url"]

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, constants, get_session
+from huggingface_hub import constants
 
 from .. import runstate
 from ..export import check_checkpoint
-from ..formats.checkpoint import served_files, training_record
+from ..formats.checkpoint import copy_file, served_files, training_record
 from ..utils import RunFailed, UserError, atomic_path
-from ..validation import describe
 from .card import build_model_card
+from .transfer import READ_TIMEOUT, upload_in_child
 
 README = "README.md"
-READ_TIMEOUT = 60.0  # seconds one request may wait for the next bytes (huggingface_hub's default: forever)
+STARTUP_TIMEOUT = 300.0  # seconds the upload process may take to start (Python and imports, no network)
 
 
 @dataclass
@@ -75,15 +74,14 @@ def stage_upload(
     claim = runstate.claim(folder, "push", inputs, overwrite=overwrite, label="--local-dir")
     if not claim.finished:
         for name, source in plan.files.items():
-            with atomic_path(claim.path(name)) as tmp:
-                shutil.copy2(source, tmp)
+            copy_file(source, claim.path(name))
         with atomic_path(claim.path(README)) as tmp:
             tmp.write_text(plan.card)
         claim.finish({"files": plan.names}, produced=len(plan.names), what="files")
     return Path(folder)
 
 
-def upload(
+def upload_plan(
     plan: UploadPlan,
     repo_id: str,
     *,
@@ -92,7 +90,8 @@ def upload(
     commit_message: str = "Upload EAGLE-3 draft",
     timeout: float = 3600.0,
 ) -> dict:
-    """Create the repo (if needed) and commit the plan's files, in a child process killed after `timeout` seconds.
+    """Create the repo (if needed) and commit the plan's files in a child process (`transfer.py`), killed when the
+    upload has not finished `timeout` seconds after it began (the child's start, a second or so, does not count).
 
     Returns:
         `dict`: `url` (the repo), `commit_url`, `commit_oid`.
@@ -101,22 +100,17 @@ def upload(
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or locks inherited
     receive, send = context.Pipe(duplex=False)
     child = context.Process(
-        target=_upload_in_child,
+        target=upload_in_child,
         args=(send, repo_id, files, private, token, commit_message, min(READ_TIMEOUT, timeout)),
         daemon=True,
     )
     child.start()
     send.close()
     try:
-        if not receive.poll(timeout):
-            raise RunFailed(
-                f"push: the upload to {endpoint()} did not finish within {timeout:g} s (--timeout); the "
-                "network or the Hub is too slow or not answering: rerun later or with a larger --timeout."
-            )
-        try:
-            status, answer = receive.recv()
-        except EOFError:
-            raise RunFailed(f"push: the upload process died (exit code {child.exitcode}); rerun the push.") from None
+        # the deadline counts from the child's first request: starting Python and importing is not the upload
+        status, answer = _receive(receive, child, STARTUP_TIMEOUT, "start")
+        if status == "ready":
+            status, answer = _receive(receive, child, timeout, "upload")
     finally:
         if child.is_alive():
             child.kill()
@@ -124,27 +118,27 @@ def upload(
         receive.close()
     if status != "ok":
         raise RunFailed(
-            f"push: uploading to {repo_id} at {endpoint()} failed ({answer}); check the network, HF_ENDPOINT and "
+            f"uploading to {repo_id} at {endpoint()} failed ({answer}); check the network, HF_ENDPOINT and "
             "your token (HF_TOKEN or `hf auth login`), then rerun."
         )
     return answer
 
 
+def _receive(receive, child, timeout: float, what: str) -> tuple[str, object]:
+    """The child's next message within `timeout` seconds; one line when it does not come."""
+    if not receive.poll(timeout):
+        if what == "start":
+            raise RunFailed(f"the upload process did not start within {timeout:g} s; rerun the push.")
+        raise RunFailed(
+            f"the upload to {endpoint()} did not finish within {timeout:g} s (--timeout); the network or the "
+            "Hub is too slow or not answering: rerun later or with a larger --timeout."
+        )
+    try:
+        return receive.recv()
+    except EOFError:
+        raise RunFailed(f"the upload process died (exit code {child.exitcode}); rerun the push.") from None
+
+
 def endpoint() -> str:
     """The Hub the upload goes to (the child reads `HF_ENDPOINT` afresh, as huggingface_hub does at import)."""
     return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
-
-
-def _upload_in_child(send, repo_id, files, private, token, commit_message, read_timeout) -> None:
-    """The child's side of `upload`: one message back, ("ok", result) or ("error", one line)."""
-    try:
-        get_session().timeout = read_timeout  # the client every huggingface_hub request goes through
-        api = HfApi(token=token)
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=source) for name, source in files]
-        info = api.create_commit(repo_id, operations=operations, commit_message=commit_message)
-        send.send(("ok", {"url": str(url), "commit_url": info.commit_url, "commit_oid": info.oid}))
-    except Exception as err:  # noqa: BLE001 - whatever huggingface_hub or the network raise becomes one line
-        send.send(("error", f"{type(err).__name__}: {describe(err)}"))
-    finally:
-        send.close()
