@@ -225,12 +225,8 @@ def claim(
         readonly: decide without writing or deleting (non-main processes of a distributed run).
     """
     folder = Path(folder)
-    foreign = _foreign_entries(folder) if owned else []
-    if foreign:  # before anything is written there
-        raise UserError(
-            f"{label} {folder} holds files speculators_hf did not write ({_listed({'entries': foreign})}): "
-            "choose an empty or new folder (nothing there is deleted or replaced)."
-        )
+    if owned:  # before anything is written there
+        refuse_foreign(folder, label)
     if not readonly:
         check_writable(folder, label)
     digest = fingerprint(inputs)
@@ -269,6 +265,17 @@ def claim(
         if not readonly:
             write_json(manifest_path(folder, key), manifest)
     return Claim(folder, key, digest, inputs, state, manifest, readonly)
+
+
+def refuse_foreign(folder: str | Path, label: str = "--output-dir") -> None:
+    """Refuse, in one line naming them, a folder holding entries no manifest there records (what `claim` does for a
+    folder the run owns); writes nothing, so a stage can call it before any work."""
+    foreign = _foreign_entries(Path(folder))
+    if foreign:
+        raise UserError(
+            f"{label} {folder} holds files speculators_hf did not write ({_listed({'entries': foreign})}): "
+            "choose an empty or new folder (nothing there is deleted or replaced)."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -373,5 +380,6 @@ __all__ = [
     "fingerprint",
     "manifest_path",
     "read_manifest",
+    "refuse_foreign",
     "require_complete",
 ]

@@ -245,10 +245,13 @@ def pretrained_tokenizer(path_or_id: str, label: str, trust_remote_code: bool = 
 
 
 def _remote_code_hint(err: BaseException) -> str:
-    text = describe(err)
-    if "trust_remote_code" in text:
+    chain, link = [], err
+    while link is not None and len(chain) < 20:  # transformers names the flag on a later line of its message
+        chain.append(str(link))
+        link = link.__cause__ or link.__context__
+    if any("trust_remote_code" in text for text in chain):
         return "it needs code from its folder (auto_map); pass --trust-remote-code if you trust that code"
-    return text
+    return describe(err)
 
 
 @contextmanager

@@ -285,7 +285,8 @@ READERS = [
     Reader("resume-record", "train", "save/checkpoint-1/training_config.json", lambda i, o: _train(i, i / "save"), {
         "wrong-type": write_json(["fingerprint"]),
     }, uses=("data", "save"), generic=("truncated", "random")),
-    # draft checkpoints (export.py read_config, load_checkpoint_tensors; modeling_eagle3 check_local_checkpoint)
+    # draft checkpoints (formats/checkpoint.py read_config, tensor_header, non_finite_count; modeling_eagle3
+    # check_local_checkpoint)
     Reader("export-config", "export", "draft/config.json", lambda i, o: [
         "--checkpoint", str(i / "draft"), "--output-dir", str(o)], {
         "wrong-type": write_json("eagle3"),
@@ -294,6 +295,7 @@ READERS = [
     Reader("export-weights", "export", "draft/model.safetensors", lambda i, o: [
         "--checkpoint", str(i / "draft"), "--output-dir", str(o)], {
         "wrong-shape": edit_tensors(lambda t: t.update({"fc.weight": t["fc.weight"][:, :8].contiguous()})),
+        "non-finite": edit_tensors(lambda t: t["fc.weight"].__setitem__((0, 0), float("nan"))),
     }, uses=("draft",)),
     Reader("draft-config", "evaluate", "draft/config.json", _evaluate, {
         "wrong-type": write_json([]),
@@ -318,7 +320,11 @@ READERS = [
         *_evaluate(i, i / "gridout"), "--grid", "--k", "1", "--temperature", "0", "--batch-size", "1"], {
         "wrong-type": write_json(["fingerprint"]),
     }, uses=("draft", "prompts.jsonl", "gridout")),
-    # push: the training record and eval card (hub.py)
+    # push: the draft's weights (checked as export checks them), the training record and eval card (hub/)
+    Reader("push-weights", "push", "draft/model.safetensors", lambda i, o: [
+        "--checkpoint", str(i / "draft"), "--repo-id", "org/x", "--local-dir", str(o)], {
+        "non-finite": edit_tensors(lambda t: t["lm_head.weight"].__setitem__((0, 0), float("inf"))),
+    }, uses=("draft",), generic=("truncated",)),
     Reader("push-data-config", "push", "data/data_config.json", lambda i, o: [
         "--checkpoint", str(i / "draft"), "--repo-id", "org/x", "--local-dir", str(o), "--data-path",
         str(i / "data")], {
@@ -545,8 +551,10 @@ RAW_READERS = {
     ("modeling/modeling_eagle3.py", "Eagle3Config.from_pretrained(folder)"): "reader:draft-config",
     ("modeling/modeling_eagle3.py", "def from_pretrained("): "exempt: a definition",
     ("modeling/modeling_eagle3.py", "super().from_pretrained("): "reader:draft-weights",
-    ("export.py", "json.loads(json.dumps(config))"): "exempt: a deep copy",
-    ("export.py", "Eagle3DraftModel.from_pretrained("): "reader:export-weights",
+    ("export/convert.py", "Eagle3DraftModel.from_pretrained("): "reader:export-weights",
+    ("formats/checkpoint.py", 'with safe_open(str(file), "pt")'): "reader:export-weights",
+    ("runstate.py", 'with open(p, "rb") as f:'): "exempt: a checksum",
+    ("runstate.py", 'open(manifest.with_suffix(".lock"), "a")'): "exempt: a lock file",
     ("evaluation/cli.py", 'open(path, "rb")'): "reader:prompts",
     ("evaluation/cli.py", "AutoModelForCausalLM.from_pretrained("): "reader:verifier-weights",
     ("evaluation/cli.py", "Eagle3DraftModel.from_pretrained("): "reader:draft-config",

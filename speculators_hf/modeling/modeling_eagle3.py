@@ -26,6 +26,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
+from ..formats.checkpoint import weight_map
 from ..utils import UserError
 from ..validation import bad_file, describe, pretrained_config, read_json, safetensors_header, torch_load
 from .configuration_eagle3 import Eagle3Config
@@ -166,8 +167,6 @@ def check_local_checkpoint(path, config_given: bool = False) -> None:
     if (folder / "model.safetensors").is_file():
         safetensors_header(folder / "model.safetensors", fix=fix)
     elif index.is_file():
-        from ..export import weight_map
-
         for shard in sorted(set(weight_map(index).values())):
             safetensors_header(folder / shard, fix=fix)
     elif (folder / "pytorch_model.bin").is_file():

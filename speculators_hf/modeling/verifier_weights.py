@@ -10,6 +10,7 @@ import torch
 from huggingface_hub import hf_hub_download
 from safetensors import safe_open
 
+from ..formats.checkpoint import WEIGHTS, WEIGHTS_INDEX, weight_map
 from ..utils import UserError, get_logger
 from ..validation import safetensors_header
 
@@ -39,8 +40,10 @@ def check_verifier_weights(path_or_id: str, label: str) -> None:
 
 
 def _resolve(path_or_id: str, filename: str) -> str | None:
-    local = Path(path_or_id) / filename
+    """A file of the verifier (a plain file name: `weight_map` refuses any other), from its local folder or the
+    hub; None when it has no such file."""
     if Path(path_or_id).is_dir():
+        local = Path(path_or_id) / filename
         return str(local) if local.exists() else None
     try:
         return hf_hub_download(path_or_id, filename)
@@ -50,15 +53,13 @@ def _resolve(path_or_id: str, filename: str) -> str | None:
 
 def _weight_map(path_or_id: str) -> dict[str, str]:
     """tensor name -> safetensors file name, from the index or the single-file checkpoint."""
-    index = _resolve(path_or_id, "model.safetensors.index.json")
+    index = _resolve(path_or_id, WEIGHTS_INDEX)
     if index is not None:
-        from ..export import weight_map
-
-        return weight_map(Path(index))
-    single = _resolve(path_or_id, "model.safetensors")
+        return weight_map(index, fix=_FIX)
+    single = _resolve(path_or_id, WEIGHTS)
     if single is None:
         raise UserError(f"No safetensors weights found for verifier {path_or_id!r} (model.safetensors[.index.json]).")
-    return {k: "model.safetensors" for k in safetensors_header(single, fix=_FIX)}
+    return {k: WEIGHTS for k in safetensors_header(single, fix=_FIX)}
 
 
 def _find(names: list[str], role: str) -> str | None:
