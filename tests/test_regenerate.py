@@ -20,12 +20,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from speculators_hf.datagen import DatagenArguments, ShardDataset, build_dataset, tokenize_conversation
-from speculators_hf.regenerate import RegenerateArguments, make_engine, prepare, regenerate
-from speculators_hf.regenerate.engines import Generation
+from speculators_hf.regenerate import Generation, RegenerateArguments, make_engine, prepare, run
 from speculators_hf.regenerate.rollout import Conversation, RolloutConfig
 from speculators_hf.regenerate.sampling import Sampling
 from speculators_hf.tiny_kit import build_tokenizer, chitchat_conversations
-from speculators_hf.utils import UserError
+from speculators_hf.utils import RunFailed, UserError
 
 MAX_NEW = 24
 MAX_TURNS = 3
@@ -90,9 +89,9 @@ def reference(peaked_verifier_path, chats, tmp_path_factory):
     args = make_args(peaked_verifier_path, chats, out)
     plan = prepare(args)
     engine = Recording(make_engine(args, plan.sampling, plan.dtype, plan.model_config))
-    summary = regenerate(args, engine=engine)
+    result = run(args, engine=engine)
     engine.close()
-    return SimpleNamespace(args=args, out=out, rows=read_jsonl(out), summary=summary, calls=engine.calls)
+    return SimpleNamespace(args=args, out=out, rows=read_jsonl(out), summary=result, calls=engine.calls)
 
 
 # ----------------------------------------------------------------------------------------- the rollout
@@ -103,8 +102,8 @@ def test_every_user_turn_is_answered_given_the_regenerated_prefix(reference, cha
     source = read_jsonl(chats)
     answers = {tuple(r.prompt_ids): g.token_ids for r, g in reference.calls}
     s = reference.summary
-    assert len(reference.rows) == len(source) == s["conversations"] == s["regenerated"] + s["truncated"] > 3
-    assert s["failed"] == s["skipped"] == s["turns_not_round_trip"] == 0
+    assert len(reference.rows) == len(source) == s.conversations == s.regenerated + s.truncated > 3
+    assert s.failed == s.skipped == s.turns_not_round_trip == 0
     for src, row in zip(source, reference.rows):
         messages = row["messages"]
         if "id" in src:
@@ -155,7 +154,7 @@ def test_datagen_loss_mask_is_exactly_the_regenerated_tokens(reference, peaked_v
             closing = [] if produced[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]  # truncated turns
             assert ids[t:end] == produced + closing  # through the stop token; the template's newline is not trained
             runs, t = runs + 1, end
-    assert runs == reference.summary["turns"]
+    assert runs == reference.summary.turns
     regeneration = json.loads((tmp_path / "data" / "data_config.json").read_text())["data"]["regeneration"]
     assert regeneration["matches_source"] is True
     assert regeneration["counts"]["turns"] == runs and regeneration["verifier"]["name_or_path"] == str(
@@ -167,11 +166,11 @@ def test_turns_last_and_truncation(peaked_verifier_path, chats, tmp_path):
     source = read_jsonl(chats)[:3]
     # --turns last, into a save_to_disk folder: the source history, then one regenerated answer.
     args = make_args(peaked_verifier_path, chats, tmp_path / "last", turns="last", max_samples=3, max_model_len=2048)
-    last = regenerate(args)
+    last = run(args)
     from datasets import load_from_disk
 
     rows = list(load_from_disk(str(tmp_path / "last")))
-    assert last["written"] == len(rows) == 2 and (tmp_path / "last" / "regenerate_config.json").exists()
+    assert last.written == len(rows) == 2 and (tmp_path / "last" / "regenerate_config.json").exists()
     (failure,) = read_jsonl(tmp_path / "last" / "failures.jsonl")  # chat 2 is 6.7k tokens long
     assert failure["index"] == 2 and "over --max-model-len" in failure["reason"]
     for src, row in zip(source, rows):
@@ -179,14 +178,15 @@ def test_turns_last_and_truncation(peaked_verifier_path, chats, tmp_path):
         assert [dict(m) for m in row["messages"][:end]] == src["messages"][:end] and len(row["messages"]) == end + 1
 
     # A turn cut at --max-new-tokens ends the conversation (kept by default) ...
-    cut = regenerate(make_args(peaked_verifier_path, chats, tmp_path / "cut.jsonl", max_new_tokens=2, max_samples=3))
-    assert cut["truncated"] == cut["truncated_turns"] == 3 and cut["regenerated"] == 0
+    cut = run(make_args(peaked_verifier_path, chats, tmp_path / "cut.jsonl", max_new_tokens=2, max_samples=3))
+    assert cut.truncated == cut.truncated_turns == 3 and cut.regenerated == 0
     assert all(len(r["messages"]) in (2, 3) for r in read_jsonl(tmp_path / "cut.jsonl"))  # [system,] user, answer
-    # ... or dropped with --drop-truncated; nothing disappears silently.
+    # ... or dropped with --drop-truncated; nothing disappears silently (here nothing is left: the run fails).
     args = make_args(peaked_verifier_path, chats, tmp_path / "drop.jsonl", max_new_tokens=2, max_samples=3)
     args.drop_truncated = True
-    dropped = regenerate(args)
-    assert dropped["written"] == 0 and dropped["truncated"] == 3
+    with pytest.raises(RunFailed, match=r"produced no conversations \(3 truncated, 0 failed, 0 skipped of 3"):
+        run(args)  # written == 0, truncated == 3
+    assert not (tmp_path / "drop.jsonl").exists()
     failures = read_jsonl(tmp_path / "drop.failures.jsonl")
     assert [f["status"] for f in failures] == ["truncated"] * 3 and "--drop-truncated" in failures[0]["reason"]
 
@@ -203,13 +203,13 @@ def test_skipped_rows_side_file_rerun_and_flag_errors(peaked_verifier_path, tmp_
     ]
     chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
-    summary = regenerate(make_args(peaked_verifier_path, chats, out))
-    assert (summary["regenerated"] + summary["truncated"], summary["skipped"]) == (1, 2)
+    summary = run(make_args(peaked_verifier_path, chats, out))
+    assert (summary.regenerated + summary.truncated, summary.skipped) == (1, 2)
     failures = {f["id"]: f for f in read_jsonl(tmp_path / "out.failures.jsonl")}
     assert failures["b"]["reason"] == "no user turn" and failures["c"]["reason"].startswith("unknown roles")
     # The same command again has nothing to do; other flags refuse to mix outputs (one line, exit 2).
     stamp = out.stat().st_mtime_ns
-    assert regenerate(make_args(peaked_verifier_path, chats, out)) == summary and out.stat().st_mtime_ns == stamp
+    assert run(make_args(peaked_verifier_path, chats, out)) == summary and out.stat().st_mtime_ns == stamp
     argv = ["--target-model-path", str(peaked_verifier_path), "--train-data-path", str(chats)]
     assert main([*argv, "--output-path", str(out), "--backend", "transformers", "--max-new-tokens", "5"]) == 2
     err = capsys.readouterr().err
@@ -243,8 +243,8 @@ def test_resume_after_kill_gives_the_uninterrupted_output(reference, peaked_veri
     with open(records, "a") as f:
         f.write('{"index": 99, "id": "torn')  # as if the kill had landed inside a write
 
-    summary = regenerate(make_args(peaked_verifier_path, chats, out, chunk_size=1))
-    assert summary["this_run"]["conversations"] == len(reference.rows) - len(done)
+    summary = run(make_args(peaked_verifier_path, chats, out, chunk_size=1))
+    assert summary.this_run_conversations == len(reference.rows) - len(done)
     assert read_jsonl(out) == reference.rows
     assert not records.parent.exists()
 
@@ -428,15 +428,15 @@ def test_vllm_in_process_gives_the_transformers_conversations(reference, peaked_
     plan = prepare(args)
     engine = VLLMEngine(str(peaked_verifier_path), plan.sampling, dtype=plan.dtype, max_model_len=512)
     try:
-        summary = regenerate(args, engine=engine)
+        summary = run(args, engine=engine)
     finally:
         engine.close()
     assert read_jsonl(tmp_path / "vllm.jsonl") == reference.rows
     config = json.loads((tmp_path / "vllm.regenerate_config.json").read_text())
     assert list(config["engine"]["used"]) == [f"vllm {engine.version}"]
     print(
-        f"\nregeneration tokens/s: vLLM {summary['this_run']['tokens_per_second']}, transformers "
-        f"{reference.summary['this_run']['tokens_per_second']} (tiny verifier, CPU)"
+        f"\nregeneration tokens/s: vLLM {summary.tokens_per_second}, transformers "
+        f"{reference.summary.tokens_per_second} (tiny verifier, CPU)"
     )
 
 
@@ -448,17 +448,17 @@ def test_server_mode_round_robin_gives_the_same_conversations(reference, peaked_
         args = make_args(
             peaked_verifier_path, chats, tmp_path / "srv.jsonl", server_url=[url, url + "/v1"], concurrency=3
         )
-        summary = regenerate(args)
+        summary = run(args)
         # Sampling with a seed is reproducible: every request carries a seed derived from the chat id and turn.
         sampled = [
-            regenerate(make_args(peaked_verifier_path, chats, tmp_path / f"s{k}.jsonl", server_url=[url],
+            run(make_args(peaked_verifier_path, chats, tmp_path / f"s{k}.jsonl", server_url=[url],
                                  temperature=1.0, seed=3, max_samples=3))
             for k in range(2)
         ]  # fmt: skip
     assert read_jsonl(tmp_path / "srv.jsonl") == reference.rows
-    assert summary["this_run"]["engine"].startswith("vllm-server")
+    assert summary.engine.startswith("vllm-server")
     assert read_jsonl(tmp_path / "s0.jsonl") == read_jsonl(tmp_path / "s1.jsonl")
-    assert sampled[0]["conversations"] == 3 and sampled[0]["written"] >= 1, sampled[0]
+    assert sampled[0].conversations == 3 and sampled[0].written >= 1, sampled[0]
     config = json.loads((tmp_path / "s0.regenerate_config.json").read_text())
     assert config["sampling"]["temperature"] == 1.0 and config["sampling"]["greedy"] is False
 
@@ -467,4 +467,4 @@ def test_errors_are_user_errors(peaked_verifier_path, tmp_path):
     with pytest.raises(ValueError, match="--turns"):
         make_args(peaked_verifier_path, tmp_path / "x.jsonl", tmp_path / "o.jsonl", turns="first")
     with pytest.raises(UserError, match="does not exist"):
-        regenerate(make_args(peaked_verifier_path, tmp_path / "missing.jsonl", tmp_path / "o.jsonl"))
+        run(make_args(peaked_verifier_path, tmp_path / "missing.jsonl", tmp_path / "o.jsonl"))
