@@ -203,7 +203,7 @@ class Progress:
     """A tqdm bar over conversations with the generated tokens/s (thread-safe)."""
 
     def __init__(self, total: int, desc: str, disable: bool = False):
-        self.bar = tqdm(total=total, unit="chat", desc=desc, disable=disable)
+        self.bar = tqdm(total=total, unit="chat", desc=desc, **({"disable": True} if disable else {}))  # TQDM_DISABLE
         self.start = time.perf_counter()
         self.done = self.tokens = 0
         self._lock = threading.Lock()

@@ -99,14 +99,20 @@ class PartialStore:
     def write(self, record: dict) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with self._lock:
-            self._file.write(line)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            try:
+                self._file.write(line)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as err:  # e.g. the disk filled: name the file (the next run cuts a torn line off)
+                raise OSError(err.errno, err.strerror, str(self.path)) from err
 
     def close(self) -> None:
         if self._file is not None:
             file, self._file = self._file, None
-            file.close()
+            try:
+                file.close()
+            except OSError:  # what `write` could not flush: already raised there
+                pass
 
 
 def repair(path: Path) -> None:
