@@ -250,6 +250,14 @@ def test_resume_after_kill_gives_the_uninterrupted_output(reference, peaked_veri
     assert not records.parent.exists()
 
 
+def test_data_parallel_replicas_give_the_uninterrupted_output(reference, peaked_verifier_path, chats, tmp_path):
+    """`--data-parallel-size 2` on CPU: two worker processes (started from `to_argv`) share the chats."""
+    out = tmp_path / "dp.jsonl"
+    result = run(make_args(peaked_verifier_path, chats, out, data_parallel_size=2))
+    assert read_jsonl(out) == reference.rows and result.replicas == 2
+    assert result.this_run_conversations == len(reference.rows) and not (tmp_path / ".dp.jsonl.partial").exists()
+
+
 def test_pipeline_regenerate_stage_feeds_datagen_and_is_skipped_when_unchanged(peaked_verifier_path, chats, tmp_path):
     from speculators_hf.pipeline import Pipeline, PipelineArguments
 
@@ -614,6 +622,9 @@ def test_overwrite_deletes_only_what_regenerate_wrote(peaked_verifier_path, chat
         [*ours, "notes.txt", "out.jsonl.bak", ".notes"]
     )
     assert {k: v for k, v in digest(tmp_path).items() if k in users} == users
+    # The pipeline, in its own folders, replaces a run with other inputs without --overwrite.
+    replaced = run(make_args(peaked_verifier_path, chats, out, max_new_tokens=3, max_samples=2), replace_stale=True)
+    assert replaced.written == 2 and {k: v for k, v in digest(tmp_path).items() if k in users} == users
 
 
 MARKER_CODE = """
@@ -658,3 +669,19 @@ def test_a_verifiers_own_code_runs_only_with_trust_remote_code(peaked_verifier_p
                              text=True, env=env, timeout=300)  # fmt: skip
     assert trusted.returncode == 0, trusted.stderr
     assert marker.exists() and len(read_jsonl(tmp_path / "out.jsonl")) == 2
+
+
+def test_a_run_that_regenerates_nothing_fails_with_its_failures_written(peaked_verifier_path, tmp_path, capsys):
+    from speculators_hf.regenerate.cli import main
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"id": "a", "messages": [{"role": "assistant", "content": "no question"}]}) + "\n")
+    out = tmp_path / "out" / "out.jsonl"
+    for _ in range(2):  # the rerun resumes (nothing left to generate) and fails the same way
+        code, err = main(cli_argv(peaked_verifier_path, chats, out)), capsys.readouterr().err
+        line = err.strip().splitlines()[-1]
+        assert code == 1 and "produced no conversations (0 truncated, 0 failed, 1 skipped of 1" in line, err
+        assert "Traceback" not in err and not out.exists()
+        assert read_jsonl(tmp_path / "out" / "out.failures.jsonl") == [
+            {"index": 0, "id": "a", "status": "skipped", "reason": "no user turn"}
+        ]

@@ -46,8 +46,10 @@ class RegenerateResult:
     reasons: dict = field(default_factory=dict)  # why conversations are not in the output (the 10 most common)
 
     @classmethod
-    def from_record(cls, record: dict) -> RegenerateResult:
-        """Rebuilt from what the run state recorded (keys of other versions ignored)."""
+    def from_record(cls, record) -> RegenerateResult | None:
+        """Rebuilt from what the run state recorded (keys of other versions ignored); None if it is not one."""
+        if not isinstance(record, dict) or not {"output_path", "provenance_path", "failures_path"} <= set(record):
+            return None
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in record.items() if k in known})
 

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from ..formats.provenance import output_matches
 from ..replicas import run_replicas
-from ..runstate import Claim, changed_keys, claim, read_manifest
+from ..runstate import Claim, changed_keys, claim, manifest_path, read_manifest
 from ..utils import RunFailed, UserError, check_writable, get_logger, write_json
-from ..validation import read_json
+from ..validation import bad_file, read_json
 from .arguments import RegenerateArguments
 from .engines import make_engine
 from .generation import Engine
@@ -136,10 +136,13 @@ def _finished(plan: Plan, decision: Claim, replace_stale: bool) -> RegenerateRes
         raise UserError(
             f"--output-path {layout.output} changed since regenerate wrote it ({layout.config.name}): {fix}."
         )
+    result = RegenerateResult.from_record(decision.result)
+    if result is None:
+        raise bad_file(str(manifest_path(layout.folder, layout.key)), "records no regenerate result", fix)
     if decision.owns(layout.partial.name):  # killed between finishing and removing the partial folder
         _claim(plan, replace_stale).remove(layout.partial.name)
     logger.warning("%s: up to date (same flags and inputs), skipped; --overwrite regenerates it.", layout.output)
-    return RegenerateResult.from_record(decision.result or {})
+    return result
 
 
 def _complete(plan: Plan, state: Claim, this_run: dict) -> RegenerateResult:
