@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict, fields
+from enum import Enum
 
 import torch
 
@@ -38,12 +39,29 @@ def run_replicas(module: str, args, children: list[dict], tensor_parallel_size: 
 
 
 def to_argv(cls, values: dict) -> list[str]:
-    """The command-line flags that parse back into `values` for the argument dataclass `cls` (None fields left out)."""
+    """The command-line flags that parse back (`HfArgumentParser`) into `values` for the argument dataclass `cls`.
+
+    Scalars are written `--flag=value` (a value may start with `-`); booleans as `true`/`false`; enums by value;
+    lists as `--flag a b`. None is left out, which parses back only where the default is None. What cannot be
+    written (that None elsewhere, an empty list, a list item starting with `-`, a mapping) is a ValueError."""
     argv = []
     for f in fields(cls):
-        value = values[f.name]
-        if value is None:
-            continue
-        flag = "--" + f.name
-        argv += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+        value, flag = values[f.name], f"--{f.name}"
+        if isinstance(value, dict):
+            raise ValueError(f"{flag} {value!r}: a mapping cannot be written as a command-line flag")
+        if isinstance(value, list):
+            items = [_text(v) for v in value]
+            if not items or any(item.startswith("-") for item in items):
+                raise ValueError(f"{flag} {value!r} cannot be written as command-line flags")
+            argv += [flag, *items]
+        elif value is not None:
+            argv.append(f"{flag}={_text(value)}")
+        elif f.default is not None:
+            raise ValueError(f"{flag} is None, which only its default can be (default {f.default!r})")
     return argv
+
+
+def _text(value) -> str:
+    if isinstance(value, Enum):
+        value = value.value
+    return str(value).lower() if isinstance(value, bool) else str(value)

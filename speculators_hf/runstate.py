@@ -91,7 +91,7 @@ def manifest_path(folder: str | Path, key: str) -> Path:
 def read_manifest(folder: str | Path, key: str) -> dict | None:
     """A stage's manifest in `folder`, or None; a damaged one is one line."""
     path = manifest_path(folder, key)
-    fix = f"delete {path.parent} to forget what was recorded there (then --overwrite cannot tell what was ours)"
+    fix = "delete it to forget that run (then --overwrite cannot tell which files that run wrote)"
     record = read_json_if_exists(path, fix=fix)
     valid = record is None or (isinstance(record.get("fingerprint"), str) and isinstance(record.get("entries"), list))
     if not valid:

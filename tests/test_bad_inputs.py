@@ -167,15 +167,27 @@ def _resume_regenerate(i: Path, o: Path) -> list[str]:
     return _regenerate(i, o, i / "regen" / "out.jsonl")
 
 
-def _same_run_state(i: Path, o: Path) -> None:
-    """The unfinished run's state.json with the fingerprint of these very flags, so that its records are read."""
+def _regen_claim(i: Path, o: Path, *names: str):
+    """The run state of a regenerate run of these very flags into `regen/out.jsonl`, which wrote `names`."""
     from speculators_hf.cli.parser import make_parser, parse
-    from speculators_hf.regenerate.arguments import RegenerateArguments
-    from speculators_hf.regenerate.runner import prepare
+    from speculators_hf.regenerate import RegenerateArguments, prepare
+    from speculators_hf.runstate import claim
 
     (args,) = parse(make_parser(RegenerateArguments), _resume_regenerate(i, o))
-    state = {"fingerprint": prepare(args).fingerprint, "arguments": {}}
-    (i / "regen" / ".out.jsonl.partial" / "state.json").write_text(json.dumps(state))
+    plan = prepare(args)
+    state = claim(plan.layout.folder, plan.layout.key, plan.inputs, owned=False, label="--output-path")
+    state.track(*names)
+    return state
+
+
+def _unfinished_regen(i: Path, o: Path) -> None:
+    """An unfinished run of the same flags: its records are read (and its run state)."""
+    _regen_claim(i, o, "out.jsonl", "out.failures.jsonl", "out.regenerate_config.json", ".out.jsonl.partial")
+
+
+def _finished_regen(i: Path, o: Path) -> None:
+    """A finished run of the same flags: its provenance is read to check that the output is still the one written."""
+    _regen_claim(i, o, "out.jsonl", "out.regenerate_config.json").finish({})
 
 
 CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -205,18 +217,19 @@ READERS = [
     Reader("generation-config", "regenerate", "verifier/generation_config.json", _regenerate, {
         "wrong-type": write_json("greedy"),
     }, uses=("chats.jsonl", "verifier")),
-    # regenerate's own records, read when it resumes or finds its output done (regenerate/runner.py, writer.py)
+    # regenerate's own records, read when it resumes or finds its output done (regenerate/runner.py, writer.py; its
+    # run state through runstate.read_manifest)
     Reader("regen-provenance", "regenerate", "regen/out.regenerate_config.json", _resume_regenerate, {
         "wrong-type": write_json([]),
-    }, uses=("chats.jsonl", "verifier", "regen")),
-    Reader("regen-state", "regenerate", "regen/.out.jsonl.partial/state.json", _resume_regenerate, {
+    }, uses=("chats.jsonl", "verifier", "regen"), prepare=_finished_regen),
+    Reader("regen-state", "regenerate", "regen/.speculators_hf/regenerate-out.jsonl.json", _resume_regenerate, {
         "wrong-type": write_json("fingerprint"),
-    }, uses=("chats.jsonl", "verifier", "regen")),
+    }, uses=("chats.jsonl", "verifier", "regen"), prepare=_unfinished_regen),
     Reader("regen-records", "regenerate", "regen/.out.jsonl.partial/records-000.jsonl", _resume_regenerate, {
         "random": lambda p: p.write_bytes(b"\xff\xfe" + np.random.default_rng(0).bytes(200) + b"\n"),
         "torn-middle": lambda p: p.write_text('{"id": "a", "index": 0}\n{"id": \n{"id": "b", "index": 1}\n'),
         "wrong-shape": write_lines({"id": "a", "index": 0}, {"chat": "b"}),
-    }, uses=("chats.jsonl", "verifier", "regen"), generic=(), prepare=_same_run_state),
+    }, uses=("chats.jsonl", "verifier", "regen"), generic=(), prepare=_unfinished_regen),
     # datagen's own records, read when it resumes (datagen/builder.py _claim_output_dir)
     Reader("datagen-resume", "datagen", "out-before/data_config.json", lambda i, o: _datagen(i, i / "out-before"), {
         "wrong-type": write_json([]),
@@ -391,8 +404,8 @@ def inputs(tiny_verifier_path, tmp_path_factory):
     (root / "save" / "checkpoint-1" / "training_config.json").write_text("{}")
     (root / "save" / "checkpoint-1" / "trainer_state.json").write_text("{}")
     (root / "regen" / ".out.jsonl.partial").mkdir(parents=True)
+    (root / "regen" / "out.jsonl").write_text(json.dumps({"id": "a", "messages": CHAT}) + "\n")
     (root / "regen" / "out.regenerate_config.json").write_text("{}")
-    (root / "regen" / ".out.jsonl.partial" / "state.json").write_text("{}")
     (root / "regen" / ".out.jsonl.partial" / "records-000.jsonl").write_text("")
     _variants(root, data, tiny_verifier_path)
     d2t, t2d = load_vocab_mapping(data / "d2t.npy", data / "t2d.npy")
@@ -570,14 +583,11 @@ RAW_READERS = {
     ("regenerate/rollout.py", "json.loads(value)"): "exempt: parses a tool call the model generated",
     ("regenerate/server_engine.py", "json.loads(response.read())"): "exempt: an HTTP response, errors retried",
     ("regenerate/sources.py", "json.loads(tools)"): "exempt: a row's tools string; unparsable tools are dropped",
-    ("regenerate/runner.py", "AutoConfig.from_pretrained("): "reader:verifier-config",
-    ("regenerate/runner.py", "AutoTokenizer.from_pretrained("): "reader:verifier-config",
     ("regenerate/hf_engine.py", "AutoModelForCausalLM.from_pretrained("): "reader:verifier-weights",
     ("regenerate/writer.py", "def open(self)"): "exempt: a definition",
     ("regenerate/writer.py", 'open(self.path, "a"'): "exempt: an append",
     ("regenerate/writer.py", 'open(path, "rb+")'): "exempt: cuts a torn last line, parses nothing",
     ("regenerate/writer.py", 'with open(path, "rb") as f:  # streamed'): "exempt: parsed by validation.parse_json",
-    ("regenerate/writer.py", 'with open(path, "rb") as f:'): "exempt: a checksum",
     ("regenerate/writer.py", 'open(tmp, "w"'): "exempt: a write",
     ("online/cache.py", "safe_open(str(self.folder / name)"): "reader:hybrid-cache-shard",
     ("online/client.py", 'json.loads(response.read())["data"]'): "exempt: an HTTP response, errors retried",

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,12 +21,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from speculators_hf.datagen import DatagenArguments, ShardDataset, build_dataset, tokenize_conversation
-from speculators_hf.regenerate import RegenerateArguments, make_engine, prepare, regenerate
-from speculators_hf.regenerate.engines import Generation
+from speculators_hf.regenerate import Generation, RegenerateArguments, make_engine, prepare, run
 from speculators_hf.regenerate.rollout import Conversation, RolloutConfig
 from speculators_hf.regenerate.sampling import Sampling
 from speculators_hf.tiny_kit import build_tokenizer, chitchat_conversations
-from speculators_hf.utils import UserError
+from speculators_hf.utils import RunFailed, UserError
 
 MAX_NEW = 24
 MAX_TURNS = 3
@@ -90,9 +90,9 @@ def reference(peaked_verifier_path, chats, tmp_path_factory):
     args = make_args(peaked_verifier_path, chats, out)
     plan = prepare(args)
     engine = Recording(make_engine(args, plan.sampling, plan.dtype, plan.model_config))
-    summary = regenerate(args, engine=engine)
+    result = run(args, engine=engine)
     engine.close()
-    return SimpleNamespace(args=args, out=out, rows=read_jsonl(out), summary=summary, calls=engine.calls)
+    return SimpleNamespace(args=args, out=out, rows=read_jsonl(out), summary=result, calls=engine.calls)
 
 
 # ----------------------------------------------------------------------------------------- the rollout
@@ -103,8 +103,8 @@ def test_every_user_turn_is_answered_given_the_regenerated_prefix(reference, cha
     source = read_jsonl(chats)
     answers = {tuple(r.prompt_ids): g.token_ids for r, g in reference.calls}
     s = reference.summary
-    assert len(reference.rows) == len(source) == s["conversations"] == s["regenerated"] + s["truncated"] > 3
-    assert s["failed"] == s["skipped"] == s["turns_not_round_trip"] == 0
+    assert len(reference.rows) == len(source) == s.conversations == s.regenerated + s.truncated > 3
+    assert s.failed == s.skipped == s.turns_not_round_trip == 0
     for src, row in zip(source, reference.rows):
         messages = row["messages"]
         if "id" in src:
@@ -155,7 +155,7 @@ def test_datagen_loss_mask_is_exactly_the_regenerated_tokens(reference, peaked_v
             closing = [] if produced[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]  # truncated turns
             assert ids[t:end] == produced + closing  # through the stop token; the template's newline is not trained
             runs, t = runs + 1, end
-    assert runs == reference.summary["turns"]
+    assert runs == reference.summary.turns
     regeneration = json.loads((tmp_path / "data" / "data_config.json").read_text())["data"]["regeneration"]
     assert regeneration["matches_source"] is True
     assert regeneration["counts"]["turns"] == runs and regeneration["verifier"]["name_or_path"] == str(
@@ -167,11 +167,11 @@ def test_turns_last_and_truncation(peaked_verifier_path, chats, tmp_path):
     source = read_jsonl(chats)[:3]
     # --turns last, into a save_to_disk folder: the source history, then one regenerated answer.
     args = make_args(peaked_verifier_path, chats, tmp_path / "last", turns="last", max_samples=3, max_model_len=2048)
-    last = regenerate(args)
+    last = run(args)
     from datasets import load_from_disk
 
     rows = list(load_from_disk(str(tmp_path / "last")))
-    assert last["written"] == len(rows) == 2 and (tmp_path / "last" / "regenerate_config.json").exists()
+    assert last.written == len(rows) == 2 and (tmp_path / "last" / "regenerate_config.json").exists()
     (failure,) = read_jsonl(tmp_path / "last" / "failures.jsonl")  # chat 2 is 6.7k tokens long
     assert failure["index"] == 2 and "over --max-model-len" in failure["reason"]
     for src, row in zip(source, rows):
@@ -179,14 +179,15 @@ def test_turns_last_and_truncation(peaked_verifier_path, chats, tmp_path):
         assert [dict(m) for m in row["messages"][:end]] == src["messages"][:end] and len(row["messages"]) == end + 1
 
     # A turn cut at --max-new-tokens ends the conversation (kept by default) ...
-    cut = regenerate(make_args(peaked_verifier_path, chats, tmp_path / "cut.jsonl", max_new_tokens=2, max_samples=3))
-    assert cut["truncated"] == cut["truncated_turns"] == 3 and cut["regenerated"] == 0
+    cut = run(make_args(peaked_verifier_path, chats, tmp_path / "cut.jsonl", max_new_tokens=2, max_samples=3))
+    assert cut.truncated == cut.truncated_turns == 3 and cut.regenerated == 0
     assert all(len(r["messages"]) in (2, 3) for r in read_jsonl(tmp_path / "cut.jsonl"))  # [system,] user, answer
-    # ... or dropped with --drop-truncated; nothing disappears silently.
+    # ... or dropped with --drop-truncated; nothing disappears silently (here nothing is left: the run fails).
     args = make_args(peaked_verifier_path, chats, tmp_path / "drop.jsonl", max_new_tokens=2, max_samples=3)
     args.drop_truncated = True
-    dropped = regenerate(args)
-    assert dropped["written"] == 0 and dropped["truncated"] == 3
+    with pytest.raises(RunFailed, match=r"produced no conversations \(3 truncated, 0 failed, 0 skipped of 3"):
+        run(args)  # written == 0, truncated == 3
+    assert not (tmp_path / "drop.jsonl").exists()
     failures = read_jsonl(tmp_path / "drop.failures.jsonl")
     assert [f["status"] for f in failures] == ["truncated"] * 3 and "--drop-truncated" in failures[0]["reason"]
 
@@ -203,13 +204,13 @@ def test_skipped_rows_side_file_rerun_and_flag_errors(peaked_verifier_path, tmp_
     ]
     chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
-    summary = regenerate(make_args(peaked_verifier_path, chats, out))
-    assert (summary["regenerated"] + summary["truncated"], summary["skipped"]) == (1, 2)
+    summary = run(make_args(peaked_verifier_path, chats, out))
+    assert (summary.regenerated + summary.truncated, summary.skipped) == (1, 2)
     failures = {f["id"]: f for f in read_jsonl(tmp_path / "out.failures.jsonl")}
     assert failures["b"]["reason"] == "no user turn" and failures["c"]["reason"].startswith("unknown roles")
     # The same command again has nothing to do; other flags refuse to mix outputs (one line, exit 2).
     stamp = out.stat().st_mtime_ns
-    assert regenerate(make_args(peaked_verifier_path, chats, out)) == summary and out.stat().st_mtime_ns == stamp
+    assert run(make_args(peaked_verifier_path, chats, out)) == summary and out.stat().st_mtime_ns == stamp
     argv = ["--target-model-path", str(peaked_verifier_path), "--train-data-path", str(chats)]
     assert main([*argv, "--output-path", str(out), "--backend", "transformers", "--max-new-tokens", "5"]) == 2
     err = capsys.readouterr().err
@@ -243,10 +244,18 @@ def test_resume_after_kill_gives_the_uninterrupted_output(reference, peaked_veri
     with open(records, "a") as f:
         f.write('{"index": 99, "id": "torn')  # as if the kill had landed inside a write
 
-    summary = regenerate(make_args(peaked_verifier_path, chats, out, chunk_size=1))
-    assert summary["this_run"]["conversations"] == len(reference.rows) - len(done)
+    summary = run(make_args(peaked_verifier_path, chats, out, chunk_size=1))
+    assert summary.this_run_conversations == len(reference.rows) - len(done)
     assert read_jsonl(out) == reference.rows
     assert not records.parent.exists()
+
+
+def test_data_parallel_replicas_give_the_uninterrupted_output(reference, peaked_verifier_path, chats, tmp_path):
+    """`--data-parallel-size 2` on CPU: two worker processes (started from `to_argv`) share the chats."""
+    out = tmp_path / "dp.jsonl"
+    result = run(make_args(peaked_verifier_path, chats, out, data_parallel_size=2))
+    assert read_jsonl(out) == reference.rows and result.replicas == 2
+    assert result.this_run_conversations == len(reference.rows) and not (tmp_path / ".dp.jsonl.partial").exists()
 
 
 def test_pipeline_regenerate_stage_feeds_datagen_and_is_skipped_when_unchanged(peaked_verifier_path, chats, tmp_path):
@@ -428,15 +437,15 @@ def test_vllm_in_process_gives_the_transformers_conversations(reference, peaked_
     plan = prepare(args)
     engine = VLLMEngine(str(peaked_verifier_path), plan.sampling, dtype=plan.dtype, max_model_len=512)
     try:
-        summary = regenerate(args, engine=engine)
+        summary = run(args, engine=engine)
     finally:
         engine.close()
     assert read_jsonl(tmp_path / "vllm.jsonl") == reference.rows
     config = json.loads((tmp_path / "vllm.regenerate_config.json").read_text())
     assert list(config["engine"]["used"]) == [f"vllm {engine.version}"]
     print(
-        f"\nregeneration tokens/s: vLLM {summary['this_run']['tokens_per_second']}, transformers "
-        f"{reference.summary['this_run']['tokens_per_second']} (tiny verifier, CPU)"
+        f"\nregeneration tokens/s: vLLM {summary.tokens_per_second}, transformers "
+        f"{reference.summary.tokens_per_second} (tiny verifier, CPU)"
     )
 
 
@@ -448,17 +457,17 @@ def test_server_mode_round_robin_gives_the_same_conversations(reference, peaked_
         args = make_args(
             peaked_verifier_path, chats, tmp_path / "srv.jsonl", server_url=[url, url + "/v1"], concurrency=3
         )
-        summary = regenerate(args)
+        summary = run(args)
         # Sampling with a seed is reproducible: every request carries a seed derived from the chat id and turn.
         sampled = [
-            regenerate(make_args(peaked_verifier_path, chats, tmp_path / f"s{k}.jsonl", server_url=[url],
+            run(make_args(peaked_verifier_path, chats, tmp_path / f"s{k}.jsonl", server_url=[url],
                                  temperature=1.0, seed=3, max_samples=3))
             for k in range(2)
         ]  # fmt: skip
     assert read_jsonl(tmp_path / "srv.jsonl") == reference.rows
-    assert summary["this_run"]["engine"].startswith("vllm-server")
+    assert summary.engine.startswith("vllm-server")
     assert read_jsonl(tmp_path / "s0.jsonl") == read_jsonl(tmp_path / "s1.jsonl")
-    assert sampled[0]["conversations"] == 3 and sampled[0]["written"] >= 1, sampled[0]
+    assert sampled[0].conversations == 3 and sampled[0].written >= 1, sampled[0]
     config = json.loads((tmp_path / "s0.regenerate_config.json").read_text())
     assert config["sampling"]["temperature"] == 1.0 and config["sampling"]["greedy"] is False
 
@@ -467,4 +476,212 @@ def test_errors_are_user_errors(peaked_verifier_path, tmp_path):
     with pytest.raises(ValueError, match="--turns"):
         make_args(peaked_verifier_path, tmp_path / "x.jsonl", tmp_path / "o.jsonl", turns="first")
     with pytest.raises(UserError, match="does not exist"):
-        regenerate(make_args(peaked_verifier_path, tmp_path / "missing.jsonl", tmp_path / "o.jsonl"))
+        run(make_args(peaked_verifier_path, tmp_path / "missing.jsonl", tmp_path / "o.jsonl"))
+
+
+# ------------------------------------------------------------------------- flags, run state, consent (issue 22)
+
+BAD_VALUES = [
+    ("--max-new-tokens", "0"), ("--concurrency", "0"), ("--batch-size", "0"), ("--chunk-size", "0"),
+    ("--tensor-parallel-size", "0"), ("--data-parallel-size", "0"), ("--max-samples", "0"), ("--max-turns", "0"),
+    ("--max-model-len", "0"), ("--temperature", "-0.5"), ("--temperature", "nan"), ("--temperature", "inf"),
+    ("--top-p", "0"), ("--top-p", "1.5"), ("--top-p", "nan"), ("--top-k", "-1"), ("--request-timeout", "0"),
+    ("--request-timeout", "nan"), ("--request-timeout", "inf"), ("--max-retries", "-1"), ("--retry-backoff", "-1"),
+    ("--retry-backoff", "nan"), ("--seed", "-1"), ("--gpu-memory-utilization", "0"),
+    ("--gpu-memory-utilization", "nan"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flag, value", BAD_VALUES)
+def test_every_numeric_flag_is_range_checked_when_parsed(flag, value, tmp_path, capsys):
+    """Refused before anything is read (the verifier here does not even exist): one line naming the flag."""
+    from speculators_hf.regenerate.cli import main
+
+    argv = ["--target-model-path", str(tmp_path / "no-verifier"), "--train-data-path", str(tmp_path / "no.jsonl"),
+            "--output-path", str(tmp_path / "out" / "o.jsonl"), flag, value]  # fmt: skip
+    code, err = main(argv), capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"{flag} must be" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_replicas_argv_round_trips_every_field_type(tmp_path):
+    """`to_argv` (the replicas' and the accelerate launcher's command line) parses back into the same arguments."""
+    from speculators_hf.cli.parser import make_parser, parse
+    from speculators_hf.replicas import to_argv
+
+    args = make_args(
+        tmp_path / "verifier with space", "-chats.jsonl", tmp_path / "out.jsonl", server_url=["http://a:1", "http://b"],
+        shuffle=True, drop_truncated=False, trust_remote_code=True, temperature=0.7, top_p=1e-05, top_k=0,
+        revision=None, max_samples=None, chat_template="{{ '--x' }}",
+    )  # fmt: skip
+    (parsed,) = parse(make_parser(RegenerateArguments), to_argv(RegenerateArguments, asdict(args)))
+    assert parsed == args
+    defaults = make_args(tmp_path, tmp_path / "c.jsonl", tmp_path / "o.jsonl")
+    (parsed,) = parse(make_parser(RegenerateArguments), to_argv(RegenerateArguments, asdict(defaults)))
+    assert parsed == defaults and parsed.server_url is None and parsed.shuffle is False
+
+
+class Scripted:
+    """An engine whose answers are scripted by the user turn they answer (a real tokenizer renders them), to reach
+    what a tiny model never produces; `canonical=False` answers with a valid but non-canonical tokenisation."""
+
+    name, version, max_model_len = "scripted", "1", 0
+
+    def __init__(self, tokenizer, answers: dict[str, tuple[str, str, bool]]):
+        self.tokenizer, self.answers = tokenizer, answers
+
+    def generate(self, requests):
+        out = []
+        for request in requests:
+            prompt = self.tokenizer.decode(request.prompt_ids)
+            text, finish, canonical = next(v for k, v in self.answers.items() if k in prompt)
+            pieces = [text] if canonical else list(text)
+            ids = [i for piece in pieces for i in self.tokenizer(piece, add_special_tokens=False)["input_ids"]]
+            out.append(Generation(ids + ([self.tokenizer.eos_token_id] if finish == "stop" else []), finish))
+        return out
+
+    def close(self):
+        pass
+
+
+def test_the_summary_counts_every_dropped_turn(peaked_verifier_path, tmp_path):
+    """A chat whose only turn was cut at the token limit and does not round-trip leaves the output: the summary (and
+    its line) still counts that turn as dropped and cut."""
+    chats = tmp_path / "chats.jsonl"
+    rows = [{"id": "kept", "messages": [{"role": "user", "content": "say hello"}]},
+            {"id": "cut", "messages": [{"role": "user", "content": "spell wonderful"}]}]  # fmt: skip
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = AutoTokenizer.from_pretrained(peaked_verifier_path)
+    engine = Scripted(tokenizer, {"say hello": ("hello there", "stop", True),
+                                  "spell wonderful": ("absolutely wonderful", "length", False)})  # fmt: skip
+    result = run(make_args(peaked_verifier_path, chats, tmp_path / "out.jsonl"), engine=engine)
+    assert (result.written, result.truncated, result.turns) == (1, 1, 1)
+    assert result.dropped_turns == result.turns_not_round_trip == 1
+    assert "1 turns written, 1 dropped (1 cut: not round-tripping" in result.line()
+    config = json.loads((tmp_path / "out.regenerate_config.json").read_text())
+    assert config["counts"]["turns_not_round_trip"] == 1 and config["counts"]["dropped_turns"] == 1
+
+
+def cli_argv(verifier, chats, out, *extra) -> list[str]:
+    return ["--target-model-path", str(verifier), "--train-data-path", str(chats), "--output-path", str(out),
+            "--backend", "transformers", "--max-new-tokens", "4", "--max-turns", "1", "--max-samples", "2",
+            "--max-model-len", "512", *extra]  # fmt: skip
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): p.read_bytes().hex() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", ["out.failures.jsonl", "out.regenerate_config.json", ".out.jsonl.partial"])
+def test_a_users_file_beside_the_output_is_never_replaced(name, peaked_verifier_path, chats, tmp_path, capsys):
+    """Refused before any engine starts (the server named here does not exist), with or without --overwrite."""
+    from speculators_hf.online.server import free_port
+    from speculators_hf.regenerate.cli import main
+
+    (tmp_path / name).write_text("the user's")
+    dead = ["--server-url", f"http://127.0.0.1:{free_port()}", "--max-retries", "0"]
+    for extra in ([], ["--overwrite"]):
+        code, err = (
+            main(cli_argv(peaked_verifier_path, chats, tmp_path / "out.jsonl", *dead, *extra)),
+            capsys.readouterr().err,
+        )
+        line = err.strip().splitlines()[-1]
+        assert code == 2 and f"{name} exists and was not written by speculators_hf" in line, err
+        assert "cannot connect" not in err and (tmp_path / name).read_text() == "the user's"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_overwrite_deletes_only_what_regenerate_wrote(peaked_verifier_path, chats, tmp_path, capsys):
+    from speculators_hf.online.server import free_port
+    from speculators_hf.regenerate.cli import main
+
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "mine", "messages": []}\n')  # a user's chats where the output would go
+    assert main(cli_argv(peaked_verifier_path, chats, out, "--overwrite")) == 2
+    assert "out.jsonl exists and was not written" in capsys.readouterr().err and "mine" in out.read_text()
+    out.unlink()
+
+    assert main(cli_argv(peaked_verifier_path, chats, out)) == 0
+    ours = sorted(p.name for p in tmp_path.iterdir())
+    assert ours == [".speculators_hf", "out.failures.jsonl", "out.jsonl", "out.regenerate_config.json"]
+    (tmp_path / "notes.txt").write_text("keep")
+    (tmp_path / "out.jsonl.bak").write_text("keep")
+    (tmp_path / ".notes").mkdir()
+    (tmp_path / ".notes" / "f").write_text("keep")
+    users = {k: v for k, v in digest(tmp_path).items() if not k.startswith(("out.", ".speculators_hf"))}
+    first = out.read_text()
+    # The same command is finished: nothing loads (the server named here does not exist) and nothing changes.
+    dead = ["--server-url", f"http://127.0.0.1:{free_port()}"]
+    stamp = out.stat().st_mtime_ns
+    assert main(cli_argv(peaked_verifier_path, chats, out, *dead)) == 0 and out.stat().st_mtime_ns == stamp
+    # Other flags: refused; with --overwrite, regenerate's own files are replaced and nothing else is touched.
+    assert main(cli_argv(peaked_verifier_path, chats, out, "--max-new-tokens", "2")) == 2
+    assert "arguments.max_new_tokens changed" in capsys.readouterr().err
+    assert main(cli_argv(peaked_verifier_path, chats, out, "--max-new-tokens", "2", "--overwrite")) == 0
+    assert out.read_text() != first and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*ours, "notes.txt", "out.jsonl.bak", ".notes"]
+    )
+    assert {k: v for k, v in digest(tmp_path).items() if k in users} == users
+    # The pipeline, in its own folders, replaces a run with other inputs without --overwrite.
+    replaced = run(make_args(peaked_verifier_path, chats, out, max_new_tokens=3, max_samples=2), replace_stale=True)
+    assert replaced.written == 2 and {k: v for k, v in digest(tmp_path).items() if k in users} == users
+
+
+MARKER_CODE = """
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+Path({marker!r}).write_text("the verifier's own code ran")
+
+
+class MarkerConfig(LlamaConfig):
+    model_type = "marker-llama"
+
+
+class MarkerForCausalLM(LlamaForCausalLM):
+    config_class = MarkerConfig
+"""
+
+
+def test_a_verifiers_own_code_runs_only_with_trust_remote_code(peaked_verifier_path, chats, tmp_path):
+    """A verifier folder whose `auto_map` names its own code: without --trust-remote-code one line, the code never
+    runs and stdin is never read (a `y` waits there); with it, config, tokenizer and model load through that code."""
+    import shutil
+
+    verifier, marker = tmp_path / "verifier", tmp_path / "code-ran"
+    shutil.copytree(peaked_verifier_path, verifier)
+    config = json.loads((verifier / "config.json").read_text())
+    auto_map = {"AutoConfig": "marker.MarkerConfig", "AutoModelForCausalLM": "marker.MarkerForCausalLM"}
+    config.update(model_type="marker-llama", architectures=["MarkerForCausalLM"], auto_map=auto_map)
+    (verifier / "config.json").write_text(json.dumps(config))
+    (verifier / "marker.py").write_text(MARKER_CODE.format(marker=str(marker)))
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "TRANSFORMERS_VERBOSITY": "error",
+           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}  # fmt: skip
+    argv = [sys.executable, "-m", "speculators_hf.regenerate",
+            *cli_argv(verifier, chats, tmp_path / "out.jsonl", "--cache-dir", str(tmp_path / "cache"))]  # fmt: skip
+    refused = subprocess.run(argv, input="y\ny\n", capture_output=True, text=True, env=env, timeout=300)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and "pass --trust-remote-code" in lines[0], refused.stderr
+    assert not marker.exists() and not (tmp_path / "out.jsonl").exists()
+
+    trusted = subprocess.run([*argv, "--trust-remote-code"], stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True, env=env, timeout=300)  # fmt: skip
+    assert trusted.returncode == 0, trusted.stderr
+    assert marker.exists() and len(read_jsonl(tmp_path / "out.jsonl")) == 2
+
+
+def test_a_run_that_regenerates_nothing_fails_with_its_failures_written(peaked_verifier_path, tmp_path, capsys):
+    from speculators_hf.regenerate.cli import main
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"id": "a", "messages": [{"role": "assistant", "content": "no question"}]}) + "\n")
+    out = tmp_path / "out" / "out.jsonl"
+    for _ in range(2):  # the rerun resumes (nothing left to generate) and fails the same way
+        code, err = main(cli_argv(peaked_verifier_path, chats, out)), capsys.readouterr().err
+        line = err.strip().splitlines()[-1]
+        assert code == 1 and "produced no conversations (0 truncated, 0 failed, 1 skipped of 1" in line, err
+        assert "Traceback" not in err and not out.exists()
+        assert read_jsonl(tmp_path / "out" / "out.failures.jsonl") == [
+            {"index": 0, "id": "a", "status": "skipped", "reason": "no user turn"}
+        ]

@@ -97,7 +97,7 @@ def device_info() -> dict:
 
 def regeneration_provenance(train_data_path: str) -> dict | None:
     """What regenerated the chats (`regenerate_config.json` next to them), or None for chats not regenerated here."""
-    from ..regenerate.provenance import read_provenance
+    from ..formats.provenance import read_provenance
 
     return read_provenance(train_data_path)
 

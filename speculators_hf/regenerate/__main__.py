@@ -1,3 +1,5 @@
+"""`python -m speculators_hf.regenerate`: parse the flags, then `run`."""
+
 from .cli import main
 
 if __name__ == "__main__":

@@ -3,13 +3,27 @@ records)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..utils import UserError
 
 BACKENDS = ("auto", "vllm", "transformers")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TURNS = ("all", "last")
 REASONING = ("keep", "strip", "disable")
+# The range of every numeric flag: (flag, lower bound, whether the bound itself is allowed); None = the default.
+# Float flags must also be finite (a NaN passes every comparison).
+RANGES = (
+    *((flag, 1, True) for flag in ("concurrency", "tensor_parallel_size", "data_parallel_size", "max_new_tokens")),
+    *((flag, 1, True) for flag in ("max_model_len", "max_samples", "max_turns", "batch_size", "chunk_size")),
+    ("world_size", 1, True),
+    *((flag, 0, True) for flag in ("top_k", "max_retries", "seed", "rank")),
+    ("temperature", 0.0, True),
+    ("request_timeout", 0.0, False),
+    ("retry_backoff", 0.0, True),
+)
 
 
 @dataclass
@@ -132,52 +146,47 @@ class RegenerateArguments:
     )
     split: str = field(default="train", metadata={"help": "Dataset split to read."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache for downloaded datasets."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run Python code from the verifier's folder (its config's `auto_map`) to load it. Only for a "
+            "verifier whose code you trust; without it such a verifier is refused in one line."
+        },
+    )
     overwrite: bool = field(
-        default=False, metadata={"help": "Replace an output (or an unfinished run) written with other flags."}
+        default=False,
+        metadata={
+            "help": "Start over: delete what an earlier regenerate run into this --output-path wrote (only the files "
+            "it recorded, never others) and regenerate everything. Without it an unfinished run resumes, a finished "
+            "one is skipped and one with other flags or inputs is refused."
+        },
     )
     rank: int = field(default=0, metadata={"help": "Internal (--data-parallel-size): this replica's index."})
     world_size: int = field(default=1, metadata={"help": "Internal (--data-parallel-size): number of replicas."})
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}.")
-        if self.turns not in TURNS:
-            raise ValueError(f"--turns {self.turns!r}: choose one of {', '.join(TURNS)}.")
-        if self.reasoning not in REASONING:
-            raise ValueError(f"--reasoning {self.reasoning!r}: choose one of {', '.join(REASONING)}.")
+        for flag, choices in (("backend", BACKENDS), ("dtype", DTYPES), ("turns", TURNS), ("reasoning", REASONING)):
+            if getattr(self, flag) not in choices:
+                raise UserError(f"--{_flag(flag)} {getattr(self, flag)!r}: choose one of {', '.join(choices)}.")
         suffix = Path(self.output_path).suffix
         if suffix and suffix != ".jsonl":
-            raise ValueError(f"--output-path {self.output_path}: write a .jsonl file or a folder (save_to_disk).")
-        for flag in (
-            "concurrency",
-            "tensor_parallel_size",
-            "data_parallel_size",
-            "max_new_tokens",
-            "batch_size",
-            "chunk_size",
-            "world_size",
-        ):
-            if getattr(self, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(self, flag)}.")
-        for flag in ("max_samples", "max_turns", "max_model_len"):
+            raise UserError(f"--output-path {self.output_path}: write a .jsonl file or a folder (save_to_disk).")
+        for flag, low, closed in RANGES:
             value = getattr(self, flag)
-            if value is not None and value < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}.")
-        if self.max_retries < 0 or self.retry_backoff < 0 or self.request_timeout <= 0:
-            raise ValueError("--max-retries and --retry-backoff must be >= 0 and --request-timeout > 0.")
-        if self.temperature is not None and self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}.")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}.")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"--top-k must be >= 0 (0 = off), got {self.top_k}.")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"--rank {self.rank} must be in [0, --world-size {self.world_size}).")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"--gpu-memory-utilization {self.gpu_memory_utilization} must be in (0, 1].")
-        if self.server_url:
-            self.server_url = [u.rstrip("/") for u in self.server_url]
-            if self.data_parallel_size > 1:
-                raise ValueError("--data-parallel-size is for in-process engines; with --server-url add URLs instead.")
+            if value is not None and not (math.isfinite(value) and (value >= low if closed else value > low)):
+                bound = f"at least {low}" if closed else f"above {low}"
+                raise UserError(f"--{_flag(flag)} must be {bound}{' (finite)' * isinstance(low, float)}, got {value}.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:  # (a NaN fails this too)
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}.")
+        if not 0 < self.gpu_memory_utilization <= 1:  # (a NaN fails this too)
+            raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.rank >= self.world_size:
+            raise UserError(f"--rank {self.rank} must be in [0, --world-size {self.world_size}).")
+        if self.server_url is not None:
+            self.server_url = [u.rstrip("/") for u in self.server_url] or None
+        if self.server_url and self.data_parallel_size > 1:
+            raise UserError("--data-parallel-size is for in-process engines; with --server-url add URLs instead.")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from ..utils import UserError
-from .engines import Generation, GenerationRequest, finish
+from .generation import Generation, GenerationRequest, finish
 from .sampling import Sampling
 
 
@@ -20,6 +22,8 @@ class TransformersEngine:
         dtype (`str`): torch dtype name.
         batch_size (`int`): prompts per `generate` call.
         max_model_len (`int`): the longest prompt + answer accepted.
+        revision (`str`, *optional*): the verifier's revision.
+        trust_remote_code (`bool`): run code from the verifier's folder (`auto_map`); only with the user's consent.
     """
 
     name = "transformers"
@@ -32,10 +36,8 @@ class TransformersEngine:
         batch_size: int = 32,
         max_model_len: int = 2048,
         revision: str | None = None,
+        trust_remote_code: bool = False,
     ):
-        import transformers
-        from transformers import AutoModelForCausalLM
-
         self.version = transformers.__version__
         self.sampling = sampling
         self.batch_size = batch_size
@@ -43,7 +45,7 @@ class TransformersEngine:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=getattr(torch, dtype), revision=revision
+                model_path, dtype=getattr(torch, dtype), revision=revision, trust_remote_code=trust_remote_code
             )
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -53,9 +55,7 @@ class TransformersEngine:
         pad = getattr(config, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None else (sampling.stop_token_ids or (0,))[0])
 
-    def _generation_config(self, max_new_tokens: int):
-        from transformers import GenerationConfig
-
+    def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
         s = self.sampling
         kwargs = dict(
             max_new_tokens=max_new_tokens,

@@ -23,7 +23,8 @@ import re
 import threading
 from dataclasses import dataclass, field
 
-from .engines import Generation, GenerationRequest
+from .generation import Generation, GenerationRequest
+from .roundtrip import keep_round_trip_turns
 from .sampling import Sampling
 
 THINK_END = "</think>"
@@ -71,6 +72,7 @@ class Conversation:
     status: str = "ok"  # ok | failed | skipped
     reason: str = ""  # why the rollout ended (or failed)
     truncated_turns: int = 0
+    answered: int = 0  # answers accepted from the engine (written or not)
     generated_tokens: int = 0
     tool_call_stop: bool = False
     context_full: bool = False
@@ -161,6 +163,7 @@ class Conversation:
         if generation.error is not None:
             self._end(f"engine: {generation.error}", status="failed")
             return
+        self.answered += 1
         self.generated_tokens += len(generation.token_ids)
         ids = list(generation.token_ids)
         stopped = generation.finish_reason == "stop"
@@ -202,32 +205,35 @@ class Conversation:
         self._advance()
 
     def finalize(self) -> dict:
-        """The record to save: the output row and its counts, or the reason it failed (call under `config.lock`)."""
-        from .roundtrip import keep_round_trip_turns
-
+        """The record to save: the output row, or why the conversation is not in the output; its `stats` count every
+        turn the verifier answered, written or dropped (call under `config.lock`)."""
         base = {"index": self.index, "id": self.id}
         if self.status != "ok":
-            return {**base, "status": self.status, "reason": self.reason}
+            return {**base, "status": self.status, "reason": self.reason, "stats": self._stats(written=False)}
         not_round_trip, why = keep_round_trip_turns(self)
         if not self.turns:
-            if self.truncated_turns:
-                return {**base, "status": "truncated", "reason": self.reason}
-            return {**base, "status": "failed", "reason": f"no turn round-trips through the chat template ({why})"}
+            status, reason = "truncated", self.reason
+            if not self.truncated_turns:
+                status, reason = "failed", f"no turn round-trips through the chat template ({why})"
+            return {**base, "status": status, "reason": reason, "stats": self._stats(False, not_round_trip)}
         row = {"id": self.id, "messages": self.messages}
         if self.tools is not None:
             row["tools"] = self.tools
-        stats = {
-            "turns": len(self.turns),
+        return {**base, "status": "ok", "row": row, "stats": self._stats(True, not_round_trip)}
+
+    def _stats(self, written: bool, not_round_trip: int = 0) -> dict:
+        return {
+            "turns": len(self.turns) if written else 0,  # in the output
+            "answered": self.answered,  # answers the verifier gave: the output's turns and every dropped one
             "truncated": bool(self.truncated_turns),
             "truncated_turns": self.truncated_turns,
             "generated_tokens": self.generated_tokens,
-            "trained_tokens": sum(len(t.trained_ids) for t in self.turns),
+            "trained_tokens": sum(len(t.trained_ids) for t in self.turns) if written else 0,
             "turns_not_round_trip": not_round_trip,
             "tool_call_stop": self.tool_call_stop,
             "context_full": self.context_full,
             "end": self.reason,
         }
-        return {**base, "status": "ok", "row": row, "stats": stats}
 
 
 # -------------------------------------------------------------------------------------------------- helpers

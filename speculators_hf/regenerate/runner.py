@@ -1,4 +1,9 @@
-"""`regenerate(args)`: chat source -> rollouts with the verifier -> a chat file datagen reads; resumable and atomic.
+"""`run(args)`: chat source -> rollouts with the verifier -> a chat file datagen reads; resumable and atomic.
+
+The run state (`runstate`) claims the output's names in the user's folder before anything is written: a finished run
+with the same inputs returns its recorded result without loading an engine, an unfinished one resumes from the
+conversations saved so far (by conversation id), one with other inputs is refused unless `--overwrite`, and a user's
+file at any of the output's names is never replaced.
 
 Two drivers share the `Conversation` state machine: in-process engines (transformers, vLLM) roll out `--chunk-size`
 chats together, one `generate` call per turn depth (vLLM batches them continuously); `--server-url` runs each chat's
@@ -7,212 +12,163 @@ turns in its own worker, `--concurrency` of them at a time, so the servers alway
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
 from tqdm.auto import tqdm
 
+from ..formats.provenance import output_matches
 from ..replicas import run_replicas
-from ..utils import UserError, get_logger, write_json
-from ..validation import describe, read_json, read_json_if_exists
+from ..runstate import Claim, changed_keys, claim, manifest_path, read_manifest
+from ..utils import RunFailed, UserError, check_writable, get_logger, write_json
+from ..validation import bad_file, read_json
 from .arguments import RegenerateArguments
-from .engines import Engine, make_engine, resolve_backend_name
-from .provenance import CONFIG_VERSION, PROMPTS
+from .engines import make_engine
+from .generation import Engine
+from .plan import Plan, prepare
+from .result import RegenerateResult, make_result, provenance_record, summarize
 from .rollout import Conversation, RolloutConfig
-from .sampling import Sampling, resolve_sampling
-from .sources import conversation_ids, source_conversation
-from .writer import OutputLayout, PartialStore, read_records, remove_outputs, write_final
+from .writer import OutputLayout, PartialStore, read_records, write_final
 
 logger = get_logger(__name__)
-
-# Flags that do not change what is generated, so a run may resume with other values.
-NOT_FINGERPRINTED = (
-    "output_path",
-    "backend",
-    "server_url",
-    "concurrency",
-    "request_timeout",
-    "max_retries",
-    "retry_backoff",
-    "tensor_parallel_size",
-    "data_parallel_size",
-    "gpu_memory_utilization",
-    "batch_size",
-    "chunk_size",
-    "cache_dir",
-    "overwrite",
-    "rank",
-    "world_size",
-)
+NOTHING_RUN = {"conversations": 0, "generated_tokens": 0, "seconds": 0.0, "engine": None}
 
 
-@dataclass
-class Plan:
-    args: RegenerateArguments
-    layout: OutputLayout
-    tokenizer: object
-    model_config: object  # the verifier's text config
-    verifier: dict
-    dtype: str
-    chat_template: str | None
-    sampling: Sampling
-    dataset: object  # datasets.Dataset: the source rows, shuffled and limited
-    ids: list[str]
-    source: dict
-    fingerprint: str
-
-    def conversation(self, index: int, config: RolloutConfig) -> Conversation:
-        with config.lock:
-            messages, tools = source_conversation(self.dataset[index])
-        if messages is None:
-            conv = Conversation(self.ids[index], index, [], config)
-            conv.reason, conv.status = "unknown roles or empty conversation", "skipped"
-            return conv
-        return Conversation(self.ids[index], index, messages, config, tools=tools)
-
-
-def prepare(args: RegenerateArguments) -> Plan:
-    """Everything before an engine starts: verifier config and tokenizer, sampling, the source. Writes nothing."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from ..datagen.builder import _read_chat_template
-    from ..datagen.metadata import resolve_dtype
-    from ..datagen.sources import load_source
-    from ..datagen.tokenize import tokenizer_fingerprint
-
-    path = args.target_model_path
-    try:
-        config = AutoConfig.from_pretrained(path, revision=args.revision)
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=args.revision)
-    except Exception as err:
-        problem = f"cannot load its config and tokenizer ({describe(err)})"
-        raise UserError(f"--target-model-path {path}: {problem}.") from err
-    from ..modeling.verifier_weights import check_verifier_weights
-
-    check_verifier_weights(path, "--target-model-path")
-    text_config = config.get_text_config()
-    chat_template = _read_chat_template(args.chat_template)
-    if chat_template is None and not tokenizer.chat_template:
-        raise UserError(f"The tokenizer of {path} has no chat template: pass --chat-template.")
-    config_dtype = getattr(text_config, "dtype", None) or getattr(config, "dtype", None)
-    verifier = {
-        "name_or_path": path,
-        "revision": args.revision,
-        "commit_hash": getattr(config, "_commit_hash", None),
-        "architectures": list(getattr(config, "architectures", None) or []),
-        "config_sha256": hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16],
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer, chat_template),
-        "dtype": str(config_dtype).replace("torch.", "") if config_dtype is not None else None,
-    }
-    dtype = resolve_dtype(args.dtype, verifier)
-
-    dataset = load_source(args.train_data_path, split=args.split, cache_dir=args.cache_dir)
-    num_rows = len(dataset)
-    if args.shuffle:
-        dataset = dataset.shuffle(seed=args.seed)
-    if args.max_samples is not None and args.max_samples < len(dataset):
-        dataset = dataset.select(range(args.max_samples))
-    source = {
-        "train_data_path": args.train_data_path,
-        "split": args.split,
-        "num_rows": num_rows,
-        "used_rows": len(dataset),
-        "fingerprint": dataset._fingerprint,
-    }
-    if Path(args.train_data_path).is_file():
-        from .writer import file_sha256
-
-        source["sha256"] = file_sha256(Path(args.train_data_path))
-    sampling = resolve_sampling(args, tokenizer, text_config)
-    ids = conversation_ids(dataset)
-    kept = {k: v for k, v in asdict(args).items() if k not in NOT_FINGERPRINTED}
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [CONFIG_VERSION, kept, verifier, dtype, sampling.record(), source["fingerprint"], source.get("sha256")],
-            sort_keys=True,
-            default=str,
-        ).encode()
-    ).hexdigest()[:16]
-    layout = OutputLayout(Path(args.output_path))
-    return Plan(
-        args,
-        layout,
-        tokenizer,
-        text_config,
-        verifier,
-        dtype,
-        chat_template,
-        sampling,
-        dataset,
-        ids,
-        source,
-        fingerprint,
-    )
-
-
-# ------------------------------------------------------------------------------------------------- the run
-
-
-def regenerate(args: RegenerateArguments, engine: Engine | None = None) -> dict:
-    """Regenerate (or resume, or skip when already complete); returns the summary also stored in the provenance.
+def run(args: RegenerateArguments, *, replace_stale: bool = False, engine: Engine | None = None) -> RegenerateResult:
+    """Regenerate the chats of `args`, resume an unfinished run, or return the result of a finished one.
 
     Args:
         args (`RegenerateArguments`): the flags.
+        replace_stale (`bool`): changed inputs replace the earlier run's files (the pipeline, in its own folder);
+            otherwise they are refused unless `--overwrite`.
         engine (`Engine`, *optional*): an already started engine to use (and not close), e.g. one vLLM engine shared
             by several runs; by default one is made from `--backend` / `--server-url`.
     """
+    if args.world_size > 1:
+        raise ValueError("a --data-parallel-size replica runs through `run_replica`")
     plan = prepare(args)
-    coordinator = args.world_size == 1
-    if coordinator:
-        finished = _finished_summary(plan)
-        if finished is not None:
-            return finished
-        _claim(plan)
-    records = read_records(plan.layout)
-    todo = [i for i, cid in enumerate(plan.ids) if i % args.world_size == args.rank and cid not in records]
-    if records and coordinator:
-        logger.warning(
-            "Resuming %s: %d of %d conversations already done.", plan.layout.output, len(records), len(plan.ids)
-        )
-    this_run = {"conversations": 0, "generated_tokens": 0, "seconds": 0.0, "engine": None}
-    try:
-        if todo and args.data_parallel_size > 1:
-            this_run = _run_replicas(args, plan.layout)
-        elif todo:
-            this_run = _run(plan, todo, engine)
-    except BaseException:
-        if coordinator and not read_records(plan.layout):
-            shutil.rmtree(plan.layout.partial, ignore_errors=True)  # nothing done: leave nothing behind
-        raise
-    if not coordinator:
-        write_json(plan.layout.partial / f"run-{args.rank:03d}.json", this_run)
-        return this_run
-    records = read_records(plan.layout)
-    missing = [cid for cid in plan.ids if cid not in records]
-    if missing:
-        raise RuntimeError(f"{len(missing)} conversations not regenerated (e.g. {missing[0]!r}); rerun to resume.")
-    summary = summarize(records.values())
-    summary["this_run"] = {
-        **this_run,
-        "tokens_per_second": round(this_run["generated_tokens"] / max(this_run["seconds"], 1e-9), 1),
-    }
-    output = write_final(plan.layout, list(records.values()), provenance(plan, summary, records.values()))
-    _log_summary(summary, output)
-    return summary
-
-
-def _run(plan: Plan, todo: list[int], engine: Engine | None) -> dict:
-    args = plan.args
-    owned = engine is None
+    layout = plan.layout
+    check_writable(layout.folder, "--output-path")  # a read-only or full folder fails before any engine loads
+    decision = _claim(plan, replace_stale, readonly=True)  # refusals first; nothing written yet
+    if decision.finished:
+        return _finished(plan, decision, replace_stale)
+    records = read_records(layout) if decision.resumed else {}
+    todo = [i for i, cid in enumerate(plan.ids) if cid not in records]
+    if records:
+        logger.warning("Resuming %s: %d of %d conversations already done.", layout.output, len(records), len(plan.ids))
+    owned = engine is None and bool(todo) and args.data_parallel_size == 1
     if owned:
         engine = make_engine(args, plan.sampling, plan.dtype, plan.model_config)
+    try:
+        state = _claim(plan, replace_stale)  # after the engine started: one that cannot start leaves nothing
+        this_run = dict(NOTHING_RUN)
+        if todo and args.data_parallel_size > 1:
+            this_run = _run_replicas(args, layout)
+        elif todo:
+            this_run = _generate(plan, todo, engine)
+    finally:
+        if owned:
+            engine.close()
+    return _complete(plan, state, this_run)
+
+
+def run_replica(args: RegenerateArguments) -> None:
+    """One of the `--data-parallel-size` worker processes: regenerates its share of the conversations into the
+    partial folder the coordinating `run` claimed (with the same inputs), and records what it did there."""
+    plan = prepare(args)
+    _claim(plan, replace_stale=False, readonly=True)  # the coordinator's claim, or a refusal
+    records = read_records(plan.layout)
+    todo = [i for i, cid in enumerate(plan.ids) if i % args.world_size == args.rank and cid not in records]
+    this_run = dict(NOTHING_RUN)
+    if todo:
+        engine = make_engine(args, plan.sampling, plan.dtype, plan.model_config)
+        try:
+            this_run = _generate(plan, todo, engine)
+        finally:
+            engine.close()
+    write_json(plan.layout.partial / f"run-{args.rank:03d}.json", this_run)
+
+
+# ---------------------------------------------------------------------------------------------------- run state
+
+
+def _claim(plan: Plan, replace_stale: bool, readonly: bool = False) -> Claim:
+    """Claim the output's names in its folder (`readonly`: decide and refuse without writing)."""
+    layout, args = plan.layout, plan.args
+    _refuse_other_output(plan, args.overwrite or replace_stale)
+    state = claim(
+        layout.folder,
+        layout.key,
+        plan.inputs,
+        overwrite=args.overwrite,
+        replace_stale=replace_stale,
+        owned=False,
+        label="--output-path",
+        readonly=readonly,
+    )
+    if not state.finished:
+        for path in layout.entries():  # a user's file at any of these names is refused now, not at the end
+            state.path(path.name)
+    return state
+
+
+def _refuse_other_output(plan: Plan, replacing: bool) -> None:
+    """The output exists from a run with other inputs: one line naming it (the claim refuses it too, naming only
+    the folder)."""
+    layout = plan.layout
+    previous = read_manifest(layout.folder, layout.key)
+    if replacing or previous is None or previous["fingerprint"] == plan.fingerprint or not layout.output.exists():
+        return
+    changed = ", ".join(changed_keys(previous.get("inputs") or {}, plan.inputs)[:6]) or "unknown inputs"
+    raise UserError(
+        f"--output-path {layout.output} exists, regenerated with other flags or inputs ({changed} changed): use "
+        "another --output-path, or --overwrite to replace it (only the files regenerate wrote are deleted)."
+    )
+
+
+def _finished(plan: Plan, decision: Claim, replace_stale: bool) -> RegenerateResult:
+    """A finished run with the same inputs: its recorded result, once the output is checked to be the one written."""
+    layout = plan.layout
+    fix = f"pass --overwrite to regenerate {layout.output.name}"
+    if not output_matches(layout.output, read_json(layout.config, fix=fix)):
+        raise UserError(
+            f"--output-path {layout.output} changed since regenerate wrote it ({layout.config.name}): {fix}."
+        )
+    result = RegenerateResult.from_record(decision.result)
+    if result is None:
+        raise bad_file(str(manifest_path(layout.folder, layout.key)), "records no regenerate result", fix)
+    if decision.owns(layout.partial.name):  # killed between finishing and removing the partial folder
+        _claim(plan, replace_stale).remove(layout.partial.name)
+    logger.warning("%s: up to date (same flags and inputs), skipped; --overwrite regenerates it.", layout.output)
+    return result
+
+
+def _complete(plan: Plan, state: Claim, this_run: dict) -> RegenerateResult:
+    """Every conversation has a record: write the output, mark the run finished, drop the partial folder."""
+    layout = plan.layout
+    records = read_records(layout)
+    missing = [cid for cid in plan.ids if cid not in records]
+    if missing:
+        raise RunFailed(f"{len(missing)} conversations were not regenerated (e.g. {missing[0]!r}); rerun to resume.")
+    summary = summarize(records.values())
+    result = make_result(plan, summary, this_run)
+    write_final(state, layout, list(records.values()), provenance_record(plan, summary, result))
+    nothing = f"conversations ({result.truncated} truncated, {result.failed} failed, {result.skipped} skipped of "
+    nothing += f"{result.conversations}: see {layout.failures})"
+    state.finish(asdict(result), produced=result.written, what=nothing)
+    state.remove(layout.partial.name)
+    logger.warning(result.line())
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+
+
+def _generate(plan: Plan, todo: list[int], engine: Engine) -> dict:
+    """Regenerate conversations `todo` with `engine`, each saved to the partial folder as it finishes."""
+    args = plan.args
     max_model_len = min(x for x in (args.max_model_len, engine.max_model_len) if x) if engine.max_model_len else None
     max_model_len = max_model_len or args.max_model_len or getattr(plan.model_config, "max_position_embeddings", 2048)
     config = RolloutConfig(
@@ -237,8 +193,6 @@ def _run(plan: Plan, todo: list[int], engine: Engine | None) -> dict:
     finally:
         progress.close()
         store.close()
-        if owned:
-            engine.close()
     return {
         "conversations": progress.done,
         "generated_tokens": progress.tokens,
@@ -252,7 +206,7 @@ class Progress:
     """A tqdm bar over conversations with the generated tokens/s (thread-safe)."""
 
     def __init__(self, total: int, desc: str, disable: bool = False):
-        self.bar = tqdm(total=total, unit="chat", desc=desc, disable=disable)
+        self.bar = tqdm(total=total, unit="chat", desc=desc, **({"disable": True} if disable else {}))  # TQDM_DISABLE
         self.start = time.perf_counter()
         self.done = self.tokens = 0
         self._lock = threading.Lock()
@@ -349,7 +303,7 @@ def _run_replicas(args: RegenerateArguments, layout: OutputLayout) -> dict:
     children = [{"data_parallel_size": 1, "rank": i, "world_size": n, "overwrite": False} for i in range(n)]
     failed = run_replicas("speculators_hf.regenerate", args, children, args.tensor_parallel_size)
     if failed:
-        raise UserError(f"regenerate replicas {failed} failed (see above); rerun the same command to resume.")
+        raise RunFailed(f"regenerate replicas {failed} failed (see above); rerun the same command to resume.")
     runs = [read_json(layout.partial / f"run-{i:03d}.json", fix="rerun the same command") for i in range(n)]
     return {
         "conversations": sum(r["conversations"] for r in runs),
@@ -359,138 +313,3 @@ def _run_replicas(args: RegenerateArguments, layout: OutputLayout) -> dict:
         "max_model_len": next((r.get("max_model_len") for r in runs if r.get("max_model_len")), None),
         "replicas": n,
     }
-
-
-# ------------------------------------------------------------------------------------- bookkeeping and records
-
-
-def _finished_summary(plan: Plan) -> dict | None:
-    """The summary of a complete earlier run with the same fingerprint (nothing to do), else None."""
-    layout, args = plan.layout, plan.args
-    fix = f"delete it, or pass --overwrite to regenerate {layout.output}"
-    config = None if args.overwrite else read_json_if_exists(layout.config, fix=fix)
-    if config is not None and layout.output.exists() and config.get("fingerprint") == plan.fingerprint:
-        if not isinstance(config.get("counts"), dict):
-            raise UserError(f"{layout.config}: has no counts; {fix}.")
-        if not args.overwrite:
-            shutil.rmtree(layout.partial, ignore_errors=True)  # left by a kill just before its removal
-            logger.warning("%s is complete with the same flags and inputs: nothing to do.", layout.output)
-            return config["counts"]
-    state = None if args.overwrite else _read_state(layout)
-    finishing = state is not None and state.get("fingerprint") == plan.fingerprint  # killed while writing the end
-    if layout.output.exists() and not args.overwrite and not finishing:
-        why = "other flags or inputs" if config is not None else "no regenerate_config.json"
-        raise UserError(
-            f"--output-path {layout.output} exists ({why}); use another --output-path or --overwrite to replace it."
-        )
-    return None
-
-
-def _claim(plan: Plan) -> None:
-    """Start or resume the partial folder; refuse one written with other flags (unless --overwrite)."""
-    layout = plan.layout
-    state = None if plan.args.overwrite else _read_state(layout)
-    if plan.args.overwrite or (state is not None and state.get("fingerprint") != plan.fingerprint):
-        if state is not None and not plan.args.overwrite:
-            raise UserError(
-                f"{layout.partial} holds an unfinished run with other flags or inputs (fingerprint "
-                f"{state.get('fingerprint')} != {plan.fingerprint}); rerun with those flags, or pass --overwrite."
-            )
-        remove_outputs(layout)
-        state = None
-    if state is None:
-        write_json(layout.state, {"fingerprint": plan.fingerprint, "arguments": asdict(plan.args)})
-
-
-def _read_state(layout: OutputLayout) -> dict | None:
-    """The unfinished run's `state.json` (None when there is none)."""
-    return read_json_if_exists(layout.state, fix=f"delete {layout.partial}, or pass --overwrite to start over")
-
-
-def summarize(records) -> dict:
-    """Counts over every record: regenerated + truncated + failed + skipped == conversations."""
-    records = list(records)
-    statuses = Counter(r["status"] for r in records)
-    ok = [r for r in records if r["status"] == "ok"]
-    truncated_written = sum(r["stats"]["truncated"] for r in ok)
-
-    def total(key: str) -> int:
-        return int(sum(r["stats"][key] for r in ok))
-
-    reasons = Counter(r["reason"][:120] for r in records if r["status"] != "ok")
-    return {
-        "conversations": len(records),
-        "written": len(ok),
-        "regenerated": len(ok) - truncated_written,
-        "truncated": truncated_written + statuses["truncated"],
-        "failed": statuses["failed"],
-        "skipped": statuses["skipped"],
-        "turns": total("turns"),
-        "truncated_turns": total("truncated_turns") + statuses["truncated"],
-        "turns_not_round_trip": total("turns_not_round_trip"),
-        "tool_call_stops": total("tool_call_stop"),
-        "context_full": total("context_full"),
-        "generated_tokens": total("generated_tokens"),
-        "trained_tokens": total("trained_tokens"),
-        "engines": dict(Counter(r.get("engine") for r in ok)),
-        "reasons": dict(reasons.most_common(10)),
-    }
-
-
-def provenance(plan: Plan, summary: dict, records) -> dict:
-    from ..datagen.metadata import package_versions
-
-    args = plan.args
-    return {
-        "version": CONFIG_VERSION,
-        "status": "complete",
-        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "fingerprint": plan.fingerprint,
-        "verifier": plan.verifier,
-        "engine": {
-            "backend": resolve_backend_name(args),
-            "used": summary["engines"],
-            "server_urls": args.server_url,
-            "tensor_parallel_size": args.tensor_parallel_size,
-            "data_parallel_size": args.data_parallel_size,
-            "dtype": plan.dtype,
-        },
-        "prompts": PROMPTS,
-        "sampling": plan.sampling.record(),
-        "limits": {
-            "max_new_tokens": args.max_new_tokens,
-            "max_model_len": args.max_model_len,
-            "max_model_len_used": summary["this_run"].get("max_model_len"),
-            "max_turns": args.max_turns,
-            "max_samples": args.max_samples,
-            "turns": args.turns,
-            "reasoning": args.reasoning,
-            "drop_truncated": args.drop_truncated,
-            "shuffle": args.shuffle,
-            "seed": args.seed,
-        },
-        "source": plan.source,
-        "counts": summary,
-        "package_versions": package_versions(),
-        "arguments": asdict(args),
-    }
-
-
-def _log_summary(summary: dict, output: dict) -> None:
-    s, run = summary, summary["this_run"]
-    logger.warning(
-        "regenerate complete: %d conversations -> %d regenerated, %d truncated, %d failed, %d skipped; %d turns "
-        "(%d cut: not round-tripping through the template), %d tool-call stops; %.0f generated tokens/s this run "
-        "(%s) -> %s",
-        s["conversations"],
-        s["regenerated"],
-        s["truncated"],
-        s["failed"],
-        s["skipped"],
-        s["turns"],
-        s["turns_not_round_trip"],
-        s["tool_call_stops"],
-        run["tokens_per_second"],
-        run["engine"] or "nothing to generate",
-        output["path"],
-    )

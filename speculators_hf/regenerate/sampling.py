@@ -11,7 +11,10 @@ import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from transformers import GenerationConfig
+
 from ..utils import get_logger
+from ..validation import read_json_if_exists
 
 logger = get_logger(__name__)
 
@@ -42,10 +45,6 @@ class Sampling:
 
 def generation_config_values(model_path: str, revision: str | None = None) -> dict:
     """The values the verifier's `generation_config.json` sets explicitly ({} when it has none)."""
-    from transformers import GenerationConfig
-
-    from ..validation import read_json_if_exists
-
     local = Path(model_path) / "generation_config.json"
     if Path(model_path).is_dir() and read_json_if_exists(local, fix="fix or delete it") is None:
         return {}  # checked first: an unreadable file would otherwise be taken for a missing one (greedy, silently)

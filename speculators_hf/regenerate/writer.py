@@ -3,31 +3,33 @@ finish; the final file (or `save_to_disk` folder) appears only complete, in sour
 
     out.jsonl                         the rows datagen reads: {"id", "messages"[, "tools"]}
     out.failures.jsonl                every conversation not in out.jsonl, with its status and reason
-    out.regenerate_config.json        provenance (see `provenance.py`)
-    .out.jsonl.partial/               while running: state.json + records-<rank>.jsonl (removed at the end)
+    out.regenerate_config.json        provenance (see `formats/provenance.py`)
+    .out.jsonl.partial/               while running: records-<rank>.jsonl (removed at the end)
+    .speculators_hf/regenerate-out.jsonl.json   the run state (`runstate`): inputs, entries written, result
 
 For a folder output the failures and the provenance go inside it (`failures.jsonl`, `regenerate_config.json`).
-A record is one JSON line written with a single `write` + `fsync`; a kill can only tear the last line, which the next
-run cuts off (that conversation is regenerated). Resume is keyed by conversation id, never by line count.
+Every entry is recorded in the run's claim before it is written, so `--overwrite` deletes exactly these and never a
+user's file beside them. A record is one JSON line written with a single `write` + `fsync`; a kill can only tear the
+last line, which the next run cuts off (that conversation is regenerated). Resume is keyed by conversation id, never by
+line count.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from datasets import Dataset
+
+from ..formats.provenance import CONFIG_NAME, FAILURES_NAME, file_sha256, is_chat_file, side_file
+from ..runstate import Claim
 from ..utils import atomic_path, get_logger, write_json
 from ..validation import bad_file, parse_json
 
 logger = get_logger(__name__)
-
-CONFIG_NAME = "regenerate_config.json"
-FAILURES_NAME = "failures.jsonl"
 
 
 @dataclass(frozen=True)
@@ -36,33 +38,47 @@ class OutputLayout:
 
     @property
     def is_file(self) -> bool:
-        return self.output.suffix == ".jsonl"
+        return is_chat_file(self.output)
+
+    @property
+    def folder(self) -> Path:
+        """The folder the output sits in (the user's): the run claims its own names there."""
+        return self.output.parent
+
+    @property
+    def key(self) -> str:
+        """The run state's name: one regenerate run per output name in a folder."""
+        return f"regenerate-{self.output.name}"
 
     @property
     def config(self) -> Path:
-        o = self.output
-        return o.with_name(f"{o.stem}.{CONFIG_NAME}") if self.is_file else o / CONFIG_NAME
+        return side_file(self.output, CONFIG_NAME)
 
     @property
     def failures(self) -> Path:
-        o = self.output
-        return o.with_name(f"{o.stem}.{FAILURES_NAME}") if self.is_file else o / FAILURES_NAME
+        return side_file(self.output, FAILURES_NAME)
 
     @property
     def partial(self) -> Path:
-        return self.output.with_name(f".{self.output.name}.partial")
+        return self._hidden("partial")
 
     @property
-    def state(self) -> Path:
-        return self.partial / "state.json"
+    def staging(self) -> Path:
+        """A folder output while it is written (then renamed into place)."""
+        return self._hidden("writing")
 
+    @property
+    def replaced(self) -> Path:
+        """An earlier folder output while the new one is renamed into place."""
+        return self._hidden("old")
 
-def config_path_for(data_path: str | Path) -> Path | None:
-    """Where the provenance of a regenerated chat file/folder lives (None when `data_path` is neither)."""
-    path = Path(data_path)
-    if path.is_file():
-        return OutputLayout(path).config if path.suffix == ".jsonl" else None
-    return path / CONFIG_NAME if path.is_dir() else None
+    def _hidden(self, what: str) -> Path:
+        return self.output.with_name(f".{self.output.name}.{what}")
+
+    def entries(self) -> list[Path]:
+        """Everything the run may write in `folder`, claimed before any engine starts."""
+        side = [self.failures, self.config] if self.is_file else [self.staging, self.replaced]
+        return [self.output, *side, self.partial]
 
 
 class PartialStore:
@@ -83,14 +99,20 @@ class PartialStore:
     def write(self, record: dict) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with self._lock:
-            self._file.write(line)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            try:
+                self._file.write(line)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as err:  # e.g. the disk filled: name the file (the next run cuts a torn line off)
+                raise OSError(err.errno, err.strerror, str(self.path)) from err
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:  # what `write` could not flush: already raised there
+                pass
 
 
 def repair(path: Path) -> None:
@@ -108,7 +130,7 @@ def repair(path: Path) -> None:
 def read_records(layout: OutputLayout) -> dict[str, dict]:
     """Every finished conversation of earlier runs, by id (torn last lines are repaired first)."""
     records: dict[str, dict] = {}
-    fix = f"delete {layout.partial} (or pass --overwrite) to regenerate its chats"
+    fix = f"pass --overwrite to regenerate every chat of {layout.output}"
     for path in sorted(layout.partial.glob("records-*.jsonl")):
         repair(path)
         with open(path, "rb") as f:  # streamed: the records of a large run do not fit in memory twice
@@ -122,48 +144,46 @@ def read_records(layout: OutputLayout) -> dict[str, dict]:
     return records
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def write_final(claim: Claim, layout: OutputLayout, records: list[dict], provenance: dict) -> dict | None:
+    """Write the output, the failures and the provenance from every record, each atomically, through `claim`.
 
-
-def write_final(layout: OutputLayout, records: list[dict], provenance: dict) -> dict:
-    """Write the output, the failures and the provenance from every record, atomically; remove the partial folder.
-
-    Returns the `output` section of the provenance (format, rows, checksum)."""
+    Returns the `output` section of the provenance (format, rows, checksum); None when no conversation made it into
+    the output: then only the failures are written (the run has produced nothing)."""
     records = sorted(records, key=lambda r: r["index"])
     rows = [r["row"] for r in records if r["status"] == "ok"]
     failures = [{k: r[k] for k in ("index", "id", "status", "reason")} for r in records if r["status"] != "ok"]
     out = layout.output
     if layout.is_file:
-        with atomic_path(out) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        _write_jsonl(claim.path(layout.failures.name), failures)
+        if not rows:
+            return None
+        _write_jsonl(claim.path(out.name), rows)
         output = {"path": str(out), "format": "jsonl", "rows": len(rows), "sha256": file_sha256(out)}
-        _write_jsonl(layout.failures, failures)
-        write_json(layout.config, {**provenance, "output": output})
-    else:
-        from datasets import Dataset
-
-        staging = out.with_name(f".{out.name}.writing")
-        shutil.rmtree(staging, ignore_errors=True)
+        write_json(claim.path(layout.config.name), {**provenance, "output": output})
+        return output
+    staging = _fresh(claim, layout.staging.name)
+    output = None
+    if rows:
         dataset = Dataset.from_list(rows)
         dataset.save_to_disk(str(staging))
         output = {"path": str(out), "format": "save_to_disk", "rows": len(rows), "fingerprint": dataset._fingerprint}
-        _write_jsonl(staging / FAILURES_NAME, failures)
         write_json(staging / CONFIG_NAME, {**provenance, "output": output})
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(layout.partial, ignore_errors=True)  # last: a kill before this point re-finalizes on the next run
+    staging.mkdir(exist_ok=True)
+    _write_jsonl(staging / FAILURES_NAME, failures)
+    old = _fresh(claim, layout.replaced.name)
+    if claim.path(out.name).exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    claim.remove(old.name)
+    claim.remove(staging.name)  # renamed away: forgotten
     return output
+
+
+def _fresh(claim: Claim, name: str) -> Path:
+    """A recorded entry of `claim`, emptied of what an interrupted run left there."""
+    if claim.owns(name):
+        claim.remove(name)
+    return claim.path(name)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -171,13 +191,3 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def remove_outputs(layout: OutputLayout) -> None:
-    """`--overwrite`: forget an earlier output and any unfinished run."""
-    shutil.rmtree(layout.partial, ignore_errors=True)
-    if layout.is_file:
-        for path in (layout.output, layout.failures, layout.config):
-            path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(layout.output, ignore_errors=True)
