@@ -212,9 +212,9 @@ def run(args: EvaluateArguments, *, replace_stale: bool = False) -> EvaluateResu
         raise UserError(f"--draft {args.draft} names no verifier; pass --verifier.")
     prompts_path, offset = default_prompts(args, previous)
     trust = args.trust_remote_code
-    tokenizer = pretrained_tokenizer(verifier_id, "--verifier", trust_remote_code=trust)
+    config = pretrained_config(verifier_id, "--verifier", trust_remote_code=trust)  # before the tokenizer, which
+    tokenizer = pretrained_tokenizer(verifier_id, "--verifier", trust_remote_code=trust)  # warns on a foreign config
     prompts = load_prompts(prompts_path, tokenizer, args.num_prompts, offset)
-    config = pretrained_config(verifier_id, "--verifier", trust_remote_code=trust)
     draft_files = draft_signature(args.draft)
     dataset = {
         "path": str(prompts_path),
