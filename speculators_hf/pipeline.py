@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .utils import UserError, atomic_path, get_logger, vllm_is_available, write_json
@@ -545,7 +545,10 @@ class Pipeline:
         )
         inputs = {**asdict(eval_args), "prompts_file": _file_signature(a.eval_prompts)}
         self._stage(
-            "evaluate", inputs, [self.final_checkpoint() / "eval_card.json"], lambda stale: evaluate(eval_args)
+            "evaluate",
+            inputs,
+            [self.final_checkpoint() / "eval_card.json"],
+            lambda stale: evaluate(replace(eval_args, overwrite=stale)),  # --force evaluate: start over
         )
 
     def export(self) -> None:

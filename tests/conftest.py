@@ -1,4 +1,14 @@
+"""Shared fixtures, and the switch that runs the suite as if vLLM were not installed.
+
+`SPECULATORS_HF_WITHOUT_VLLM=1 pytest ...`: in the test process `import vllm` fails and
+`importlib.util.find_spec("vllm")` is None (`sys.modules["vllm"] = None`), as in a plain `pip install -e ".[dev]"`:
+every vLLM test is skipped with its reason, and every check that asks whether vLLM is there sees none. (Subprocesses a
+test starts are not covered; none of them runs vLLM unless its test is a vLLM one.) The `without_vllm` fixture does
+the same for one test.
+"""
+
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -7,6 +17,15 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+if os.environ.get("SPECULATORS_HF_WITHOUT_VLLM"):
+    sys.modules["vllm"] = None  # find_spec("vllm") -> None; import vllm -> ModuleNotFoundError
+
+
+@pytest.fixture
+def without_vllm(monkeypatch):
+    """This test runs as if vLLM were not installed (see the module docstring)."""
+    monkeypatch.setitem(sys.modules, "vllm", None)
 
 
 @pytest.fixture(scope="session")

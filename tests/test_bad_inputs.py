@@ -315,14 +315,15 @@ READERS = [
         "wrong-shape": edit_json(lambda c: c.update(draft_vocab_size="many")),
     }, uses=("draft", "prompts.jsonl")),
     Reader("draft-weights", "evaluate", "draft/model.safetensors", _evaluate, {}, uses=("draft", "prompts.jsonl")),
-    # evaluation prompts (evaluation/cli.py load_prompts)
+    # evaluation prompts (evaluation/prompts.py load_prompts)
     Reader("prompts", "evaluate", "prompts.jsonl", _evaluate, {
         "wrong-type": write_lines(["hi"]),
         "wrong-shape": write_lines({"messages": "hi"}),
         "token-ids": write_lines({"prompt_token_ids": "1 2 3"}),
     }, uses=("draft", "prompts.jsonl")),
-    # an earlier evaluation's card (evaluation/cli.py previous_card: held-out prompts, carried-over grid) and the
-    # grid's engine records (evaluation/grid.py run_vllm_grid: reused when their fingerprint matches)
+    # an earlier evaluation's card (evaluation/prompts.py previous_card: held-out prompts, carried-over grid) and a
+    # grid engine record no run recorded (evaluation/grid.py check_records_folder: refused, never read or replaced;
+    # the records a finished engine left are read in tests/test_faults_evaluation.py)
     Reader("eval-card-previous", "evaluate", "draft/eval_card.json", lambda i, o: [
         "--draft", str(i / "draft"), "--verifier", VERIFIER["path"], "--max-new-tokens", "2"], {
         "wrong-type": write_json([]),
@@ -568,14 +569,12 @@ RAW_READERS = {
     ("formats/checkpoint.py", 'with safe_open(str(file), "pt")'): "reader:export-weights",
     ("runstate.py", 'with open(p, "rb") as f:'): "exempt: a checksum",
     ("runstate.py", 'open(manifest.with_suffix(".lock"), "a")'): "exempt: a lock file",
-    ("evaluation/cli.py", 'open(path, "rb")'): "reader:prompts",
-    ("evaluation/cli.py", "AutoModelForCausalLM.from_pretrained("): "reader:verifier-weights",
-    ("evaluation/cli.py", "Eagle3DraftModel.from_pretrained("): "reader:draft-config",
-    ("evaluation/cli.py", "AutoTokenizer.from_pretrained("): "exempt: errors caught as one line",
+    ("evaluation/prompts.py", 'open(path, "rb")'): "reader:prompts",
+    ("evaluation/stage.py", "AutoModelForCausalLM.from_pretrained("): "reader:verifier-weights",
+    ("evaluation/stage.py", "Eagle3DraftModel.from_pretrained("): "reader:draft-config",
     ("evaluation/card.py", "/proc/cpuinfo"): "exempt: the machine's CPU name",
     ("evaluation/vllm_engine.py", "json.loads(spawn(request, timeout))"): "exempt: our own subprocess's result",
     ("evaluation/vllm_engine.py", "return res.read_text()"): "exempt: our own subprocess's result",
-    ("evaluation/grid.py", "hashlib.sha256(config.read_bytes())"): "exempt: a checksum",
     ("evaluation/vllm_engine.py", "json.loads(Path(argv[0]).read_text())"): "exempt: our own subprocess's request",
     ("training/evaluation.py", "Eagle3DraftModel.from_pretrained("): "reader:draft-config",
     ("training/trainer.py", 'open(os.path.join(output_dir, TRAINING_CONFIG_FILE), "w")'): "exempt: a write",

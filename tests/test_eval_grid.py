@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -10,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from speculators_hf.evaluation.card import build_eval_card, render_eval_card, write_eval_card
-from speculators_hf.evaluation.cli import carry_over
-from speculators_hf.evaluation.grid import PLOT_FILES, build_grid, recommend, runs_from_grid, write_grid_plots
-from speculators_hf.evaluation.plots import PALETTE, decode_png
+from speculators_hf.evaluation.card import PLOT_FILES, build_eval_card, render_eval_card, write_eval_card
+from speculators_hf.evaluation.grid import build_grid, recommend, runs_from_grid
+from speculators_hf.evaluation.plots import PALETTE, write_grid_plots
+from speculators_hf.evaluation.stage import carry_over
 
 KS, TEMPS, SIZES = [1, 2, 3], [0.0, 1.0], [1, 4, 16]
+
 # Output tokens/s of each engine per (temperature, batch size): K 0 is the verifier alone. At batch 1 K=3 is best,
 # at batch 4 K=2 and K=3 tie (the smaller wins), at batch 16 nothing beats the verifier alone (K=1 is the least slow).
 RATES = {
@@ -25,6 +28,11 @@ RATES = {
     2: {1: 180.0, 4: 420.0, 16: 850.0},
     3: {1: 200.0, 4: 420.0, 16: 700.0},
 }
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """The `[H, W, 3]` RGB pixels of a PNG."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def _records(device: str = "NVIDIA H200") -> dict[int, dict]:
@@ -201,10 +209,10 @@ def test_grid_flags_are_one_line_errors(flags, message, capsys):
 
 
 @pytest.mark.parametrize("flags", [["--grid"], ["--engine", "both"]])
-def test_vllm_runs_without_vllm_installed_are_one_line(flags, capsys, monkeypatch):
+def test_vllm_runs_without_vllm_installed_are_one_line(flags, capsys, without_vllm):
     from speculators_hf.evaluation import cli
 
-    monkeypatch.setattr(cli, "vllm_is_available", lambda: False)  # as in `pip install -e ".[dev]"` without vllm
+    # without_vllm: as in `pip install -e ".[dev]"` without vllm
     assert cli.main(["--draft", "d", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{flags[0]}" in err and "needs vLLM" in err and err.count("\n") == 0
@@ -288,7 +296,8 @@ def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):
 def test_default_prompts_come_from_the_card_of_the_draft(tmp_path):
     """Without --prompts: the held-out prompts the eval card names (in the output folder, else the draft's folder);
     with no such card, a one-line error that says what to pass."""
-    from speculators_hf.evaluation.cli import EvaluateArguments, default_prompts, previous_card
+    from speculators_hf.evaluation.arguments import EvaluateArguments
+    from speculators_hf.evaluation.prompts import default_prompts, previous_card
     from speculators_hf.utils import UserError
 
     chats = tmp_path / "held_out.jsonl"

@@ -191,13 +191,13 @@ def test_cli_prints_table_and_writes_card(setup, tiny_verifier_path, tmp_path):
     ],
 )
 def test_device_and_dtype_resolution(config_dtype, dtype, device, cuda, expected):
-    from speculators_hf.evaluation.cli import resolve_placement
+    from speculators_hf.evaluation.stage import resolve_placement
 
     assert resolve_placement(config_dtype, dtype, device, cuda_available=cuda) == expected
 
 
 def test_cuda_device_without_cuda_is_one_line_error():
-    from speculators_hf.evaluation.cli import resolve_placement
+    from speculators_hf.evaluation.stage import resolve_placement
     from speculators_hf.utils import UserError
 
     with pytest.raises(UserError, match="--device cuda: CUDA is not available"):

@@ -1,12 +1,14 @@
 """Stage 5: acceptance of a draft against its verifier, online (transformers and vLLM) and offline (held-out shards).
 
 Every tau comes with what moves it: engine and version, K, temperature (0: greedy), chain drafting, dataset and
-hardware. The command is in `cli.py` (`speculators-hf evaluate`); `--grid` (`grid.py`) measures K x temperature x
-concurrent requests on vLLM and recommends a K.
+hardware. `run(EvaluateArguments) -> EvaluateResult` is the stage (`stage.py`); the command is `speculators-hf
+evaluate` (`cli.py`); `--grid` (`grid.py`, plots in `plots.py`) measures K x temperature x concurrent requests on
+vLLM and recommends a K.
 """
 
+from .arguments import EvaluateArguments
 from .card import build_eval_card, eval_table, render_eval_card, write_eval_card
-from .cli import EvaluateArguments, evaluate, evaluate_offline, evaluate_vllm, load_prompts, main
+from .cli import evaluate, main
 from .online import (
     SpecDecodeResult,
     SpeculativeGenerator,
@@ -15,9 +17,14 @@ from .online import (
     speculative_sample,
     verifier_baseline,
 )
+from .prompts import load_prompts
+from .stage import EvalRow, EvaluateResult, evaluate_offline, run
+from .vllm_engine import evaluate_vllm
 
 __all__ = [
+    "EvalRow",
     "EvaluateArguments",
+    "EvaluateResult",
     "SpecDecodeResult",
     "SpeculativeGenerator",
     "build_eval_card",
@@ -30,6 +37,7 @@ __all__ = [
     "load_prompts",
     "main",
     "render_eval_card",
+    "run",
     "speculative_sample",
     "verifier_baseline",
     "write_eval_card",

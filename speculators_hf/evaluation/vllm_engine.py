@@ -17,6 +17,7 @@ first drafts at temperature 1 where the first one accepted 11%.)
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -25,7 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..utils import UserError, get_logger, write_json
+import torch
+
+from ..utils import RunFailed, UserError, get_logger, write_json
 from .online import SpecDecodeResult
 
 logger = get_logger(__name__)
@@ -45,6 +48,7 @@ def evaluate_vllm(
     timeout: float = 900,
     temperature: float = 0.0,
     seed: int = 0,
+    trust_remote_code: bool = False,
 ) -> SpecDecodeResult:
     """Speculative decoding of token-id `prompts` in vLLM (one engine per subprocess), all submitted at once.
 
@@ -52,6 +56,7 @@ def evaluate_vllm(
         mode (`str`): `"explicit"` or `"auto"` (see the module docstring).
         baseline (`bool`): also run the verifier alone in a second engine, for the speed-up and the output check.
         temperature (`float`): 0 greedy, else sampled (vLLM's rejection sampler), prompt i seeded `seed + i`.
+        trust_remote_code (`bool`): passed to vLLM (False: a model folder's own code never runs).
     """
     if mode not in ("explicit", "auto"):
         raise UserError(f"mode must be 'explicit' or 'auto', got {mode!r}")
@@ -62,6 +67,7 @@ def evaluate_vllm(
         num_speculative_tokens=num_speculative_tokens,
         temperature=temperature,
         seed=seed,
+        trust_remote_code=trust_remote_code,
     )
     spec = run_vllm_subprocess(dict(common, mode=mode, draft=str(draft), verifier=str(verifier)), timeout)
     result = SpecDecodeResult(
@@ -114,13 +120,13 @@ def spawn(request: dict, timeout: float = 900, log_path: str | Path | None = Non
                 text=True,
             )
         except subprocess.TimeoutExpired as err:
-            raise RuntimeError(f"vLLM ({request['mode']}) did not finish within {timeout:.0f} s.") from err
+            raise RunFailed(f"vLLM ({request['mode']}) did not finish within {timeout:.0f} s.") from err
         if log_path is not None:
             Path(log_path).parent.mkdir(parents=True, exist_ok=True)
             Path(log_path).write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0 or not res.exists():
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-            raise RuntimeError(f"vLLM ({request['mode']}) failed with exit code {proc.returncode}:\n{tail}")
+            raise RunFailed(f"vLLM ({request['mode']}) failed with exit code {proc.returncode}.", details=tail)
         return res.read_text()
 
 
@@ -146,7 +152,6 @@ def _counter_diff(after: dict, before: dict) -> dict:
 
 def _run(request: dict) -> dict:
     t0 = time.perf_counter()
-    import torch
     import vllm
     from vllm import LLM, SamplingParams
 
@@ -159,6 +164,7 @@ def _run(request: dict) -> dict:
         max_model_len=request["max_model_len"],
         max_num_seqs=8,
         disable_log_stats=False,
+        trust_remote_code=request.get("trust_remote_code", False),
     )
     spec = {
         "model": request.get("draft"),
@@ -242,8 +248,6 @@ def _closed_loop(llm, prompts: list[list[int]], params: list, concurrency: int) 
 
 def _shutdown(llm) -> None:
     """Stop an engine's processes so that the next engine can start in this process."""
-    import gc
-
     llm.llm_engine.engine_core.shutdown(timeout=2)  # its records are written: no need to wait for a clean exit
     del llm
     gc.collect()
@@ -251,9 +255,8 @@ def _shutdown(llm) -> None:
 
 def run_grid(request: dict) -> None:
     """The grid, inside the subprocess: for each K of `request["engines"]` (0: the verifier alone) start an engine,
-    run each (temperature, batch size) cell, write the engine's record to `<records_dir>/k<K>.json` (with the
-    request's `fingerprint`), shut the engine down."""
-    import torch
+    run each (temperature, batch size) cell, write the engine's record to `<records_dir>/k<K>.json`, shut the engine
+    down."""
     import vllm
     from vllm import LLM, SamplingParams
 
@@ -267,6 +270,7 @@ def run_grid(request: dict) -> None:
         max_num_seqs=max(request["batch_sizes"]),
         enable_prefix_caching=False,  # every cell prefills its prompts, whatever ran before it
         disable_log_stats=False,
+        trust_remote_code=request.get("trust_remote_code", False),
     )
     for k in request["engines"]:
         t0 = time.perf_counter()
@@ -293,7 +297,6 @@ def run_grid(request: dict) -> None:
                 run["metrics"] = _counter_diff(_spec_metrics(llm), before)
                 cells.append({"temperature": temperature, "batch_size": batch_size, **run})
         record = {
-            "fingerprint": request["fingerprint"],
             "k": k,
             "vllm_version": vllm.__version__,
             "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
