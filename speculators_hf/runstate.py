@@ -210,6 +210,7 @@ def claim(
     owned: bool = True,
     label: str = "--output-dir",
     readonly: bool = False,
+    held: str | None = None,
 ) -> Claim:
     """Decide how run `key` with `inputs` proceeds in `folder` (see the module docstring) and record the claim.
 
@@ -223,6 +224,8 @@ def claim(
         owned: the run owns the whole folder: any entry no manifest records is refused at the claim.
         label: the flag that named the folder, for messages.
         readonly: decide without writing or deleting (non-main processes of a distributed run).
+        held: what the folder holds, in the one line that refuses other inputs (default: "a <key> run with other
+            inputs").
     """
     folder = Path(folder)
     foreign = _foreign_entries(folder) if owned else []
@@ -240,8 +243,8 @@ def claim(
             if not (overwrite or replace_stale):
                 changed = ", ".join(changed_keys(previous.get("inputs") or {}, inputs)[:6]) or "unknown inputs"
                 raise UserError(
-                    f"{label} {folder} holds a {key} run with other inputs ({changed} changed): use a new {label}, "
-                    "or --overwrite to replace that run (only the files it wrote are deleted)."
+                    f"{label} {folder} holds {held or f'a {key} run with other inputs'} ({changed} changed): use a "
+                    f"new {label}, or --overwrite to replace that run (only the files it wrote are deleted)."
                 )
             if not readonly:
                 logger.warning("%s %s: replacing the earlier %s run (%s).", label, folder, key, _listed(previous))
@@ -269,6 +272,14 @@ def claim(
         if not readonly:
             write_json(manifest_path(folder, key), manifest)
     return Claim(folder, key, digest, inputs, state, manifest, readonly)
+
+
+@contextmanager
+def lock(folder: str | Path, name: str) -> Iterator[None]:
+    """An exclusive lock, `<folder>/.speculators_hf/<name>.lock`, for the processes that share one run's folder (e.g.
+    ranks rewriting one index). `name` must not be a manifest's key (that lock guards the manifest)."""
+    with _lock(manifest_path(folder, name)):
+        yield
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
@@ -371,6 +382,7 @@ __all__ = [
     "claim",
     "file_signature",
     "fingerprint",
+    "lock",
     "manifest_path",
     "read_manifest",
     "require_complete",
