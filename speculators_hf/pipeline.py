@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .utils import UserError, atomic_path, get_logger, vllm_is_available, write_json
@@ -389,7 +389,7 @@ class Pipeline:
             "vocab",
             asdict(vocab_args),
             [self.data_dir / "d2t.npy", self.data_dir / "t2d.npy"],
-            lambda stale: run(vocab_args),
+            lambda stale: run(replace(vocab_args, overwrite=stale), replace_stale=True),
         )
 
     def train(self) -> None:

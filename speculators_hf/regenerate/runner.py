@@ -82,10 +82,10 @@ def prepare(args: RegenerateArguments) -> Plan:
     """Everything before an engine starts: verifier config and tokenizer, sampling, the source. Writes nothing."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..datagen.builder import _read_chat_template
     from ..datagen.metadata import resolve_dtype
     from ..datagen.sources import load_source
     from ..datagen.tokenize import tokenizer_fingerprint
+    from ..formats.chat_template import read_chat_template as _read_chat_template
 
     path = args.target_model_path
     try:
