@@ -270,7 +270,7 @@ def claim(
             state = FINISHED if done else RESUMED
             if state == RESUMED:
                 manifest["status"] = RUNNING
-        if not readonly:
+        if not readonly and state != FINISHED:  # a finished run writes nothing
             write_json(manifest_path(folder, key), manifest)
     return Claim(folder, key, digest, inputs, state, manifest, readonly)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from .. import runstate
 from ..formats.shards import SHARD_FORMAT, SHARD_SCHEMA_VERSION, save_pt, write_index, write_shard, write_v1_sample
@@ -235,7 +236,7 @@ def _extract_and_write(plan: Plan, backend: HiddenStatesBackend | None = None) -
         unit="tok",
         unit_scale=True,
         desc="Token shards (tokens only)" if args.tokens_only else f"Hidden states ({backend.name})",
-        disable=args.rank != 0 and args.world_size > 1,
+        disable=(args.rank != 0 and args.world_size > 1) or not hf_logging.is_progress_bar_enabled(),
     )
     try:
         for k in todo:
