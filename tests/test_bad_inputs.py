@@ -237,6 +237,7 @@ READERS = [
         "wrong-type": edit_tensors(lambda t: t.pop("sample_offsets")),
         "wrong-shape": edit_tensors(lambda t: t.update(hidden_states=t["hidden_states"][:, 0].contiguous())),
         "wrong-offsets": edit_tensors(lambda t: t.update(sample_offsets=t["sample_offsets"].flip(0))),
+        "int-states": edit_tensors(lambda t: t.update(hidden_states=t["hidden_states"].int())),
     }, uses=("data",)),
     Reader("fp8-shard", "train", "fp8/data-00000.safetensors", lambda i, o: _train(i, o, "fp8"), {
         "wrong-type": edit_tensors(lambda t: t.pop("hidden_states_scale")),
@@ -264,10 +265,12 @@ READERS = [
         "wrong-type": write_json([]),
         "wrong-shape": write_json({"shards": "data-00000.safetensors"}),
         "missing-shard": edit_json(lambda c: c["shards"].append({"file": "data-00009.safetensors"})),
+        "outside": edit_json(lambda c: c["shards"][0].update(file=os.__file__)),  # a regular file elsewhere
     }, uses=("data",)),
     Reader("data-config", "train", "data/data_config.json", _train, {
         "wrong-type": write_json([2, 3]),
         "wrong-shape": write_json({"layer_ids": "1,2,3,4"}),
+        "other-dtype": edit_json(lambda c: c.update(hidden_states_storage={"dtype": "bfloat16"})),
     }, uses=("data",)),
     Reader("seed-pt", "train", "ptdata/data_0.pt", lambda i, o: _train(i, o, "ptdata"), {
         "wrong-type": torch_saved([1, 2]),
@@ -279,6 +282,7 @@ READERS = [
         "wrong-type": npy(np.zeros(64, dtype=np.float32)),
         "wrong-shape": npy(np.zeros((8, 8), dtype=np.int64)),
         "runs-code": code_npy,
+        "no-entries": npy(np.zeros(0, dtype=np.int64)),
     }, uses=("data",)),
     Reader("t2d", "train", "data/t2d.npy", _train, {"wrong-type": npy(np.full(2048, 7))}, uses=("data",)),
     Reader("trainer-state", "train", "save/checkpoint-1/trainer_state.json", lambda i, o: _train(i, i / "save"), {
