@@ -350,3 +350,22 @@ def test_ranks_wait_for_rank_zero_to_replace_a_run(reference, inputs, tiny_verif
     assert shard_bytes(out) == shard_bytes(reference)
     assert read(out / "index.json") == read(reference / "index.json")
     assert runstate.read_manifest(out, "datagen")["status"] == "complete"
+
+
+def test_token_freq_elsewhere_is_claimed_there(reference, inputs, tiny_verifier_path, tmp_path):
+    """--token-freq-path outside --output-dir: recorded by a manifest in its own folder; a user's file of that name
+    there is never replaced, and the finished run is not redone."""
+    chats, cache = inputs
+    (tmp_path / "stats").mkdir()
+    mine = tmp_path / "stats" / "token_freq.pt"
+    mine.write_bytes(b"the user's")
+    args = make_args(tiny_verifier_path, chats, tmp_path / "out", cache, max_samples=2, token_freq_path=str(mine))
+    with pytest.raises(UserError, match="token_freq.pt exists and was not written by speculators_hf"):
+        run(args)
+    assert mine.read_bytes() == b"the user's"
+    mine.unlink()
+    first = run(args)
+    assert first.complete and first.token_freq == str(mine) and not (tmp_path / "out" / "token_freq.pt").exists()
+    assert runstate.read_manifest(mine.parent, "datagen-token_freq.pt")["entries"] == ["token_freq.pt"]
+    written = mine.stat().st_mtime_ns
+    assert run(args).this_run["samples"] == 0 and mine.stat().st_mtime_ns == written
