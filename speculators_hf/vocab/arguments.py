@@ -31,8 +31,8 @@ class VocabArguments:
     overwrite: bool = field(
         default=False,
         metadata={
-            "help": "Replace d2t.npy / t2d.npy an earlier vocab run wrote in --output-path with other inputs "
-            "(without it they are refused; the same inputs again do nothing)."
+            "help": "Start over: delete the d2t.npy / t2d.npy an earlier vocab run wrote in --output-path (only "
+            "those) and rebuild them. Without it the same inputs again do nothing and other inputs are refused."
         },
     )
 
