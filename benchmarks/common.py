@@ -243,7 +243,7 @@ def make_synthetic_verifier(path: Path, shape: dict, dtype: torch.dtype = torch.
 
 def write_our_shards(data_dir: Path, samples: list[dict], samples_per_shard: int = 16) -> Path:
     """Write `samples` (`input_ids [T]`, `loss_mask [T]`, `hidden_states [T, 4, H]`) in our shard layout."""
-    from speculators_hf.datagen.shards import shard_name, write_index, write_shard
+    from speculators_hf.formats.shards import shard_name, write_index, write_shard
 
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)

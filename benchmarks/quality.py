@@ -139,7 +139,7 @@ def datagen(verifier: Path, chats: Path, out_dir: Path, seq_length: int) -> Path
 
 
 def read_all(data_dir: Path) -> list[dict]:
-    from speculators_hf.datagen.shards import ShardDataset
+    from speculators_hf.formats.shards import ShardDataset
 
     ds = ShardDataset(data_dir)
     return [ds[i] for i in range(len(ds))]

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
 
-from speculators_hf.datagen.shards import (  # noqa: E402
+from speculators_hf.formats.shards import (  # noqa: E402
     FP8_DTYPE,
     FP8_MAX,
     SCALE_KEY,

@@ -389,7 +389,7 @@ class Pipeline:
             "vocab",
             asdict(vocab_args),
             [self.data_dir / "d2t.npy", self.data_dir / "t2d.npy"],
-            lambda stale: run(vocab_args),
+            lambda stale: run(replace(vocab_args, overwrite=stale), replace_stale=True),
         )
 
     def train(self) -> None:

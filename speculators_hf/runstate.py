@@ -155,12 +155,14 @@ class Claim:
 
     def track(self, *names: str) -> None:
         """Record entries as this run's (before they are written, or written by a library on our behalf)."""
-        new = [n for n in map(_entry_name, names) if n not in self.manifest["entries"]]
+        known = set(self.manifest["entries"])
+        new = [n for n in dict.fromkeys(map(_entry_name, names)) if n not in known]
         if not new or self.readonly:
             self.manifest["entries"] += new
             return
         with self._locked() as manifest:
-            manifest["entries"] += [n for n in new if n not in manifest["entries"]]
+            known = set(manifest["entries"])
+            manifest["entries"] += [n for n in new if n not in known]
             manifest["status"] = RUNNING
         self.manifest["entries"] = manifest["entries"]
 
@@ -170,7 +172,7 @@ class Claim:
         if not self.owns(name):
             raise ValueError(f"{self.folder / name} is not an entry of this {self.key} run")
         if not self.readonly:
-            _delete(self.folder, name)
+            _delete(self.folder, {name})
             with self._locked() as manifest:
                 manifest["entries"] = [n for n in manifest["entries"] if n != name]
         self.manifest["entries"] = [n for n in self.manifest["entries"] if n != name]
@@ -210,6 +212,7 @@ def claim(
     owned: bool = True,
     label: str = "--output-dir",
     readonly: bool = False,
+    held: str | None = None,
 ) -> Claim:
     """Decide how run `key` with `inputs` proceeds in `folder` (see the module docstring) and record the claim.
 
@@ -223,6 +226,8 @@ def claim(
         owned: the run owns the whole folder: any entry no manifest records is refused at the claim.
         label: the flag that named the folder, for messages.
         readonly: decide without writing or deleting (non-main processes of a distributed run).
+        held: what the folder holds, in the one line that refuses other inputs (default: "a <key> run with other
+            inputs").
     """
     folder = Path(folder)
     if owned:  # before anything is written there
@@ -236,13 +241,12 @@ def claim(
             if not (overwrite or replace_stale):
                 changed = ", ".join(changed_keys(previous.get("inputs") or {}, inputs)[:6]) or "unknown inputs"
                 raise UserError(
-                    f"{label} {folder} holds a {key} run with other inputs ({changed} changed): use a new {label}, "
-                    "or --overwrite to replace that run (only the files it wrote are deleted)."
+                    f"{label} {folder} holds {held or f'a {key} run with other inputs'} ({changed} changed): use a "
+                    f"new {label}, or --overwrite to replace that run (only the files it wrote are deleted)."
                 )
             if not readonly:
                 logger.warning("%s %s: replacing the earlier %s run (%s).", label, folder, key, _listed(previous))
-                for name in previous["entries"]:
-                    _delete(folder, name)
+                _delete(folder, set(previous["entries"]))
                 manifest_path(folder, key).unlink(missing_ok=True)
             previous = None
         if previous is None:
@@ -262,7 +266,7 @@ def claim(
             state = FINISHED if done else RESUMED
             if state == RESUMED:
                 manifest["status"] = RUNNING
-        if not readonly:
+        if not readonly and state != FINISHED:  # a finished run writes nothing
             write_json(manifest_path(folder, key), manifest)
     return Claim(folder, key, digest, inputs, state, manifest, readonly)
 
@@ -278,6 +282,14 @@ def refuse_foreign(folder: str | Path, label: str = "--output-dir") -> None:
         )
 
 
+@contextmanager
+def lock(folder: str | Path, name: str) -> Iterator[None]:
+    """An exclusive lock, `<folder>/.speculators_hf/<name>.lock`, for the processes that share one run's folder (e.g.
+    ranks rewriting one index). `name` must not be a manifest's key (that lock guards the manifest)."""
+    with _lock(manifest_path(folder, name)):
+        yield
+
+
 # --------------------------------------------------------------------------------------------------------- helpers
 
 
@@ -289,8 +301,11 @@ def _entry_name(name: str | Path) -> str:
     return text
 
 
-def _belongs(name: str, entries: list[str]) -> bool:
-    return name in entries or any(name.startswith(f".{e}.") for e in entries)
+def _belongs(name: str, entries: set[str]) -> bool:
+    """`name` is a recorded entry, or a temp file `.<entry>.<anything>` of one (in time linear in `len(name)`)."""
+    if name in entries:
+        return True
+    return name.startswith(".") and any(name[i] == "." and name[1:i] in entries for i in range(2, len(name)))
 
 
 def _recorded_anywhere(folder: Path, name: str) -> bool:
@@ -299,7 +314,7 @@ def _recorded_anywhere(folder: Path, name: str) -> bool:
         return False
     for m in state.glob("*.json"):
         record = read_manifest(folder, m.stem) or {}
-        if _belongs(name, record.get("entries", [])):
+        if _belongs(name, set(record.get("entries", []))):
             return True
     return False
 
@@ -308,11 +323,11 @@ def _foreign_entries(folder: Path) -> list[str]:
     """Entries of `folder` that no manifest there records (temp files of recorded entries count as recorded)."""
     if not folder.is_dir():
         return []
-    recorded: list[str] = []
+    recorded: set[str] = set()
     state = folder / STATE_DIR
     if state.is_dir():
         for m in state.glob("*.json"):
-            recorded += (read_manifest(folder, m.stem) or {}).get("entries", [])
+            recorded.update((read_manifest(folder, m.stem) or {}).get("entries", []))
     return sorted(
         p.name
         for p in folder.iterdir()
@@ -320,17 +335,18 @@ def _foreign_entries(folder: Path) -> list[str]:
     )
 
 
-def _delete(folder: Path, name: str) -> None:
-    """Remove entry `name` of `folder` and its leftover temp files (never follows a symlink out of the folder)."""
-    for path in [folder / name, *folder.glob(f".{_glob_escape(name)}.*")]:
+def _delete(folder: Path, names: set[str]) -> None:
+    """Remove the entries `names` of `folder` and their leftover temp files (one pass over the folder; never follows a
+    symlink out of it)."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.name == STATE_DIR or not _belongs(path.name, names):
+            continue
         if path.is_symlink() or path.is_file():
             path.unlink(missing_ok=True)
         elif path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _listed(manifest: dict) -> str:
@@ -378,6 +394,7 @@ __all__ = [
     "claim",
     "file_signature",
     "fingerprint",
+    "lock",
     "manifest_path",
     "read_manifest",
     "refuse_foreign",

@@ -27,6 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from speculators_hf import runstate
 from speculators_hf.cli import COMMANDS
 from speculators_hf.cli import main as cli_main
 
@@ -230,11 +231,12 @@ READERS = [
         "torn-middle": lambda p: p.write_text('{"id": "a", "index": 0}\n{"id": \n{"id": "b", "index": 1}\n'),
         "wrong-shape": write_lines({"id": "a", "index": 0}, {"chat": "b"}),
     }, uses=("chats.jsonl", "verifier", "regen"), generic=(), prepare=_unfinished_regen),
-    # datagen's own records, read when it resumes (datagen/builder.py _claim_output_dir)
-    Reader("datagen-resume", "datagen", "out-before/data_config.json", lambda i, o: _datagen(i, i / "out-before"), {
+    # datagen's own record, read when it resumes (runstate.read_manifest: the manifest datagen keeps in its folder)
+    Reader("datagen-resume", "datagen", "out-before/.speculators_hf/datagen.json",
+           lambda i, o: _datagen(i, i / "out-before"), {
         "wrong-type": write_json([]),
     }, uses=("chats.jsonl", "out-before")),
-    # vocab (vocab.py load_token_freq)
+    # vocab (vocab/mapping.py load_token_freq)
     Reader("token-freq", "vocab", "data/token_freq.pt", lambda i, o: [
         "--token-freq-path", str(i / "data/token_freq.pt"), "--target-vocab-size", "2048", "--draft-vocab-size",
         "64", "--output-path", str(o)], {
@@ -243,11 +245,12 @@ READERS = [
         "wrong-values": torch_saved({"a": 1}),
         "runs-code": code_pickle,
     }, uses=("data",)),
-    # training data (datagen/shards.py ShardDataset, read_index; training/data.py .pt files, data_layer_ids)
+    # training data (formats/shards.py ShardDataset, read_index; training/data.py .pt files, data_layer_ids)
     Reader("shard", "train", "data/data-00000.safetensors", _train, {
         "wrong-type": edit_tensors(lambda t: t.pop("sample_offsets")),
         "wrong-shape": edit_tensors(lambda t: t.update(hidden_states=t["hidden_states"][:, 0].contiguous())),
         "wrong-offsets": edit_tensors(lambda t: t.update(sample_offsets=t["sample_offsets"].flip(0))),
+        "int-states": edit_tensors(lambda t: t.update(hidden_states=t["hidden_states"].int())),
     }, uses=("data",)),
     Reader("fp8-shard", "train", "fp8/data-00000.safetensors", lambda i, o: _train(i, o, "fp8"), {
         "wrong-type": edit_tensors(lambda t: t.pop("hidden_states_scale")),
@@ -275,10 +278,12 @@ READERS = [
         "wrong-type": write_json([]),
         "wrong-shape": write_json({"shards": "data-00000.safetensors"}),
         "missing-shard": edit_json(lambda c: c["shards"].append({"file": "data-00009.safetensors"})),
+        "outside": edit_json(lambda c: c["shards"][0].update(file=os.__file__)),  # a regular file elsewhere
     }, uses=("data",)),
     Reader("data-config", "train", "data/data_config.json", _train, {
         "wrong-type": write_json([2, 3]),
         "wrong-shape": write_json({"layer_ids": "1,2,3,4"}),
+        "other-dtype": edit_json(lambda c: c.update(hidden_states_storage={"dtype": "bfloat16"})),
     }, uses=("data",)),
     Reader("seed-pt", "train", "ptdata/data_0.pt", lambda i, o: _train(i, o, "ptdata"), {
         "wrong-type": torch_saved([1, 2]),
@@ -290,6 +295,7 @@ READERS = [
         "wrong-type": npy(np.zeros(64, dtype=np.float32)),
         "wrong-shape": npy(np.zeros((8, 8), dtype=np.int64)),
         "runs-code": code_npy,
+        "no-entries": npy(np.zeros(0, dtype=np.int64)),
     }, uses=("data",)),
     Reader("t2d", "train", "data/t2d.npy", _train, {"wrong-type": npy(np.full(2048, 7))}, uses=("data",)),
     Reader("trainer-state", "train", "save/checkpoint-1/trainer_state.json", lambda i, o: _train(i, i / "save"), {
@@ -377,7 +383,7 @@ VERIFIER: dict[str, str] = {}  # the tiny verifier's path, set by the `inputs` f
 @pytest.fixture(scope="module")
 def inputs(tiny_verifier_path, tmp_path_factory):
     """One valid copy of every input the table corrupts."""
-    from speculators_hf.datagen.shards import ShardDataset, write_v1_sample
+    from speculators_hf.formats.shards import ShardDataset, write_v1_sample
     from speculators_hf.modeling import Eagle3DraftModel
     from speculators_hf.tiny_kit import write_chat_jsonl
     from speculators_hf.vocab import load_vocab_mapping
@@ -399,8 +405,7 @@ def inputs(tiny_verifier_path, tmp_path_factory):
         if k < 2:
             write_v1_sample(root / "ptdata" / f"data_{k}.pt", sample)
     shutil.copy2(data / "data_config.json", root / "ptdata")
-    (root / "out-before").mkdir()
-    (root / "out-before" / "data_config.json").write_text("{}")
+    runstate.claim(root / "out-before", "datagen", {"flags": "of an earlier run"})  # its manifest, spoiled below
     (root / "save" / "checkpoint-1").mkdir(parents=True)
     (root / "save" / "checkpoint-1" / "training_config.json").write_text("{}")
     (root / "save" / "checkpoint-1" / "trainer_state.json").write_text("{}")
@@ -423,7 +428,7 @@ def _variants(root: Path, data: Path, verifier: Path) -> None:
     """fp8 and tokens-only copies of `data`, a hybrid cache of its states, and a spool folder a server left."""
     from transformers import AutoConfig
 
-    from speculators_hf.datagen.shards import store_hidden_states, write_shard
+    from speculators_hf.formats.shards import store_hidden_states, write_shard
     from speculators_hf.online.server import free_port
 
     VERIFIER["dead"] = f"http://127.0.0.1:{free_port()}"
@@ -552,11 +557,9 @@ RAW_READERS = {
     ("datagen/sources.py", "load_from_disk("): "exempt: datasets' own folder format, errors caught as one line",
     ("datagen/sources.py", "load_dataset(str(local)"): "exempt: a local dataset script folder, errors caught",
     ("datagen/sources.py", "load_dataset(path"): "exempt: a hub dataset, errors caught as one line",
-    ("datagen/shards.py", "with safe_open(str(path)"): "reader:shard",
-    ("datagen/shards.py", "with safe_open(str(file)"): "reader:shard",
-    ("datagen/shards.py", "safe_open(str(self.files[k])"): "reader:shard",
-    ("datagen/builder.py", "AutoTokenizer.from_pretrained"): "reader:verifier-config",
-    ("datagen/builder.py", 'open(output_dir / ".index.lock"'): "exempt: a lock file",
+    ("formats/shards.py", "with safe_open(str(path)"): "reader:shard",
+    ("formats/shards.py", "with safe_open(str(file)"): "reader:shard",
+    ("formats/shards.py", "safe_open(str(self.files[k])"): "reader:shard",
     ("datagen/hf_backend.py", "def from_pretrained("): "exempt: a definition",
     ("datagen/hf_backend.py", "auto.from_pretrained("): "reader:verifier-weights",
     ("datagen/backends.py", "HFHiddenStatesBackend.from_pretrained"): "reader:verifier-weights",
@@ -603,7 +606,7 @@ RAW_READERS = {
     ("tiny_kit.py", "json.loads(path.read_text())"): "exempt: the chitchat-dataset wheel's own file",
     ("tiny_kit.py", 'open(path, "w")'): "exempt: a write",
     ("tiny_kit.py", "PreTrainedTokenizerFast.from_pretrained("): "exempt: the kit's own cached tokenizer",
-    ("vocab.py", 'open(tmp, "wb")'): "exempt: a write",
+    ("vocab/mapping.py", 'open(tmp, "wb")'): "exempt: a write",
 }
 RAW_CALL = re.compile(
     r"json\.loads?\(|yaml\.(safe_)?load\(|torch\.load\(|np\.load\(|safe_open\(|load_file\(|\.read_text\(|"

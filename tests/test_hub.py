@@ -46,7 +46,7 @@ def real_run(tiny_verifier_path, tmp_path_factory):
     from speculators_hf.datagen.cli import main as datagen
     from speculators_hf.tiny_kit import write_chat_jsonl
     from speculators_hf.training.cli import main as train
-    from speculators_hf.vocab import main as vocab
+    from speculators_hf.vocab.cli import main as vocab
 
     root = tmp_path_factory.mktemp("run")
     verifier, data = str(tiny_verifier_path), str(root / "data")

@@ -398,7 +398,7 @@ def small_data(peaked_verifier_path, tmp_path_factory):
 
     from transformers import AutoConfig
 
-    from speculators_hf.datagen.shards import shard_name, write_index, write_shard
+    from speculators_hf.formats.shards import shard_name, write_index, write_shard
     from speculators_hf.vocab import build_vocab_mapping, save_vocab_mapping
 
     config = AutoConfig.from_pretrained(peaked_verifier_path)

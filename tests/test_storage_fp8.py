@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from speculators_hf.cli.parser import make_parser, parse
 from speculators_hf.datagen import DatagenArguments, HFHiddenStatesBackend, ShardDataset, build_dataset
 from speculators_hf.datagen.cli import main as datagen_main
-from speculators_hf.datagen.shards import FP8_MAX, dequantize, write_index
 from speculators_hf.evaluation.online import evaluate_transformers, greedy_baseline
 from speculators_hf.export import check_checkpoint, export_checkpoint
+from speculators_hf.formats.shards import FP8_MAX, dequantize, write_index
 from speculators_hf.modeling import Eagle3DraftModel
 from speculators_hf.tiny_kit import write_chat_jsonl
 from speculators_hf.training import Eagle3ModelArguments, Eagle3Trainer, Eagle3TrainingArguments

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from speculators_hf.utils import UserError
-from speculators_hf.vocab import build_vocab_mapping, load_token_freq, main, validate_vocab_mapping
+from speculators_hf.vocab import build_vocab_mapping, load_token_freq, validate_vocab_mapping
+from speculators_hf.vocab.cli import main
 
 
 def test_hand_computed_mapping():

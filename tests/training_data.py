@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from speculators_hf.datagen.hf_backend import HFHiddenStatesBackend
-from speculators_hf.datagen.shards import shard_name, write_index, write_shard
+from speculators_hf.formats.shards import shard_name, write_index, write_shard
 from speculators_hf.tiny_kit import chitchat_conversations
 from speculators_hf.vocab import build_vocab_mapping, save_vocab_mapping
 

@@ -8,7 +8,7 @@ import sys
 COMMANDS = {
     "regenerate": ("speculators_hf.regenerate.cli", "Regenerate chat responses with the verifier (on-policy data)."),
     "datagen": ("speculators_hf.datagen.cli", "Chat data -> tokens, loss masks and verifier hidden states."),
-    "vocab": ("speculators_hf.vocab", "Token frequencies -> d2t.npy / t2d.npy."),
+    "vocab": ("speculators_hf.vocab.cli", "Token frequencies -> d2t.npy / t2d.npy."),
     "serve-hidden-states": (
         "speculators_hf.online.server",
         "Serve the verifier's hidden states from vLLM for online training.",

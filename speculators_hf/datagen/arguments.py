@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .shards import STORAGE_DTYPES
+from ..formats.shards import STORAGE_DTYPES
+from ..utils import UserError
 
 BACKENDS = ("auto", "vllm", "transformers")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -96,25 +97,37 @@ class DatagenArguments:
     )
     rank: int = field(default=0, metadata={"help": "This machine's part when several machines share the work."})
     world_size: int = field(default=1, metadata={"help": "How many machines share the work (same --output-dir)."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow the verifier's own code (its config's `auto_map` .py files) to run when its config, "
+            "tokenizer or model is loaded. Without it such a verifier is refused (nothing is asked on stdin)."
+        },
+    )
     overwrite: bool = field(
-        default=False, metadata={"help": "Delete existing data in --output-dir written with other flags."}
+        default=False,
+        metadata={
+            "help": "Start over: delete what an earlier datagen run recorded in --output-dir (only those files) and "
+            "rerun. Without it a run resumes, and a folder written with other flags is refused. With --rank/"
+            "--world-size give it to rank 0: the other ranks wait for rank 0 to replace a run with other flags."
+        },
     )
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
-            raise ValueError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}.")
+            raise UserError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}.")
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}.")
+            raise UserError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}.")
         if self.data_format_version not in DATA_FORMAT_VERSIONS:
-            raise ValueError(f"--data-format-version {self.data_format_version}: use 2 (shards) or 1 (.pt files).")
+            raise UserError(f"--data-format-version {self.data_format_version}: use 2 (shards) or 1 (.pt files).")
         if self.storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"--storage-dtype {self.storage_dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}.")
+            raise UserError(f"--storage-dtype {self.storage_dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}.")
         if self.storage_dtype == "fp8_e4m3" and self.data_format_version != 2:
-            raise ValueError(
+            raise UserError(
                 "--storage-dtype fp8_e4m3 needs --data-format-version 2 (the v1 .pt layout has no scales)."
             )
         if self.tokens_only and self.data_format_version != 2:
-            raise ValueError("--tokens-only writes shards (--data-format-version 2); .pt files need states.")
+            raise UserError("--tokens-only writes shards (--data-format-version 2); .pt files need states.")
         for flag in (
             "seq_length",
             "batch_size",
@@ -124,10 +137,16 @@ class DatagenArguments:
             "shard_size_mb",
         ):
             if getattr(self, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(self, flag)}.")
+                raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(self, flag)}.")
         if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"--max-samples must be at least 1, got {self.max_samples}.")
+            raise UserError(f"--max-samples must be at least 1, got {self.max_samples} (leave it out to use all).")
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"--rank {self.rank} must be in [0, --world-size {self.world_size}).")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"--gpu-memory-utilization {self.gpu_memory_utilization} must be in (0, 1].")
+            raise UserError(f"--rank {self.rank} must be in [0, --world-size {self.world_size}).")
+        if not 0 < self.gpu_memory_utilization <= 1:  # NaN fails too
+            raise UserError(f"--gpu-memory-utilization {self.gpu_memory_utilization} must be in (0, 1].")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed {self.seed} must be in [0, 2^32) (what the shuffle and vLLM take).")
+        if self.layer_ids is not None and any(i < 0 for i in self.layer_ids):
+            raise UserError(f"--layer-ids {self.layer_ids}: ids are 0 (embeddings) or more.")
+        if not self.split:
+            raise UserError("--split is empty: give the dataset split to read (e.g. train).")

@@ -7,8 +7,9 @@ from typing import Protocol
 import torch
 
 from ..modeling.configuration_eagle3 import AUX_LAYER_ORDER, default_aux_layer_ids
-from ..utils import UserError, get_logger
-from .hf_backend import check_layer_ids
+from ..utils import UserError, get_logger, vllm_is_available
+from .hf_backend import HFHiddenStatesBackend, check_layer_ids
+from .vllm_backend import VLLMHiddenStatesBackend
 
 logger = get_logger(__name__)
 
@@ -59,8 +60,6 @@ def resolve_layer_ids(layer_ids: list[int] | None, num_hidden_layers: int) -> li
 def resolve_backend_name(backend: str) -> str:
     if backend != "auto":
         return backend
-    from ..utils import vllm_is_available
-
     return "vllm" if vllm_is_available() else "transformers"
 
 
@@ -74,10 +73,11 @@ def make_backend(
     gpu_memory_utilization: float = 0.9,
     seed: int = 0,
     storage_dir: str | None = None,
+    trust_remote_code: bool = False,
 ) -> HiddenStatesBackend:
+    """The backend `name` (`vllm` or `transformers`) with the verifier loaded (its own code runs only with
+    `trust_remote_code`, the user's `--trust-remote-code`)."""
     if name == "vllm":
-        from .vllm_backend import VLLMHiddenStatesBackend
-
         return VLLMHiddenStatesBackend(
             model_path,
             layer_ids,
@@ -87,10 +87,11 @@ def make_backend(
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             storage_dir=storage_dir,
+            trust_remote_code=trust_remote_code,
         )
-    from .hf_backend import HFHiddenStatesBackend
-
     if tensor_parallel_size > 1:
         raise UserError("--tensor-parallel-size > 1 needs --backend vllm (the transformers backend uses one device).")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return HFHiddenStatesBackend.from_pretrained(model_path, layer_ids, dtype=getattr(torch, dtype), device=device)
+    return HFHiddenStatesBackend.from_pretrained(
+        model_path, layer_ids, dtype=getattr(torch, dtype), device=device, trust_remote_code=trust_remote_code
+    )

@@ -1,257 +1,196 @@
-"""`build_dataset`: chats -> tokens + loss masks -> verifier hidden states -> shards, resumable and deterministic.
+"""`run`: chats -> tokens + loss masks -> verifier hidden states -> shards, resumable and deterministic.
 
-The work is planned up front from the tokenized data: kept samples in order, cut into shards of about
-`--shard-size-mb`. Shard `k` always holds the same samples, batched the same way, so a killed run re-run with the same
-flags skips the shards already on disk and ends with the same files as an uninterrupted run; `--rank/--world-size`
-give shard `k` to rank `k % world_size`. Files appear only complete (temp file + rename); `index.json` lists them.
+The work is planned up front (`plan.prepare`): kept samples in order, cut into shards of about `--shard-size-mb`. Shard
+`k` always holds the same samples, batched the same way, so a killed run re-run with the same flags skips the shards
+already on disk and ends with the same files as an uninterrupted run; `--rank/--world-size` give shard `k` to rank
+`k % world_size`. Files appear only complete (temp file + rename); `index.json` lists them.
+
+The output folder is claimed through `runstate` (manifest `.speculators_hf/datagen.json`): it records every file the
+run writes before it is written; a finished run with the same inputs is not redone, other inputs are refused unless
+`--overwrite` (which deletes only what the manifest records), and a folder holding files datagen did not write is
+refused. Ranks sharing a folder claim it under the manifest's lock; only rank 0 replaces an earlier run.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
+import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
+from .. import runstate
+from ..formats.shards import SHARD_FORMAT, SHARD_SCHEMA_VERSION, save_pt, write_index, write_shard, write_v1_sample
 from ..replicas import run_replicas
-from ..utils import UserError, atomic_path, get_logger, write_json
-from ..validation import bad_file, describe, read_json, read_text
+from ..utils import RunFailed, UserError, check_writable, get_logger, write_json
 from .arguments import DatagenArguments
-from .backends import HiddenStatesBackend, make_backend, resolve_backend_name, resolve_layer_ids
-from .metadata import data_config, load_verifier_config, resolve_dtype, resolve_storage_dtype, storage_bytes_per_value
-from .shards import SHARD_FORMAT, SHARD_SCHEMA_VERSION, shard_name, write_index, write_shard, write_v1_sample
-from .sources import load_source
-from .tokenize import tokenize_dataset
+from .backends import HiddenStatesBackend, make_backend
+from .metadata import data_config
+from .plan import DATA_CONFIG, TOKENS_ONLY_BACKEND, Plan, prepare
 
 logger = get_logger(__name__)
 
-DATA_CONFIG = "data_config.json"
-TOKENS_ONLY_BACKEND = "none"  # --tokens-only: no verifier runs; the states come from servers while training
-# Flags that do not change the data, so a run may resume with other values.
-NOT_FINGERPRINTED = (
-    "output_dir",
-    "cache_dir",
-    "token_freq_path",
-    "rank",
-    "world_size",
-    "data_parallel_size",
-    "gpu_memory_utilization",
-    "overwrite",
-)
+KEY = "datagen"  # the run-state manifest's name in --output-dir
+HELD = "data written with other flags or inputs"  # the refusal of a folder holding another run
+RANK_WAIT_S = 1800.0  # how long ranks > 0 wait for rank 0 to replace a run with other inputs (--overwrite)
+# data_config.json's "summary" (training and online read data_config.json: its contents stay as they were)
+SUMMARY_KEYS = ("complete", "samples", "tokens", "skipped", "skip_reasons", "shards", "bytes", "seconds", "this_run")
 
 
 @dataclass
-class Plan:
-    args: DatagenArguments
-    verifier: dict
+class DatagenResult:
+    """What a datagen run produced (recorded in its manifest; the pipeline and the next stages read it)."""
+
+    output_dir: str
+    data_config: str  # path of data_config.json
+    token_freq: str  # path of token_freq.pt
+    complete: bool  # every planned shard is written (all ranks)
+    samples: int  # in the shards written so far (all ranks)
+    tokens: int
+    skipped: int  # chats left out (no assistant tokens, template errors), by reason below
+    skip_reasons: dict[str, int]
+    shards: int
+    bytes: int
+    seconds: float
     layer_ids: list[int]
-    dtype: str
-    backend: str
-    tokenized: object  # datasets.Dataset, one row per input chat
-    token_stats: dict
-    shards: list[list[int]]  # sample ids (rows of `tokenized`) per shard
-    lengths: dict[int, int]
-    fingerprint: str
-    storage_dtype: str | None = None  # how hidden states are stored (`--storage-dtype` resolved; None: as `dtype`)
+    hidden_states_dtype: str  # as extracted
+    storage_dtype: str  # as stored (fp8_e4m3: float8 with per-token scales)
+    tokens_only: bool
+    this_run: dict  # what this call wrote: shards, samples, tokens, seconds, tokens_per_second
 
-    def shard_path(self, k: int) -> Path:
-        return Path(self.args.output_dir) / shard_name(k)
+    @classmethod
+    def from_record(cls, record: dict) -> DatagenResult:
+        return cls(**{f.name: record[f.name] for f in fields(cls)})
 
-    def v1_paths(self, k: int) -> list[Path]:
-        first = sum(len(s) for s in self.shards[:k])
-        return [Path(self.args.output_dir) / f"data_{first + j}.pt" for j in range(len(self.shards[k]))]
-
-    def is_done(self, k: int) -> bool:
-        if self.args.data_format_version == 1:
-            return all(p.exists() for p in self.v1_paths(k))
-        return self.shard_path(k).exists()
-
-    def index_entry(self, k: int) -> dict:
-        ids = self.shards[k]
-        return {
-            "file": shard_name(k),
-            "num_samples": len(ids),
-            "num_tokens": sum(self.lengths[i] for i in ids),
-            "first_sample_id": ids[0],
-            "last_sample_id": ids[-1],
-        }
+    def summary(self) -> dict:
+        return {key: getattr(self, key) for key in SUMMARY_KEYS}
 
 
-def prepare(args: DatagenArguments) -> Plan:
-    """Everything before the verifier runs: validate inputs, tokenize (cached), plan the shards. Writes nothing."""
-    from transformers import AutoTokenizer
-
-    from ..modeling.verifier_weights import check_verifier_weights
-
-    verifier = load_verifier_config(args.target_model_path)
-    check_verifier_weights(args.target_model_path, "--target-model-path")
-    layer_ids = resolve_layer_ids(args.layer_ids, verifier["num_hidden_layers"])
-    dtype = resolve_dtype(args.dtype, verifier)
-    storage_dtype = resolve_storage_dtype(args.storage_dtype, dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.target_model_path)
-    except Exception as err:
-        raise UserError(
-            f"--target-model-path {args.target_model_path}: cannot load its tokenizer ({describe(err)})."
-        ) from err
-    chat_template = _read_chat_template(args.chat_template)
-    if chat_template is None and not tokenizer.chat_template:
-        raise UserError(f"The tokenizer of {args.target_model_path} has no chat template: pass --chat-template.")
-
-    raw = load_source(args.train_data_path, split=args.split, cache_dir=args.cache_dir)
-    if args.shuffle:
-        raw = raw.shuffle(seed=args.seed)
-    if args.max_samples is not None and args.max_samples < len(raw):
-        raw = raw.select(range(args.max_samples))
-    tokenized, token_stats = tokenize_dataset(
-        raw,
-        tokenizer,
-        args.seq_length,
-        chat_template,
-        args.cache_dir,
-        source=f"--train-data-path {args.train_data_path}",
-    )
-
-    num_tokens = tokenized["num_tokens"]
-    kept = [i for i, n in enumerate(num_tokens) if n > 0]
-    lengths = {i: num_tokens[i] for i in kept}
-    bytes_per_token = int(len(layer_ids) * verifier["hidden_size"] * storage_bytes_per_value(storage_dtype)) + 9
-    if args.tokens_only:
-        bytes_per_token = 9  # input_ids int64 + loss_mask uint8
-    shards = _plan_shards(kept, lengths, args.shard_size_mb * 2**20 // bytes_per_token)
-    backend = TOKENS_ONLY_BACKEND if args.tokens_only else resolve_backend_name(args.backend)
-    excluded = {k: v for k, v in asdict(args).items() if k not in NOT_FINGERPRINTED}
-    excluded.pop("storage_dtype", None)  # fingerprinted resolved (below): auto == the dtype it stands for
-    storage = [storage_dtype] if storage_dtype != dtype else []  # fingerprints of plain runs stay as they were
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [
-                excluded,
-                token_stats["fingerprint"],
-                verifier,
-                layer_ids,
-                dtype,
-                backend,
-                SHARD_SCHEMA_VERSION,
-                *storage,
-            ],
-            sort_keys=True,
-            default=str,
-        ).encode()
-    ).hexdigest()[:16]
-    return Plan(
-        args, verifier, layer_ids, dtype, backend, tokenized, token_stats, shards, lengths, fingerprint, storage_dtype
-    )
-
-
-def _read_chat_template(value: str | None) -> str | None:
-    """`--chat-template`: a Jinja template, or a file holding one; checked to compile."""
-    if value is None:
-        return None
-    path = Path(value)
-    label = "--chat-template"
-    if "{" not in value and len(value) < 4096 and path.exists():
-        label = f"--chat-template {path}"
-        value = read_text(path, label, "give a Jinja chat template file")
-        if not value.strip():
-            raise bad_file(label, "is empty", "give a Jinja chat template file")
-    elif "{" not in value:
-        raise UserError(f"--chat-template {value!r} is neither a Jinja template nor an existing file.")
-    import jinja2
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
-    try:
-        _compile_jinja_template(value)  # as transformers compiles it (its {% generation %} tag included)
-    except jinja2.TemplateSyntaxError as err:
-        raise bad_file(label, f"is not a valid Jinja template (line {err.lineno}: {err.message})") from err
-    return value
-
-
-def _plan_shards(kept: list[int], lengths: dict[int, int], max_tokens: int) -> list[list[int]]:
-    shards, current, tokens = [], [], 0
-    for i in kept:
-        if current and tokens + lengths[i] > max_tokens:
-            shards.append(current)
-            current, tokens = [], 0
-        current.append(i)
-        tokens += lengths[i]
-    if current:
-        shards.append(current)
-    return shards
-
-
-def build_dataset(args: DatagenArguments, backend: HiddenStatesBackend | None = None) -> dict:
-    """Run datagen end to end (or resume it); returns the summary that is also stored in `data_config.json`.
+def run(
+    args: DatagenArguments, *, backend: HiddenStatesBackend | None = None, replace_stale: bool = False
+) -> DatagenResult:
+    """Run datagen end to end, resume it, or return the recorded result of the finished run with the same inputs.
 
     Args:
         args (`DatagenArguments`): the flags.
         backend (`HiddenStatesBackend`, *optional*): an already started backend to use (and not close), e.g. one vLLM
             engine shared by several runs; by default one is made from `--backend`.
+        replace_stale (`bool`): replace an earlier run with other inputs in `--output-dir` (the pipeline, in its own
+            folders) instead of refusing it.
     """
     start = time.perf_counter()
-    plan = prepare(args)
     output_dir = Path(args.output_dir)
-    _claim_output_dir(output_dir, plan)
+    _check_writable_before_work(output_dir, "--output-dir")
+    if args.rank == 0 and args.token_freq_path is not None:
+        _check_writable_before_work(Path(args.token_freq_path).parent, "--token-freq-path")
+    plan = prepare(args)
+    claim = _claim(plan, replace_stale)
+    if claim.finished:
+        logger.warning("datagen %s: up to date (same inputs, complete), skipped; --overwrite reruns it.", output_dir)
+        return DatagenResult.from_record({**claim.result, "this_run": _nothing_written()})
+    claim.track(*plan.entries())  # before anything is written (other ranks write their shards into the same folder)
+    if args.rank == 0 or not (output_dir / DATA_CONFIG).exists():
+        write_json(output_dir / DATA_CONFIG, data_config(plan, status="running"))
     if args.rank == 0:
-        write_token_freq(plan, Path(args.token_freq_path or output_dir / "token_freq.pt"))
+        _write_token_freq(plan, claim, replace_stale)
     if args.data_parallel_size > 1 and not args.tokens_only:
         _run_replicas(args)
-        written = {"shards": 0, "samples": 0, "tokens": 0, "seconds": 0.0}  # counted by the replicas
+        written = _nothing_written()  # counted by the replicas
     else:
         written = _extract_and_write(plan, backend)
-    summary = _finish(plan, written, time.perf_counter() - start)
-    return summary
+    return _finish(plan, claim, written, time.perf_counter() - start)
 
 
-def _claim_output_dir(output_dir: Path, plan: Plan) -> None:
-    """Start or resume in `output_dir`; refuse to mix data written with other flags (unless --overwrite)."""
-    path = output_dir / DATA_CONFIG
-    if path.exists():
-        fix = "delete it, or pass --overwrite (which removes the folder's data files)"
-        try:
-            previous = read_json(path, fix=fix)
-        except UserError:
-            if not plan.args.overwrite:
-                raise
-            previous = {}
-        storage_record, model = previous.get("hidden_states_storage"), previous.get("model")
-        stored = (storage_record.get("dtype") if isinstance(storage_record, dict) else None) or (
-            model.get("hidden_states_dtype") if isinstance(model, dict) else None
+def build_dataset(args: DatagenArguments, backend: HiddenStatesBackend | None = None) -> dict:
+    """`run` with its result as a dict (the summary earlier versions returned)."""
+    return asdict(run(args, backend=backend))
+
+
+def _check_writable_before_work(folder: Path, label: str) -> None:
+    """A folder that cannot take files fails now, before tokenizing; a folder that does not exist yet is not created
+    here (a run refused later leaves nothing behind) when its nearest existing parent may be written."""
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if folder.exists() or not os.access(parent, os.W_OK | os.X_OK):
+        check_writable(folder, label)  # one line: read-only file system, permission denied
+
+
+def _claim(plan: Plan, replace_stale: bool) -> runstate.Claim:
+    """Claim `--output-dir` for this run. Rank 0 may replace an earlier run (--overwrite, or `replace_stale`); the
+    other ranks never delete: they wait for rank 0 to replace a run with other inputs, and otherwise resume with it."""
+    args, folder = plan.args, plan.output_dir
+    replacing = args.overwrite or replace_stale
+    _refuse_other_storage(plan, replacing)
+    if args.rank > 0 and replacing:
+        _wait_for_rank_zero(plan)
+    rank_zero = args.rank == 0
+    return runstate.claim(
+        folder,
+        KEY,
+        plan.inputs,
+        overwrite=args.overwrite and rank_zero,
+        replace_stale=replace_stale and rank_zero,
+        owned=True,
+        label="--output-dir",
+        held=HELD,
+    )
+
+
+def _refuse_other_storage(plan: Plan, replacing: bool) -> None:
+    """Hidden states of another storage dtype in the folder: the one line names both (rather than what changed)."""
+    record = runstate.read_manifest(plan.output_dir, KEY)
+    stored = ((record or {}).get("inputs") or {}).get("storage_dtype")
+    storage = plan.storage_dtype or plan.dtype
+    if stored and stored != storage and not replacing:
+        raise UserError(
+            f"--output-dir {plan.output_dir} holds hidden states stored as {stored}; --storage-dtype "
+            f"{plan.args.storage_dtype} ({storage}) would mix two in one folder: use a new --output-dir or "
+            "--overwrite."
         )
-        storage = plan.storage_dtype or plan.dtype
-        if stored and stored != storage and not plan.args.overwrite:
-            raise UserError(
-                f"--output-dir {output_dir} holds hidden states stored as {stored}; --storage-dtype "
-                f"{plan.args.storage_dtype} ({storage}) would mix two in one folder: use a new --output-dir or "
-                "--overwrite."
-            )
-        if previous.get("fingerprint") == plan.fingerprint:
-            done = sum(plan.is_done(k) for k in range(len(plan.shards)))
-            if done:
-                logger.warning("Resuming in %s: %d of %d shards already written.", output_dir, done, len(plan.shards))
+
+
+def _wait_for_rank_zero(plan: Plan) -> None:
+    """Rank > 0 with --overwrite: wait while the folder holds a run with other inputs (rank 0 replaces it)."""
+    deadline, told = time.monotonic() + RANK_WAIT_S, False
+    while True:
+        record = runstate.read_manifest(plan.output_dir, KEY)
+        if record is None or record["fingerprint"] == runstate.fingerprint(plan.inputs):
             return
-        if not plan.args.overwrite:
-            raise UserError(
-                f"--output-dir {output_dir} holds data written with other flags or inputs (fingerprint "
-                f"{previous.get('fingerprint')} != {plan.fingerprint}); use a new --output-dir or --overwrite."
+        if time.monotonic() > deadline:
+            raise RunFailed(
+                f"--rank {plan.args.rank}: {plan.output_dir} still holds a datagen run with other inputs after "
+                f"{RANK_WAIT_S:.0f} s; start rank 0 with the same flags and --overwrite (it replaces that run)."
             )
-        _remove_outputs(output_dir)
-    elif any(output_dir.glob("data[-_]*")):
-        raise UserError(f"--output-dir {output_dir} holds data files but no {DATA_CONFIG}; use an empty folder.")
-    if plan.args.rank == 0 or not path.exists():
-        write_json(path, data_config(plan, status="running"))
+        if not told:
+            logger.warning("--rank %d: waiting for rank 0 to replace the run in %s.", plan.args.rank, plan.output_dir)
+            told = True
+        time.sleep(2.0)
 
 
-def _remove_outputs(output_dir: Path) -> None:
-    for pattern in ("data-*.safetensors", "data_*.pt", "index*.json", DATA_CONFIG, "token_freq.pt"):
-        for file in output_dir.glob(pattern):
-            file.unlink()
+def _write_token_freq(plan: Plan, claim: runstate.Claim, replace_stale: bool) -> None:
+    """token_freq.pt in --output-dir (an entry of the claim), or at --token-freq-path under a claim of its own."""
+    path = plan.token_freq
+    if plan.token_freq_inside:
+        write_token_freq(plan, path)
+        return
+    args = plan.args
+    elsewhere = runstate.claim(
+        path.parent,
+        f"{KEY}-{path.name}",
+        plan.inputs,
+        overwrite=args.overwrite,
+        replace_stale=replace_stale,
+        owned=False,
+        label="--token-freq-path",
+    )
+    if not elsewhere.finished:
+        write_token_freq(plan, elsewhere.path(path.name))
+        elsewhere.finish({"token_freq": str(path)})
 
 
 def write_token_freq(plan: Plan, path: Path) -> dict[int, int]:
@@ -261,15 +200,18 @@ def write_token_freq(plan: Plan, path: Path) -> dict[int, int]:
         for ids, mask in zip(batch["input_ids"], batch["loss_mask"]):
             counts.update(t for t, m in zip(ids, mask) if m)
     freq = {int(t): int(c) for t, c in sorted(counts.items())}
-    with atomic_path(path) as tmp:
-        torch.save(freq, tmp)
+    save_pt(freq, path)
     return freq
+
+
+def _nothing_written() -> dict:
+    return {"shards": 0, "samples": 0, "tokens": 0, "seconds": 0.0}
 
 
 def _extract_and_write(plan: Plan, backend: HiddenStatesBackend | None = None) -> dict:
     args = plan.args
     todo = [k for k in range(len(plan.shards)) if k % args.world_size == args.rank and not plan.is_done(k)]
-    written = {"shards": 0, "samples": 0, "tokens": 0, "seconds": 0.0}
+    written = _nothing_written()
     if not todo:
         return written
     if args.tokens_only:
@@ -285,6 +227,7 @@ def _extract_and_write(plan: Plan, backend: HiddenStatesBackend | None = None) -
             args.tensor_parallel_size,
             args.gpu_memory_utilization,
             args.seed,
+            trust_remote_code=args.trust_remote_code,
         )
     started = time.perf_counter()  # after the backend is up: tokens/s measures extraction + writing only
     total = sum(plan.lengths[i] for k in todo for i in plan.shards[k])
@@ -293,7 +236,7 @@ def _extract_and_write(plan: Plan, backend: HiddenStatesBackend | None = None) -
         unit="tok",
         unit_scale=True,
         desc="Token shards (tokens only)" if args.tokens_only else f"Hidden states ({backend.name})",
-        disable=args.rank != 0 and args.world_size > 1,
+        disable=(args.rank != 0 and args.world_size > 1) or not hf_logging.is_progress_bar_enabled(),
     )
     try:
         for k in todo:
@@ -356,12 +299,10 @@ def _write_shard(plan: Plan, k: int, samples: list[dict]) -> None:
 
 def _update_index(plan: Plan) -> None:
     """Rewrite index.json from the shards on disk, under a lock (ranks may share the folder)."""
-    output_dir = Path(plan.args.output_dir)
-    with open(output_dir / ".index.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with runstate.lock(plan.output_dir, f"{KEY}-index"):
         done = [k for k in range(len(plan.shards)) if plan.is_done(k)]
         write_index(
-            output_dir,
+            plan.output_dir,
             {
                 "format": SHARD_FORMAT,
                 "version": SHARD_SCHEMA_VERSION,
@@ -375,50 +316,60 @@ def _update_index(plan: Plan) -> None:
 
 
 def _run_replicas(args: DatagenArguments) -> None:
-    """`--data-parallel-size N`: N worker processes on this machine, each with its own GPUs and shard subset."""
+    """`--data-parallel-size N`: N worker processes on this machine, each with its own GPUs and shard subset. They
+    resume the run this process claimed (never --overwrite: that was done here)."""
     n = args.data_parallel_size
     children = [
-        {"data_parallel_size": 1, "rank": args.rank * n + i, "world_size": args.world_size * n} for i in range(n)
+        {"data_parallel_size": 1, "rank": args.rank * n + i, "world_size": args.world_size * n, "overwrite": False}
+        for i in range(n)
     ]
     failed = run_replicas("speculators_hf.datagen", args, children, args.tensor_parallel_size)
     if failed:
-        raise RuntimeError(f"datagen replicas {failed} failed; re-run the same command to resume.")
+        raise RunFailed(
+            f"datagen replicas {failed} failed (their errors are above); rerun the same command to resume."
+        )
 
 
-def _finish(plan: Plan, written: dict, seconds: float) -> dict:
-    output_dir = Path(plan.args.output_dir)
+def _finish(plan: Plan, claim: runstate.Claim, written: dict, seconds: float) -> DatagenResult:
     done = [k for k in range(len(plan.shards)) if plan.is_done(k)]
-    complete = len(done) == len(plan.shards)
-    v2 = plan.args.data_format_version == 2
-    files = [p for k in done for p in ([plan.shard_path(k)] if v2 else plan.v1_paths(k))]
-    summary = {
-        "complete": complete,
-        "samples": sum(len(plan.shards[k]) for k in done),
-        "tokens": sum(plan.lengths[i] for k in done for i in plan.shards[k]),
-        "skipped": plan.token_stats["num_skipped"],
-        "skip_reasons": plan.token_stats["skip_reasons"],
-        "shards": len(done),
-        "bytes": sum(p.stat().st_size for p in files),
-        "seconds": round(seconds, 2),
-        "this_run": {**written, "tokens_per_second": round(written["tokens"] / max(written["seconds"], 1e-9), 1)},
-    }
+    files = [p for k in done for p in plan.files(k)]
+    tokens_per_second = round(written["tokens"] / max(written["seconds"], 1e-9), 1)
+    result = DatagenResult(
+        output_dir=str(plan.output_dir),
+        data_config=str(plan.output_dir / DATA_CONFIG),
+        token_freq=str(plan.token_freq),
+        complete=len(done) == len(plan.shards),
+        samples=sum(len(plan.shards[k]) for k in done),
+        tokens=sum(plan.lengths[i] for k in done for i in plan.shards[k]),
+        skipped=plan.token_stats["num_skipped"],
+        skip_reasons=plan.token_stats["skip_reasons"],
+        shards=len(done),
+        bytes=sum(p.stat().st_size for p in files),
+        seconds=round(seconds, 2),
+        layer_ids=plan.layer_ids,
+        hidden_states_dtype=plan.dtype,
+        storage_dtype=plan.storage_dtype or plan.dtype,
+        tokens_only=plan.args.tokens_only,
+        this_run={**written, "tokens_per_second": tokens_per_second},
+    )
     if plan.args.data_format_version == 2:
         _update_index(plan)
-    if complete:
-        write_json(output_dir / DATA_CONFIG, data_config(plan, status="complete", summary=summary))
+    if result.complete:
+        write_json(plan.output_dir / DATA_CONFIG, data_config(plan, status="complete", summary=result.summary()))
+        claim.finish(asdict(result), produced=result.samples, what="samples")
     logger.warning(
         "datagen %s: %d samples, %d tokens, %d skipped, %d shards, %.1f MB in %s, %.1f s (%.0f tokens/s extracting)",
-        "complete" if complete else "partial",
-        summary["samples"],
-        summary["tokens"],
-        summary["skipped"],
-        summary["shards"],
-        summary["bytes"] / 1e6,
-        output_dir,
+        "complete" if result.complete else "partial",
+        result.samples,
+        result.tokens,
+        result.skipped,
+        result.shards,
+        result.bytes / 1e6,
+        plan.output_dir,
         seconds,
-        summary["this_run"]["tokens_per_second"],
+        tokens_per_second,
     )
-    return summary
+    return result
 
 
-__all__ = ["build_dataset", "prepare", "Plan", "write_token_freq"]
+__all__ = ["DatagenResult", "build_dataset", "run", "write_token_freq"]

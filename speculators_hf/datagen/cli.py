@@ -1,20 +1,15 @@
-"""`python -m speculators_hf.datagen` == `speculators-hf datagen`: flags in `DatagenArguments`."""
+"""`speculators-hf datagen` == `python -m speculators_hf.datagen`: flags in `DatagenArguments`, work in `run`."""
 
 from __future__ import annotations
 
+from ..cli.parser import run_command
 from .arguments import DatagenArguments
+from .builder import run
 
 PROG = "python -m speculators_hf.datagen"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli.parser import run_command
-
-    def run(args: DatagenArguments) -> None:
-        from .builder import build_dataset
-
-        build_dataset(args)
-
     return run_command(DatagenArguments, run, argv, prog=PROG)
 
 

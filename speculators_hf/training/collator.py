@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..datagen.shards import SCALE_KEY, dequantize
+from ..formats.shards import SCALE_KEY, dequantize
 
 LOSS_MASK_ALIGNMENTS = ("predicted", "input")
 HIDDEN_KEYS = ("aux_hidden_states", "verifier_last_hidden_states")

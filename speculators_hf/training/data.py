@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..datagen.shards import ShardDataset
+from ..formats.shards import ShardDataset
 from ..utils import UserError, get_logger
 from ..validation import bad_file, describe, read_json_if_exists, torch_load
 

@@ -20,7 +20,7 @@ from transformers import Trainer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..datagen.shards import dequantize
+from ..formats.shards import dequantize
 from ..modeling.modeling_eagle3 import VERIFIER_HEAD_MISSING
 from ..utils import UserError, get_logger
 from .arguments import Eagle3TrainingArguments

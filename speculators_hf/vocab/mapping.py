@@ -1,26 +1,25 @@
-"""Stage 2: token frequencies -> a draft vocabulary (`d2t.npy`, `t2d.npy`).
+"""The draft vocabulary's mapping: built from token frequencies, saved and loaded as `d2t.npy` / `t2d.npy`, checked.
 
 `d2t[j]` is an int64 *offset*: draft index `j` is verifier token `j + d2t[j]` (vLLM's convention); `t2d` is a bool mask
 over the verifier vocabulary, True on the `Vd` selected ids. The selection is the `Vd` most frequent loss-masked tokens
 (ties to the lower id), padded with the lowest unused ids when fewer were seen, sorted ascending.
 
-    python -m speculators_hf.vocab --token-freq-path out/token_freq.pt --draft-vocab-size 32000 \\
-        --target-model-path meta-llama/Llama-3.1-8B-Instruct --output-path out
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .utils import UserError, atomic_path, get_logger
-from .validation import bad_file, np_load, pretrained_config, torch_load
+from ..utils import UserError, atomic_path, get_logger
+from ..validation import bad_file, np_load, torch_load
 
 logger = get_logger(__name__)
+
+D2T_FILE, T2D_FILE = "d2t.npy", "t2d.npy"
 
 
 def load_token_freq(path: str | Path) -> dict[int, int]:
@@ -60,6 +59,8 @@ def build_vocab_mapping(
     token_freq: Mapping[int, int], draft_vocab_size: int, target_vocab_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns `(d2t, t2d)`: int64 offsets `[Vd]` and a bool mask `[V]`."""
+    if draft_vocab_size < 1:
+        raise UserError(f"--draft-vocab-size must be at least 1, got {draft_vocab_size}.")
     if draft_vocab_size > target_vocab_size:
         raise UserError(
             f"--draft-vocab-size {draft_vocab_size} is larger than the target vocabulary ({target_vocab_size})."
@@ -111,8 +112,9 @@ def validate_vocab_mapping(d2t, t2d, draft_vocab_size: int, target_vocab_size: i
 
 
 def save_vocab_mapping(output_dir: str | Path, d2t: np.ndarray, t2d: np.ndarray) -> tuple[Path, Path]:
+    """`<output_dir>/d2t.npy` and `t2d.npy`, each written atomically."""
     output_dir = Path(output_dir)
-    paths = output_dir / "d2t.npy", output_dir / "t2d.npy"
+    paths = output_dir / D2T_FILE, output_dir / T2D_FILE
     for path, arr in zip(paths, (d2t, t2d)):
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
@@ -134,63 +136,9 @@ def load_vocab_mapping(
         arr = np_load(path, label, fix)
         if arr.ndim != 1 or arr.dtype.kind not in kinds:
             raise bad_file(label, f"holds {arr.dtype} values of shape {list(arr.shape)}, expected {what}", fix)
+        if arr.size == 0:
+            raise bad_file(label, f"holds no entries, expected {what} with at least one", fix)
         if kinds == "bui" and arr.dtype.kind != "b" and not np.isin(arr, (0, 1)).all():
             raise bad_file(label, "holds values other than 0/1, expected a bool mask [V]", fix)
         arrays.append(arr)
     return torch.from_numpy(arrays[0].astype(np.int64)), torch.from_numpy(arrays[1].astype(bool))
-
-
-# ------------------------------------------------------------------------------------------------------------ CLI
-
-
-@dataclass
-class VocabArguments:
-    """Build the draft vocabulary from datagen's token frequencies."""
-
-    token_freq_path: str = field(metadata={"help": "token_freq.pt written by datagen (counts of loss-masked tokens)."})
-    draft_vocab_size: int = field(default=32000, metadata={"help": "Draft vocabulary size Vd."})
-    target_vocab_size: int | None = field(
-        default=None, metadata={"help": "Verifier vocabulary size V (or give --target-model-path)."}
-    )
-    target_model_path: str | None = field(
-        default=None, metadata={"help": "Verifier id or folder; its config gives V and is checked against the data."}
-    )
-    output_path: str = field(default=".", metadata={"help": "Folder for d2t.npy and t2d.npy."})
-
-    def __post_init__(self):
-        if self.target_vocab_size is None and self.target_model_path is None:
-            raise UserError("Give --target-vocab-size N or --target-model-path M (the verifier's vocabulary size).")
-
-
-def run(args: VocabArguments) -> tuple[Path, Path]:
-    target_vocab_size = args.target_vocab_size
-    if args.target_model_path is not None:
-        model_vocab = pretrained_config(args.target_model_path, "--target-model-path").get_text_config().vocab_size
-        if target_vocab_size is not None and target_vocab_size != model_vocab:
-            raise UserError(
-                f"--target-vocab-size {target_vocab_size} disagrees with {args.target_model_path} ({model_vocab})."
-            )
-        target_vocab_size = model_vocab
-    freq = load_token_freq(args.token_freq_path)
-    d2t, t2d = build_vocab_mapping(freq, args.draft_vocab_size, target_vocab_size)
-    paths = save_vocab_mapping(args.output_path, d2t, t2d)
-    covered = sum(freq.get(int(t), 0) for t in np.nonzero(t2d)[0])
-    total = max(sum(freq.values()), 1)
-    logger.warning(
-        "Draft vocabulary %d/%d covers %.2f%% of loss-masked tokens -> %s, %s",
-        args.draft_vocab_size,
-        target_vocab_size,
-        100 * covered / total,
-        *paths,
-    )
-    return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli.parser import run_command
-
-    return run_command(VocabArguments, lambda a: run(a), argv, prog="speculators-hf vocab")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

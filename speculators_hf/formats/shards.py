@@ -1,4 +1,4 @@
-"""The on-disk format of datagen's output, and a memory-mapped reader for training.
+"""The on-disk format of datagen's output (shards, `index.json`, fp8 scaling), and a memory-mapped reader for training.
 
 An output folder holds `data-00000.safetensors`, `data-00001.safetensors`, ... and `index.json`. Each shard packs many
 samples end to end:
@@ -20,21 +20,30 @@ and `x ~ float(hidden_states) * hidden_states_scale[..., None]` (relative error 
 describes itself by its tensors' dtypes; a folder holds one storage dtype (the reader refuses a mix).
 
 `index.json` lists the finished shards in order; a shard file exists only once it is complete (temp file + rename),
-and `index.json` is rewritten atomically after each one, so a killed run leaves a consistent folder.
+and `index.json` is rewritten atomically after each one, so a killed run leaves a consistent folder. Every file name
+read from `index.json` must name a file inside the folder (`validation.resolve_inside`), and the stored hidden states
+must be of the dtype `data_config.json` declares (`hidden_states_storage.dtype`).
+
+Writers raise `OSError` (with the file's name) when the disk is full, whatever the library underneath reports, so
+the CLI says it in one line.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..utils import UserError, atomic_path, write_json
-from ..validation import bad_file, read_json_if_exists, safetensors_header
+from ..validation import bad_file, read_json_if_exists, resolve_inside, safetensors_header
 
 INDEX_FILE = "index.json"
+DATA_CONFIG_FILE = "data_config.json"
 SHARD_FORMAT = "speculators_hf.shards"
 SHARD_SCHEMA_VERSION = 1  # the layout of one shard file (recorded in its metadata and index.json)
 
@@ -129,8 +138,11 @@ def write_shard(
     }
     path = Path(path)
     with atomic_path(path) as tmp:
-        # One metadata key: safetensors writes its metadata map in hash order, so two keys would make reruns differ.
-        save_file(tensors, str(tmp), metadata={"format": f"{SHARD_FORMAT}/{SHARD_SCHEMA_VERSION}"})
+        try:
+            # One metadata key: safetensors writes its metadata map in hash order: two keys would make reruns differ.
+            save_file(tensors, str(tmp), metadata={"format": f"{SHARD_FORMAT}/{SHARD_SCHEMA_VERSION}"})
+        except SafetensorError as err:  # it reports a full disk as "I/O error: ... (os error 28)"
+            raise _as_os_error(err, path) from err
     return {
         "file": path.name,
         "num_samples": len(samples),
@@ -138,6 +150,27 @@ def write_shard(
         "first_sample_id": int(sample_ids[0]),
         "last_sample_id": int(sample_ids[-1]),
     }
+
+
+def _as_os_error(err: Exception, path: Path) -> Exception:
+    """The `OSError` a library's I/O failure stands for (naming `path`), or `err` itself when it names none."""
+    code = re.search(r"os error (\d+)", str(err))
+    if code is None:
+        return err
+    number = int(code.group(1))
+    return OSError(number, os.strerror(number), str(path))
+
+
+def save_pt(obj, path: str | Path) -> None:
+    """`torch.save(obj)` to `path`, atomically; a full disk is an `OSError` naming the file (torch's own writer reports
+    it as an unrelated-looking `RuntimeError`)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        try:
+            tmp.write_bytes(buffer.getbuffer())
+        except OSError as err:  # a write error names no file
+            raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def read_index(data_dir: str | Path) -> dict | None:
@@ -151,6 +184,26 @@ def read_index(data_dir: str | Path) -> dict | None:
     if not isinstance(shards, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in shards):
         raise bad_file(str(path), 'has no list of {"file": ...} entries under "shards"', fix)
     return index
+
+
+def declared_storage(data_dir: str | Path) -> str | None:
+    """The storage dtype of the hidden states that `data_config.json` declares (`hidden_states_storage.dtype`, or
+    `model.hidden_states_dtype` where the storage is not recorded), or None: no data config, tokens only, or none
+    declared (a folder not written by datagen)."""
+    path = Path(data_dir) / DATA_CONFIG_FILE
+    fix = "rerun datagen, or fix the file by hand"
+    config = read_json_if_exists(path, fix=fix)
+    if config is None or config.get("tokens_only") is True:
+        return None
+    storage, model = config.get("hidden_states_storage"), config.get("model")
+    declared = (storage.get("dtype") if isinstance(storage, dict) else None) or (
+        model.get("hidden_states_dtype") if isinstance(model, dict) else None
+    )
+    if declared is not None and declared not in STORAGE_DTYPES[1:]:
+        raise bad_file(
+            str(path), f"declares hidden states of dtype {declared!r}, not one of {STORAGE_DTYPES[1:]}", fix
+        )
+    return declared
 
 
 def write_index(data_dir: str | Path, index: dict) -> None:
@@ -228,7 +281,8 @@ class ShardDataset(torch.utils.data.Dataset):
         self.dequantize = dequantize
         index = read_index(self.data_dir)
         if index is not None:
-            files = [self.data_dir / s["file"] for s in index["shards"]]
+            label, fix = str(self.data_dir / INDEX_FILE), "rerun datagen with the same flags (it rewrites index.json)"
+            files = [resolve_inside(self.data_dir, s["file"], label, fix) for s in index["shards"]]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise UserError(
@@ -267,6 +321,12 @@ class ShardDataset(torch.utils.data.Dataset):
                 )
             self.offsets.append(offsets)
             self._where += [(k, s) for s in range(len(offsets) - 1)]
+        declared = declared_storage(self.data_dir)
+        if declared is not None and self.storage is not None and self.storage != declared:
+            raise UserError(
+                f"{files[0]} stores hidden states as {self.storage} but {self.data_dir / DATA_CONFIG_FILE} declares "
+                f"{declared}: the shards are not that datagen run's; regenerate the data into a new folder."
+            )
         self.tokens_only = tokens_only or self.hidden_shape is None
         self._handles: dict[int, object] = {}
 
@@ -321,5 +381,4 @@ def write_v1_sample(path: str | Path, sample: dict[str, torch.Tensor], storage_d
         "hidden_states": [hidden_states[:, i].clone() for i in range(hidden_states.shape[1])],
         "loss_mask": sample["loss_mask"].long(),
     }
-    with atomic_path(path) as tmp:
-        torch.save(data, tmp)
+    save_pt(data, path)
