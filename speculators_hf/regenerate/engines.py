@@ -72,6 +72,7 @@ def make_engine(args, sampling: Sampling, dtype: str, model_config) -> Engine:
             timeout=args.request_timeout,
             max_retries=args.max_retries,
             backoff=args.retry_backoff,
+            api_key=args.server_api_key,
         )
     if name == "vllm":
         from .vllm_engine import VLLMEngine

@@ -37,6 +37,7 @@ NOT_FINGERPRINTED = (
     "output_path",
     "backend",
     "server_url",
+    "server_api_key",
     "concurrency",
     "request_timeout",
     "max_retries",
@@ -399,7 +400,7 @@ def _claim(plan: Plan) -> None:
         remove_outputs(layout)
         state = None
     if state is None:
-        write_json(layout.state, {"fingerprint": plan.fingerprint, "arguments": asdict(plan.args)})
+        write_json(layout.state, {"fingerprint": plan.fingerprint, "arguments": _recorded(plan.args)})
 
 
 def _read_state(layout: OutputLayout) -> dict | None:
@@ -472,8 +473,13 @@ def provenance(plan: Plan, summary: dict, records) -> dict:
         "source": plan.source,
         "counts": summary,
         "package_versions": package_versions(),
-        "arguments": asdict(args),
+        "arguments": _recorded(args),
     }
+
+
+def _recorded(args) -> dict:
+    """The arguments as the run's records keep them: never the servers' API key."""
+    return {k: v for k, v in asdict(args).items() if k != "server_api_key"}
 
 
 def _log_summary(summary: dict, output: dict) -> None:
