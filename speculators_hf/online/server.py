@@ -76,7 +76,7 @@ class ServeArguments:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "Verifier and hidden-state dtype (auto: the verifier's).", "choices": list(DTYPES)},
+        metadata={"help": f"Verifier and hidden-state dtype: {', '.join(DTYPES)} (auto: the verifier's)."},
     )
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "Fraction of GPU memory vLLM may use."})
     api_key: str | None = field(
