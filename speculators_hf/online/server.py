@@ -12,6 +12,7 @@ see `client.py` and `transport.py`.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import json
 import math
@@ -33,7 +34,7 @@ from ..http import API_KEY_ENV, HTTPFailure, JSONClient, Unauthorized
 from ..http import api_key as resolve_api_key
 from ..utils import UserError, get_logger, vllm_is_available, write_json
 from ..validation import read_json_if_exists
-from .common import SERVER_INFO, default_spool_dir, server_models
+from .common import SERVER_INFO, SPOOL_DIRS_ENV, default_spool_dir, server_models, trusted_spool_dirs
 
 logger = get_logger(__name__)
 
@@ -333,8 +334,6 @@ class HiddenStatesServer:
 def _die_with_parent() -> None:
     """In the child: SIGTERM when the launcher dies, so a killed pipeline or test leaves no server behind (Linux)."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
@@ -362,6 +361,10 @@ def serve(args: ServeArguments) -> int:
         f"(vLLM's convention: id i = input to decoder layer i, {server.layer_ids[-1]} = last layer pre-norm)",
         flush=True,
     )
+    spool = server.spool_dir.resolve()
+    if not any(root == spool or root in spool.parents for root in trusted_spool_dirs()):
+        hint = f"trainers read states only in spool folders they trust: give them {SPOOL_DIRS_ENV}={spool}"
+        print(f"serve-hidden-states: {hint}", flush=True)
     server.start()
     stop = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _interrupt)
