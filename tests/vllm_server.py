@@ -9,11 +9,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from speculators_hf.http import HTTPFailure, JSONClient
 from speculators_hf.online.server import free_port
 
 
@@ -42,15 +42,16 @@ def vllm_server(model: str | Path, *extra: str, startup_timeout: float = 300.0) 
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    http = JSONClient()
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"vLLM server exited ({proc.returncode}):\n{_tail(log.name)}")
             try:
-                with urllib.request.urlopen(url + "/v1/models", timeout=2):
-                    break
-            except OSError:
+                http.get(url + "/v1/models", timeout=2)
+                break
+            except HTTPFailure:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"no vLLM server after {startup_timeout} s:\n{_tail(log.name)}") from None
                 time.sleep(1)
@@ -63,6 +64,7 @@ def vllm_server(model: str | Path, *extra: str, startup_timeout: float = 300.0) 
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        http.close()
         log.close()
         os.unlink(log.name)
 

@@ -10,46 +10,24 @@ caller counts them.
 
 from __future__ import annotations
 
-import http.client
-import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from ..utils import UserError, get_logger
-from .transport import BadStates, HiddenStatesTransport, SpoolTransport
+from ..http import JSONClient, Rejected, Retryable, Unauthorized, backoff
+from ..http import api_key as resolve_api_key
+from ..utils import get_logger
+from .common import KEY_FLAG, BadStates, OnlineError, UntrustedPath, server_models
+from .transport import HiddenStatesTransport, SpoolTransport
 
 logger = get_logger(__name__)
-
-RETRYABLE_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
-MAX_BACKOFF = 30.0
-
-
-class OnlineError(UserError):
-    """A problem the user must fix (no server left, a server capturing other layers, a prompt too long).
-
-    Raised inside a DataLoader worker, it comes back to the training process as `type(traceback text)`; the
-    constructor keeps only this exception's own line, so the CLI still prints one line.
-    """
-
-    def __init__(self, message: str):
-        if message.startswith("Caught ") and "Original Traceback" in message:
-            lines = [line for line in message.splitlines() if f"{type(self).__name__}: " in line]
-            if lines:
-                message = lines[-1].split(f"{type(self).__name__}: ", 1)[1]
-        super().__init__(message)
 
 
 class ProducerUnavailable(OnlineError):
     """No hidden-states server answered for `--hidden-states-timeout` seconds."""
-
-
-class _Retry(Exception):
-    """This server failed this time; try another."""
 
 
 @dataclass
@@ -74,12 +52,6 @@ class _Server:
     last_error: str = ""
 
 
-def server_models(url: str, timeout: float = 10) -> list[str]:
-    """The model names a server serves (`GET /v1/models`); raises `OSError` if it does not answer."""
-    with urllib.request.urlopen(f"{url.rstrip('/')}/v1/models", timeout=timeout) as response:
-        return [m["id"] for m in json.loads(response.read())["data"]]
-
-
 class HiddenStatesClient:
     """Fetches hidden states from `serve-hidden-states` servers (thread-safe: share one per process).
 
@@ -87,10 +59,12 @@ class HiddenStatesClient:
         servers (`list[str]`): server URLs (`http://host:port`).
         hidden_shape (`tuple[int, int]`, *optional*): the `(L, H)` every answer must have.
         layer_ids (`list[int]`, *optional*): the ids the data needs; checked against each server's `server.json`.
-        transport (`HiddenStatesTransport`): how states travel (default: the file spool).
-        timeout (`float`): seconds without any answer before `ProducerUnavailable`; also one request's limit.
+        transport (`HiddenStatesTransport`): how states travel (default: the file spool, in `spool_dirs`).
+        timeout (`float`): seconds without any answer before `ProducerUnavailable`; no request outlives it.
         bad_attempts (`int`): tries for a sample whose states are unusable before it is skipped.
         start (`int`): first server of the round-robin (spread processes and workers over the servers).
+        api_key (`str`, *optional*): the servers' `--api-key` (default: `$SPECULATORS_HF_API_KEY`).
+        spool_dirs (`list[str]`, *optional*): the folders the default transport may read and delete states in.
     """
 
     def __init__(
@@ -102,15 +76,18 @@ class HiddenStatesClient:
         timeout: float = 300.0,
         bad_attempts: int = 2,
         start: int = 0,
+        api_key: str | None = None,
+        spool_dirs: list[str | Path] | None = None,
     ):
         if not servers:
             raise OnlineError("no hidden-states server given: pass --hidden-states-servers URL [URL ...].")
         self.servers = [_Server(url.rstrip("/")) for url in servers]
         self.hidden_shape = tuple(hidden_shape) if hidden_shape else None
         self.layer_ids = list(layer_ids) if layer_ids else None
-        self.transport = transport or SpoolTransport()
+        self.transport = transport or SpoolTransport(spool_dirs)
         self.timeout = timeout
         self.bad_attempts = bad_attempts
+        self.http = JSONClient(resolve_api_key(api_key), key_flag=KEY_FLAG)
         self._next = start % len(self.servers)
         self._lock = threading.Lock()
         self._last_answer = time.monotonic()
@@ -119,19 +96,22 @@ class HiddenStatesClient:
 
     def wait_for_servers(self, timeout: float | None = None) -> list[str]:
         """Block until at least one server answers; returns the URLs that do (fails after `timeout`)."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         while True:
             ready = []
             for server in self.servers:
                 try:
-                    server.model = server_models(server.url, timeout=5)[0]
+                    server.model = server_models(self.http, server.url, timeout=min(5.0, timeout))[0]
                     ready.append(server.url)
-                except (OSError, ValueError, KeyError, IndexError) as err:
-                    server.last_error = _describe(err)
+                except Unauthorized as err:
+                    raise OnlineError(f"hidden-states server {err}.") from err
+                except (Retryable, Rejected) as err:
+                    server.last_error = err.problem
             if ready:
                 return ready
             if time.monotonic() > deadline:
-                raise ProducerUnavailable(self._none_left_message(self.timeout if timeout is None else timeout))
+                raise ProducerUnavailable(self._none_left_message(timeout))
             time.sleep(1.0)
 
     def _pick(self) -> _Server | None:
@@ -144,19 +124,19 @@ class HiddenStatesClient:
                     return server
         return None
 
-    def _failed(self, server: _Server, error: str) -> None:
+    def _failed(self, server: _Server, error: Retryable) -> None:
         with self._lock:
             server.failures += 1
-            server.last_error = error
-            backoff = min(MAX_BACKOFF, 2.0 ** (server.failures - 1))
-            server.down_until = time.monotonic() + backoff
+            server.last_error = error.problem
+            rest = backoff(server.failures, 1.0, error.retry_after)
+            server.down_until = time.monotonic() + rest
             server.model = None
         alive = sum(s.down_until <= time.monotonic() for s in self.servers)
         logger.warning(
             "hidden-states server %s failed (%s); retrying in %.0f s, %d other server(s) up",
             server.url,
-            error,
-            backoff,
+            error.problem,
+            rest,
             alive,
         )
 
@@ -180,9 +160,9 @@ class HiddenStatesClient:
                 self._wait_for_a_server(started)
                 continue
             try:
-                params = self._request(server, token_ids)
-            except _Retry as err:
-                self._failed(server, str(err))
+                params = self._request(server, token_ids, self._run_deadline(started))
+            except Retryable as err:
+                self._failed(server, err)
                 retries += 1
                 continue
             with self._lock:
@@ -199,9 +179,14 @@ class HiddenStatesClient:
                     return Fetched(None, time.monotonic() - started, retries, 0, str(err))
                 retries += 1
 
+    def _run_deadline(self, fetch_started: float) -> float:
+        """When this fetch fails if no server answers: `timeout` after the last answer (or after this fetch's start
+        when the trainer has not asked for a while)."""
+        with self._lock:
+            return max(self._last_answer, fetch_started) + self.timeout
+
     def _wait_for_a_server(self, fetch_started: float) -> None:
-        """Sleep until a server's backoff ends; fail once no server has answered for `timeout` seconds (counted
-        from the last answer, or from this fetch's start when the trainer has not asked for a while)."""
+        """Sleep until a server's backoff ends; fail once no server has answered for `timeout` seconds."""
         with self._lock:
             waited = time.monotonic() - max(self._last_answer, fetch_started)
             wake = min(s.down_until for s in self.servers)
@@ -209,11 +194,11 @@ class HiddenStatesClient:
             raise ProducerUnavailable(self._none_left_message(waited))
         time.sleep(max(0.05, min(wake - time.monotonic(), self.timeout - waited, 1.0)))
 
-    def _request(self, server: _Server, token_ids: list[int]) -> dict:
+    def _request(self, server: _Server, token_ids: list[int], deadline: float) -> dict:
         """POST one prompt; returns the answer's `kv_transfer_params` after checking the prompt token ids."""
         try:
             if server.model is None:
-                server.model = server_models(server.url, timeout=min(self.timeout, 30))[0]
+                server.model = server_models(self.http, server.url, timeout=min(self.timeout, 30))[0]
             body = {
                 "model": server.model,
                 "prompt": token_ids,
@@ -221,39 +206,41 @@ class HiddenStatesClient:
                 "temperature": 0.0,
                 "return_token_ids": True,
             }
-            request = urllib.request.Request(
-                f"{server.url}/v1/completions",
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                answer = json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            detail = _error_detail(err)
-            if err.code in RETRYABLE_STATUS:
-                raise _Retry(f"HTTP {err.code}: {detail}") from err
+            answer = self.http.post(f"{server.url}/v1/completions", body, timeout=self.timeout, deadline=deadline)
+        except Unauthorized as err:
+            raise OnlineError(f"hidden-states server {err}.") from err
+        except Rejected as err:
             raise OnlineError(
-                f"hidden-states server {server.url} rejected a prompt of {len(token_ids)} tokens (HTTP {err.code}: "
-                f"{detail}); check that it serves the verifier the data came from, with --max-model-len above "
-                "datagen's --seq-length."
+                f"hidden-states server {server.url} rejected a prompt of {len(token_ids)} tokens ({err.problem}); "
+                "check that it serves the verifier the data came from, with --max-model-len above datagen's "
+                "--seq-length."
             ) from err
-        except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError) as err:
-            raise _Retry(_describe(err)) from err
-        params = answer.get("kv_transfer_params") or {}
+        if not isinstance(answer, dict):
+            raise Retryable(server.url, "answered /v1/completions with something other than a JSON object")
+        params = answer.get("kv_transfer_params")
+        params = params if isinstance(params, dict) else {}
         choices = answer.get("choices") or [{}]
-        if choices[0].get("prompt_token_ids") != token_ids:
+        first = choices[0] if isinstance(choices, list) and isinstance(choices[0], dict) else {}
+        if first.get("prompt_token_ids") != token_ids:
             if params:
-                self.transport.discard(params)
-            got = choices[0].get("prompt_token_ids")
+                self._untrusted(server, self.transport.discard, params)
+            got = first.get("prompt_token_ids")
             raise OnlineError(
-                f"hidden-states server {server.url} computed {len(got) if got is not None else 'unknown'} prompt "
-                f"tokens, not the {len(token_ids)} sent: is it a vLLM with return_token_ids (0.32+)?"
+                f"hidden-states server {server.url} computed {len(got) if isinstance(got, list) else 'unknown'} "
+                f"prompt tokens, not the {len(token_ids)} sent: is it a vLLM with return_token_ids (0.32+)?"
             )
         return params
 
+    def _untrusted(self, server: _Server, method, params: dict):
+        """`method(params)` of the transport; a path outside the spool folders stops the run, naming the server."""
+        try:
+            return method(params)
+        except UntrustedPath as err:
+            raise UntrustedPath(f"hidden-states server {server.url} {err}.") from err
+
     def _load_and_check(self, server: _Server, params: dict, token_ids: list[int]) -> torch.Tensor:
         if not server.checked and self.layer_ids is not None:
-            info = self.transport.server_info(params)
+            info = self._untrusted(server, self.transport.server_info, params)
             if info is not None and isinstance(info.get("layer_ids"), list) and info["layer_ids"] != self.layer_ids:
                 self.transport.discard(params)
                 raise OnlineError(
@@ -262,7 +249,7 @@ class HiddenStatesClient:
                     f"{' '.join(map(str, self.layer_ids))}."
                 )
             server.checked = True
-        data = self.transport.load(params)
+        data = self._untrusted(server, self.transport.load, params)
         states, ids = data.get("hidden_states"), data.get("token_ids")
         if states is None or ids is None:
             raise BadStates(f"{server.url} wrote no hidden_states/token_ids")
@@ -282,23 +269,6 @@ class HiddenStatesClient:
     def stats(self) -> dict[str, int]:
         """Requests answered per server URL."""
         return {s.url: s.requests for s in self.servers}
-
-
-def _describe(err: BaseException) -> str:
-    if isinstance(err, urllib.error.URLError) and err.reason is not None:
-        err = err.reason if isinstance(err.reason, BaseException) else err
-    if isinstance(err, TimeoutError):
-        return "timed out"
-    return f"{type(err).__name__}: {err}"[:200]
-
-
-def _error_detail(err: urllib.error.HTTPError) -> str:
-    try:
-        body = json.loads(err.read())
-        message = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("message")
-        return str(message or body)[:300]
-    except Exception:
-        return err.reason or ""
 
 
 __all__ = ["Fetched", "HiddenStatesClient", "OnlineError", "ProducerUnavailable", "server_models"]

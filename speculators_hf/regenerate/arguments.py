@@ -66,6 +66,13 @@ class RegenerateArguments:
             "e.g. http://host:8000. Requests send token-id prompts to /v1/completions."
         },
     )
+    server_api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "The --server-url servers' `vllm serve --api-key` (sent as `Authorization: Bearer`). Default: "
+            "$SPECULATORS_HF_API_KEY, which keeps it off the command line and out of the run's records."
+        },
+    )
     concurrency: int = field(default=64, metadata={"help": "Requests in flight at once, over all --server-url."})
     request_timeout: float = field(default=600.0, metadata={"help": "Seconds before a server request times out."})
     max_retries: int = field(

@@ -30,6 +30,7 @@ def make_engine(args: RegenerateArguments, sampling: Sampling, dtype: str, model
             timeout=args.request_timeout,
             max_retries=args.max_retries,
             backoff=args.retry_backoff,
+            api_key=args.server_api_key,
         )
     if name == "vllm":
         return VLLMEngine(

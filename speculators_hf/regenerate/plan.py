@@ -27,6 +27,7 @@ NOT_FINGERPRINTED = (
     "output_path",
     "backend",
     "server_url",
+    "server_api_key",  # a secret: never recorded
     "concurrency",
     "request_timeout",
     "max_retries",

@@ -156,5 +156,5 @@ def provenance_record(plan: Plan, summary: dict, result: RegenerateResult) -> di
         "source": plan.source,
         "counts": {**summary, "this_run": this_run},
         "package_versions": package_versions(),
-        "arguments": asdict(args),
+        "arguments": {k: v for k, v in asdict(args).items() if k != "server_api_key"},  # a secret: not recorded
     }

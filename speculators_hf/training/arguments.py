@@ -94,6 +94,13 @@ class Eagle3ModelArguments:
     hidden_states_servers: list[str] | None = field(
         default=None, metadata={"help": "URLs of serve-hidden-states servers (round-robin), e.g. http://host:8000."}
     )
+    hidden_states_api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "The servers' serve-hidden-states --api-key (sent as `Authorization: Bearer`). Default: "
+            "$SPECULATORS_HF_API_KEY, which keeps it off the command line."
+        },
+    )
     hidden_states_max_in_flight: int = field(
         default=8,
         metadata={
