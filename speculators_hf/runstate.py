@@ -210,6 +210,8 @@ def claim(
     owned: bool = True,
     label: str = "--output-dir",
     readonly: bool = False,
+    since: str | None = None,
+    fix: str | None = None,
 ) -> Claim:
     """Decide how run `key` with `inputs` proceeds in `folder` (see the module docstring) and record the claim.
 
@@ -223,6 +225,9 @@ def claim(
         owned: the run owns the whole folder: any entry no manifest records is refused at the claim.
         label: the flag that named the folder, for messages.
         readonly: decide without writing or deleting (non-main processes of a distributed run).
+        since: what the refusal names as the earlier run's state (`checkpoint-5`: "lr changed since checkpoint-5").
+        fix: the end of the refusal (default: use a new folder, or --overwrite); a stage whose flags say it
+            otherwise (training's --no-resume-from-checkpoint) words it itself.
     """
     folder = Path(folder)
     foreign = _foreign_entries(folder) if owned else []
@@ -239,10 +244,12 @@ def claim(
         if previous is not None and (overwrite or previous["fingerprint"] != digest):
             if not (overwrite or replace_stale):
                 changed = ", ".join(changed_keys(previous.get("inputs") or {}, inputs)[:6]) or "unknown inputs"
-                raise UserError(
-                    f"{label} {folder} holds a {key} run with other inputs ({changed} changed): use a new {label}, "
-                    "or --overwrite to replace that run (only the files it wrote are deleted)."
+                changed += f" since {since}" if since else ""
+                fix = (
+                    fix
+                    or f"use a new {label}, or --overwrite to replace that run (only the files it wrote are deleted)"
                 )
+                raise UserError(f"{label} {folder} holds a {key} run with other inputs ({changed} changed): {fix}.")
             if not readonly:
                 logger.warning("%s %s: replacing the earlier %s run (%s).", label, folder, key, _listed(previous))
                 for name in previous["entries"]:
