@@ -244,12 +244,12 @@ def claim(
         if previous is not None and (overwrite or previous["fingerprint"] != digest):
             if not (overwrite or replace_stale):
                 changed = ", ".join(changed_keys(previous.get("inputs") or {}, inputs)[:6]) or "unknown inputs"
-                changed += f" since {since}" if since else ""
+                changed += f" changed since {since}" if since else " changed"
                 fix = (
                     fix
                     or f"use a new {label}, or --overwrite to replace that run (only the files it wrote are deleted)"
                 )
-                raise UserError(f"{label} {folder} holds a {key} run with other inputs ({changed} changed): {fix}.")
+                raise UserError(f"{label} {folder} holds a {key} run with other inputs ({changed}): {fix}.")
             if not readonly:
                 logger.warning("%s %s: replacing the earlier %s run (%s).", label, folder, key, _listed(previous))
                 for name in previous["entries"]:
