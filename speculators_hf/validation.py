@@ -245,10 +245,13 @@ def pretrained_tokenizer(path_or_id: str, label: str, trust_remote_code: bool = 
 
 
 def _remote_code_hint(err: BaseException) -> str:
-    text = describe(err)
-    if "trust_remote_code" in text:
+    messages, link = [], err
+    while link is not None and len(messages) < 16:  # the whole chain: describe() shortens the message
+        messages.append(str(link))
+        link = link.__cause__ or link.__context__
+    if any("trust_remote_code" in m or "contains custom code" in m for m in messages):
         return "it needs code from its folder (auto_map); pass --trust-remote-code if you trust that code"
-    return text
+    return describe(err)
 
 
 @contextmanager
