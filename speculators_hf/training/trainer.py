@@ -26,7 +26,7 @@ from ..utils import UserError, get_logger
 from .arguments import Eagle3TrainingArguments
 from .collator import FETCH_STATS, DataCollatorForEagle3
 from .data import add_uniform_noise
-from .losses import (
+from ..modeling.losses import (
     STEP_STATS,
     metrics_from_stats,
     shift_for_step,
