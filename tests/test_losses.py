@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from speculators_hf.modeling import losses
-from speculators_hf.training.collator import DataCollatorForEagle3, align_sample
 from speculators_hf.modeling.losses import (
     fused_ttt_kl,
     metrics_from_stats,
@@ -19,6 +18,7 @@ from speculators_hf.modeling.losses import (
     ttt_block_mask,
     ttt_valid_rows,
 )
+from speculators_hf.training.collator import DataCollatorForEagle3, align_sample
 
 
 def forward_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
