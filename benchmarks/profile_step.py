@@ -44,7 +44,7 @@ def main(argv=None):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import speculators_hf.training.losses as losses_mod
+    import speculators_hf.modeling.losses as losses_mod
     import speculators_hf.training.trainer as trainer_mod
     from speculators_hf.training import Eagle3ModelArguments, Eagle3Trainer, Eagle3TrainingArguments
     from speculators_hf.training.setup import build_datasets, build_draft
@@ -78,9 +78,9 @@ def main(argv=None):
     # Wrap our functions where the trainer module looks them up.
     trainer.model.forward = timed("draft forward (Eagle3DraftModel.forward)", trainer.model.forward)
     for name in ("ttt_attention_mask", "ttt_block_mask", "step_statistics", "add_uniform_noise"):
-        setattr(trainer_mod, name, timed(f"{name} (training/losses.py)", getattr(trainer_mod, name)))
+        setattr(trainer_mod, name, timed(f"{name} (modeling/losses.py)", getattr(trainer_mod, name)))
     # the fused heads + KL run inside the draft's forward (its last call per batch), so they are part of its share too
-    losses_mod.fused_ttt_kl = timed("fused_ttt_kl, inside forward (training/losses.py)", losses_mod.fused_ttt_kl)
+    losses_mod.fused_ttt_kl = timed("fused_ttt_kl, inside forward (modeling/losses.py)", losses_mod.fused_ttt_kl)
     trainer._record = timed("Eagle3Trainer._record (per-process metric sums)", trainer._record)
 
     # One training step by hand, as Trainer's inner loop does it (fetch, training_step, clip, optimizer step).

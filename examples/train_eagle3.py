@@ -19,8 +19,12 @@ from speculators_hf.training import Eagle3ModelArguments, Eagle3TrainingArgument
 
 
 def main(model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments) -> None:
-    # Data checks, the draft built from the verifier's tensors, then Trainer (DDP/FSDP, bf16, logging, resume)
+    # Data checks, the draft built from the verifier's tensors, the claim on --save-path, then Trainer (DDP/FSDP,
+    # bf16, logging, resume from the run's last complete checkpoint)
     trainer = train(model_args, args)
+    print(f"[process {trainer.accelerator.process_index}] draft: {trainer.result.draft}", flush=True)
+    if trainer.state.global_step == 0:
+        return  # the run had finished before: nothing was trained in this process
 
     # Every process holds the same weights at the end; print a checksum per process to see it.
     with torch.no_grad():

@@ -422,8 +422,9 @@ class Pipeline:
         fingerprinted = list(argv)
 
         def run(stale: bool) -> None:
-            if stale and self.checkpoints.exists():
-                shutil.rmtree(self.checkpoints)  # trained on other inputs: never resume from it
+            nonlocal argv
+            if stale:  # trained on other inputs (or forced): start over, deleting only what that run recorded
+                argv = argv + ["--overwrite"]
             if a.online:
                 with self.hidden_states_servers() as (urls, trainer_env):
                     train_with(argv + ["--hidden-states-servers", *urls], trainer_env)

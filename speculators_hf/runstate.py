@@ -213,6 +213,8 @@ def claim(
     label: str = "--output-dir",
     readonly: bool = False,
     held: str | None = None,
+    since: str | None = None,
+    fix: str | None = None,
 ) -> Claim:
     """Decide how run `key` with `inputs` proceeds in `folder` (see the module docstring) and record the claim.
 
@@ -228,6 +230,9 @@ def claim(
         readonly: decide without writing or deleting (non-main processes of a distributed run).
         held: what the folder holds, in the one line that refuses other inputs (default: "a <key> run with other
             inputs").
+        since: what the refusal names as the earlier run's state (`checkpoint-5`: "lr changed since checkpoint-5").
+        fix: the end of the refusal (default: use a new folder, or --overwrite); a stage whose flags say it
+            otherwise (training's --no-resume-from-checkpoint) words it itself.
     """
     folder = Path(folder)
     if owned:  # before anything is written there
@@ -240,10 +245,13 @@ def claim(
         if previous is not None and (overwrite or previous["fingerprint"] != digest):
             if not (overwrite or replace_stale):
                 changed = ", ".join(changed_keys(previous.get("inputs") or {}, inputs)[:6]) or "unknown inputs"
-                raise UserError(
-                    f"{label} {folder} holds {held or f'a {key} run with other inputs'} ({changed} changed): use a "
-                    f"new {label}, or --overwrite to replace that run (only the files it wrote are deleted)."
+                changed += f" changed since {since}" if since else " changed"
+                fix = (
+                    fix
+                    or f"use a new {label}, or --overwrite to replace that run (only the files it wrote are deleted)"
                 )
+                held = held or f"a {key} run with other inputs"
+                raise UserError(f"{label} {folder} holds {held} ({changed}): {fix}.")
             if not readonly:
                 logger.warning("%s %s: replacing the earlier %s run (%s).", label, folder, key, _listed(previous))
                 _delete(folder, set(previous["entries"]))

@@ -81,17 +81,17 @@ def count_metric_collectives() -> None:
 
 def snapshot_frozen() -> dict[str, torch.Tensor]:
     """The frozen parameters of the draft `train` builds, as built (before any process group touches them)."""
-    import speculators_hf.training.cli as cli
+    import speculators_hf.training.stage as stage
 
     frozen: dict[str, torch.Tensor] = {}
-    build = cli.build_draft
+    build = stage.build_draft
 
     def building(*args, **kwargs):
         model = build(*args, **kwargs)
         frozen.update({n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad})
         return model
 
-    cli.build_draft = building
+    stage.build_draft = building
     return frozen
 
 
@@ -111,6 +111,9 @@ def record_resume_and_stop(step: int | None) -> None:
 
     def train_and_record(self, *args, resume_from_checkpoint=None, **kwargs):
         report["resumed_from"] = resume_from_checkpoint
+        if self.args.should_save:  # this worker's own files are the run's too: a rerun in the folder accepts them
+            world = range(self.args.world_size)
+            self.claim.track(*(f"report-{i}.json" for i in world), *(f"stopped-{i}" for i in world))
         if step is not None:
             self.add_callback(Stop())
         return train(self, *args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)

@@ -43,8 +43,7 @@ def train_and_export(verifier: Path, data: Path, root: Path, *flags: str) -> dic
     """1 epoch of `speculators-hf train` on `data`, then export of the epoch draft (or its one-line refusal)."""
     from speculators_hf.cli.parser import make_parser, parse
     from speculators_hf.export import export_checkpoint
-    from speculators_hf.training import Eagle3ModelArguments, Eagle3TrainingArguments
-    from speculators_hf.training.cli import train
+    from speculators_hf.training import Eagle3ModelArguments, Eagle3TrainingArguments, train
     from tests.training_data import train_argv
 
     model_args, train_args = parse(

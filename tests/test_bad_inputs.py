@@ -135,6 +135,12 @@ def _train(i: Path, o: Path, data: str = "data", *extra: str) -> list[str]:
             *extra]  # fmt: skip
 
 
+def _resume(i: Path, o: Path) -> list[str]:
+    """Training that continues a checkpoint (its files are read before anything is written; an auto-resumed one in
+    a --save-path the run owns goes through the same reader: tests/test_faults_training.py)."""
+    return _train(i, o, "data", "--resume-from-checkpoint", str(i / "save" / "checkpoint-1"))
+
+
 def _train_online(i: Path, o: Path, source: str = "online", *extra: str) -> list[str]:
     """Online training from the tokens-only data; the one server is down (local files are checked before waiting)."""
     return _train(i, o, "tokens", "--hidden-states-source", source, "--hidden-states-servers", VERIFIER["dead"],
@@ -298,10 +304,10 @@ READERS = [
         "no-entries": npy(np.zeros(0, dtype=np.int64)),
     }, uses=("data",)),
     Reader("t2d", "train", "data/t2d.npy", _train, {"wrong-type": npy(np.full(2048, 7))}, uses=("data",)),
-    Reader("trainer-state", "train", "save/checkpoint-1/trainer_state.json", lambda i, o: _train(i, i / "save"), {
+    Reader("trainer-state", "train", "save/checkpoint-1/trainer_state.json", lambda i, o: _resume(i, o), {
         "wrong-type": write_json(["global_step"]),
     }, uses=("data", "save"), generic=("truncated", "random")),
-    Reader("resume-record", "train", "save/checkpoint-1/training_config.json", lambda i, o: _train(i, i / "save"), {
+    Reader("resume-record", "train", "save/checkpoint-1/training_config.json", lambda i, o: _resume(i, o), {
         "wrong-type": write_json(["fingerprint"]),
     }, uses=("data", "save"), generic=("truncated", "random")),
     # draft checkpoints (formats/checkpoint.py read_config, tensor_header, non_finite_count; modeling_eagle3
@@ -582,7 +588,7 @@ RAW_READERS = {
     ("evaluation/vllm_engine.py", "return res.read_text()"): "exempt: our own subprocess's result",
     ("evaluation/vllm_engine.py", "json.loads(Path(argv[0]).read_text())"): "exempt: our own subprocess's request",
     ("training/evaluation.py", "Eagle3DraftModel.from_pretrained("): "reader:draft-config",
-    ("training/trainer.py", 'open(os.path.join(output_dir, TRAINING_CONFIG_FILE), "w")'): "exempt: a write",
+    ("training/trainer.py", 'open(probe, "wb")'): "exempt: a write (a probe of free space after a failed save)",
     ("regenerate/sampling.py", "GenerationConfig.from_pretrained("): "reader:generation-config",
     ("regenerate/rollout.py", "json.loads(value)"): "exempt: parses a tool call the model generated",
     ("regenerate/sources.py", "json.loads(tools)"): "exempt: a row's tools string; unparsable tools are dropped",

@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from speculators_hf.training import losses
-from speculators_hf.training.collator import DataCollatorForEagle3, align_sample
-from speculators_hf.training.losses import (
+from speculators_hf.modeling import losses
+from speculators_hf.modeling.losses import (
     fused_ttt_kl,
     metrics_from_stats,
     step_statistics,
@@ -19,6 +18,7 @@ from speculators_hf.training.losses import (
     ttt_block_mask,
     ttt_valid_rows,
 )
+from speculators_hf.training.collator import DataCollatorForEagle3, align_sample
 
 
 def forward_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
@@ -484,7 +484,7 @@ def _ttt_loss_through_forward(model, config, K=3):
     """The trainer's loss (`Eagle3Trainer.compute_loss` without the Trainer): K draft steps, then the loss call."""
     from transformers.cache_utils import DynamicCache
 
-    from speculators_hf.training.losses import shift_for_step
+    from speculators_hf.modeling.losses import shift_for_step
 
     g = torch.Generator().manual_seed(1)
     B, S, Ht = 2, 24, config.hidden_size

@@ -362,7 +362,7 @@ def test_sliding_window_training_masks_equal_windowed_drafting():
     drafting incrementally (prefill, then one step from the carried state) with its own windowed causal attention."""
     from transformers.cache_utils import DynamicCache
 
-    from speculators_hf.training.losses import shift_for_step, ttt_attention_mask
+    from speculators_hf.modeling.losses import shift_for_step, ttt_attention_mask
 
     W, T = 4, 10
     config = Eagle3Config.from_verifier(tiny_llama_config(), draft_vocab_size=VD, sliding_window=W)
@@ -400,7 +400,7 @@ def test_ttt_training_steps_equal_incremental_drafting(tiny_verifier_path, optio
     the prefix 0..t step by step with a KV cache (as our engine and vLLM draft), fed the same tokens."""
     from transformers import DynamicCache
 
-    from speculators_hf.training.losses import shift_for_step, ttt_attention_mask
+    from speculators_hf.modeling.losses import shift_for_step, ttt_attention_mask
     from speculators_hf.training.ttt_cache import TTTCache
 
     d2t, t2d = mapping()

@@ -218,7 +218,7 @@ def test_client_user_errors_are_one_line(fake_servers, tmp_path):
 
 def test_dataset_placeholders_for_skipped_samples_and_worker_errors(full_and_tokens, fake_servers, tmp_path):
     from speculators_hf.online.client import ProducerUnavailable
-    from speculators_hf.online.dataset import FETCH_STATS_COLUMNS, OnlineHiddenStatesDataset, OnlinePackedDataset
+    from speculators_hf.online.dataset import FETCH_STATS_COLUMNS, OnlineHiddenStatesDataset
     from speculators_hf.online.server import free_port
     from speculators_hf.training.collator import FETCH_STATS, DataCollatorForEagle3
 
@@ -230,7 +230,7 @@ def test_dataset_placeholders_for_skipped_samples_and_worker_errors(full_and_tok
     assert torch.equal(sample["hidden_states"], expected_states(tokens[0]["input_ids"].tolist()))
     assert sample["fetch_stats"][FETCH_STATS_COLUMNS.index("fetched")] == 1
     bad = OnlineHiddenStatesDataset(tokens, [nan.url], [1, 2, 3, 4], 64)
-    packed = OnlinePackedDataset(bad, list(range(4)), 512)
+    packed = PackedDataset(bad, list(range(4)), 512)  # asks the online dataset for a whole pack at once
     batch = DataCollatorForEagle3(512)(packed.__getitems__([0]))
     assert batch["loss_mask"].sum() == 0 and batch["aux_hidden_states"].abs().sum() == 0  # zero-loss placeholders
     assert batch[FETCH_STATS][:, FETCH_STATS_COLUMNS.index("skipped")].sum() == len(packed.packs[0])

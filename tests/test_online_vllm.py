@@ -143,9 +143,11 @@ def test_hybrid_caches_the_first_epoch_and_restarts_from_the_cache(data, servers
     by_id = {offline.sample_id(i): i for i in range(len(offline))}
     for i in range(len(cache)):
         torch.testing.assert_close(cache[i]["hidden_states"], offline[by_id[cache.sample_id(i)]]["hidden_states"])
-    # a restart (same --save-path) reads every sample from the cache: no request at all
+    # a restart reads every sample from the cache: no request at all (with other flags, the run is another one: its
+    # own --save-path, the first run's cache by --hidden-states-cache-dir)
     before = [requests_served(s) for s in servers]
-    _, _, again = run_training(tiny_verifier_path, tokens, tmp_path / "run", *urls, "--epochs", "1")
+    cache_dir = ["--hidden-states-cache-dir", str(tmp_path / "run" / "hidden_states_cache")]
+    _, _, again = run_training(tiny_verifier_path, tokens, tmp_path / "run2", *urls, "--epochs", "1", *cache_dir)
     assert again["fetched"] == 0 and again["cache_hits"] == n
     assert [requests_served(s) for s in servers] == before
 

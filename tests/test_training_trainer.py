@@ -13,6 +13,7 @@ from speculators_hf.cli.parser import make_parser, parse
 from speculators_hf.formats.shards import shard_name, write_index, write_shard
 from speculators_hf.modeling import Eagle3DraftModel
 from speculators_hf.pipeline import Pipeline, PipelineArguments
+from speculators_hf.runstate import STATE_DIR
 from speculators_hf.training import Eagle3ModelArguments, Eagle3Trainer, Eagle3TrainingArguments
 from speculators_hf.training.cli import main
 from speculators_hf.training.collator import DataCollatorForEagle3
@@ -70,7 +71,8 @@ def test_training_learns_and_writes_loadable_epoch_drafts_within_the_save_limit(
     assert evals[-1]["eval_tau_sim"] > evals[0]["eval_tau_sim"]
 
     # --save-total-limit 1: only the newest epoch draft and the newest resume state stay on disk
-    assert sorted(p.name for p in save.iterdir() if p.is_dir()) == ["3", f"checkpoint-{trainer.state.global_step}"]
+    drafts_and_states = [p.name for p in save.iterdir() if p.is_dir() and p.name != STATE_DIR]  # not the run's record
+    assert sorted(drafts_and_states) == ["3", f"checkpoint-{trainer.state.global_step}"]
     draft = Eagle3DraftModel.from_pretrained(save / "3")
     assert torch.equal(draft.d2t, model.d2t) and torch.equal(draft.fc.weight, model.fc.weight)
     assert draft.config.eagle_aux_hidden_state_layer_ids == [1, 2, 3]
@@ -250,7 +252,7 @@ def test_final_draft_when_training_ends_mid_epoch_and_resume_checks_inputs(
     assert main(argv + ["--logging-steps", "3", "--dataloader-num-workers", "0"]) == 0
     # starting fresh is one flag away; none of the old run's checkpoints or drafts is left to pass for its own
     assert main(argv + ["--lr", "5e-4", "--no-resume-from-checkpoint", "--max-steps", "1"]) == 0
-    assert sorted(p.name for p in save.iterdir()) == ["0", "checkpoint-1"]
+    assert sorted(p.name for p in save.iterdir() if p.name != STATE_DIR) == ["0", "checkpoint-1"]
     assert json.loads((save / "0" / "training_config.json").read_text())["run_inputs"]["--learning-rate"] == 5e-4
 
 

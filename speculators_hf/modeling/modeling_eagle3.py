@@ -29,8 +29,12 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 from ..formats.checkpoint import weight_map
 from ..utils import UserError
 from ..validation import bad_file, describe, pretrained_config, read_json, safetensors_header, torch_load
+from ..vocab import validate_vocab_mapping
+from . import losses
 from .configuration_eagle3 import Eagle3Config
-from .verifier_head import VerifierHead
+from .research_format import RESEARCH_KEY_MAPPING, is_research_checkpoint
+from .verifier_head import VerifierHead, load_verifier_head
+from .verifier_weights import load_verifier_tensors, recorded_verifier_name
 
 VERIFIER_HEAD_MISSING = (
     "The draft's verifier head (the source of its training targets) is not loaded: call "
@@ -311,11 +315,9 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         )
 
     def _ttt_loss(self, ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights) -> Eagle3Output:
-        from ..training.losses import fused_ttt_kl
-
         if verifier_last_hidden_states is None or loss_mask is None:
             raise ValueError("The loss needs `verifier_last_hidden_states` and `loss_mask` with `ttt_hidden_states`.")
-        loss, kl, agree = fused_ttt_kl(
+        loss, kl, agree = losses.fused_ttt_kl(
             ttt_hidden_states,
             self.lm_head.weight,
             verifier_last_hidden_states,
@@ -390,8 +392,6 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
     def set_vocab_mapping(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         """Install `d2t` (int64 offsets `[Vd]`) and `t2d` (bool `[V]`), checking that they agree with the config."""
-        from ..vocab import validate_vocab_mapping
-
         validate_vocab_mapping(d2t, t2d, self.config.draft_vocab_size, self.config.vocab_size)
         if self.d2t is None:
             return  # full vocabulary: identity mapping, nothing stored (as vLLM expects)
@@ -406,8 +406,6 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
 
         A draft without its `d2t` would silently map draft index `j` to verifier token `j` (vLLM does exactly that).
         """
-        from .research_format import RESEARCH_KEY_MAPPING, is_research_checkpoint
-
         want_info = kwargs.pop("output_loading_info", False)
         missing_ok = set(kwargs.pop("missing_ok", ()))  # tensors the caller fills itself (export: the embedding)
         check_local_checkpoint(pretrained_model_name_or_path, config_given="config" in kwargs)
@@ -426,21 +424,20 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         return (model, info) if want_info else model
 
     @torch.no_grad()
-    def load_verifier_head(self, verifier_name_or_path: str | None = None, init_lm_head: bool = False) -> None:
+    def load_verifier_head(
+        self, verifier_name_or_path: str | None = None, init_lm_head: bool = False, trust_remote_code: bool = False
+    ) -> None:
         """Attach the verifier's frozen head used for targets (its final norm and draft-vocabulary lm_head rows, run
         by its own CausalLM code; never saved).
 
         Reads only those tensors from the verifier's safetensors (default: the verifier recorded in the config).
         With `init_lm_head`, also initialise the embedding and the draft lm_head from the verifier (a new draft).
+        `trust_remote_code`: run the code a verifier folder ships (its `auto_map`), only when the user said so.
         """
-
-        from .verifier_head import load_verifier_head
-        from .verifier_weights import load_verifier_tensors
-
         path = verifier_name_or_path or self.config.verifier_name_or_path
         if not path:
             raise UserError("The draft config names no verifier: pass the verifier's id or folder.")
-        verifier_config = pretrained_config(path, "verifier")
+        verifier_config = pretrained_config(path, "verifier", trust_remote_code=trust_remote_code)
         Ht = self.config.target_hidden_size or self.config.hidden_size
         if verifier_config.get_text_config().hidden_size != Ht:
             raise UserError(
@@ -450,7 +447,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         target_ids = self.draft_to_target_ids(
             torch.arange(self.config.draft_vocab_size, device=self.lm_head.weight.device)
         )
-        head = load_verifier_head(path, target_ids.cpu(), verifier_config)
+        head = load_verifier_head(path, target_ids.cpu(), verifier_config, trust_remote_code=trust_remote_code)
         self.verifier_head = head.to(device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype)
         self._keys_to_ignore_on_save = set(self._keys_to_ignore_on_save or ()) | {
             f"verifier_head.{key}" for key in head.state_dict()
@@ -469,6 +466,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         *,
         hub_id: str | None = None,
         torch_dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
         **config_kwargs,
     ) -> Eagle3DraftModel:
         """A new draft for a verifier, reading only the tensors it needs from the verifier's safetensors.
@@ -478,12 +476,10 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             d2t, t2d: the vocabulary mapping (`speculators_hf.vocab`); without them the draft uses the full vocabulary.
             hub_id: the verifier id to record for `vllm serve` (default: `verifier_name_or_path` when it is not a
                 local path; a local absolute path breaks when folders move).
+            trust_remote_code: run the code a verifier folder ships (its `auto_map`), only when the user said so.
             **config_kwargs: `Eagle3Config.from_verifier` options (`num_hidden_layers`, `aux_layer_ids`, ...).
         """
-
-        from .verifier_weights import recorded_verifier_name
-
-        verifier_config = pretrained_config(verifier_name_or_path, "verifier")
+        verifier_config = pretrained_config(verifier_name_or_path, "verifier", trust_remote_code=trust_remote_code)
         draft_vocab_size = len(d2t) if d2t is not None else None
         config = Eagle3Config.from_verifier(
             verifier_config,
@@ -494,5 +490,5 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         model = cls(config)
         if d2t is not None:
             model.set_vocab_mapping(torch.as_tensor(d2t), torch.as_tensor(t2d))
-        model.load_verifier_head(verifier_name_or_path, init_lm_head=True)
+        model.load_verifier_head(verifier_name_or_path, init_lm_head=True, trust_remote_code=trust_remote_code)
         return model.to(torch_dtype)

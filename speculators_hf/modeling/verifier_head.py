@@ -18,10 +18,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..utils import UserError
+from ..validation import pretrained_config
+from .verifier_weights import find_role_tensors, read_tensors
 
 
 @dataclass
@@ -46,11 +49,15 @@ class DecoderTail(nn.Module):
         return TailOutput(last_hidden_state=getattr(self, self.norm_name)(inputs_embeds))
 
 
-def causal_lm_class(config: PreTrainedConfig) -> tuple[type[PreTrainedModel], PreTrainedConfig]:
+def causal_lm_class(
+    config: PreTrainedConfig, path_or_id: str | None = None, trust_remote_code: bool = False
+) -> tuple[type[PreTrainedModel], PreTrainedConfig]:
     """The transformers class that generates text for a verifier config and the config it takes: its text config's
-    CausalLM, else the full config's, else (multimodal verifiers such as Qwen2.5-VL) its image-text-to-text class."""
-    from transformers import AutoModelForImageTextToText
-
+    CausalLM, else the full config's, else (multimodal verifiers such as Qwen2.5-VL) its image-text-to-text class;
+    with `trust_remote_code`, the CausalLM class a verifier folder ships (`auto_map`)."""
+    remote = (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM")
+    if trust_remote_code and remote and path_or_id is not None:
+        return get_class_from_dynamic_module(remote, path_or_id), config
     for auto, candidates in (
         (AutoModelForCausalLM, (config.get_text_config(), config)),
         (AutoModelForImageTextToText, (config,)),
@@ -95,9 +102,15 @@ class VerifierHead(nn.Module):
         return super().train(False)  # always eval: the verifier's own code may hold dropout
 
     @classmethod
-    def from_config(cls, verifier_config: PreTrainedConfig, draft_vocab_size: int) -> VerifierHead:
+    def from_config(
+        cls,
+        verifier_config: PreTrainedConfig,
+        draft_vocab_size: int,
+        path_or_id: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> VerifierHead:
         """The verifier's head with uninitialised (empty) tensors; fill them with `load_tensors`."""
-        lm_class, config = causal_lm_class(verifier_config)
+        lm_class, config = causal_lm_class(verifier_config, path_or_id, trust_remote_code)
         config = copy.deepcopy(config)
         text = config.get_text_config()
         text.num_hidden_layers = 0
@@ -131,15 +144,18 @@ class VerifierHead(nn.Module):
 
 
 def load_verifier_head(
-    path_or_id: str, target_ids: torch.LongTensor, verifier_config: PreTrainedConfig | None = None
+    path_or_id: str,
+    target_ids: torch.LongTensor,
+    verifier_config: PreTrainedConfig | None = None,
+    trust_remote_code: bool = False,
 ) -> VerifierHead:
     """The verifier's head for the draft vocabulary (`target_ids[j]` = verifier token of draft index `j`), reading only
-    its final norm and the lm_head rows from the verifier's safetensors (fp32)."""
-    from ..validation import pretrained_config
-    from .verifier_weights import find_role_tensors, read_tensors
-
-    config = verifier_config if verifier_config is not None else pretrained_config(path_or_id, "verifier")
-    head = VerifierHead.from_config(config, len(target_ids))
+    its final norm and the lm_head rows from the verifier's safetensors (fp32). `trust_remote_code`: run the code a
+    verifier folder ships (its `auto_map`), only when the user said so."""
+    if verifier_config is None:
+        verifier_config = pretrained_config(path_or_id, "verifier", trust_remote_code=trust_remote_code)
+    config = verifier_config
+    head = VerifierHead.from_config(config, len(target_ids), path_or_id, trust_remote_code)
     lm_prefix = head.output_embedding_name + "."
     keys = list(head.state_dict())
     found, weight_map = find_role_tensors(path_or_id, config, roles=("norm", "lm_head"))

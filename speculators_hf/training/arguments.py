@@ -3,16 +3,21 @@
 
 The seed's `scripts/train.py` flags keep their names and defaults: `--epochs` (= `--num-train-epochs`), `--lr`
 (= `--learning-rate`), `--save-path` (= `--output-dir`), `--logger` (= `--report-to`), `--log-dir`, `--run-name`,
-`--total-seq-len`, `--ttt-steps`, `--ttt-step-loss-decay`, `--no-resume-from-checkpoint`. Every other
-`TrainingArguments` field is available too; dashes and underscores are both accepted.
+`--total-seq-len`, `--ttt-steps`, `--ttt-step-loss-decay`, `--no-resume-from-checkpoint` (= `--overwrite`). Every
+other `TrainingArguments` field is available too; dashes and underscores are both accepted. Every number is checked
+against its range when the flags are parsed (one line naming the flag).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import torch
+from accelerate import PartialState
 from transformers import TrainingArguments
 
 from ..utils import UserError
@@ -25,9 +30,59 @@ LOGGER_PACKAGES = {"trackio": ("trackio",), "wandb": ("wandb",), "tensorboard": 
 
 
 def _installed(package: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(package) is not None
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Ranges of the numeric flags: (test, what the one-line error says is expected).
+POSITIVE = (lambda v: _finite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = (lambda v: _finite(v) and v >= 0, "a finite number >= 0")
+FRACTION = (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)")
+AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+UNSET_OR_AT_LEAST_1 = (lambda v: v is None or v >= 1, "an integer >= 1 (or unset)")
+MODEL_RANGES = {
+    "num_layers": ("--num-layers", AT_LEAST_1),
+    "draft_hidden_size": ("--draft-hidden-size", UNSET_OR_AT_LEAST_1),
+    "draft_intermediate_size": ("--draft-intermediate-size", UNSET_OR_AT_LEAST_1),
+    "draft_sliding_window": ("--draft-sliding-window", UNSET_OR_AT_LEAST_1),
+    "data_format_version": ("--data-format-version", (lambda v: v in (None, 0, 1, 2), "0 or 1 (.pt) or 2 (shards)")),
+    "hidden_states_max_in_flight": ("--hidden-states-max-in-flight", AT_LEAST_1),
+    "hidden_states_timeout": ("--hidden-states-timeout", POSITIVE),
+}
+TRAINING_RANGES = {
+    "max_steps": ("--max-steps", (lambda v: v == -1 or v >= 1, "an integer >= 1 (or -1: --epochs decides)")),
+    "learning_rate": ("--lr", POSITIVE),
+    "ttt_steps": ("--ttt-steps", AT_LEAST_1),
+    "ttt_step_loss_decay": ("--ttt-step-loss-decay", POSITIVE),
+    "total_seq_len": ("--total-seq-len", (lambda v: v >= 2, "an integer >= 2 (tokens per packed row)")),
+    "eval_split": ("--eval-split", FRACTION),
+    "hidden_states_noise": ("--hidden-states-noise", NON_NEGATIVE),
+    "max_skipped_fraction": ("--max-skipped-fraction", (lambda v: _finite(v) and 0 <= v <= 1, "a fraction in [0, 1]")),
+    "weight_decay": ("--weight-decay", NON_NEGATIVE),
+    "warmup_steps": ("--warmup-steps", NON_NEGATIVE),
+    "max_grad_norm": ("--max-grad-norm", (NON_NEGATIVE[0], "a finite number >= 0 (0: no clipping)")),
+    "adam_beta1": ("--adam-beta1", FRACTION),
+    "adam_beta2": ("--adam-beta2", FRACTION),
+    "adam_epsilon": ("--adam-epsilon", POSITIVE),
+    "per_device_train_batch_size": ("--per-device-train-batch-size", AT_LEAST_1),
+    "per_device_eval_batch_size": ("--per-device-eval-batch-size", AT_LEAST_1),
+    "gradient_accumulation_steps": ("--gradient-accumulation-steps", AT_LEAST_1),
+    "logging_steps": ("--logging-steps", POSITIVE),
+    "save_steps": ("--save-steps", POSITIVE),
+    "save_total_limit": ("--save-total-limit", (lambda v: v is None or v >= 0, "an integer >= 0 (0: keep all)")),
+    "dataloader_num_workers": ("--dataloader-num-workers", (lambda v: v >= 0, "an integer >= 0")),
+}
+
+
+def require_ranges(args, ranges: dict) -> None:
+    """Every field of `ranges` within its range; the first one out is one line naming its flag and the range."""
+    for name, (flag, (ok, expected)) in ranges.items():
+        value = getattr(args, name)
+        if not ok(value):
+            raise UserError(f"{flag} {value}: expected {expected}.")
 
 
 @dataclass
@@ -77,6 +132,14 @@ class Eagle3ModelArguments:
         default=None, metadata={"help": "Draft MLP width (default: the verifier's)."}
     )
     train_lm_head: bool = field(default=True, metadata={"help": "Train the draft lm_head."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run a verifier folder's own code (auto_map): only code you trust."},
+    )
+    allow_incomplete_data: bool = field(
+        default=False,
+        metadata={"help": "Train on the output of an unfinished datagen run."},
+    )
     verifier_hub_id: str | None = field(
         default=None,
         metadata={"help": "Verifier hub id recorded for `vllm serve`."},
@@ -103,10 +166,7 @@ class Eagle3ModelArguments:
     )
     hidden_states_max_in_flight: int = field(
         default=8,
-        metadata={
-            "help": "Requests in flight per training process (split over its DataLoader workers); with "
-            "--dataloader-num-workers and --dataloader-prefetch-factor it bounds what is fetched ahead of the step."
-        },
+        metadata={"help": "Requests in flight per training process, shared by its DataLoader workers."},
     )
     hidden_states_timeout: float = field(
         default=300.0, metadata={"help": "Seconds without any server answering before training stops."}
@@ -125,8 +185,7 @@ class Eagle3ModelArguments:
                 f"--hidden-states-source {self.hidden_states_source} needs --hidden-states-servers URL [URL ...] "
                 "(start them with `speculators-hf serve-hidden-states`)."
             )
-        if self.hidden_states_max_in_flight < 1 or self.hidden_states_timeout <= 0:
-            raise UserError("--hidden-states-max-in-flight must be >= 1 and --hidden-states-timeout > 0.")
+        require_ranges(self, MODEL_RANGES)
 
 
 @dataclass
@@ -144,6 +203,13 @@ class Eagle3TrainingArguments(TrainingArguments):
     hidden_states_noise (`float`, defaults to 0.0): uniform noise `U(-a, a)` on the aux states while training (peers
         use 0.05).
     eval_split (`float`, defaults to 0.1): fraction of samples held out for evaluation (seeded by `data_seed`/`seed`).
+
+    > Parameters of the run
+
+    overwrite (`bool`): start over in `output_dir` (`no_resume_from_checkpoint` is its earlier name).
+    replace_stale (`bool`): start over when `output_dir` holds a run with other inputs (the pipeline's own folders).
+    max_skipped_fraction (`float`, defaults to 0.05): stop when more of an epoch's samples are skipped (unusable
+        hidden states).
     """
 
     # The seed's flags, as aliases of the TrainingArguments fields they set.
@@ -151,8 +217,7 @@ class Eagle3TrainingArguments(TrainingArguments):
         default="./checkpoints",
         metadata={
             "aliases": ["--save-path", "--save_path"],
-            "help": "Checkpoints: <save-path>/<epoch>/ drafts (the last one also when training ends mid-epoch), "
-            "<save-path>/checkpoint-<step>/ resume states.",
+            "help": "The run's own folder: <epoch>/ drafts, checkpoint-<step>/ resume states, .speculators_hf/.",
         },
     )
     num_train_epochs: float = field(default=20, metadata={"aliases": ["--epochs"], "help": "Training epochs."})
@@ -162,13 +227,21 @@ class Eagle3TrainingArguments(TrainingArguments):
         metadata={"aliases": ["--logger"], "help": f"Logger: one of {', '.join(LOGGERS)} (empty or 'none': none)."},
     )
     log_dir: str = field(default="./logs", metadata={"help": "Local folder of the logger's files."})
-    no_resume_from_checkpoint: bool = field(
+    overwrite: bool = field(
         default=False,
         metadata={
-            "help": "Start from scratch even when <save-path> holds a checkpoint (an earlier run's checkpoint-* and "
-            "<epoch>/ folders are removed). Without it, the last checkpoint is resumed if it was written with the "
-            "same data and result-changing flags (else an error)."
+            "help": "Start over, deleting what the run in <save-path> wrote (else: same inputs resume, others are "
+            "refused)."
         },
+    )
+    no_resume_from_checkpoint: bool = field(default=False, metadata={"help": "= --overwrite (its earlier name)."})
+    replace_stale: bool = field(
+        default=False,
+        metadata={"help": "Start over when the inputs changed (the pipeline's folders)."},
+    )
+    max_skipped_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Stop when more of an epoch's samples are skipped (unusable hidden states)."},
     )
     # TTT objective and data
     ttt_steps: int = field(default=3, metadata={"help": "TTT steps K unrolled per position."})
@@ -212,8 +285,6 @@ class Eagle3TrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every batch key (needed)."})
 
     def __post_init__(self):
-        import torch
-
         if not torch.cuda.is_available():
             self.use_cpu = True  # so that `accelerate launch` on CPU processes forms one gloo group (MULTI_CPU)
         if self.bf16 is None:
@@ -232,12 +303,8 @@ class Eagle3TrainingArguments(TrainingArguments):
             )
         if self.eval_strategy is None:
             self.eval_strategy = "epoch" if self.eval_split > 0 else "no"
-        if self.ttt_steps < 1:
-            raise UserError(f"--ttt-steps must be >= 1, got {self.ttt_steps}.")
-        if self.total_seq_len < 2:
-            raise UserError(f"--total-seq-len must be >= 2, got {self.total_seq_len}.")
-        if not 0 <= self.eval_split < 1:
-            raise UserError(f"--eval-split must be in [0, 1), got {self.eval_split}.")
+        self.check_numbers()
+        self.overwrite = self.overwrite or self.no_resume_from_checkpoint
         self.label_names = []  # the loss needs no labels; evaluation still computes it
         self.prediction_loss_only = True
         super().__post_init__()
@@ -250,13 +317,19 @@ class Eagle3TrainingArguments(TrainingArguments):
                 )
             self.gradient_checkpointing_kwargs = {**gc_kwargs, "use_reentrant": False}
 
+    def check_numbers(self) -> None:
+        """Every number of the objective, the schedule and the batches against its range (one line naming the flag):
+        `--epochs 0` would save an untrained draft, `--lr nan` a draft of NaNs."""
+        epochs = self.num_train_epochs
+        if self.max_steps <= 0 and not (_finite(epochs) and epochs > 0):
+            raise UserError(f"--epochs {epochs}: expected a finite number > 0 (or --max-steps N).")
+        require_ranges(self, TRAINING_RANGES)
+
     @cached_property
     def _setup_devices(self):
         """TrainingArguments', with `--ddp-timeout` for CPU process groups too: transformers hands it to accelerate
         only on accelerators, so a gloo group waited torch's 30 minutes for a stuck peer."""
         if self.use_cpu:
-            from accelerate import PartialState
-
             # starts the process group (a no-op in one process); TrainingArguments then reuses it
             PartialState(cpu=True, backend=self.ddp_backend, timeout=self.ddp_timeout_delta)
         return super()._setup_devices

@@ -29,6 +29,8 @@ LOSS_MASK_ALIGNMENTS = ("predicted", "input")
 HIDDEN_KEYS = ("aux_hidden_states", "verifier_last_hidden_states")
 # Batch key of the per-sample statistics of online hidden-state fetches (`online.dataset.FETCH_STATS_COLUMNS`).
 FETCH_STATS = "hidden_states_fetch_stats"
+# Batch keys of the samples in each row (`PackedDataset`'s `index`, -1 after the last) and which were skipped.
+SAMPLE_INDEX, SAMPLE_SKIPPED = "sample_index", "sample_skipped"
 
 
 def align_sample(sample: dict[str, torch.Tensor], loss_mask_alignment: str = "predicted") -> dict[str, torch.Tensor]:
@@ -62,7 +64,8 @@ class DataCollatorForEagle3:
     Returns `input_ids`, `position_ids`, `loss_mask`, `document_ids` (`[B, S]`, -1 on padding), `aux_hidden_states`
     (`[B, S, (L-1) H]`) and `verifier_last_hidden_states` (`[B, S, H]`), where `S = total_seq_len`; for fp8 samples
     also their scales `aux_hidden_states_scale` (`[B, S, L-1]`) and `verifier_last_hidden_states_scale` (`[B, S, 1]`)
-    unless `dtype` is set (then the states are dequantized here).
+    unless `dtype` is set (then the states are dequantized here). Samples from `PackedDataset` also give
+    `sample_index` and `sample_skipped` (`[B, D]`, D = the most samples in a row), which the trainer counts.
     """
 
     total_seq_len: int
@@ -76,6 +79,12 @@ class DataCollatorForEagle3:
         stats = [s["fetch_stats"] for pack in packs for s in pack if "fetch_stats" in s]
         if stats:  # online hidden states: what fetching this batch's samples cost, for the trainer's metrics
             batch[FETCH_STATS] = torch.stack(stats)  # [samples, len(FETCH_STATS_COLUMNS)]
+        if all("index" in s for pack in packs for s in pack):  # which samples each row holds, for the trainer
+            D = max(len(pack) for pack in packs)
+            batch[SAMPLE_INDEX] = torch.tensor([[s["index"] for s in p] + [-1] * (D - len(p)) for p in packs])
+            batch[SAMPLE_SKIPPED] = torch.tensor(
+                [[s.get("skipped", False) for s in p] + [False] * (D - len(p)) for p in packs]
+            )
         return batch
 
     KEYS = (

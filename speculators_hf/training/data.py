@@ -9,6 +9,10 @@ verifier's last layer (pre-norm). Formats (`--data-format-version`):
 
 `.pt` files are read one at a time with `torch.load(weights_only=True, mmap=True)`. fp8 hidden states exist only in
 format 2 (with per-token scales); `.pt` files holding float8 tensors are refused.
+
+Hidden states are checked where training reads them (`PackedDataset`): a sample whose states are non-finite (or were
+not delivered, online) becomes a zero-loss placeholder (same tokens, loss mask 0, zero states: batch shapes and step
+counts do not change) marked `skipped`; the trainer counts them and stops past `--max-skipped-fraction`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..formats.shards import ShardDataset
+from ..datagen.backends import LAYER_ID_CONVENTION, SEED_LAYER_ID_CONVENTION
+from ..formats.shards import SCALE_KEY, ShardDataset
 from ..utils import UserError, get_logger
 from ..validation import bad_file, describe, read_json_if_exists, torch_load
 
@@ -157,8 +162,6 @@ def data_layer_ids(data_path: str | Path, version: int | None) -> list[int] | No
     `data_config.json` (v0/v1 `.pt` data) that names no convention comes from speculators 0.3.0: shifted, with a
     warning. `index.json` of datagen shards is always in vLLM's convention.
     """
-    from ..datagen.backends import LAYER_ID_CONVENTION, SEED_LAYER_ID_CONVENTION
-
     vllm, seed = (c.split(":")[0] for c in (LAYER_ID_CONVENTION, SEED_LAYER_ID_CONVENTION))
     for name in ("data_config.json", "index.json"):
         path = Path(data_path) / name
@@ -248,7 +251,9 @@ def pack(lengths: list[int], total_seq_len: int) -> list[list[int]]:
 class PackedDataset(torch.utils.data.Dataset):
     """Groups of samples filling one row of `total_seq_len` aligned tokens (`DataCollatorForEagle3` joins them).
 
-    The aligned length of a sample of `T` tokens is `T - 1` (see `collator.align_sample`).
+    The aligned length of a sample of `T` tokens is `T - 1` (see `collator.align_sample`). Each sample is returned
+    with its dataset `index`; one whose hidden states are unusable is a zero-loss placeholder marked `skipped`. A
+    dataset with `get_many(indices)` (online states) is asked for a whole pack, or a whole batch, at once.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, indices: list[int], total_seq_len: int):
@@ -256,12 +261,58 @@ class PackedDataset(torch.utils.data.Dataset):
         lengths = [dataset.sample_length(i) - 1 for i in indices]
         self.packs = [[indices[j] for j in group] for group in pack(lengths, total_seq_len)]
         self.num_tokens = sum(lengths)
+        self.num_samples = len(indices)
+        self._warned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.packs)
 
     def __getitem__(self, i: int) -> list[dict[str, torch.Tensor]]:
-        return [self.dataset[j] for j in self.packs[i]]
+        return self._read(self.packs[i])
+
+    def __getitems__(self, pack_indices: list[int]) -> list[list[dict[str, torch.Tensor]]]:
+        samples = iter(self._read([j for i in pack_indices for j in self.packs[i]]))
+        return [[next(samples) for _ in self.packs[i]] for i in pack_indices]
+
+    def _read(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        get_many = getattr(self.dataset, "get_many", None)
+        samples = get_many(indices) if get_many is not None else [self.dataset[j] for j in indices]
+        dtype = next((s["hidden_states"].dtype for s in samples if s.get("hidden_states") is not None), None)
+        return [self._checked(j, s, dtype) for j, s in zip(indices, samples)]
+
+    def _checked(self, j: int, sample: dict, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        if usable_states(sample):
+            return {**sample, "index": j}
+        if sample.get("hidden_states") is not None and j not in self._warned:
+            self._warned.add(j)
+            sample_id = self.dataset.sample_id(j) if hasattr(self.dataset, "sample_id") else j
+            logger.warning("Sample %d (datagen sample id %d) skipped: non-finite hidden states.", j, sample_id)
+        return {**placeholder(sample, self.dataset.hidden_shape, dtype), "index": j, "skipped": True}
+
+
+def usable_states(sample: dict[str, torch.Tensor]) -> bool:
+    """Whether a sample's hidden states (and fp8 scales) are there and finite: one fp32-accumulated sum, which is
+    non-finite exactly when an element is (float8 has no `isfinite`; a sum of finite states cannot overflow fp32)."""
+    states = sample.get("hidden_states")
+    if states is None:  # online: the servers delivered nothing usable
+        return False
+    total = states.sum(dtype=torch.float32)
+    if SCALE_KEY in sample:
+        total = total + sample[SCALE_KEY].sum(dtype=torch.float32)
+    return bool(torch.isfinite(total))
+
+
+def placeholder(sample: dict, hidden_shape: tuple[int, int], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """A zero-loss stand-in for a sample with unusable states: its tokens, loss mask 0, zero states (and scales)."""
+    out = {**sample, "loss_mask": torch.zeros_like(sample["loss_mask"])}
+    states = sample.get("hidden_states")
+    if states is None:
+        out["hidden_states"] = torch.zeros(len(sample["input_ids"]), *hidden_shape, dtype=dtype or torch.float32)
+    else:
+        out["hidden_states"] = torch.zeros_like(states)
+    if SCALE_KEY in sample:
+        out[SCALE_KEY] = torch.zeros_like(sample[SCALE_KEY])
+    return out
 
 
 def add_uniform_noise(hidden_states: torch.Tensor, magnitude: float) -> torch.Tensor:

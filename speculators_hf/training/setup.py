@@ -10,13 +10,19 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
+from ..datagen.shards import ShardDataset
 from ..modeling import Eagle3DraftModel
 from ..modeling.configuration_eagle3 import aux_layer_ids_problem, default_aux_layer_ids
+from ..online.client import HiddenStatesClient
+from ..online.dataset import OnlineHiddenStatesDataset
+from ..runstate import STATE_DIR, read_manifest
 from ..utils import UserError, get_logger
-from ..validation import pretrained_config
+from ..validation import pretrained_config, read_json_if_exists
 from ..vocab import load_vocab_mapping, validate_vocab_mapping
 from .arguments import Eagle3ModelArguments, Eagle3TrainingArguments
-from .data import PackedDataset, data_layer_ids, detect_format, open_dataset, train_eval_split
+from .data import SHARDS_DATA_FORMAT, PackedDataset, data_layer_ids, detect_format, open_dataset, train_eval_split
+
+HYBRID_CACHE = "hidden_states_cache"  # hybrid mode's default cache: <save-path>/hidden_states_cache
 
 logger = get_logger(__name__)
 
@@ -100,19 +106,42 @@ def resolve_aux_layer_ids(model_args: Eagle3ModelArguments, layer_ids: list[int]
     return recorded
 
 
+def require_complete_data(path: Path, allow: bool) -> None:
+    """Refuse the output of a datagen run that did not finish (its run manifest, `index.json` or `data_config.json`
+    says so) unless `--allow-incomplete-data`; folders that record nothing (the seed's `.pt` files) are taken as they
+    are."""
+    fix = "rerun datagen with the same flags to finish it, or pass --allow-incomplete-data to train on what exists"
+    manifest = read_manifest(path, "datagen") if (path / STATE_DIR).is_dir() else None
+    index = read_json_if_exists(path / "index.json", fix="rerun datagen with the same flags") or {}
+    config = read_json_if_exists(path / "data_config.json", fix="rerun datagen with the same flags") or {}
+    if manifest is not None and manifest.get("status") != "complete":
+        why = "its run did not finish (.speculators_hf/datagen.json)"
+    elif index.get("complete") is False:
+        planned = index.get("num_shards_planned")
+        why = f"index.json lists {len(index.get('shards') or [])} of {planned} shards" if planned else "index.json"
+        why += " (datagen did not finish)"
+    elif config.get("status") not in (None, "complete"):
+        why = f"data_config.json says status {config.get('status')!r} (datagen did not finish)"
+    else:
+        return
+    if allow:
+        logger.warning("--data-path %s: %s; training on what exists (--allow-incomplete-data).", path, why)
+        return
+    raise UserError(f"--data-path {path}: {why}; {fix}.")
+
+
 def build_datasets(
     model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments
 ) -> tuple[PackedDataset, PackedDataset | None, list[int] | None]:
     """Open, check, split and pack the data. Returns `(train, held_out or None, layer ids recorded by datagen)`."""
     path = Path(model_args.data_path)
     if not path.is_dir():
-        raise UserError(f"--data-path {path} does not exist (run `speculators-hf datagen` first).")
+        what = "does not exist" if not path.exists() else "is not a folder"
+        raise UserError(f"--data-path {path} {what} (a datagen output folder: run `speculators-hf datagen` first).")
+    require_complete_data(path, model_args.allow_incomplete_data)
     version = model_args.data_format_version if model_args.data_format_version is not None else detect_format(path)
-    packed = PackedDataset
     if model_args.hidden_states_source != "offline":  # states streamed from serve-hidden-states servers
-        from ..online.dataset import OnlinePackedDataset, open_online_dataset
-
-        dataset, packed = open_online_dataset(path, version, model_args, args), OnlinePackedDataset
+        dataset = open_online_dataset(path, version, model_args, args)
     else:
         dataset = open_dataset(path, version, dequantize=False)  # fp8 shards: the trainer dequantizes on its device
     if len(dataset) == 0:
@@ -123,9 +152,72 @@ def build_datasets(
             "or hybrid and --hidden-states-servers URL (speculators-hf serve-hidden-states)."
         )
     train_idx, eval_idx = train_eval_split(len(dataset), args.eval_split, args.data_seed or 0)
-    train = packed(dataset, train_idx, args.total_seq_len)
-    held_out = packed(dataset, eval_idx, args.total_seq_len) if eval_idx else None
+    train = PackedDataset(dataset, train_idx, args.total_seq_len)
+    held_out = PackedDataset(dataset, eval_idx, args.total_seq_len) if eval_idx else None
     return train, held_out, data_layer_ids(path, version)
+
+
+def open_online_dataset(
+    data_path: Path, version: int, model_args: Eagle3ModelArguments, args
+) -> OnlineHiddenStatesDataset:
+    """The online/hybrid dataset for `--hidden-states-source online|hybrid` (checked first).
+
+    Reads and checks the local files (shards, data_config.json, a hybrid cache given by --hidden-states-cache-dir)
+    before it waits (up to `--hidden-states-timeout`) until a server answers, and gives the DataLoader 2 persistent
+    workers when none were asked for, so fetching runs ahead of the training step. The default hybrid cache, inside
+    `--save-path`, is attached once the run has claimed that folder (`attach_hybrid_cache`).
+    """
+    source = model_args.hidden_states_source
+    if version != SHARDS_DATA_FORMAT:
+        raise UserError(f"--hidden-states-source {source} reads datagen shards (format 2).")
+    layer_ids = data_layer_ids(data_path, version)
+    if not layer_ids:
+        raise UserError(
+            f"--data-path {data_path} records no layer ids (data_config.json): rerun datagen --tokens-only."
+        )
+    verifier = pretrained_config(
+        model_args.verifier_name_or_path, "--verifier-name-or-path", trust_remote_code=model_args.trust_remote_code
+    )
+    hidden_size = verifier.get_text_config().hidden_size
+    if args.dataloader_num_workers == 0:
+        args.dataloader_num_workers, args.dataloader_persistent_workers = 2, True
+        logger.warning("online hidden states: 2 persistent DataLoader workers fetch ahead of the training step.")
+    dataset = OnlineHiddenStatesDataset(
+        ShardDataset(data_path, tokens_only=True),
+        model_args.hidden_states_servers,
+        layer_ids,
+        hidden_size,
+        max_in_flight=model_args.hidden_states_max_in_flight,
+        num_workers=args.dataloader_num_workers,
+        timeout=model_args.hidden_states_timeout,
+        rank=args.process_index,
+        api_key=model_args.hidden_states_api_key,
+    )
+    if source == "hybrid" and model_args.hidden_states_cache_dir:
+        dataset.use_cache(model_args.hidden_states_cache_dir, hybrid_cache_meta(data_path, dataset))
+    servers, key = model_args.hidden_states_servers, model_args.hidden_states_api_key
+    HiddenStatesClient(servers, timeout=model_args.hidden_states_timeout, api_key=key).wait_for_servers()
+    return dataset
+
+
+def hybrid_cache_meta(data_path: Path, dataset: OnlineHiddenStatesDataset) -> dict:
+    """What a hybrid cache must match: the data's fingerprint, layer ids and hidden size."""
+    fingerprint = None
+    for name in ("data_config.json", "index.json"):
+        record = read_json_if_exists(data_path / name, fix="rerun datagen with the same flags")
+        if record is not None:
+            fingerprint = record.get("fingerprint")
+            break
+    return {"data_fingerprint": fingerprint, "layer_ids": dataset.layer_ids, "hidden_size": dataset.hidden_shape[1]}
+
+
+def attach_hybrid_cache(model_args: Eagle3ModelArguments, dataset, run) -> None:
+    """Hybrid mode without --hidden-states-cache-dir: the cache is `<save-path>/hidden_states_cache`, an entry of the
+    run (attached after the claim, which may have deleted an earlier run's)."""
+    if model_args.hidden_states_source == "hybrid" and not model_args.hidden_states_cache_dir:
+        folder = run.path(HYBRID_CACHE)
+        folder.mkdir(exist_ok=True)  # an entry of the run from now on (a finished run holds every entry)
+        dataset.use_cache(folder, hybrid_cache_meta(Path(model_args.data_path), dataset))
 
 
 def build_draft(
@@ -133,7 +225,9 @@ def build_draft(
 ) -> Eagle3DraftModel:
     """A new draft for the verifier (initialised with `seed`), checked against the data; flex attention on CUDA,
     sdpa elsewhere."""
-    verifier_config = pretrained_config(model_args.verifier_name_or_path, "--verifier-name-or-path")
+    verifier_config = pretrained_config(
+        model_args.verifier_name_or_path, "--verifier-name-or-path", trust_remote_code=model_args.trust_remote_code
+    )
     n = verifier_config.get_text_config().num_hidden_layers
     _check_hidden_size(train_dataset.dataset, model_args, verifier_config)
     aux_ids = resolve_aux_layer_ids(model_args, layer_ids, n)
@@ -160,6 +254,7 @@ def build_draft(
         fc_norm=model_args.fc_norm,
         draft_layer_type=model_args.draft_layer_type,
         train_lm_head=model_args.train_lm_head,
+        trust_remote_code=model_args.trust_remote_code,
         **{k: v for k, v in shape.items() if v is not None},
     )
     model.set_attn_implementation("flex_attention" if torch.cuda.is_available() else "sdpa")

@@ -1,18 +1,18 @@
 """`Eagle3Trainer`: a thin `transformers.Trainer` whose loss is the EAGLE-3 training-time-test (TTT) unroll.
 
 Everything else (loop, accumulation, schedules, DDP/FSDP via accelerate, checkpoints, resume, loggers) is Trainer's.
-Additions: `compute_loss` (K draft steps sharing one KV cache), step metrics through `_metrics` + `log`, and one
-loadable draft per epoch in `<output_dir>/<epoch>/` next to Trainer's `checkpoint-<step>/` resume states (the newest
-`save_total_limit` of each are kept), plus the final draft when training ends mid-epoch.
+Additions: `compute_loss` (K draft steps sharing one KV cache), step metrics through `_metrics` + `log`, and callbacks
+(`callbacks.py`): data-wait and online fetch statistics, the guard against non-finite steps and skipped samples, one
+loadable draft per epoch in `<output_dir>/<epoch>/`. The run owns `<output_dir>` through its claim
+(`records.claim_save_path`): checkpoints and drafts are written under a temporary name and renamed when complete, and
+the older ones beyond `save_total_limit` are deleted through the claim, never by hand.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,12 +21,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..formats.shards import dequantize
-from ..modeling.modeling_eagle3 import VERIFIER_HEAD_MISSING
-from ..utils import UserError, get_logger
-from .arguments import Eagle3TrainingArguments
-from .collator import FETCH_STATS, DataCollatorForEagle3
-from .data import add_uniform_noise
-from .losses import (
+from ..modeling.losses import (
     STEP_STATS,
     metrics_from_stats,
     shift_for_step,
@@ -35,12 +30,19 @@ from .losses import (
     ttt_block_mask,
     ttt_valid_rows,
 )
-from .resume import RUN_FINGERPRINT_KEY, RUN_INPUTS_KEY, run_fingerprint
+from ..modeling.modeling_eagle3 import VERIFIER_HEAD_MISSING
+from ..runstate import Claim
+from ..utils import UserError, environment_fault, get_logger
+from .arguments import Eagle3TrainingArguments
+from .callbacks import DataFeed, EpochDrafts, StepGuard
+from .collator import FETCH_STATS, SAMPLE_INDEX, SAMPLE_SKIPPED, DataCollatorForEagle3
+from .data import add_uniform_noise
+from .records import CHECKPOINT, TRAINING_CONFIG_FILE, claim_save_path, run_inputs, write_training_record
 from .ttt_cache import TTTCache
 
 logger = get_logger(__name__)
 
-TRAINING_CONFIG_FILE = "training_config.json"
+__all__ = ["TRAINING_CONFIG_FILE", "Eagle3Trainer"]
 
 
 class Eagle3Trainer(Trainer):
@@ -51,12 +53,24 @@ class Eagle3Trainer(Trainer):
         args (`Eagle3TrainingArguments`): training arguments, including `ttt_steps` and `ttt_step_loss_decay`.
         train_dataset, eval_dataset (`PackedDataset`): groups of samples, one packed row each.
         data_collator: default `DataCollatorForEagle3(args.total_seq_len, args.loss_mask_alignment)`.
+        claim (`runstate.Claim`, *optional*): the run's claim on `args.output_dir` (`records.claim_save_path`);
+            without one, `train` claims the folder itself for the draft and `args`.
+        run_inputs (`dict`, *optional*): what decides the weights (`records.run_inputs`), recorded in every checkpoint
+            and draft.
     """
 
     args: Eagle3TrainingArguments
 
     def __init__(
-        self, model, args: Eagle3TrainingArguments, train_dataset=None, eval_dataset=None, data_collator=None, **kwargs
+        self,
+        model,
+        args: Eagle3TrainingArguments,
+        train_dataset=None,
+        eval_dataset=None,
+        data_collator=None,
+        claim: Claim | None = None,
+        run_inputs: dict | None = None,
+        **kwargs,
     ):
         if getattr(model, "verifier_head", None) is None:
             raise UserError(VERIFIER_HEAD_MISSING)  # else every target would come from a random head
@@ -83,46 +97,11 @@ class Eagle3Trainer(Trainer):
         self.model_accepts_loss_kwargs = False  # the loss is a per-row masked mean: let Trainer scale it for GA
         self._metrics: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._interval_start: dict[str, float | None] = {"train": None, "eval": None}
-        self.run_inputs: dict | None = None  # recorded in every checkpoint (`resume.run_inputs`); set by the CLI
-        self._draft_step: int | None = None  # global step of the last draft written to <output_dir>/<epoch>/
-        # Data feeding: seconds the step waited for batches, and online fetch statistics (interval and whole run)
-        self._data_wait, self._data_since = 0.0, None
-        self._fetch_interval: torch.Tensor | None = None
-        self._fetch_total: torch.Tensor | None = None
-
-    # ------------------------------------------------------------------------------------------------------- data
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Trainer's, timed (`data_wait_fraction`), taking the online fetch statistics out of the batches."""
-        start = time.perf_counter()
-        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._data_wait += time.perf_counter() - start
-        self._data_since = start if self._data_since is None else self._data_since
-        for batch in batches:
-            stats = batch.pop(FETCH_STATS, None)  # [samples, columns]
-            if stats is not None:
-                summed = torch.cat([stats[:, :-1].sum(0), stats[:, -1:].max(0).values])  # the last column is a peak
-                for name in ("_fetch_interval", "_fetch_total"):
-                    old = getattr(self, name)
-                    new = summed if old is None else torch.cat([old[:-1] + summed[:-1], old[-1:].maximum(summed[-1:])])
-                    setattr(self, name, new)
-        return batches, num_items
-
-    def fetch_totals(self) -> dict[str, float] | None:
-        """Online fetch statistics of the whole run, summed over processes (peaks: max). Every process calls it."""
-        if self._fetch_total is None:
-            return None
-        from ..online.dataset import FETCH_STATS_COLUMNS
-
-        return dict(zip(FETCH_STATS_COLUMNS, self._reduce_fetch_stats(self._fetch_total).tolist()))
-
-    def _reduce_fetch_stats(self, stats: torch.Tensor) -> torch.Tensor:
-        if self.accelerator.num_processes == 1:
-            return stats
-        stats = stats.to(self.accelerator.device)
-        summed = self.accelerator.reduce(stats.clone(), reduction="sum")
-        peak = self.accelerator.gather(stats[-1:]).max()
-        return torch.cat([summed[:-1], peak.view(1)]).cpu()
+        self.claim = claim
+        self.run_inputs = run_inputs  # recorded in every checkpoint and draft (`records.run_inputs`)
+        self.feed, self.guard, self.drafts = DataFeed(), StepGuard(self), EpochDrafts(self)
+        for callback in (self.feed, self.guard, self.drafts):
+            self.add_callback(callback)
 
     # ------------------------------------------------------------------------------------------------------- loss
 
@@ -140,6 +119,11 @@ class Eagle3Trainer(Trainer):
         mode = "train" if model.training else "eval"
         if self._interval_start[mode] is None:
             self._interval_start[mode] = time.perf_counter()
+        inputs = dict(inputs)
+        fetch_stats = inputs.pop(FETCH_STATS, None)  # [samples, columns]: what fetching online states cost
+        samples, skipped = inputs.pop(SAMPLE_INDEX, None), inputs.pop(SAMPLE_SKIPPED, None)  # [B, D]
+        if mode == "train" and fetch_stats is not None:
+            self.feed.add(fetch_stats)
         input_ids, position_ids = inputs["input_ids"], inputs["position_ids"]  # [B, S]
         loss_mask, document_ids = inputs["loss_mask"], inputs["document_ids"]  # [B, S]
         dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
@@ -178,17 +162,22 @@ class Eagle3Trainer(Trainer):
             loss_step_weights=[self.args.ttt_step_loss_decay**k for k in range(K)],
         )
         tokens = (document_ids >= 0).sum(-1, keepdim=True).float()  # [B, 1]
-        self._record(mode, torch.cat([step_statistics(out.step_kl, out.step_agree, valid), tokens], dim=1))
+        per_row = self._record(mode, torch.cat([step_statistics(out.step_kl, out.step_agree, valid), tokens], dim=1))
+        if mode == "train":  # checked once per optimizer step, before it (`callbacks.StepGuard`)
+            n = len(per_row)
+            rows = (samples[:n], skipped[:n]) if samples is not None else (None, None)
+            self.guard.add(out.loss, per_row.isfinite().all(1), *rows)
         return (out.loss, None) if return_outputs else out.loss
 
-    def _record(self, mode: str, per_row: torch.Tensor) -> None:
+    def _record(self, mode: str, per_row: torch.Tensor) -> torch.Tensor:
         """Add one micro-batch's per-row statistics to this process's sums; `log` adds them up across processes once
         per logging interval. Rows repeated to give every process a full last batch are left out, as
-        `gather_for_metrics` does."""
+        `gather_for_metrics` does. Returns the rows counted."""
         per_row = per_row.detach()[: self._rows_to_count(mode, len(per_row))]
         summed = per_row.double().sum(0)  # stays on device: no sync
         previous = self._metrics[mode]
         self._metrics[mode] = summed if previous is None else previous + summed
+        return per_row
 
     def _rows_to_count(self, mode: str, rows: int) -> int:
         """How many of this process's `rows` are real samples. accelerate completes the last round of batches with
@@ -222,80 +211,108 @@ class Eagle3Trainer(Trainer):
                 metrics = {f"eval_{key}": val for key, val in metrics.items()}
             logs.update(metrics)
         self._metrics[mode], self._interval_start[mode] = None, None
-        if mode == "train" and self._data_since is not None:
-            logs["data_wait_fraction"] = self._data_wait / max(time.perf_counter() - self._data_since, 1e-9)
-            self._data_wait, self._data_since = 0.0, None
-            if self._fetch_interval is not None:  # the same on every process: reduce together
-                from ..online.dataset import FETCH_STATS_COLUMNS
-
-                stats = dict(zip(FETCH_STATS_COLUMNS, self._reduce_fetch_stats(self._fetch_interval).tolist()))
-                self._fetch_interval = None
-                logs["hidden_states_fetched"] = stats["fetched"]
-                logs["hidden_states_cache_hits"] = stats["cache_hits"]
-                logs["hidden_states_skipped"] = stats["skipped"]
-                logs["hidden_states_retries"] = stats["retries"]
-                logs["hidden_states_fetch_seconds"] = stats["fetch_seconds"] / max(stats["fetched"], 1.0)
-                logs["hidden_states_disk_peak_mb"] = stats["spool_bytes"] / 2**20
+        if mode == "train":  # the same on every process: reduced together
+            logs.update(self.feed.interval_logs(self.accelerator))
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------------------------------------------- saving
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        self._save_training_config(output_dir or self.args.output_dir)
-
-    def _save_training_config(self, output_dir: str) -> None:
-        if not self.args.should_save:
-            return
-        keys = ("ttt_steps", "ttt_step_loss_decay", "loss_mask_alignment", "total_seq_len", "hidden_states_noise")
-        config = {key: getattr(self.args, key) for key in keys}
-        config["eval_split"] = self.args.eval_split  # the held-out samples: train_eval_split(n, eval_split, seed)
-        config["eval_split_seed"] = self.args.data_seed or 0
-        config["loss_mask_alignment_note"] = (
-            "row t (input x_{t+1}, predicting x_{t+2}) counts when l_{t+2} = 1 (predicted) or l_{t+1} = 1 (input)"
-        )
-        config["global_step"], config["epoch"] = self.state.global_step, self.state.epoch
-        if self.run_inputs is not None:  # what a resume must match (training/resume.py)
-            config[RUN_FINGERPRINT_KEY] = run_fingerprint(self.run_inputs)
-            config[RUN_INPUTS_KEY] = self.run_inputs
-        with open(os.path.join(output_dir, TRAINING_CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=2)
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """`Trainer.train`, in `args.output_dir` claimed for the draft and `args` when no claim was given."""
+        if self.claim is None:
+            dataset = self.train_dataset.dataset
+            tokens = getattr(dataset, "token_dataset", dataset)
+            data_path = getattr(tokens, "data_dir", None) or Path(tokens.files[0]).parent
+            self.run_inputs = self.run_inputs or run_inputs(self.model, self.args, data_path, dataset)
+            self.claim = claim_save_path(self.args, self.run_inputs)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Trainer's resumable checkpoint, plus a loadable draft in `<output_dir>/<epoch>/` at each epoch's end."""
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if not os.path.exists(os.path.join(folder, TRAINING_CONFIG_FILE)):  # FSDP with sharded resume states: Trainer
-            self._save_training_config(folder)  # wrote the weights without `_save`, and resume needs the record
-        epoch = self.state.epoch
-        if epoch is not None and abs(epoch - round(epoch)) < 1e-6 and round(epoch) > 0:
-            self._save_draft(round(epoch) - 1)
-
-    def train(self, *args, **kwargs):
-        """`Trainer.train`, then the final draft in `<output_dir>/<epoch>/` if no epoch draft holds the last weights
-        (the run ended mid-epoch: `--max-steps`, or `--save-strategy steps|no`). A partial epoch keeps its index:
-        ending at epoch 2.5 writes `2/` (its `training_config.json` records `epoch` and `global_step`)."""
-        output = super().train(*args, **kwargs)
-        if self._draft_step != self.state.global_step:
-            self._save_draft(max(math.ceil(round(self.state.epoch or 0, 6)) - 1, 0))
-        return output
-
-    def _save_draft(self, index: int) -> None:
-        """Save the draft as `<output_dir>/<index>/`, then keep only the newest `save_total_limit` of them (<= 0: all,
-        like `checkpoint-*`). Every process calls this (FSDP gathers the weights); the main one writes and deletes."""
-        path = os.path.join(self.args.output_dir, str(index))
-        if self.is_fsdp_enabled:  # full weights whatever the resume states hold (Trainer.save_model writes none
-            state_dict = self.accelerator.get_state_dict(self.model)  # under SHARDED_STATE_DICT)
+        """Trainer's resumable checkpoint, written whole or not at all: under `.<name>.partial/` first, with the run's
+        record, then renamed to `checkpoint-<step>/`; the older ones beyond `save_total_limit` are deleted through the
+        claim. Overridden because transformers 5.19 has no hook for where a checkpoint goes: `_save_checkpoint` writes
+        `<output_dir>/checkpoint-<step>/` in place (a save cut by a full disk left a folder that resume took for the
+        latest) and deletes old ones itself; here it writes into the staging folder, where its rotation finds only
+        this one."""
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        with self._staged(name) as staging:
+            output_dir = self.args.output_dir
+            self.args.output_dir = str(staging)  # where Trainer puts checkpoint-<step>/ (`_get_output_dir`)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = output_dir
             if self.args.should_save:
-                self._save(path, state_dict=state_dict)
-        else:
-            self.save_model(path)
-        self._draft_step = self.state.global_step
+                write_training_record(staging / name, self.args, self.state, self.run_inputs)
+        if self.args.should_save:
+            self._rotate(CHECKPOINT.fullmatch, keep={Path(self.state.best_model_checkpoint or "").name})
+
+    def save_draft(self, index: int) -> None:
+        """Save the draft as `<output_dir>/<index>/` (written under a temporary name, then renamed), then keep only
+        the newest `save_total_limit` drafts (<= 0: all, like `checkpoint-*`). Every process calls it (FSDP gathers
+        the weights); the one that saves writes and deletes."""
+        name = str(index)
+        with self._staged(name) as staging:
+            if self.is_fsdp_enabled:  # full weights whatever the resume states hold (Trainer.save_model writes
+                state_dict = self.accelerator.get_state_dict(self.model)  # none under SHARDED_STATE_DICT)
+                if self.args.should_save:
+                    self._save(str(staging / name), state_dict=state_dict)
+            else:
+                self.save_model(str(staging / name))
+            if self.args.should_save:
+                write_training_record(staging / name, self.args, self.state, self.run_inputs)
+        if self.args.should_save:
+            self._rotate(str.isdigit)
+
+    @contextmanager
+    def _staged(self, name: str):
+        """Yield a staging folder in which every process writes `<staging>/<name>/`; then it becomes
+        `<output_dir>/<name>` in one rename. The entry is recorded first, so that a run killed mid-write owns what it
+        left (and a rerun deletes it: a partial folder is never taken for a checkpoint)."""
+        folder = Path(self.args.output_dir)
+        staging = folder / f".{name}.partial"
+        if self.args.should_save:
+            if self.claim.owns(name):
+                self.claim.remove(name)  # a leftover of a cut run, or this step saved again: written anew
+            self.claim.path(name)
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        try:
+            yield staging
+        except Exception as err:  # a full disk surfaces as whatever the writer raised: name the folder
+            raise _write_fault(err, folder) from err
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            os.replace(staging / name, folder / name)
+            staging.rmdir()
+
+    def _rotate(self, kind, keep: set[str] = frozenset()) -> None:
+        """Delete (through the claim) the oldest entries of one kind beyond `save_total_limit`."""
         limit = self.args.save_total_limit
-        if not self.args.should_save or not limit or limit <= 0:
+        if not limit or limit <= 0:
             return
-        folders = Path(self.args.output_dir).iterdir()
-        drafts = sorted(int(p.name) for p in folders if p.name.isdigit() and (p / TRAINING_CONFIG_FILE).exists())
-        for old in drafts[:-limit]:
-            logger.info("Deleting epoch draft %s/%d (--save-total-limit %d).", self.args.output_dir, old, limit)
-            shutil.rmtree(os.path.join(self.args.output_dir, str(old)), ignore_errors=True)
+        names = sorted((n for n in self.claim.entries() if kind(n)), key=lambda n: int(n.rsplit("-", 1)[-1]))
+        for name in [n for n in names[:-limit] if n not in keep]:
+            logger.info("Deleting %s/%s (--save-total-limit %d).", self.args.output_dir, name, limit)
+            self.claim.remove(name)
+
+
+def _write_fault(err: Exception, folder: Path) -> Exception:
+    """A save that failed: one line when the folder's disk is full or read-only (the writers of torch and safetensors
+    raise their own errors, without an errno: a probe write tells), else the error itself."""
+    cause = err
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None and not isinstance(err, UserError):
+        probe = folder / ".write-probe-space"
+        try:
+            with open(probe, "wb") as f:
+                f.write(bytes(2**20))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as probe_err:
+            cause = probe_err
+        finally:
+            probe.unlink(missing_ok=True)
+    fault = environment_fault(OSError(cause.errno, os.strerror(cause.errno), str(folder))) if cause else None
+    return fault or err

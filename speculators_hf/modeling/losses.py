@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from ..utils import get_logger
 
@@ -77,8 +78,6 @@ def ttt_block_mask(document_ids: torch.Tensor, step: int, step0=None, sliding_wi
     step-0 block lists plus one diagonal block per later step, written directly instead of re-evaluating the mask
     over all `T x (k + 1) T` positions (not with a sliding window, which drops more step-0 keys at every step).
     """
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
-
     B, T = document_ids.shape
     window = sliding_window if sliding_window is not None else 2 * T + step + 1  # no window: every distance passes
 
