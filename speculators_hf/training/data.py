@@ -5,7 +5,7 @@ verifier's last layer (pre-norm). Formats (`--data-format-version`):
 
     0    data_*.pt   {"input_ids", "loss_mask", "hidden_state": [T, 3H], "target": [T, H]}     (seed, v0)
     1    data_*.pt   {"input_ids", "loss_mask", "hidden_states": [[T, H] x 4]}                (seed, v1)
-    2    data-*.safetensors + index.json (speculators_hf.datagen.shards), memory-mapped       (ours)
+    2    data-*.safetensors + index.json (speculators_hf.formats.shards), memory-mapped       (ours)
 
 `.pt` files are read one at a time with `torch.load(weights_only=True, mmap=True)`. fp8 hidden states exist only in
 format 2 (with per-token scales); `.pt` files holding float8 tensors are refused.

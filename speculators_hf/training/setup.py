@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from ..datagen.shards import ShardDataset
+from ..formats.shards import ShardDataset
 from ..modeling import Eagle3DraftModel
 from ..modeling.configuration_eagle3 import aux_layer_ids_problem, default_aux_layer_ids
 from ..online.client import HiddenStatesClient
