@@ -268,10 +268,10 @@ def test_pipeline_regenerate_stage_feeds_datagen_and_is_skipped_when_unchanged(p
             eval_prompts=str(chats),
             output_dir=str(tmp_path / "run"),
             regenerate=True,
-            regenerate_args="--max-new-tokens 12 --max-turns 2",
-            seq_length=256,
-            max_samples=3,
-            backend="transformers",
+            stages={
+                "regenerate": {"max_new_tokens": 12, "max_turns": 2},
+                "datagen": {"seq_length": 256, "max_samples": 3, "backend": "transformers"},
+            },
         )
         pipeline = Pipeline(args)
         pipeline.resolve_inputs()
@@ -506,7 +506,7 @@ def test_every_numeric_flag_is_range_checked_when_parsed(flag, value, tmp_path, 
 
 def test_replicas_argv_round_trips_every_field_type(tmp_path):
     """`to_argv` (the replicas' and the accelerate launcher's command line) parses back into the same arguments."""
-    from speculators_hf.cli.parser import make_parser, parse
+    from speculators_hf.commandline import make_parser, parse
     from speculators_hf.replicas import to_argv
 
     args = make_args(
