@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -210,7 +210,8 @@ def test_skipped_rows_side_file_rerun_and_flag_errors(peaked_verifier_path, tmp_
     assert failures["b"]["reason"] == "no user turn" and failures["c"]["reason"].startswith("unknown roles")
     # The same command again has nothing to do; other flags refuse to mix outputs (one line, exit 2).
     stamp = out.stat().st_mtime_ns
-    assert run(make_args(peaked_verifier_path, chats, out)) == summary and out.stat().st_mtime_ns == stamp
+    again = run(make_args(peaked_verifier_path, chats, out))  # finished: its recorded result, nothing run
+    assert again.reused and replace(again, reused=False) == summary and out.stat().st_mtime_ns == stamp
     argv = ["--target-model-path", str(peaked_verifier_path), "--train-data-path", str(chats)]
     assert main([*argv, "--output-path", str(out), "--backend", "transformers", "--max-new-tokens", "5"]) == 2
     err = capsys.readouterr().err
