@@ -50,7 +50,7 @@ def steady(history: list[dict], key: str) -> float | None:
 
 
 def train_once(verifier: Path, data_dir: Path, save: Path, a, *extra: str) -> dict:
-    from speculators_hf.cli.parser import make_parser, parse
+    from speculators_hf.commandline import make_parser, parse
     from speculators_hf.training import Eagle3ModelArguments, Eagle3TrainingArguments, train
 
     argv = [

@@ -14,7 +14,7 @@ Every flag of `speculators-hf train` works here (`--help`); `--config run.yaml` 
 
 import torch
 
-from speculators_hf.cli.parser import run_command
+from speculators_hf.commandline import run_command
 from speculators_hf.training import Eagle3ModelArguments, Eagle3TrainingArguments, train
 
 

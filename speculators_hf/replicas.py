@@ -42,10 +42,13 @@ def to_argv(cls, values: dict) -> list[str]:
     """The command-line flags that parse back (`HfArgumentParser`) into `values` for the argument dataclass `cls`.
 
     Scalars are written `--flag=value` (a value may start with `-`); booleans as `true`/`false`; enums by value;
-    lists as `--flag a b`. None is left out, which parses back only where the default is None. What cannot be
-    written (that None elsewhere, an empty list, a list item starting with `-`, a mapping) is a ValueError."""
+    lists as `--flag a b`. A field missing from `values` is left out (it parses back to its default), and so is None,
+    which parses back only where the default is None. What cannot be written (that None elsewhere, an empty list, a
+    list item starting with `-`, a mapping) is a ValueError."""
     argv = []
     for f in fields(cls):
+        if f.name not in values:
+            continue
         value, flag = values[f.name], f"--{f.name}"
         if isinstance(value, dict):
             raise ValueError(f"{flag} {value!r}: a mapping cannot be written as a command-line flag")

@@ -40,6 +40,9 @@ logger = get_logger(__name__)
 
 STATE_DIR = ".speculators_hf"  # the manifests, inside the folder they describe
 RUNNING, COMPLETE = "running", "complete"
+# How our writers name an entry's temp files (`utils.atomic_path`, export's staging folder, training's checkpoints):
+# `.<entry>.<anything><suffix>`; they belong to the entry (a kill may leave one; deleting the entry deletes it).
+TEMP_SUFFIXES = (".tmp", ".partial", ".exporting")
 FINISHED, RESUMED, FRESH = "finished", "resumed", "fresh"
 
 
@@ -310,10 +313,13 @@ def _entry_name(name: str | Path) -> str:
 
 
 def _belongs(name: str, entries: set[str]) -> bool:
-    """`name` is a recorded entry, or a temp file `.<entry>.<anything>` of one (in time linear in `len(name)`)."""
+    """`name` is a recorded entry, or one of its temp files `.<entry>.<anything><TEMP_SUFFIXES>` (in time linear in
+    `len(name)`); a user's other hidden files beside an entry are not ours."""
     if name in entries:
         return True
-    return name.startswith(".") and any(name[i] == "." and name[1:i] in entries for i in range(2, len(name)))
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIXES)):
+        return False
+    return any(name[i] == "." and name[1:i] in entries for i in range(2, len(name)))
 
 
 def _recorded_anywhere(folder: Path, name: str) -> bool:

@@ -41,7 +41,7 @@ def datagen_args(verifier: Path, chats: Path, out: Path, cache: Path, backend: s
 
 def train_and_export(verifier: Path, data: Path, root: Path, *flags: str) -> dict:
     """1 epoch of `speculators-hf train` on `data`, then export of the epoch draft (or its one-line refusal)."""
-    from speculators_hf.cli.parser import make_parser, parse
+    from speculators_hf.commandline import make_parser, parse
     from speculators_hf.export import export_checkpoint
     from speculators_hf.training import Eagle3ModelArguments, Eagle3TrainingArguments, train
     from tests.training_data import train_argv

@@ -176,7 +176,7 @@ def _resume_regenerate(i: Path, o: Path) -> list[str]:
 
 def _regen_claim(i: Path, o: Path, *names: str):
     """The run state of a regenerate run of these very flags into `regen/out.jsonl`, which wrote `names`."""
-    from speculators_hf.cli.parser import make_parser, parse
+    from speculators_hf.commandline import make_parser, parse
     from speculators_hf.regenerate import RegenerateArguments, prepare
     from speculators_hf.runstate import claim
 
@@ -373,7 +373,7 @@ READERS = [
         str(i / "chats.jsonl"), "--output-dir", str(o), "--accelerate-config", str(i / "accelerate.yaml")], {
         "wrong-type": lambda p: p.write_text("- ddp\n- fsdp\n"),
     }, uses=("chats.jsonl", "accelerate.yaml"), generic=("random", "empty")),
-    # --config YAML (cli/parser.py), through one command here; every command below
+    # --config YAML (commandline.py), through one command here; every command below
     Reader("config-yaml", "vocab", "run.yaml", lambda i, o: [
         "--config", str(i / "run.yaml"), "--output-path", str(o)], {
         "wrong-type": lambda p: p.write_text("- token_freq_path\n"),
@@ -604,9 +604,8 @@ RAW_READERS = {
     ("online/server.py", 'open(log_path, "ab")'): "exempt: a write (the server's log)",
     ("online/transport.py", "json.loads(info.read_text())"): "exempt: the server's record: unreadable means no layer "
     "check (the states' shape is still checked)",
-    ("pipeline.py", 'open(source, "rb")'): "reader:pipeline-chats",
-    ("pipeline.py", 'open(tmp, "w'): "exempt: a write",
-    ("pipeline.py", 'with open(path, "rb") as f:'): "exempt: a checksum",
+    ("datagen/holdout.py", 'open(source, "rb")'): "reader:pipeline-chats",
+    ("datagen/holdout.py", 'open(tmp, "w'): "exempt: a write",
     ("tiny_kit.py", "json.loads(path.read_text())"): "exempt: the chitchat-dataset wheel's own file",
     ("tiny_kit.py", 'open(path, "w")'): "exempt: a write",
     ("tiny_kit.py", "PreTrainedTokenizerFast.from_pretrained("): "exempt: the kit's own cached tokenizer",

@@ -16,7 +16,7 @@ import pytest
 
 from speculators_hf.cli import COMMANDS
 from speculators_hf.cli import main as cli_main
-from speculators_hf.cli.parser import make_parser, parse
+from speculators_hf.commandline import make_parser, parse
 from speculators_hf.utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

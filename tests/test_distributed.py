@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from speculators_hf.cli.parser import run_command
+from speculators_hf.commandline import run_command
 from speculators_hf.training import Eagle3ModelArguments, Eagle3Trainer, Eagle3TrainingArguments, train
 from tests.training_data import make_training_data, train_argv
 
@@ -135,7 +135,7 @@ def test_metrics_count_each_token_once_with_accumulation(tiny_verifier_path, dat
 
 def test_fsdp_config_on_cpu_warns_that_it_runs_as_ddp(tiny_verifier_path, data, tmp_path, monkeypatch, caplog):
     """What `accelerate launch --config_file fsdp2.yaml` gives a process on a machine without accelerators."""
-    from speculators_hf.cli.parser import make_parser, parse
+    from speculators_hf.commandline import make_parser, parse
     from speculators_hf.training.setup import build_datasets, build_draft
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

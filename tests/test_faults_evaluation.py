@@ -160,7 +160,9 @@ def test_a_finished_evaluation_is_not_redone_and_other_inputs_need_overwrite(
 
     monkeypatch.setattr(stage, "load_models", no_engine)
     again = run(args)  # same inputs: the recorded result, nothing loaded or run, the card untouched
-    assert asdict(again) == asdict(first) and Path(first.card).read_bytes() == card
+    assert (
+        again.reused and asdict(again) == {**asdict(first), "reused": True} and Path(first.card).read_bytes() == card
+    )
 
     before = _digest(work)  # other inputs: refused, nothing touched
     code, err = _cli(capfd, *_argv(work, tiny_verifier_path, "--num-speculative-tokens", "2"))

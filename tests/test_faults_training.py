@@ -245,9 +245,11 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
     assert read_manifest(save, "train")["status"] == "running"
 
 
-def test_online_states_that_are_all_nan_fail_the_run(tiny_verifier_path, data, tmp_path):
+def test_online_states_that_are_all_nan_fail_the_run(tiny_verifier_path, data, tmp_path, monkeypatch):
+    from speculators_hf.online.common import SPOOL_DIRS_ENV
     from tests.test_online_data import FakeServer
 
+    monkeypatch.setenv(SPOOL_DIRS_ENV, str(tmp_path / "spool"))  # the trainer reads states only in spools it trusts
     tokens = shutil.copytree(data, tmp_path / "tokens")  # tokens only: the states come from the server
     for shard in sorted(tokens.glob("data-*.safetensors")):
         tensors = load_file(shard)

@@ -424,7 +424,7 @@ def test_training_with_the_fused_loss_follows_the_reference_loss_curve(
 ):
     """A short real training run (trained draft head, decay 0.8) logs the same losses and metrics with the fused loss
     as with the unfused reference swapped in; and the trainer's step keeps nothing of `S x Vd` for backward."""
-    from speculators_hf.cli.parser import make_parser, parse
+    from speculators_hf.commandline import make_parser, parse
     from speculators_hf.training import Eagle3ModelArguments, Eagle3Trainer, Eagle3TrainingArguments
     from speculators_hf.training.setup import build_datasets, build_draft
     from tests.training_data import train_argv

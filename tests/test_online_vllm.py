@@ -16,7 +16,7 @@ import pytest
 import requests
 import torch
 
-from speculators_hf.cli.parser import make_parser, parse
+from speculators_hf.commandline import make_parser, parse
 from speculators_hf.datagen import DatagenArguments, ShardDataset, build_dataset
 from speculators_hf.http import API_KEY_ENV
 from speculators_hf.online import HiddenStatesClient, HiddenStatesServer, ServeArguments

@@ -11,7 +11,7 @@ from speculators_hf.tiny_kit import write_chat_jsonl
 from speculators_hf.utils import UserError
 
 
-def small_args(tmp_path, verifier, **overrides) -> PipelineArguments:
+def small_args(tmp_path, verifier, stages: dict | None = None, **overrides) -> PipelineArguments:
     chats = write_chat_jsonl(tmp_path / "chats.jsonl", 40)
     held_out = write_chat_jsonl(tmp_path / "eval.jsonl", 8, offset=6000)
     values = dict(
@@ -19,23 +19,22 @@ def small_args(tmp_path, verifier, **overrides) -> PipelineArguments:
         train_data_path=str(chats),
         eval_prompts=str(held_out),
         output_dir=str(tmp_path / "run"),
-        seq_length=256,
-        max_samples=24,
-        draft_vocab_size=512,
-        epochs=1,
-        lr=3e-3,
-        total_seq_len=256,
-        eval_engine="transformers",
-        num_eval_prompts=2,
-        max_new_tokens=12,
     )
-    return PipelineArguments(**{**values, **overrides})
+    sections = {
+        "datagen": {"seq_length": 256, "max_samples": 24},
+        "vocab": {"draft_vocab_size": 512},
+        "train": {"epochs": 1, "lr": 3e-3, "total_seq_len": 256},
+        "evaluate": {"engine": "transformers", "num_prompts": 2, "max_new_tokens": 12},
+    }
+    for stage, flags in (stages or {}).items():
+        sections[stage] = {**sections.get(stage, {}), **flags}
+    return PipelineArguments(**{**values, **overrides}, stages=sections)
 
 
 def test_pipeline_runs_every_stage_then_skips_them(tmp_path, peaked_verifier_path, caplog):
     args = small_args(tmp_path, peaked_verifier_path)
     pipeline = Pipeline(args)
-    draft = pipeline.run()
+    draft = Path(pipeline.run().draft)
     assert set(pipeline.timings) == {"datagen", "vocab", "train", "evaluate", "export"}
 
     # The exported draft is the served format, passes the export checks, and carries its eval card.
@@ -60,12 +59,12 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, peaked_verifier_pat
     assert again.timings == {}
 
     # A changed training input reruns training and what follows, not datagen or vocab.
-    changed = Pipeline(small_args(tmp_path, peaked_verifier_path, lr=1e-3))
+    changed = Pipeline(small_args(tmp_path, peaked_verifier_path, {"train": {"lr": 1e-3}}))
     changed.run()
     assert set(changed.timings) == {"train", "evaluate", "export"}
 
-    # --force reruns one stage even when up to date.
-    forced = Pipeline(small_args(tmp_path, peaked_verifier_path, lr=1e-3, force=["vocab"]))
+    # --overwrite reruns one stage even when up to date.
+    forced = Pipeline(small_args(tmp_path, peaked_verifier_path, {"train": {"lr": 1e-3}}, overwrite=["vocab"]))
     forced.run()
     assert set(forced.timings) == {"vocab"}
 
@@ -73,9 +72,9 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, peaked_verifier_pat
 def test_pipeline_flag_errors_are_one_line(tmp_path, capsys):
     assert main(["--verifier", "x"]) == 2
     assert "Give both --verifier and --train-data-path" in capsys.readouterr().err
-    assert main(["--force", "nope"]) == 2
+    assert main(["--overwrite", "nope"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--force 'nope'" in err
+    assert err.count("\n") == 0 and "--overwrite 'nope'" in err
 
 
 @pytest.mark.vllm
@@ -123,7 +122,12 @@ def test_jsonl_without_eval_prompts_holds_prompts_out_of_training(tmp_path, tiny
     rows.insert(0, rows[-1])  # a duplicate, early in the file, of a row that will be held out
     source = tmp_path / "chats.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = dict(verifier="v", train_data_path=str(source), output_dir=str(tmp_path / "run"), num_eval_prompts=4)
+    run = dict(
+        verifier="v",
+        train_data_path=str(source),
+        output_dir=str(tmp_path / "run"),
+        stages={"evaluate": {"num_prompts": 4}},
+    )
     args = PipelineArguments(**run)
     Pipeline(args).resolve_inputs()
 
@@ -152,21 +156,26 @@ def test_jsonl_without_eval_prompts_holds_prompts_out_of_training(tmp_path, tiny
 
 
 def test_presets_are_explicit_and_the_help_says_both(capsys):
-    embedded = PipelineArguments(verifier="v", train_data_path="d.jsonl", preset="embedded")
-    assert (embedded.seq_length, embedded.draft_vocab_size, embedded.epochs) == (512, 1024, 2)
-    general = PipelineArguments(verifier="v", train_data_path="d.jsonl", seq_length=4096)
-    assert (general.preset, general.seq_length, general.draft_vocab_size, general.max_samples) == (
+    embedded = Pipeline(PipelineArguments(verifier="v", train_data_path="d.jsonl", preset="embedded")).sections
+    assert (
+        embedded["datagen"]["seq_length"],
+        embedded["vocab"]["draft_vocab_size"],
+        embedded["train"]["num_train_epochs"],
+    ) == (512, 1024, 2)
+    args = PipelineArguments(verifier="v", train_data_path="d.jsonl", stages={"datagen": {"seq_length": 4096}})
+    general = Pipeline(args).sections
+    assert (args.preset, general["datagen"]["seq_length"], general["vocab"]["draft_vocab_size"]) == (
         "general",
         4096,
         32000,
-        None,
     )
+    assert general["datagen"].get("max_samples") is None
     assert PipelineArguments().preset == "embedded"
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
     assert "(default: None)" not in out
-    assert "Datagen truncation (default from --preset: general 2048, embedded 512)" in " ".join(out.split())
+    assert "datagen.seq_length: general 2048, embedded 512" in " ".join(out.split())
 
 
 @pytest.mark.vllm
@@ -175,8 +184,9 @@ def test_pipeline_online_starts_its_server_and_leaves_no_hidden_states(tmp_path,
     off the server's cores) and stopped after it, nothing spooled left behind."""
     from speculators_hf.online.dataset import HIDDEN_STATES_REPORT
 
-    args = small_args(tmp_path, tiny_verifier_path, online=True, max_samples=16, max_new_tokens=8)
-    draft = Pipeline(args).run()
+    stages = {"datagen": {"max_samples": 16}, "evaluate": {"max_new_tokens": 8}}
+    args = small_args(tmp_path, tiny_verifier_path, stages, online=True)
+    draft = Path(Pipeline(args).run().draft)
     out = capsys.readouterr().out
     assert (draft / "model.safetensors").exists() and "left on disk: 0.00 MiB of states" in out
     run = tmp_path / "run"
@@ -187,3 +197,53 @@ def test_pipeline_online_starts_its_server_and_leaves_no_hidden_states(tmp_path,
         assert report["trainer_threads"] == max(1, (os.cpu_count() or 1) // 2)  # one server, one share of the cores
     log = (run / "logs" / "hidden-states-server-0.log").read_text()
     assert "Application startup complete" in log  # the server the pipeline started answered
+
+
+def test_stage_flags_from_the_command_line_a_file_and_the_preset(tmp_path, capsys, caplog):
+    """`--<stage>.<flag>` beats the run file's section, which beats the preset; values are typed for the stage's
+    dataclass (aliases such as `lr` understood); wired, unknown and moved keys are one line each."""
+    from speculators_hf.commandline import make_parser, parse
+    from speculators_hf.pipeline.arguments import STAGES
+    from speculators_hf.pipeline.compose import translate_moved
+
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(
+        "verifier: v\ntrain_data_path: d.jsonl\ntrain:\n  lr: 1.0e-3\n  epochs: 3\nevaluate:\n  k: [2]\n"
+    )
+    argv = ["--config", str(run_file), "--train.lr", "5e-4", "--evaluate.k", "1", "3", "--datagen.shuffle"]
+    args, cli = parse(make_parser(PipelineArguments), argv, STAGES)
+    sections = Pipeline(args, cli).sections
+    train, evaluate = sections["train"], sections["evaluate"]
+    assert (train["learning_rate"], train["num_train_epochs"], train["total_seq_len"]) == (5e-4, 3, 8192)
+    assert evaluate["k"] == [1, 3] and sections["datagen"]["shuffle"] is True
+    assert evaluate["num_speculative_tokens"] == 3  # follows train.ttt_steps
+    assert sections["regenerate"]["max_model_len"] == 2048  # follows datagen.seq_length (the general preset's)
+
+    def error(argv: list[str]) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0, err
+        return err
+
+    base = ["--verifier", "v", "--train-data-path", "d.jsonl", "--output-dir", str(tmp_path / "out")]
+    assert "train.nope: no such flag" in error([*base, "--train.nope", "1"])
+    assert "datagen.output_dir is set by the pipeline" in error([*base, "--datagen.output-dir", "x"])
+    assert "--train.lr: the value is 'fast'; expected a number" in error([*base, "--train.lr", "fast"])
+    run_file.write_text("verifier: v\ntrain_data_path: d.jsonl\nlr: 0.1\n")
+    assert "`lr` moved: write it as `train.lr`" in error(["--config", str(run_file)])
+    assert not (tmp_path / "out").exists()
+
+    # the flags the pipeline used to declare still work, each saying its new form once
+    with caplog.at_level("WARNING"):
+        new = translate_moved(["--seq-length", "256", "--train-args", "--lr 1e-3 --logger none", "--force", "vocab"])
+    assert new == [
+        "--datagen.seq_length",
+        "256",
+        "--train.lr",
+        "1e-3",
+        "--train.logger",
+        "none",
+        "--overwrite",
+        "vocab",
+    ]
+    assert sum("is now" in r.message for r in caplog.records) == 3

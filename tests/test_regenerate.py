@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -210,7 +210,8 @@ def test_skipped_rows_side_file_rerun_and_flag_errors(peaked_verifier_path, tmp_
     assert failures["b"]["reason"] == "no user turn" and failures["c"]["reason"].startswith("unknown roles")
     # The same command again has nothing to do; other flags refuse to mix outputs (one line, exit 2).
     stamp = out.stat().st_mtime_ns
-    assert run(make_args(peaked_verifier_path, chats, out)) == summary and out.stat().st_mtime_ns == stamp
+    again = run(make_args(peaked_verifier_path, chats, out))  # finished: its recorded result, nothing run
+    assert again.reused and replace(again, reused=False) == summary and out.stat().st_mtime_ns == stamp
     argv = ["--target-model-path", str(peaked_verifier_path), "--train-data-path", str(chats)]
     assert main([*argv, "--output-path", str(out), "--backend", "transformers", "--max-new-tokens", "5"]) == 2
     err = capsys.readouterr().err
@@ -268,10 +269,10 @@ def test_pipeline_regenerate_stage_feeds_datagen_and_is_skipped_when_unchanged(p
             eval_prompts=str(chats),
             output_dir=str(tmp_path / "run"),
             regenerate=True,
-            regenerate_args="--max-new-tokens 12 --max-turns 2",
-            seq_length=256,
-            max_samples=3,
-            backend="transformers",
+            stages={
+                "regenerate": {"max_new_tokens": 12, "max_turns": 2},
+                "datagen": {"seq_length": 256, "max_samples": 3, "backend": "transformers"},
+            },
         )
         pipeline = Pipeline(args)
         pipeline.resolve_inputs()
@@ -506,7 +507,7 @@ def test_every_numeric_flag_is_range_checked_when_parsed(flag, value, tmp_path, 
 
 def test_replicas_argv_round_trips_every_field_type(tmp_path):
     """`to_argv` (the replicas' and the accelerate launcher's command line) parses back into the same arguments."""
-    from speculators_hf.cli.parser import make_parser, parse
+    from speculators_hf.commandline import make_parser, parse
     from speculators_hf.replicas import to_argv
 
     args = make_args(

@@ -29,12 +29,13 @@ def test_other_inputs_are_refused_and_overwrite_deletes_only_recorded_entries(tm
     run.path("card.json").write_text("{}")
     (out / ".card.json.abc.tmp").write_text("torn")  # a temp file left by a kill: ours too
     (out / "user.txt").write_text("keep me")
+    (out / ".card.json.notes").write_text("a user's hidden file beside ours: not ours")
     with pytest.raises(UserError, match=r"other inputs \(data.sha, k changed\)"):
         claim(out, "evaluate", {"k": 4, "data": {"path": "x", "sha": "2"}}, owned=False)
     assert (out / "card.json").exists()
     claim(out, "evaluate", {"k": 4}, owned=False, overwrite=True)
     assert not (out / "card.json").exists() and not (out / ".card.json.abc.tmp").exists()
-    assert (out / "user.txt").read_text() == "keep me"
+    assert (out / "user.txt").read_text() == "keep me" and (out / ".card.json.notes").exists()
 
 
 def test_replace_stale_replaces_without_asking_but_keeps_same_inputs(tmp_path):

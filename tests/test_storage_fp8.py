@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from speculators_hf.cli.parser import make_parser, parse
+from speculators_hf.commandline import make_parser, parse
 from speculators_hf.datagen import DatagenArguments, HFHiddenStatesBackend, ShardDataset, build_dataset
 from speculators_hf.datagen.cli import main as datagen_main
 from speculators_hf.evaluation.online import evaluate_transformers, greedy_baseline

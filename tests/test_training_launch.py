@@ -63,7 +63,7 @@ def test_accelerate_command_parses_back_into_the_same_arguments(tiny_verifier_pa
     their non-default value, a dict), and nothing else."""
     from dataclasses import asdict
 
-    from speculators_hf.cli.parser import make_parser, parse
+    from speculators_hf.commandline import make_parser, parse
     from speculators_hf.training import Eagle3ModelArguments, Eagle3TrainingArguments, accelerate_command
 
     def parse_args(argv):
@@ -85,7 +85,7 @@ def test_launch_trains_on_two_processes_and_reads_the_result(tiny_verifier_path,
     """`launch` (what the pipeline calls with --accelerate-config) on the shipped CPU DDP config."""
     import socket
 
-    from speculators_hf.cli.parser import make_parser, parse
+    from speculators_hf.commandline import make_parser, parse
     from speculators_hf.training import Eagle3ModelArguments, Eagle3TrainingArguments, launch
 
     with socket.socket() as s:

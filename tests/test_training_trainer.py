@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from speculators_hf.cli.parser import make_parser, parse
+from speculators_hf.commandline import make_parser, parse
 from speculators_hf.formats.shards import shard_name, write_index, write_shard
 from speculators_hf.modeling import Eagle3DraftModel
 from speculators_hf.pipeline import Pipeline, PipelineArguments

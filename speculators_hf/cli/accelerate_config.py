@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..commandline import run_command
 from ..utils import UserError
 from ..validation import read_yaml
 
@@ -63,8 +64,6 @@ def run(args: AccelerateConfigArguments) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .parser import run_command
-
     return run_command(AccelerateConfigArguments, run, argv, prog="speculators-hf accelerate-config")
 
 

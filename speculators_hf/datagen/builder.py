@@ -61,10 +61,11 @@ class DatagenResult:
     storage_dtype: str  # as stored (fp8_e4m3: float8 with per-token scales)
     tokens_only: bool
     this_run: dict  # what this call wrote: shards, samples, tokens, seconds, tokens_per_second
+    reused: bool = False  # True: the recorded result of a finished run with the same inputs (nothing ran)
 
     @classmethod
     def from_record(cls, record: dict) -> DatagenResult:
-        return cls(**{f.name: record[f.name] for f in fields(cls)})
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
 
     def summary(self) -> dict:
         return {key: getattr(self, key) for key in SUMMARY_KEYS}
@@ -91,7 +92,7 @@ def run(
     claim = _claim(plan, replace_stale)
     if claim.finished:
         logger.warning("datagen %s: up to date (same inputs, complete), skipped; --overwrite reruns it.", output_dir)
-        return DatagenResult.from_record({**claim.result, "this_run": _nothing_written()})
+        return DatagenResult.from_record({**claim.result, "this_run": _nothing_written(), "reused": True})
     claim.track(*plan.entries())  # before anything is written (other ranks write their shards into the same folder)
     if args.rank == 0 or not (output_dir / DATA_CONFIG).exists():
         write_json(output_dir / DATA_CONFIG, data_config(plan, status="running"))

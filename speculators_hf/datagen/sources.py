@@ -16,6 +16,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from ..runstate import file_signature
 from ..utils import UserError
 from ..validation import bad_file, describe, parse_json, quiet_library_errors, read_text, type_name
 
@@ -56,6 +57,9 @@ def load_source(path: str, split: str = "train", cache_dir: str | None = None) -
                 raise bad_file(label, "is empty", "give a JSON/JSONL file of chats")
             with quiet_library_errors("datasets"):  # its loader logs the error we report below
                 dataset = load_dataset("json", data_files=str(local), split="train", cache_dir=cache_dir)
+            # datasets fingerprints a local file by its path and modification time; the tokenization cache and the
+            # run's fingerprint follow the content instead (a rewritten identical file is the same data)
+            dataset._fingerprint = file_signature(local)["sha256"][:16]
         elif local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()):
             dataset = load_from_disk(str(local))
         elif local.is_dir():

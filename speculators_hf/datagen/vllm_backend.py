@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..export import VLLM_VERSION, vllm_serves_eagle3
+from ..formats.checkpoint import VLLM_VERSION, vllm_serves_eagle3
 from ..utils import UserError, get_logger, vllm_is_available
 from ..validation import pretrained_config
 

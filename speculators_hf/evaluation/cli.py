@@ -10,7 +10,7 @@ its recommendation and plots (`grid.py`, `plots.py`). The stage itself is `stage
 
 from __future__ import annotations
 
-from ..cli.parser import run_command
+from ..commandline import run_command
 from ..validation import read_json
 from .arguments import EvaluateArguments
 from .stage import run

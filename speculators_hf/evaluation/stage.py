@@ -94,11 +94,12 @@ class EvaluateResult:
     recommendation: dict | None  # the grid's recommended K (`grid.recommend`)
     plots: list[str]  # the grid's PNGs
     seconds: float
+    reused: bool = False  # True: the recorded result of a finished run with the same inputs (nothing ran)
 
     @classmethod
     def from_dict(cls, record: dict) -> EvaluateResult:
         """Rebuilt from `dataclasses.asdict` of one (what the run-state manifest records)."""
-        values = {f.name: record[f.name] for f in fields(cls)}
+        values = {f.name: record[f.name] for f in fields(cls) if f.name in record}
         values["rows"] = [EvalRow(**row) for row in values["rows"]]
         values["grid_cells"] = [EvalRow(**row) for row in values["grid_cells"]]
         return cls(**values)
@@ -236,7 +237,7 @@ def run(args: EvaluateArguments, *, replace_stale: bool = False) -> EvaluateResu
     )
     if state.finished and not args.grid:
         logger.warning("evaluate: %s is up to date (same inputs): skipped; --overwrite reruns it.", out_dir)
-        return EvaluateResult.from_dict(state.result)
+        return EvaluateResult.from_dict({**state.result, "reused": True})
     for name in _entries(args):
         state.path(name)
 
@@ -287,6 +288,7 @@ def run(args: EvaluateArguments, *, replace_stale: bool = False) -> EvaluateResu
         recommendation=card.get("recommendation"),
         plots=[str(out_dir / file) for file in (card.get("plots") or {}).values()],
         seconds=round(time.perf_counter() - start, 2),
+        reused=state.finished,  # a finished grid: the card rewritten from its records, no engine started
     )
     scored = [r.num_drafts for r in results] + [c.num_drafts for c in result.grid_cells]
     what = "scored prompt: a run verified no draft (every output ended at its first token; raise --max-new-tokens)"

@@ -38,6 +38,7 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # written by this export (in place: config.json or nothing)
     converted: bool = False  # a research-format checkpoint was converted
+    reused: bool = False  # True: the recorded result of a finished run with the same inputs (nothing ran)
 
 
 def run(args: ExportArguments, *, replace_stale: bool = False) -> ExportResult:
@@ -109,7 +110,7 @@ def _copy(args: ExportArguments, src: Path, out: Path, label: str, replace_stale
     warnings = check_checkpoint(src, edited, label=label)
     claim = _claim(args, out, sources, replace_stale)
     if claim.finished:
-        return ExportResult(**claim.result)
+        return ExportResult(**{**claim.result, "reused": True})
     for name, source in sources.items():
         copy_file(source, claim.path(name))
     if edited is not None:
@@ -131,7 +132,7 @@ def _convert(args: ExportArguments, src: Path, out: Path, label: str, replace_st
         warnings = check_checkpoint(staged, label=label)
         claim = _claim(args, out, sources, replace_stale)
         if claim.finished:
-            return ExportResult(**claim.result)
+            return ExportResult(**{**claim.result, "reused": True})
         names = sorted(p.name for p in staged.iterdir())
         for name in names:
             os.replace(staged / name, claim.path(name))

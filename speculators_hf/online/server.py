@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli.parser import run_command
+from ..commandline import run_command
 from ..datagen.backends import resolve_layer_ids
 from ..datagen.metadata import load_verifier_config
 from ..datagen.vllm_backend import connector_config

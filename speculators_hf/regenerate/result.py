@@ -41,6 +41,7 @@ class RegenerateResult:
     this_run_generated_tokens: int = 0
     tokens_per_second: float = 0.0  # generated tokens per second of this run
     seconds: float = 0.0  # this run's generation time
+    reused: bool = False  # True: the recorded result of a finished run with the same inputs (nothing ran)
     max_model_len: int | None = None  # the longest conversation this run allowed
     replicas: int = 1
     reasons: dict = field(default_factory=dict)  # why conversations are not in the output (the 10 most common)

@@ -142,6 +142,7 @@ def _finished(plan: Plan, decision: Claim, replace_stale: bool) -> RegenerateRes
     if decision.owns(layout.partial.name):  # killed between finishing and removing the partial folder
         _claim(plan, replace_stale).remove(layout.partial.name)
     logger.warning("%s: up to date (same flags and inputs), skipped; --overwrite regenerates it.", layout.output)
+    result.reused = True
     return result
 
 

@@ -10,6 +10,7 @@ against its range when the flags are parsed (one line naming the flag).
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import os
@@ -159,10 +160,7 @@ class Eagle3ModelArguments:
     )
     hidden_states_api_key: str | None = field(
         default=None,
-        metadata={
-            "help": "The servers' serve-hidden-states --api-key (sent as `Authorization: Bearer`). Default: "
-            "$SPECULATORS_HF_API_KEY, which keeps it off the command line."
-        },
+        metadata={"help": "The servers' --api-key (default: $SPECULATORS_HF_API_KEY: off the command line)."},
     )
     hidden_states_max_in_flight: int = field(
         default=8,
@@ -229,15 +227,12 @@ class Eagle3TrainingArguments(TrainingArguments):
     log_dir: str = field(default="./logs", metadata={"help": "Local folder of the logger's files."})
     overwrite: bool = field(
         default=False,
-        metadata={
-            "help": "Start over, deleting what the run in <save-path> wrote (else: same inputs resume, others are "
-            "refused)."
-        },
+        metadata={"help": "Start over, deleting only what the run in <save-path> wrote (else it resumes)."},
     )
     no_resume_from_checkpoint: bool = field(default=False, metadata={"help": "= --overwrite (its earlier name)."})
     replace_stale: bool = field(
-        default=False,
-        metadata={"help": "Start over when the inputs changed (the pipeline's folders)."},
+        default=False,  # internal: how `launch` hands the pipeline's mode to its processes (not in --help)
+        metadata={"help": argparse.SUPPRESS},
     )
     max_skipped_fraction: float = field(
         default=0.05,

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from ..cli.parser import run_command
+from ..commandline import run_command
 from .arguments import Eagle3ModelArguments, Eagle3TrainingArguments
 from .stage import run
 

@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 
+from ..http import API_KEY_ENV
 from ..online.dataset import HIDDEN_STATES_REPORT, describe_report, hidden_states_report
 from ..replicas import to_argv
-from ..runstate import require_complete
+from ..runstate import read_manifest, require_complete
 from ..utils import RunFailed, get_logger, write_json
 from .arguments import Eagle3ModelArguments, Eagle3TrainingArguments
 from .records import RUN_KEY, claim_save_path, explicit_checkpoint, last_checkpoint, run_inputs
@@ -56,6 +57,7 @@ class TrainResult:
     samples_skipped: int
     hidden_states: dict | None
     seconds: float
+    reused: bool = False  # True: the recorded result of a finished run with the same inputs (nothing ran)
 
 
 def train(
@@ -85,7 +87,7 @@ def train(
         logger.warning(
             "--save-path %s: this run finished there: up to date, skipped; --overwrite reruns it.", run.folder
         )
-        trainer.result = TrainResult(**run.result)
+        trainer.result = TrainResult(**{**run.result, "reused": True})
         return trainer
     if args.should_save:
         attach_hybrid_cache(model_args, train_dataset.dataset, run)
@@ -142,15 +144,14 @@ def _result(trainer: Eagle3Trainer, args: Eagle3TrainingArguments, start: float)
 
 def _flag_values(args) -> dict:
     """The fields of an argument dataclass that differ from its defaults, as values the command line parses back
-    (enums by value, dicts as JSON); the others are left out (None)."""
+    (enums by value, dicts as JSON); the others are left out."""
     required = _required(args)
     defaults = type(args)(**required)
     values = {}
     for f in dataclasses.fields(args):
         value = getattr(args, f.name, None)
         if not f.init or (f.name not in required and value == getattr(defaults, f.name, None)):
-            values[f.name] = None
-            continue
+            continue  # its default: left off the command line
         if isinstance(value, Enum):
             value = value.value
         elif dataclasses.is_dataclass(value):
@@ -174,13 +175,17 @@ def _required(args) -> dict:
 
 
 def accelerate_command(
-    model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments, config_file: str | Path
+    model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments, config_file: str | Path | None
 ) -> list[str]:
-    """`python -m accelerate.commands.launch --config_file <config_file> -m speculators_hf.training <flags>`, the flags
-    built from the two dataclasses (only what differs from the defaults)."""
-    flags = to_argv(Eagle3ModelArguments, _flag_values(model_args)) + to_argv(
-        Eagle3TrainingArguments, _flag_values(args)
-    )
+    """`python -m accelerate.commands.launch --config_file <config_file> -m speculators_hf.training <flags>` (without a
+    config file: `python -m speculators_hf.training <flags>`, one fresh process), the flags built from the two
+    dataclasses (only what differs from the defaults). The hidden-states API key is not a flag here (a command line
+    is visible to every user of the machine): `launch` hands it over in the environment."""
+    model_values = _flag_values(model_args)
+    model_values.pop("hidden_states_api_key", None)
+    flags = to_argv(Eagle3ModelArguments, model_values) + to_argv(Eagle3TrainingArguments, _flag_values(args))
+    if config_file is None:
+        return [sys.executable, "-m", "speculators_hf.training", *flags]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
     return [*launcher, "-m", "speculators_hf.training", *flags]
 
@@ -188,17 +193,24 @@ def accelerate_command(
 def launch(
     model_args: Eagle3ModelArguments,
     args: Eagle3TrainingArguments,
-    config_file: str | Path,
+    config_file: str | Path | None,
     env: dict[str, str] | None = None,
     *,
     replace_stale: bool = False,
 ) -> TrainResult:
-    """Train on several processes (`accelerate_command`) and read the result from the run's record."""
+    """Train in child processes (`accelerate_command`; `env` adds to their environment, e.g. the GPUs or CPU threads
+    they may use) and read the result from the run's record."""
     command = accelerate_command(model_args, args, config_file)
     if replace_stale:
         command.append("--replace-stale")
-    status = subprocess.call(command, env={**os.environ, **(env or {})})
+    env = {**os.environ, **(env or {})}
+    if model_args.hidden_states_api_key:
+        env[API_KEY_ENV] = model_args.hidden_states_api_key
+    before = read_manifest(args.output_dir, RUN_KEY) or {}
+    status = subprocess.call(command, env=env)
     if status != 0:
-        raise RunFailed(f"training (accelerate launch --config_file {config_file}) failed with exit status {status}.")
+        how = f"accelerate launch --config_file {config_file}" if config_file else "a training process"
+        raise RunFailed(f"training ({how}) failed with exit status {status}.")
     record = require_complete(args.output_dir, RUN_KEY, "--save-path", "rerun training")
-    return TrainResult(**record["result"])
+    reused = before.get("status") == "complete" and before.get("finished") == record.get("finished")
+    return TrainResult(**{**record["result"], "reused": reused})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli.parser import run_command
+from ..commandline import run_command
 from .arguments import VocabArguments
 from .runner import run
 

@@ -30,6 +30,7 @@ class VocabResult:
     draft_vocab_size: int
     target_vocab_size: int
     coverage: float  # fraction of the loss-masked tokens counted in token_freq.pt that the draft vocabulary holds
+    reused: bool = False  # True: the recorded result of a finished run with the same inputs (nothing ran)
 
 
 def run(args: VocabArguments, *, replace_stale: bool = False) -> VocabResult:
@@ -56,7 +57,7 @@ def run(args: VocabArguments, *, replace_stale: bool = False) -> VocabResult:
     )
     if claim.finished:
         logger.warning("vocab %s: up to date (same inputs), skipped; --overwrite reruns it.", args.output_path)
-        return VocabResult(**claim.result)
+        return VocabResult(**{**claim.result, "reused": True})
     for name in (D2T_FILE, T2D_FILE):
         claim.path(name)  # recorded before it is written; refused if it exists and is not ours
     paths = save_vocab_mapping(args.output_path, d2t, t2d)

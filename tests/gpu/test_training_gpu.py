@@ -6,7 +6,7 @@ pytest tests/gpu/test_training_gpu.py -q
 import pytest
 import torch
 
-from speculators_hf.cli.parser import make_parser, parse
+from speculators_hf.commandline import make_parser, parse
 from speculators_hf.training import Eagle3ModelArguments, Eagle3Trainer, Eagle3TrainingArguments
 from speculators_hf.training.collator import DataCollatorForEagle3
 from speculators_hf.training.setup import build_datasets, build_draft

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from ..utils import UserError, environment_fault
-from ..validation import read_yaml
+from .utils import UserError, environment_fault
+from .validation import read_yaml
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -34,12 +34,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def make_parser(dataclass_types, prog: str | None = None, description: str | None = None) -> HfArgumentParser:
+def make_parser(
+    dataclass_types, prog: str | None = None, description: str | None = None, epilog: str | None = None
+) -> HfArgumentParser:
     types = dataclass_types if isinstance(dataclass_types, Sequence) else [dataclass_types]
     parser = HfArgumentParser(
         types,
         prog=prog,
         description=description or (types[0].__doc__ or "").strip(),
+        epilog=epilog,
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file of flag values (flags on the command line win).")
@@ -89,17 +92,29 @@ def _own_flags_first(parser: argparse.ArgumentParser, types) -> None:
     parser.usage = f"%(prog)s [-h] [--config CONFIG] [--verbose]{flags} [flags below]"
 
 
-def parse(parser: HfArgumentParser, argv: list[str] | None):
+def parse(parser: HfArgumentParser, argv: list[str] | None, sections: Sequence[str] = (), moved: dict | None = None):
+    """The dataclasses of `parser` from `argv` (and `--config` YAML). With `sections` (the pipeline's stage names),
+    `--<section>.<flag> VALUE...` on the command line and YAML mappings under a section's name are taken out first
+    and returned, untyped, as a last element `{section: {flag: value}}` (the command line's after the YAML's).
+    `moved` maps keys a YAML file may still use to their new form, for the one line that refuses them."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, dotted = split_section_flags(argv, sections)
     pre = argparse.ArgumentParser(add_help=False)  # finds --config before required flags are checked
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
+    found: dict[str, dict] = {name: {} for name in sections}
     if known.config:
         path = Path(known.config)
         label = f"--config {path}"
         values = read_yaml(path, label, fix="write one `flag-name: value` per line")
+        for name in sections:
+            if isinstance(values.get(name), dict):
+                found[name] = {str(k).replace("-", "_"): v for k, v in values.pop(name).items()}
         dests = {a.dest for a in parser._actions}
         unknown = sorted(str(k) for k in values if str(k).replace("-", "_") not in dests)
+        old = [k for k in unknown if k.replace("-", "_") in (moved or {})]
+        if old:
+            raise UserError(f"{label}: `{old[0]}` moved: write it as {moved[old[0].replace('-', '_')]}.")
         if unknown:
             raise UserError(f"{label}: unknown keys {unknown} (see --help for the flags).")
         hints = _field_hints(parser)
@@ -118,7 +133,68 @@ def parse(parser: HfArgumentParser, argv: list[str] | None):
     rest = [r for r in rest if not r.startswith("--config=")]
     if rest:
         raise UserError(f"unrecognised arguments: {' '.join(rest)} (see --help).")
+    if sections:
+        for name, values in dotted.items():
+            found[name].update(values)
+        outputs.append(found)
     return outputs
+
+
+def split_section_flags(argv: list[str], sections: Sequence[str]) -> tuple[list[str], dict[str, dict[str, list]]]:
+    """Take `--<section>.<flag> VALUE...` and `--<section>.<flag>=VALUE` out of `argv`; a flag with no value is
+    `[]` (a bare boolean flag)."""
+    rest: list[str] = []
+    found: dict[str, dict[str, list]] = {name: {} for name in sections}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        head = token[2:].split("=", 1)[0] if token.startswith("--") else ""
+        section, dot, flag = head.partition(".")
+        if not dot or section not in found:
+            rest.append(token)
+            i += 1
+            continue
+        values = [token.split("=", 1)[1]] if "=" in token else []
+        i += 1
+        while "=" not in token and i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2):
+            values.append(argv[i])
+            i += 1
+        found[section][flag.replace("-", "_")] = values
+    return rest, found
+
+
+def typed_section(types, values: dict, label: str) -> dict:
+    """`{flag: value}` (YAML values, or lists of command-line strings) typed for the dataclasses `types`, keyed by
+    field name; flag aliases (`lr` for `learning_rate`) and `no_<flag>` for booleans are understood. Unknown flags and
+    values of the wrong type are one line naming `label.flag`."""
+    parser = make_parser(types)
+    hints = _field_hints(parser)
+    by_option = {opt[2:].replace("-", "_"): a for a in parser._actions for opt in a.option_strings if opt[:2] == "--"}
+    typed: dict = {}
+    for key, value in values.items():
+        action = by_option.get(key)
+        if action is None or action.dest in ("help", "config", "verbose"):
+            raise UserError(f"{label}.{key}: no such flag (see `{label}` flags in --help).")
+        dest, hint = action.dest, hints.get(action.dest)
+        if isinstance(value, list) and typing.get_origin(_plain(hint)) is not list:  # command-line strings
+            if not value and action.nargs in (0, "?"):
+                value = action.const  # a bare flag: --x (True) or --no-x (False)
+            elif len(value) == 1:
+                value = value[0]
+            else:
+                raise UserError(f"{label}.{key} takes one value, got {len(value)}: {' '.join(map(str, value))}.")
+        elif action.const is False and action.nargs == 0:  # --no-x: 'no_x: true' means x false
+            value = not _yaml_value(label, key, value, bool, None)
+        typed[dest] = _yaml_value(f"{label}.{key}", "the value", value, hint, _main_action(parser, dest))
+    return typed
+
+
+def _plain(hint):
+    """`X` of `X | None`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else hint
+    return hint
 
 
 def _field_hints(parser: HfArgumentParser) -> dict[str, object]:
@@ -192,14 +268,22 @@ def _scalar(label: str, key: str, value, hint, choices):
     return value
 
 
-def run_command(dataclass_types, fn: Callable, argv: list[str] | None = None, prog: str | None = None) -> int:
+def run_command(
+    dataclass_types,
+    fn: Callable,
+    argv: list[str] | None = None,
+    prog: str | None = None,
+    sections: Sequence[str] = (),
+    epilog: str | None = None,
+    moved: dict | None = None,
+) -> int:
     """Parse, run `fn(*args)`, and turn user errors into one line on stderr (details after it) and exit status 2; a
     failed run (`RunFailed`) or a fault of the machine (disk full, read-only folder) is one line and exit status 1."""
-    parser = make_parser(dataclass_types, prog=prog)
+    parser = make_parser(dataclass_types, prog=prog, epilog=epilog)
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
     try:
-        args = parse(parser, argv)
+        args = parse(parser, argv, sections, moved)
         fn(*args)
     except UserError as err:
         _report(prog or parser.prog, err, verbose)
