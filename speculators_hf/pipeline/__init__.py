@@ -184,6 +184,7 @@ class Pipeline:
             self._train(*self.train_arguments(urls), env=env)
 
     def _train(self, model_args, train_args, env: dict[str, str]) -> None:
+        self.train_args = train_args  # evaluate scores exactly the samples it held out
         if self.args.accelerate_config or env:  # several processes, or the trainer's own GPUs / CPU threads
             self._run("train", training.launch, model_args, train_args, self.args.accelerate_config, env)
         else:
@@ -204,7 +205,7 @@ class Pipeline:
         grid = bool(values.get("grid")) and engine != "transformers"  # the grid is vLLM's: its cells are the vLLM rows
         if not grid:  # without the grid, one greedy run at the trained K
             values.update(k=[values["num_speculative_tokens"]], temperature=[0.0], batch_size=[1])
-        _, train_args = self.train_arguments()
+        train_args = self.train_args
         values.update(
             engine=engine,
             grid=grid,
