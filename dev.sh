@@ -38,7 +38,8 @@ case "${1:-}" in
         shift
         "$VENV/bin/ruff" check speculators_hf tests examples benchmarks
         "$VENV/bin/ruff" format --check speculators_hf tests examples benchmarks
-        exec "$VENV/bin/pytest" -q -ra --durations=15 "$@"
+        # two workers, one test file each at a time (a file's fixtures stay in one process)
+        exec "$VENV/bin/pytest" -q -ra --durations=15 -n 2 --dist loadfile "$@"
         ;;
     *)
         sed -n 2,5p "$0"

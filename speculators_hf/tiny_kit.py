@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from .utils import get_logger
 
@@ -59,20 +60,20 @@ def _recipe_dir(name: str, recipe: dict) -> Path:
 
 
 def _build_atomically(target: Path, build) -> Path:
-    """Run `build(tmp_dir)` and move the result to `target`; a killed build never leaves half a folder."""
+    """Run `build(tmp_dir)` and move the result to `target`; a killed build never leaves half a folder, and processes
+    asking at once (parallel test workers) build it once: the others wait on a lock file beside it."""
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        build(tmp)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if (target / "config.json").exists():  # built while this process waited
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         try:
+            build(tmp)
             os.replace(tmp, target)
-        except OSError:  # another process won the race
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -49,6 +49,10 @@ def pytest_collection_modifyitems(config, items):
 
     import torch
 
+    # Files with a slow test first: `dev.sh test` runs files on 2 workers (pytest-xdist, --dist loadfile), and the
+    # longest ones started last would leave one worker running alone at the end.
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order inside a file is kept
     has_vllm = importlib.util.find_spec("vllm") is not None
     for item in items:
         if "vllm" in item.keywords and not has_vllm:

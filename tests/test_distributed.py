@@ -168,6 +168,7 @@ def test_ddp_on_two_processes_equals_one_process(tiny_verifier_path, data, refer
           f"{first['calls']['_record']}); {first['metric_seconds'] * 1e3:.1f} ms in _record + log")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_fsdp2_on_two_cpu_processes_shards_and_resumes(tiny_verifier_path, data, reference, launch, tmp_path):
     """accelerate_configs/fsdp2.yaml on 2 CPU processes. accelerate 1.15 runs an FSDP config on CPU as DDP
     (`accelerate_chose`); the worker's `--fsdp-on-cpu` lifts that gate, so the rest is accelerate's FSDP2 path: the
@@ -218,6 +219,7 @@ def test_fsdp2_on_two_cpu_processes_shards_and_resumes(tiny_verifier_path, data,
     assert_same_run(reference, save, resumed["log_history"])
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_fail_on_a_stuck_node_and_resume(tiny_verifier_path, data, reference, launch, tmp_path):
     """accelerate_configs/multi_node.yaml, launched once per "machine" (one process each). The second machine stops
     during epoch 1: the first fails after --ddp-timeout instead of hanging; the stuck one is killed; the same two

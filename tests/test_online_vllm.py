@@ -27,7 +27,7 @@ from speculators_hf.tiny_kit import write_chat_jsonl
 from speculators_hf.training import Eagle3ModelArguments, Eagle3TrainingArguments, train
 from tests.training_data import train_argv
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 ROOT = Path(__file__).parent.parent
 SEQ = 160
 KEY = "online-test-key"
