@@ -512,7 +512,7 @@ def _ttt_loss_through_forward(model, config, K=3):
     return out.loss, step_statistics(out.step_kl, out.step_agree, valid)
 
 
-def _distributed_worker(rank: int, world: int, port: int, out_dir: str, verifier_path: str) -> None:
+def _distributed_worker(rank: int, world: int, init_method: str, out_dir: str, verifier_path: str) -> None:
     import copy
     import json
 
@@ -524,7 +524,7 @@ def _distributed_worker(rank: int, world: int, port: int, out_dir: str, verifier
     ref_loss, ref_stats = _ttt_loss_through_forward(reference, reference.config)
     ref_loss.backward()
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     report = {}
     for mode in ("fsdp2", "ddp"):
         model = copy.deepcopy(base)
@@ -564,14 +564,11 @@ def test_fused_loss_under_fsdp2_and_ddp_equals_one_process(tiny_verifier_path, t
     verifier head are gathered only inside the root's forward, where the loss runs), and under DDP, the loss, the
     statistics and every gradient equal one unsharded process's; the verifier head gets no gradient."""
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_distributed_worker, args=(2, port, str(tmp_path), str(tiny_verifier_path)), nprocs=2, join=True)
+    rendezvous = f"file://{tmp_path / 'rendezvous'}"  # a file, not a TCP port another test could take meanwhile
+    mp.spawn(_distributed_worker, args=(2, rendezvous, str(tmp_path), str(tiny_verifier_path)), nprocs=2, join=True)
     for rank in range(2):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for mode in ("fsdp2", "ddp"):
