@@ -80,7 +80,7 @@ def run_family(family: str, root: Path, chats: Path) -> dict:
     """One family through datagen (transformers) -> vocab -> 1 epoch of training -> export (or its refusal).
 
     The draft vocabulary is datagen's most frequent assistant tokens plus every token of the verifier's greedy
-    continuations of the serving prompts, so that a draft fitted to them (test_families_vllm.py) can be accepted."""
+    continuations of the serving prompts, so that a draft fitted to them (test_families.py) can be accepted."""
     from collections import Counter
 
     from speculators_hf.datagen import build_dataset

@@ -1,4 +1,4 @@
-"""Runs the vLLM cells of several verifier families in ONE process (started by `test_families_vllm.py`):
+"""Runs the vLLM cells of several verifier families in ONE process (started by `test_families.py`):
 
     python -m tests.vllm_families request.json result.json
 

@@ -40,7 +40,7 @@ SIDE_FILES = (
     "generation_config.json",
 )
 # Verifier architectures whose model class in vLLM 0.32 implements `SupportsEagle3`, the interface vLLM needs to feed
-# an EAGLE-3 draft (read in vllm/model_executor/models; `tests/test_families_vllm.py` checks it against the installed
+# an EAGLE-3 draft (read in vllm/model_executor/models; `tests/test_families.py` checks it against the installed
 # vLLM). For any other verifier, vLLM stops at serve time with "Model does not support EAGLE3 interface".
 VLLM_VERSION = "0.32"
 VLLM_EAGLE3_VERIFIERS = frozenset(
