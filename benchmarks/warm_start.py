@@ -1,0 +1,148 @@
+"""Warm start (`train --from-pretrained`) vs from scratch at equal steps, over seeds, on a variation of the embedded
+default: a draft pretrained on one half of the chats (domain A) is continued on the other half (domain B), beside
+drafts trained on B from scratch with the same flags and steps.
+
+    .venv/bin/python benchmarks/warm_start.py                    # CPU, 3 seeds, the embedded preset's flags
+    .venv/bin/python benchmarks/warm_start.py --epochs 0.5       # a shorter budget on B
+
+Both halves go through the embedded preset's stages (regenerate with the tiny peaked verifier, datagen at 512 tokens,
+vocab 1024, train 2 epochs at lr 3e-3, total_seq_len 512). A: chitchat chats 0..359; B: chats 600..959; evaluation:
+the embedded default's 12 held-out prompts (offset 6000), 48 new tokens, transformers engine, T=0, K=3, batch 1; τ_sim
+on B's held-out shards (eval_split 0.1, the same samples for every draft). The warm draft keeps A's vocabulary mapping
+(its lm_head rows are tied to it); the scratch drafts use B's. Outputs: `benchmarks/.work/warm_start/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from speculators_hf import datagen, evaluation, regenerate, training, vocab
+from speculators_hf.datagen import DatagenArguments
+from speculators_hf.evaluation import EvaluateArguments
+from speculators_hf.regenerate import RegenerateArguments
+from speculators_hf.tiny_kit import tiny_verifier, write_chat_jsonl
+from speculators_hf.training import Eagle3ModelArguments, Eagle3TrainingArguments
+from speculators_hf.vocab import VocabArguments
+
+HALVES = {"A": 0, "B": 600}  # chitchat offsets of the two domains
+SAMPLES, EVAL_OFFSET, EVAL_PROMPTS = 360, 6000, 12
+
+
+def prepare(work: Path, verifier: str, name: str, offset: int) -> Path:
+    """Regenerate -> datagen -> vocab for one half, as the embedded preset runs them."""
+    chats = write_chat_jsonl(work / f"chats_{name}.jsonl", SAMPLES, offset=offset)
+    regenerated = work / f"regenerated_{name}.jsonl"
+    regenerate.run(
+        RegenerateArguments(
+            target_model_path=verifier,
+            train_data_path=str(chats),
+            output_path=str(regenerated),
+            backend="transformers",
+            max_model_len=512,
+            max_samples=SAMPLES,
+        )
+    )
+    data = work / f"data_{name}"
+    datagen.run(
+        DatagenArguments(
+            target_model_path=verifier,
+            train_data_path=str(regenerated),
+            output_dir=str(data),
+            seq_length=512,
+            backend="transformers",
+            max_samples=SAMPLES,
+        )
+    )
+    vocab.run(
+        VocabArguments(
+            token_freq_path=str(data / "token_freq.pt"),
+            target_model_path=verifier,
+            output_path=str(data),
+            draft_vocab_size=1024,
+        )
+    )
+    return data
+
+
+def train(verifier: str, data: Path, out: Path, seed: int, epochs: float, pretrained: str | None = None):
+    model_args = Eagle3ModelArguments(verifier_name_or_path=verifier, data_path=str(data), from_pretrained=pretrained)
+    args = Eagle3TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=epochs,
+        learning_rate=3e-3,
+        total_seq_len=512,
+        seed=seed,
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=1000,
+    )
+    return training.run(model_args, args)
+
+
+def evaluate(verifier: str, draft: str, data: Path, prompts: Path, out: Path) -> tuple[float, float]:
+    result = evaluation.run(
+        EvaluateArguments(
+            draft=draft,
+            prompts=str(prompts),
+            verifier=verifier,
+            engine="transformers",
+            k=[3],
+            temperature=[0.0],
+            batch_size=[1],
+            num_speculative_tokens=3,
+            num_prompts=EVAL_PROMPTS,
+            max_new_tokens=48,
+            shards=str(data),
+            held_out_fraction=0.1,
+            held_out_seed=0,
+            total_seq_len=512,
+            output_dir=str(out),
+        )
+    )
+    return result.rows[0].tau, result.offline_tau_sim
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± ({min(values):.3f}-{max(values):.3f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=float, default=2.0, help="Epochs on B (A: always 2).")
+    parser.add_argument("--work", default="benchmarks/.work/warm_start")
+    a = parser.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    verifier = str(tiny_verifier("peaked"))
+    prompts = write_chat_jsonl(work / "eval_chats.jsonl", 64, offset=EVAL_OFFSET)
+    data = {name: prepare(work, verifier, name, offset) for name, offset in HALVES.items()}
+    pretrained = train(verifier, data["A"], work / "pretrained_A", 0, 2.0).draft
+    rows: dict[str, list[dict]] = {"pretrained on A only": [], "scratch on B": [], "warm start A -> B": []}
+    tau, tau_sim = evaluate(verifier, pretrained, data["B"], prompts, work / "eval_pretrained")
+    rows["pretrained on A only"].append({"tau": tau, "tau_sim": tau_sim, "steps": 0, "seconds": 0.0})
+    for seed in a.seeds:
+        for recipe, source in (("scratch on B", None), ("warm start A -> B", pretrained)):
+            tag = f"{'warm' if source else 'scratch'}_e{a.epochs:g}_s{seed}"
+            start = time.perf_counter()
+            result = train(verifier, data["B"], work / tag, seed, a.epochs, source)
+            seconds = time.perf_counter() - start
+            tau, tau_sim = evaluate(verifier, result.draft, data["B"], prompts, work / f"eval_{tag}")
+            rows[recipe].append({"tau": tau, "tau_sim": tau_sim, "steps": result.global_step, "seconds": seconds})
+            print(json.dumps({"recipe": recipe, "seed": seed, **rows[recipe][-1]}), flush=True)
+    (work / f"results_e{a.epochs:g}.json").write_text(json.dumps(rows, indent=1))
+    print(f"\nEpochs on B: {a.epochs:g}; seeds {a.seeds}; tiny peaked verifier; transformers engine, T=0, K=3.")
+    print("| recipe | steps on B | τ (mean ± min-max) | τ_sim held-out B | train s |")
+    print("|---|---|---|---|---|")
+    for recipe, runs in rows.items():
+        taus, sims = [r["tau"] for r in runs], [r["tau_sim"] for r in runs]
+        secs = statistics.mean(r["seconds"] for r in runs)
+        print(f"| {recipe} | {runs[0]['steps']} | {spread(taus)} | {spread(sims)} | {secs:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
