@@ -5,11 +5,12 @@ drafts trained on B from scratch with the same flags and steps.
     .venv/bin/python benchmarks/warm_start.py                    # CPU, 3 seeds, the embedded preset's flags
     .venv/bin/python benchmarks/warm_start.py --epochs 0.5       # a shorter budget on B
 
-Both halves go through the embedded preset's stages (regenerate with the tiny peaked verifier, datagen at 512 tokens,
-vocab 1024, train 2 epochs at lr 3e-3, total_seq_len 512). A: chitchat chats 0..359; B: chats 600..959; evaluation:
-the embedded default's 12 held-out prompts (offset 6000), 48 new tokens, transformers engine, T=0, K=3, batch 1; τ_sim
-on B's held-out shards (eval_split 0.1, the same samples for every draft). The warm draft keeps A's vocabulary mapping
-(its lm_head rows are tied to it); the scratch drafts use B's. Outputs: `benchmarks/.work/warm_start/`.
+Both halves go through the embedded preset's stages (regenerate unless --no-regenerate, with the tiny peaked
+verifier; datagen at 512 tokens; vocab 1024; train 2 epochs at lr 3e-3, total_seq_len 512). A: chitchat chats from
+0; B: chats from 600 (disjoint); evaluation: the embedded default's 12 held-out prompts (offset 6000), 48 new tokens,
+transformers engine, T=0, K=3, batch 1; τ_sim on B's held-out shards (eval_split 0.1, the same samples for every
+draft). The warm draft keeps A's vocabulary mapping (its lm_head rows are tied to it); the scratch drafts use B's.
+Outputs: `benchmarks/.work/warm_start/`.
 """
 
 from __future__ import annotations
@@ -32,25 +33,31 @@ HALVES = {"A": 0, "B": 600}  # chitchat offsets of the two domains
 SAMPLES, EVAL_OFFSET, EVAL_PROMPTS = 360, 6000, 12
 
 
-def prepare(work: Path, verifier: str, name: str, offset: int) -> Path:
-    """Regenerate -> datagen -> vocab for one half, as the embedded preset runs them."""
+def prepare(work: Path, verifier: str, name: str, offset: int, regenerated: bool) -> Path:
+    """[Regenerate ->] datagen -> vocab for one half, as the embedded preset runs them."""
     chats = write_chat_jsonl(work / f"chats_{name}.jsonl", SAMPLES, offset=offset)
-    regenerated = work / f"regenerated_{name}.jsonl"
+    source = work / f"regenerated_{name}.jsonl" if regenerated else chats
+    if not regenerated:
+        return _datagen_and_vocab(work, verifier, name, source)
     regenerate.run(
         RegenerateArguments(
             target_model_path=verifier,
             train_data_path=str(chats),
-            output_path=str(regenerated),
+            output_path=str(source),
             backend="transformers",
             max_model_len=512,
             max_samples=SAMPLES,
         )
     )
+    return _datagen_and_vocab(work, verifier, name, source)
+
+
+def _datagen_and_vocab(work: Path, verifier: str, name: str, chats: Path) -> Path:
     data = work / f"data_{name}"
     datagen.run(
         DatagenArguments(
             target_model_path=verifier,
-            train_data_path=str(regenerated),
+            train_data_path=str(chats),
             output_dir=str(data),
             seq_length=512,
             backend="transformers",
@@ -115,12 +122,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=2.0, help="Epochs on B (A: always 2).")
     parser.add_argument("--work", default="benchmarks/.work/warm_start")
+    parser.add_argument("--no-regenerate", action="store_true", help="Train on the human chats (faster).")
     a = parser.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     verifier = str(tiny_verifier("peaked"))
     prompts = write_chat_jsonl(work / "eval_chats.jsonl", 64, offset=EVAL_OFFSET)
-    data = {name: prepare(work, verifier, name, offset) for name, offset in HALVES.items()}
+    data = {name: prepare(work, verifier, name, offset, not a.no_regenerate) for name, offset in HALVES.items()}
     pretrained = train(verifier, data["A"], work / "pretrained_A", 0, 2.0).draft
     rows: dict[str, list[dict]] = {"pretrained on A only": [], "scratch on B": [], "warm start A -> B": []}
     tau, tau_sim = evaluate(verifier, pretrained, data["B"], prompts, work / "eval_pretrained")
@@ -135,7 +143,8 @@ def main() -> None:
             rows[recipe].append({"tau": tau, "tau_sim": tau_sim, "steps": result.global_step, "seconds": seconds})
             print(json.dumps({"recipe": recipe, "seed": seed, **rows[recipe][-1]}), flush=True)
     (work / f"results_e{a.epochs:g}.json").write_text(json.dumps(rows, indent=1))
-    print(f"\nEpochs on B: {a.epochs:g}; seeds {a.seeds}; tiny peaked verifier; transformers engine, T=0, K=3.")
+    how = "human" if a.no_regenerate else "regenerated"
+    print(f"\nEpochs on B: {a.epochs:g}; seeds {a.seeds}; {how} chats; tiny peaked verifier; transformers, T=0, K=3.")
     print("| recipe | steps on B | τ (mean ± min-max) | τ_sim held-out B | train s |")
     print("|---|---|---|---|---|")
     for recipe, runs in rows.items():

@@ -343,6 +343,8 @@ def test_warm_start_begins_from_the_pretrained_draft(
     assert all(torch.equal(weights[k], reference[k]) for k in reference), layout  # d2t/t2d too: the draft's own
     assert model.config.eagle_aux_hidden_state_layer_ids == [1, 2, 3]  # recorded, or [2, n//2, n-3] made distinct
     assert model.config.max_position_embeddings == 2048  # the research config's 256 raised to the verifier's
+    # a flat config without the key: the EAGLE authors' layer (residual before hidden_norm), as vLLM reads it
+    assert model.config.norm_before_residual is (layout != "research")
     vocab_lines = [r.message for r in caplog.records if "keeps its own vocabulary mapping" in r.message]
     assert len(vocab_lines) == 1 and "(512 ids, 157 in common)" in vocab_lines[0], vocab_lines
     # its targets come from the verifier's head over the draft's own vocabulary, and every trainable weight learns
