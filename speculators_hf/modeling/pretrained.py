@@ -145,12 +145,14 @@ def expected_shapes(config: Eagle3Config) -> dict[str, list[int]]:
 
 def shape_problem(config: Eagle3Config, shapes: dict[str, list[int]]) -> str | None:
     """Where the weights do not fit the config (a tensor of another shape, one missing, one the config has no place
-    for), or None. Only the embedding may be missing (the verifier's is used)."""
+    for), or None. Only the embedding may be missing (the verifier's is used), unless the draft is narrower than the
+    verifier."""
     expected = expected_shapes(config)
     for name, shape in expected.items():
         if name in shapes and shapes[name] != shape:
             return f"{name} has shape {shapes[name]}, its config.json says {shape}"
-    missing = sorted(set(expected) - set(shapes) - {"embed_tokens.weight"})
+    narrow = config.target_hidden_size not in (None, config.hidden_size)  # its own embedding: none to share
+    missing = sorted(set(expected) - set(shapes) - (set() if narrow else {"embed_tokens.weight"}))
     if missing:
         return f"has no tensor {missing[0]}" + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
     extra = sorted(set(shapes) - set(expected) - set(IGNORED_TENSORS))
