@@ -4,6 +4,7 @@ drafts trained on B from scratch with the same flags and steps.
 
     .venv/bin/python benchmarks/warm_start.py                    # CPU, 3 seeds, the embedded preset's flags
     .venv/bin/python benchmarks/warm_start.py --epochs 0.5       # a shorter budget on B
+    .venv/bin/python benchmarks/warm_start.py --no-regenerate --pretrain-steps 48 --steps 24   # a loaded 2-core box
 
 Both halves go through the embedded preset's stages (regenerate unless --no-regenerate, with the tiny peaked
 verifier; datagen at 512 tokens; vocab 1024; train 2 epochs at lr 3e-3, total_seq_len 512). A: chitchat chats from
@@ -75,17 +76,18 @@ def _datagen_and_vocab(work: Path, verifier: str, name: str, chats: Path) -> Pat
     return data
 
 
-def train(verifier: str, data: Path, out: Path, seed: int, epochs: float, pretrained: str | None = None):
+def train(verifier: str, data: Path, out: Path, seed: int, epochs: float, steps: int, pretrained: str | None = None):
     model_args = Eagle3ModelArguments(verifier_name_or_path=verifier, data_path=str(data), from_pretrained=pretrained)
     args = Eagle3TrainingArguments(
         output_dir=str(out),
         num_train_epochs=epochs,
+        max_steps=steps,  # -1: the epochs decide
         learning_rate=3e-3,
         total_seq_len=512,
         seed=seed,
         report_to="none",
         disable_tqdm=True,
-        logging_steps=1000,
+        logging_steps=8,
     )
     return training.run(model_args, args)
 
@@ -121,6 +123,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=2.0, help="Epochs on B (A: always 2).")
+    parser.add_argument("--steps", type=int, default=-1, help="Optimizer steps on B instead of --epochs.")
+    parser.add_argument("--pretrain-steps", type=int, default=-1, help="Steps on A instead of 2 epochs.")
     parser.add_argument("--work", default="benchmarks/.work/warm_start")
     parser.add_argument("--no-regenerate", action="store_true", help="Train on the human chats (faster).")
     a = parser.parse_args()
@@ -129,22 +133,23 @@ def main() -> None:
     verifier = str(tiny_verifier("peaked"))
     prompts = write_chat_jsonl(work / "eval_chats.jsonl", 64, offset=EVAL_OFFSET)
     data = {name: prepare(work, verifier, name, offset, not a.no_regenerate) for name, offset in HALVES.items()}
-    pretrained = train(verifier, data["A"], work / "pretrained_A", 0, 2.0).draft
+    pretrained = train(verifier, data["A"], work / f"pretrained_A_{a.pretrain_steps}", 0, 2.0, a.pretrain_steps).draft
     rows: dict[str, list[dict]] = {"pretrained on A only": [], "scratch on B": [], "warm start A -> B": []}
-    tau, tau_sim = evaluate(verifier, pretrained, data["B"], prompts, work / "eval_pretrained")
+    tau, tau_sim = evaluate(verifier, pretrained, data["B"], prompts, work / f"eval_pretrained_{a.pretrain_steps}")
     rows["pretrained on A only"].append({"tau": tau, "tau_sim": tau_sim, "steps": 0, "seconds": 0.0})
     for seed in a.seeds:
         for recipe, source in (("scratch on B", None), ("warm start A -> B", pretrained)):
-            tag = f"{'warm' if source else 'scratch'}_e{a.epochs:g}_s{seed}"
+            tag = f"{'warm' if source else 'scratch'}_e{a.epochs:g}_n{a.steps}_s{seed}"
             start = time.perf_counter()
-            result = train(verifier, data["B"], work / tag, seed, a.epochs, source)
+            result = train(verifier, data["B"], work / tag, seed, a.epochs, a.steps, source)
             seconds = time.perf_counter() - start
             tau, tau_sim = evaluate(verifier, result.draft, data["B"], prompts, work / f"eval_{tag}")
             rows[recipe].append({"tau": tau, "tau_sim": tau_sim, "steps": result.global_step, "seconds": seconds})
             print(json.dumps({"recipe": recipe, "seed": seed, **rows[recipe][-1]}), flush=True)
-    (work / f"results_e{a.epochs:g}.json").write_text(json.dumps(rows, indent=1))
+    (work / f"results_e{a.epochs:g}_n{a.steps}.json").write_text(json.dumps(rows, indent=1))
     how = "human" if a.no_regenerate else "regenerated"
-    print(f"\nEpochs on B: {a.epochs:g}; seeds {a.seeds}; {how} chats; tiny peaked verifier; transformers, T=0, K=3.")
+    budget = f"steps on B {a.steps}, on A {a.pretrain_steps} (-1: epochs on B {a.epochs:g}, on A 2)"
+    print(f"\n{budget}; seeds {a.seeds}; {how} chats; tiny peaked verifier; transformers engine, T=0, K=3.")
     print("| recipe | steps on B | τ (mean ± min-max) | τ_sim held-out B | train s |")
     print("|---|---|---|---|---|")
     for recipe, runs in rows.items():

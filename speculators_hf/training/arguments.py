@@ -99,7 +99,7 @@ class Eagle3ModelArguments:
     from_pretrained: str | None = field(
         default=None,
         metadata={
-            "help": "Continue a published EAGLE-3 draft (a folder, or a hub id from the local cache): a train or "
+            "help": "Continue a published EAGLE-3 draft (a folder, or a hub id: config and weights only): a train or "
             "export output, a vllm-project/speculators draft, or the EAGLE authors' research layout (midlayer.*). "
             "Its weights, shape, aux layers and vocabulary mapping are kept; shape flags left at their defaults "
             "follow it, others must equal it."
