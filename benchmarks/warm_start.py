@@ -4,7 +4,7 @@ drafts trained on B from scratch with the same flags and steps.
 
     .venv/bin/python benchmarks/warm_start.py                    # CPU, 3 seeds, the embedded preset's flags
     .venv/bin/python benchmarks/warm_start.py --epochs 0.5       # a shorter budget on B
-    .venv/bin/python benchmarks/warm_start.py --no-regenerate --pretrain-steps 48 --steps 24   # a loaded 2-core box
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/warm_start.py --no-regenerate --pretrain-steps 48 --steps 24
 
 Both halves go through the embedded preset's stages (regenerate unless --no-regenerate, with the tiny peaked
 verifier; datagen at 512 tokens; vocab 1024; train 2 epochs at lr 3e-3, total_seq_len 512). A: chitchat chats from
@@ -36,7 +36,9 @@ SAMPLES, EVAL_OFFSET, EVAL_PROMPTS = 360, 6000, 12
 
 def prepare(work: Path, verifier: str, name: str, offset: int, regenerated: bool) -> Path:
     """[Regenerate ->] datagen -> vocab for one half, as the embedded preset runs them."""
-    chats = write_chat_jsonl(work / f"chats_{name}.jsonl", SAMPLES, offset=offset)
+    chats = work / f"chats_{name}.jsonl"
+    if not chats.exists():  # several seeds may run at once (one process each): written once
+        write_chat_jsonl(chats, SAMPLES, offset=offset)
     source = work / f"regenerated_{name}.jsonl" if regenerated else chats
     if not regenerated:
         return _datagen_and_vocab(work, verifier, name, source)
@@ -131,7 +133,9 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     verifier = str(tiny_verifier("peaked"))
-    prompts = write_chat_jsonl(work / "eval_chats.jsonl", 64, offset=EVAL_OFFSET)
+    prompts = work / "eval_chats.jsonl"
+    if not prompts.exists():
+        write_chat_jsonl(prompts, 64, offset=EVAL_OFFSET)
     data = {name: prepare(work, verifier, name, offset, not a.no_regenerate) for name, offset in HALVES.items()}
     pretrained = train(verifier, data["A"], work / f"pretrained_A_{a.pretrain_steps}", 0, 2.0, a.pretrain_steps).draft
     rows: dict[str, list[dict]] = {"pretrained on A only": [], "scratch on B": [], "warm start A -> B": []}
