@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel
 
 from speculators_hf import Eagle3Config, Eagle3DraftModel
 from speculators_hf.modeling.configuration_eagle3 import default_aux_layer_ids
+from speculators_hf.modeling.pretrained import expected_shapes, shape_problem
 from speculators_hf.tiny_kit import tiny_llama_config, tiny_verifier
 from speculators_hf.utils import UserError
 from speculators_hf.vocab import build_vocab_mapping
@@ -434,3 +435,22 @@ def test_ttt_training_steps_equal_incremental_drafting(tiny_verifier_path, optio
                     out = model(ids[:, t + k : t + k + 1], hidden_states=out.hidden_states[:, -1:], past_key_values=kv,
                                 use_cache=True)  # fmt: skip
                 torch.testing.assert_close(out.logits[0, -1], trained[k][t], atol=1e-5, rtol=1e-5)
+
+
+def test_a_pretrained_draft_may_lack_only_an_embedding_it_can_share():
+    """A published draft without `embed_tokens.weight` gets the verifier's (as vLLM shares it), unless it is narrower
+    than the verifier: then its embedding is its own and must be there."""
+    verifier = tiny_llama_config()
+    for config, problem in (
+        (Eagle3Config.from_verifier(verifier, aux_layer_ids=[1, 2, 3]), None),
+        (
+            Eagle3Config.from_verifier(verifier, aux_layer_ids=[1, 2, 3], hidden_size=32, head_dim=16),
+            "has no tensor embed_tokens.weight",
+        ),
+    ):
+        shapes = expected_shapes(config)
+        assert shape_problem(config, shapes) is None
+        shapes.pop("embed_tokens.weight")
+        assert shape_problem(config, shapes) == problem
+        shapes["fc.weight"] = [1, 1]
+        assert shape_problem(config, shapes).startswith("fc.weight has shape [1, 1], its config.json says")

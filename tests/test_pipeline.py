@@ -247,3 +247,13 @@ def test_stage_flags_from_the_command_line_a_file_and_the_preset(tmp_path, capsy
         "vocab",
     ]
     assert sum("is now" in r.message for r in caplog.records) == 3
+
+
+def test_pipeline_passes_train_from_pretrained_to_training(tmp_path):
+    from speculators_hf.commandline import make_parser, parse
+    from speculators_hf.pipeline.arguments import STAGES
+
+    argv = ["--verifier", "v", "--train-data-path", "d.jsonl", "--output-dir", str(tmp_path / "out")]
+    args, cli = parse(make_parser(PipelineArguments), [*argv, "--train.from-pretrained", "org/draft"], STAGES)
+    model_args, _ = Pipeline(args, cli).train_arguments()
+    assert model_args.from_pretrained == "org/draft" and not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from speculators_hf.training.cli import main
 from speculators_hf.training.collator import DataCollatorForEagle3
 from speculators_hf.training.setup import build_datasets, build_draft
 from speculators_hf.utils import UserError
+from speculators_hf.vocab import build_vocab_mapping
 from tests.training_data import loss_and_grads, make_training_data, save_bad_vocab, train_argv
 
 
@@ -284,3 +286,131 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(attn, tiny_ver
 
     with pytest.raises(UserError, match="use_reentrant=true would drop the gradient"):
         parse_args(argv + ["--gradient-checkpointing-kwargs", '{"use_reentrant": true}'])
+
+
+# ---------------------------------------------------------------------------------------------------- warm start
+
+SPECULATORS_CONFIG = Path(__file__).parent / "fixtures" / "speculators_0.9.0_eagle3" / "config.json"
+
+
+@pytest.fixture(scope="module")
+def pretrained_drafts(peaked_verifier_path, tmp_path_factory):
+    """One published draft in the three layouts: ours (`save_pretrained`, as train and export write it),
+    vllm-project/speculators 0.9.0's (its own config.json, written by its `save_pretrained` for these shapes, aux ids
+    null; the tensor names are ours) and the EAGLE authors' research layout (flat config, `midlayer.*`,
+    `pytorch_model.bin`, no embedding, no aux ids). Its vocabulary mapping is not the data's."""
+    root = tmp_path_factory.mktemp("pretrained")
+    d2t, t2d = build_vocab_mapping({i: 1 for i in range(0, 2048, 3)}, 512, 2048)
+    torch.manual_seed(1)
+    mapping = torch.from_numpy(d2t), torch.from_numpy(t2d)
+    draft = Eagle3DraftModel.from_verifier(str(peaked_verifier_path), *mapping, aux_layer_ids=[1, 2, 3])
+    with torch.no_grad():
+        draft.fc.weight.normal_()  # not what a new draft would start from
+    draft.save_pretrained(root / "ours")
+    speculators = root / "speculators"
+    speculators.mkdir()
+    shutil.copy(SPECULATORS_CONFIG, speculators / "config.json")
+    shutil.copy(root / "ours" / "model.safetensors", speculators / "model.safetensors")
+    research = root / "research"
+    research.mkdir()
+    layer = json.loads((root / "ours" / "config.json").read_text())["transformer_layer_config"]
+    flat = {k: v for k, v in layer.items() if k not in ("model_type", "rope_parameters")}
+    flat.update(
+        architectures=["LlamaForCausalLMEagle3"],
+        model_type="llama",
+        draft_vocab_size=512,
+        max_position_embeddings=256,
+        rope_theta=layer["rope_parameters"]["rope_theta"],
+    )
+    (research / "config.json").write_text(json.dumps(flat))
+    tensors = {k.replace("layers.0.", "midlayer."): v for k, v in draft.state_dict().items() if "verifier" not in k}
+    tensors.pop("embed_tokens.weight")
+    torch.save(tensors, research / "pytorch_model.bin")
+    return {"ours": root / "ours", "speculators": speculators, "research": research}
+
+
+@pytest.mark.parametrize("layout", ["ours", "speculators", "research"])
+def test_warm_start_begins_from_the_pretrained_draft(
+    layout, peaked_verifier_path, peaked_data, pretrained_drafts, tmp_path, caplog
+):
+    argv = train_argv(peaked_verifier_path, peaked_data, tmp_path, "--from-pretrained", str(pretrained_drafts[layout]))
+    model_args, args = parse_args(argv)
+    train_ds, _, layer_ids = build_datasets(model_args, args)
+    model = build_draft(model_args, train_ds, layer_ids, seed=args.seed)
+    reference = Eagle3DraftModel.from_pretrained(pretrained_drafts["ours"]).state_dict()
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("verifier_head.")}
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[k], reference[k]) for k in reference), layout  # d2t/t2d too: the draft's own
+    assert model.config.eagle_aux_hidden_state_layer_ids == [1, 2, 3]  # recorded, or [2, n//2, n-3] made distinct
+    assert model.config.max_position_embeddings == 2048  # the research config's 256 raised to the verifier's
+    # a flat config without the key: the EAGLE authors' layer (residual before hidden_norm), as vLLM reads it
+    assert model.config.norm_before_residual is (layout != "research")
+    vocab_lines = [r.message for r in caplog.records if "keeps its own vocabulary mapping" in r.message]
+    assert len(vocab_lines) == 1 and "(512 ids, 157 in common)" in vocab_lines[0], vocab_lines
+    # its targets come from the verifier's head over the draft's own vocabulary, and every trainable weight learns
+    trainer = Eagle3Trainer(model=model, args=args, train_dataset=train_ds)
+    loss, grads = loss_and_grads(trainer, DataCollatorForEagle3(total_seq_len=256)([[train_ds.dataset[0]]]), "sdpa")
+    assert torch.isfinite(loss) and loss > 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == trainable and all(grads[n].abs().sum() > 0 for n in trainable)
+
+
+def test_warm_start_trains_resumes_and_fingerprints_the_pretrained_files(
+    peaked_verifier_path, peaked_data, pretrained_drafts, tmp_path, capsys
+):
+    research = shutil.copytree(pretrained_drafts["research"], tmp_path / "research")
+    save = tmp_path / "run"
+    argv = train_argv(peaked_verifier_path, peaked_data, save, "--from-pretrained", str(research), "--max-steps", "1")
+    argv += ["--warmup-steps", "0", "--save-strategy", "no"]
+    assert main(argv) == 0
+    pretrained = torch.load(research / "pytorch_model.bin", weights_only=True)
+    trained = Eagle3DraftModel.from_pretrained(save / "0")
+    assert not torch.equal(trained.fc.weight, pretrained["fc.weight"]) and torch.equal(trained.d2t, pretrained["d2t"])
+    manifest = json.loads((save / STATE_DIR / "train.json").read_text())
+    assert set(manifest["inputs"]["--from-pretrained"]) == {"config.json", "pytorch_model.bin"}
+    written = {p: p.stat().st_mtime_ns for p in save.rglob("*")}
+    assert main(argv) == 0  # the same inputs: finished, not run again
+    assert {p: p.stat().st_mtime_ns for p in save.rglob("*")} == written
+    pretrained["fc.weight"] += 1  # another pretrained draft in the same folder: the run is stale
+    torch.save(pretrained, research / "pytorch_model.bin")
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "(--from-pretrained.pytorch_model.bin changed)" in lines[0], lines
+    assert {p: p.stat().st_mtime_ns for p in save.rglob("*")} == written
+
+
+def _edited_draft(folder, out, **layer):
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    aux = layer.pop("aux", None)
+    config["transformer_layer_config"].update(layer)
+    if aux:
+        config["eagle_aux_hidden_state_layer_ids"] = aux
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_warm_start_mismatches_are_one_line_before_anything_is_written(
+    peaked_verifier_path, peaked_data, pretrained_drafts, tmp_path, capsys
+):
+    ours = pretrained_drafts["ours"]
+    cases = {
+        "reads verifier hidden states of size 32; verifier": (_edited_draft(ours, tmp_path / "h", hidden_size=32),),
+        "has a verifier vocabulary of 4096 tokens; verifier": (_edited_draft(ours, tmp_path / "v", vocab_size=4096),),
+        "fuses aux layers [0, 2, 4] (recorded in its config); --data-path": (
+            _edited_draft(ours, tmp_path / "a", aux=[0, 2, 4]),
+        ),
+        "weights do not fit its config: layers.0.mlp.gate_proj.weight has shape [192, 64], its config.json says": (
+            _edited_draft(ours, tmp_path / "i", intermediate_size=256),
+        ),
+        "--num-layers 2: --from-pretrained": (ours, "--num-layers", "2"),
+        "--d2t-path": (ours, "--d2t-path", str(peaked_data / "d2t.npy")),
+        "is not a local folder and cannot be fetched from the hub": ("org/a-draft-not-in-the-cache",),
+    }
+    for k, (expected, (draft, *flags)) in enumerate(cases.items()):
+        save = tmp_path / f"run{k}"
+        assert main(train_argv(peaked_verifier_path, peaked_data, save, "--from-pretrained", str(draft), *flags)) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(lines) == 1 and expected in lines[0], (expected, lines)
+        assert not save.exists()

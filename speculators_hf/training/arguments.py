@@ -96,6 +96,15 @@ class Eagle3ModelArguments:
         default=None,
         metadata={"help": "0 or 1: the seed's data_*.pt formats; 2: datagen shards (default: detected)."},
     )
+    from_pretrained: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue a published EAGLE-3 draft (a folder, or a hub id: config and weights only): a train or "
+            "export output, a vllm-project/speculators draft, or the EAGLE authors' research layout (midlayer.*). "
+            "Its weights, shape, aux layers and vocabulary mapping are kept; shape flags left at their defaults "
+            "follow it, others must equal it."
+        },
+    )
     num_layers: int = field(default=1, metadata={"help": "Draft decoder layers."})
     d2t_path: str | None = field(
         default=None,

@@ -20,7 +20,7 @@ from transformers import TrainerState
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..runstate import Claim, claim, fingerprint
+from ..runstate import Claim, claim, file_signature, fingerprint
 from ..utils import UserError, get_logger, write_json
 from ..validation import bad_file, describe, read_json, read_json_if_exists, safetensors_header, torch_load
 
@@ -30,6 +30,8 @@ RUN_KEY = "train"  # the run's manifest: <save-path>/.speculators_hf/train.json
 TRAINING_CONFIG_FILE = "training_config.json"  # the record inside every checkpoint and draft
 RUN_FINGERPRINT_KEY, RUN_INPUTS_KEY = "run_fingerprint", "run_inputs"  # keys of training_config.json
 CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+# The files of a pretrained draft that decide its weights (`--from-pretrained`): config and weights
+PRETRAINED_FILES = re.compile(r"config\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|pytorch_model\.bin")
 
 # TrainingArguments fields that do not change the trained weights (a run may resume with other values).
 NOT_FINGERPRINTED = frozenset(
@@ -142,14 +144,25 @@ def data_fingerprint(data_path: str | Path, dataset) -> str:
     return fingerprint([recorded, files, len(dataset)])
 
 
-def run_inputs(model, args, data_path: str | Path, dataset) -> dict:
-    """What decides the trained weights: data, the draft before training, the result-changing flags, world size."""
+def pretrained_fingerprint(folder: str | Path) -> dict:
+    """A pretrained draft's files (config and weights) by content: `{file name: sha256}` (where the folder lies does
+    not count; an edited or replaced file does)."""
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and PRETRAINED_FILES.fullmatch(p.name))
+    return {name: file_signature(folder / name)["sha256"] for name in names}
+
+
+def run_inputs(model, args, data_path: str | Path, dataset, pretrained: str | Path | None = None) -> dict:
+    """What decides the trained weights: data, the draft before training (with `pretrained`, the folder its weights
+    came from: `pretrained_fingerprint`), the result-changing flags, world size."""
     vocab = None if model.d2t is None else hashlib.sha256(model.d2t.cpu().numpy().tobytes()).hexdigest()[:16]
     flags = {k: v for k, v in args.to_dict().items() if k not in NOT_FINGERPRINTED}
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
+    warm = {} if pretrained is None else {"--from-pretrained": pretrained_fingerprint(pretrained)}
     return {
         "data": data_fingerprint(data_path, dataset),
         "draft": fingerprint([config, vocab]),
+        **warm,
         "world_size": args.world_size,
         **{f"--{k.replace('_', '-')}": v for k, v in flags.items()},
     }

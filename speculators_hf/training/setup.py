@@ -5,6 +5,7 @@ All input problems surface here as one-line `UserError`s, before any training st
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -13,12 +14,22 @@ from transformers import set_seed
 from ..formats.shards import ShardDataset
 from ..modeling import Eagle3DraftModel
 from ..modeling.configuration_eagle3 import aux_layer_ids_problem, default_aux_layer_ids
+from ..modeling.pretrained import (
+    checkpoint_shapes,
+    draft_layout,
+    load_pretrained_draft,
+    pretrained_draft_config,
+    recorded_fields,
+    resolve_draft_folder,
+    shape_problem,
+)
+from ..modeling.verifier_weights import recorded_verifier_name
 from ..online.client import HiddenStatesClient
 from ..online.dataset import OnlineHiddenStatesDataset
 from ..runstate import STATE_DIR, read_manifest
 from ..utils import UserError, get_logger
 from ..validation import pretrained_config, read_json_if_exists
-from ..vocab import load_vocab_mapping, validate_vocab_mapping
+from ..vocab import load_token_freq, load_vocab_mapping, validate_vocab_mapping
 from .arguments import Eagle3ModelArguments, Eagle3TrainingArguments
 from .data import SHARDS_DATA_FORMAT, PackedDataset, data_layer_ids, detect_format, open_dataset, train_eval_split
 
@@ -232,6 +243,10 @@ def build_draft(
     _check_hidden_size(train_dataset.dataset, model_args, verifier_config)
     aux_ids = resolve_aux_layer_ids(model_args, layer_ids, n)
     _check_data(train_dataset.dataset, model_args, verifier_config, aux_ids)
+    if model_args.from_pretrained:
+        model = warm_start_draft(model_args, verifier_config, aux_ids)
+        model.set_attn_implementation("flex_attention" if torch.cuda.is_available() else "sdpa")
+        return model
     mapping = resolve_vocab_mapping(model_args)
     if mapping is not None:
         validate_vocab_mapping(*mapping, len(mapping[0]), verifier_config.get_text_config().vocab_size)
@@ -259,3 +274,128 @@ def build_draft(
     )
     model.set_attn_implementation("flex_attention" if torch.cuda.is_available() else "sdpa")
     return model
+
+
+# ------------------------------------------------------------------------------------------------- warm start
+
+# Shape flags and the config fields they set: at their defaults they follow the pretrained draft, else must equal it
+SHAPE_FLAGS = {
+    "num_layers": ("--num-layers", "num_hidden_layers"),
+    "draft_hidden_size": ("--draft-hidden-size", "hidden_size"),
+    "draft_intermediate_size": ("--draft-intermediate-size", "intermediate_size"),
+    "draft_sliding_window": ("--draft-sliding-window", "sliding_window"),
+    "draft_layer_type": ("--draft-layer-type", "draft_layer_type"),
+    "norm_before_fc": ("--norm-before-fc", "norm_before_fc"),
+    "fc_norm": ("--fc-norm", "fc_norm"),
+    "norm_output": ("--norm-output", "norm_output"),
+}
+
+
+def warm_start_draft(model_args: Eagle3ModelArguments, verifier_config, aux_ids: list[int]) -> Eagle3DraftModel:
+    """The published draft `--from-pretrained` names, checked against the verifier, the data and the flags (one line
+    each, before a weight is read), with its own vocabulary mapping (`_check_warm_start_vocab`) and the verifier's
+    head for targets."""
+    label = f"--from-pretrained {model_args.from_pretrained}"
+    folder = resolve_draft_folder(model_args.from_pretrained)
+    layout = draft_layout(folder)
+    text = verifier_config.get_text_config()
+    verifier, n = model_args.verifier_name_or_path, text.num_hidden_layers
+    recorded = recorded_fields(folder)
+    width = recorded.get("target_hidden_size") or recorded.get("hidden_size")
+    if width != text.hidden_size:
+        raise UserError(
+            f"{label} reads verifier hidden states of size {width}; verifier {verifier} has hidden_size "
+            f"{text.hidden_size}: the draft was trained for another verifier."
+        )
+    if recorded.get("vocab_size") != text.vocab_size:
+        raise UserError(
+            f"{label} has a verifier vocabulary of {recorded.get('vocab_size')} tokens; verifier {verifier} has "
+            f"{text.vocab_size}: the draft was trained for another tokenizer."
+        )
+    draft_ids = list(recorded.get("eagle_aux_hidden_state_layer_ids") or default_aux_layer_ids(n))
+    if draft_ids != list(aux_ids):
+        how = "recorded in its config" if recorded.get("eagle_aux_hidden_state_layer_ids") else "[2, n//2, n-3]"
+        raise UserError(
+            f"{label} fuses aux layers {draft_ids} ({how}); --data-path {model_args.data_path} holds aux layers "
+            f"{list(aux_ids)}: regenerate the data with datagen --layer-ids {draft_ids + [n]}."
+        )
+    name = model_args.verifier_hub_id or recorded_verifier_name(verifier)
+    config = pretrained_draft_config(folder, verifier_config, name, train_lm_head=model_args.train_lm_head)
+    defaults = {f.name: f.default for f in dataclasses.fields(Eagle3ModelArguments)}
+    for arg, (flag, key) in SHAPE_FLAGS.items():
+        value = getattr(model_args, arg)
+        if value != defaults[arg] and value != getattr(config, key):
+            raise UserError(
+                f"{flag} {value}: {label} has {key} {getattr(config, key)} (its weights fix its shape); drop the flag."
+            )
+    problem = shape_problem(config, checkpoint_shapes(folder))
+    if problem:
+        raise UserError(f"{label}: the draft's weights do not fit its config: {problem}.")
+    model, shared = load_pretrained_draft(folder, config, verifier, verifier_config)
+    _check_warm_start_vocab(model, model_args, label)
+    model.load_verifier_head(verifier, trust_remote_code=model_args.trust_remote_code)
+    Vd = config.draft_vocab_size
+    logger.warning(
+        "Warm start from %s (%s layout): %d layer(s), hidden %d, draft vocabulary %d, aux layers %s%s.",
+        folder,
+        layout,
+        config.num_hidden_layers,
+        config.hidden_size,
+        Vd,
+        draft_ids,
+        "; embedding from the verifier (the draft has none)" if shared else "",
+    )
+    return model
+
+
+def _target_ids(d2t: torch.Tensor | None, vocab_size: int) -> set[int]:
+    """The verifier ids of a draft vocabulary (`j + d2t[j]`; all of them without a mapping)."""
+    if d2t is None:
+        return set(range(vocab_size))
+    return set((torch.arange(len(d2t)) + d2t.cpu().long()).tolist())
+
+
+def _check_warm_start_vocab(model: Eagle3DraftModel, model_args: Eagle3ModelArguments, label: str) -> None:
+    """A pretrained draft keeps its own vocabulary mapping: its lm_head rows are tied to it. A mapping given with
+    --d2t-path that differs is refused; the vocab stage's in --data-path that differs is not used (one warning line,
+    with how much of the data's assistant tokens each one holds when datagen's token_freq.pt is there)."""
+    V, Vd = model.config.vocab_size, model.config.draft_vocab_size
+    if model.d2t is not None:
+        try:
+            validate_vocab_mapping(model.d2t, model.t2d, Vd, V)
+        except UserError as err:
+            raise UserError(f"{label}: {err}") from err
+    folder = Path(model_args.data_path)
+    explicit = model_args.d2t_path is not None or model_args.t2d_path is not None
+    if explicit:
+        mapping = resolve_vocab_mapping(model_args)
+    elif (folder / "d2t.npy").exists() and (folder / "t2d.npy").exists():
+        mapping = load_vocab_mapping(folder / "d2t.npy", folder / "t2d.npy", flags=(None, None))
+    else:
+        return
+    ours, theirs = _target_ids(model.d2t, V), _target_ids(mapping[0], V)
+    if ours == theirs:
+        return
+    common = len(ours & theirs)
+    if explicit:
+        raise UserError(
+            f"--d2t-path {model_args.d2t_path}: a draft vocabulary of {len(theirs)} ids, {common} of them in the "
+            f"{Vd} of {label} (its lm_head rows are tied to its own mapping): drop --d2t-path/--t2d-path."
+        )
+    coverage = ""
+    if (folder / "token_freq.pt").exists():
+        freq = load_token_freq(folder / "token_freq.pt")
+        total = sum(freq.values()) or 1
+        share = [sum(c for t, c in freq.items() if t in ids) / total for ids in (ours, theirs)]
+        coverage = f"; of the data's assistant tokens the draft's holds {share[0]:.1%}, the vocab stage's "
+        coverage += f"{share[1]:.1%}"
+    logger.warning(
+        "%s keeps its own vocabulary mapping (%d ids: its lm_head rows are tied to it), not %s from the vocab stage "
+        "(%d ids, %d in common)%s.",
+        label,
+        Vd,
+        folder / "d2t.npy",
+        len(theirs),
+        common,
+        coverage,
+    )

@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 
 from ..http import API_KEY_ENV
+from ..modeling.pretrained import resolve_draft_folder
 from ..online.dataset import HIDDEN_STATES_REPORT, describe_report, hidden_states_report
 from ..replicas import to_argv
 from ..runstate import read_manifest, require_complete
@@ -71,7 +72,8 @@ def train(
     # Draft: embedding, lm_head rows and final norm from the verifier; checked against the data and d2t/t2d
     model = build_draft(model_args, train_dataset, layer_ids, seed=args.seed)
     # The run: what decides its weights, an explicit checkpoint's files, then the claim on --save-path
-    inputs = run_inputs(model, args, model_args.data_path, train_dataset.dataset)
+    pretrained = resolve_draft_folder(model_args.from_pretrained) if model_args.from_pretrained else None
+    inputs = run_inputs(model, args, model_args.data_path, train_dataset.dataset, pretrained)
     checkpoint = explicit_checkpoint(args, inputs)
     run = claim_save_path(args, inputs, replace_stale=replace_stale)
     # Trainer does the rest: DDP/FSDP, bf16 autocast on GPU, logging, <save-path>/<epoch>/ drafts
