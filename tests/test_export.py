@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from speculators_hf.export import check_checkpoint, expected_tensors, export_checkpoint, find_problems
-from speculators_hf.modeling import Eagle3DraftModel
+from speculators_hf.modeling import Eagle3Config, Eagle3DraftModel
 from speculators_hf.utils import UserError
 from speculators_hf.vocab import build_vocab_mapping
 
@@ -112,8 +112,9 @@ def test_full_vocab_draft_has_no_mapping(tiny_verifier_path, tmp_path):
         check_checkpoint(bad)
 
 
-def _research_folder(draft_dir, tmp_path):
-    """Our checkpoint rewritten in the EAGLE authors' research format: flat config, `midlayer.*`, no embedding."""
+def _research_folder(draft_dir, tmp_path, **config_changes):
+    """Our checkpoint rewritten in the EAGLE authors' research format: flat config, `midlayer.*`, no embedding; our
+    draft's `norm_before_residual` (True) is written out, since a flat config without it means False."""
     config = json.loads((draft_dir / "config.json").read_text())
     layer = config["transformer_layer_config"]
     flat = {k: v for k, v in layer.items() if k not in ("model_type", "rope_parameters")}
@@ -124,7 +125,9 @@ def _research_folder(draft_dir, tmp_path):
         max_position_embeddings=256,
         rope_theta=layer["rope_parameters"]["rope_theta"],
         torch_dtype="float32",
+        norm_before_residual=True,
     )
+    flat = {k: v for k, v in {**flat, **config_changes}.items() if v is not None}
     out = tmp_path / "research"
     out.mkdir()
     (out / "config.json").write_text(json.dumps(flat))
@@ -147,6 +150,20 @@ def test_research_checkpoint_converts_to_served_format(draft_dir, tiny_verifier_
     ours, converted = load_file(draft_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert set(ours) == set(converted)
     assert all(torch.equal(ours[k], converted[k]) for k in ours)  # embedding restored from the verifier
+
+
+def test_research_checkpoint_without_norm_before_residual_is_the_authors_layer(
+    draft_dir, tiny_verifier_path, tmp_path
+):
+    """A flat config without `norm_before_residual` is the EAGLE authors' layer (residual = h), which is how vLLM
+    runs a flat config; the export must say so, since vLLM reads a speculators config without the key as True."""
+    research = _research_folder(draft_dir, tmp_path, norm_before_residual=None)
+    assert "norm_before_residual" not in json.loads((research / "config.json").read_text())
+    out, _ = export_checkpoint(
+        research, tmp_path / "converted", verifier_hub_id="org/tiny-verifier", verifier=str(tiny_verifier_path)
+    )
+    assert json.loads((out / "config.json").read_text())["norm_before_residual"] is False
+    assert Eagle3Config.from_pretrained(research).norm_before_residual is False
 
 
 def test_research_checkpoint_loads_with_from_pretrained(draft_dir, tmp_path):

@@ -284,6 +284,9 @@ def test_research_format_config_loads():
     flat = {**tiny_llama_config().to_dict(), "num_hidden_layers": 1, "draft_vocab_size": VD}
     config = Eagle3Config.from_dict(flat)
     assert config.draft_vocab_size == VD and config.num_hidden_layers == 1 and config.hidden_size == H
+    # the EAGLE authors' layer: residual = h (vLLM reads a flat config without the key as False)
+    assert config.norm_before_residual is False
+    assert Eagle3Config.from_dict({**flat, "norm_before_residual": True}).norm_before_residual is True
 
 
 def test_gradient_checkpointing_and_backward():

@@ -9,6 +9,7 @@ import torch
 
 from ..formats.checkpoint import CONFIG, read_config
 from ..modeling import Eagle3Config, Eagle3DraftModel, default_aux_layer_ids
+from ..modeling.configuration_eagle3 import flatten_config_dict
 from ..modeling.verifier_weights import load_verifier_tensors
 from ..utils import UserError, get_logger, write_json
 from ..validation import bad_file, describe, pretrained_config
@@ -50,7 +51,7 @@ def convert_research_checkpoint(
         trust_remote_code: let the verifier's config run code from its folder (`auto_map`); only on the user's word.
     """
     path = Path(path)
-    flat = read_config(path)
+    flat = flatten_config_dict(read_config(path))  # norm_before_residual: False unless the config says
     for key in ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "auto_map"):
         flat.pop(key, None)
     vconfig = pretrained_config(verifier, "--verifier", trust_remote_code=trust_remote_code) if verifier else None

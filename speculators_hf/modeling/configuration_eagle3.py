@@ -348,6 +348,9 @@ def flatten_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
     layer = d.pop("transformer_layer_config", None)
     if layer is None:  # already flat: our own kwargs or the EAGLE authors' research config
         d.pop("model_type", None)
+        # Without the key, a flat config is the authors' layer (residual = h), as vLLM runs a flat config; only the
+        # speculators format means True when the key is missing (below).
+        d.setdefault("norm_before_residual", False)
         return d
     draft_layer_type = layer.pop("model_type", None) or "llama"
     layer.pop("layer_types", None)  # all "sliding_attention" exactly when sliding_window is set

@@ -70,13 +70,10 @@ def draft_layout(folder: Path) -> str:
 
 
 def recorded_fields(folder: Path) -> dict:
-    """The draft's config as flat `Eagle3Config` fields, as recorded (nothing filled in) but for one default: a flat
-    (research) config without `norm_before_residual` means False, the EAGLE authors' layer (`residual = h`, then
-    `hidden_norm(h)`) and what vLLM assumes for a flat config; only the speculators format defaults it to True."""
-    raw = read_json(folder / CONFIG, fix=FIX)
-    flat = flatten_config_dict(raw)
-    if "transformer_layer_config" not in raw:
-        flat.setdefault("norm_before_residual", False)
+    """The draft's config as flat `Eagle3Config` fields, as recorded (nothing filled in) but for
+    `norm_before_residual`, which `flatten_config_dict` fills as vLLM reads each layout (flat: False, the authors'
+    layer; speculators: True)."""
+    flat = flatten_config_dict(read_json(folder / CONFIG, fix=FIX))
     for key in ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "auto_map"):
         flat.pop(key, None)  # ours are set again; `auto_map` names code we never run
     for key in ("embed_requires_grad", "speculators_version", "_name_or_path"):
