@@ -1,7 +1,8 @@
 """Test helpers: prompts from real chat text and a draft fitted in seconds to a verifier's greedy continuations.
 
 The fitted draft is trained on step 0 only (cross-entropy on the verifier's greedy next-next token, teacher forcing),
-on the very continuations it is then evaluated on: it is a draft that *agrees often*, built to exercise the acceptance
+a parallel draft on each of its K outputs (the training unroll with mask slots), on the very continuations it is then
+evaluated on: it is a draft that *agrees often*, built to exercise the acceptance
 paths of speculative decoding (accepted chains, bonus tokens, cache cropping), not a measure of training quality.
 """
 
@@ -12,7 +13,9 @@ import torch
 from speculators_hf.datagen.hf_backend import capture_layer_inputs
 from speculators_hf.evaluation.online import greedy_baseline
 from speculators_hf.modeling import Eagle3DraftModel
+from speculators_hf.modeling.losses import ttt_attention_mask
 from speculators_hf.tiny_kit import chitchat_conversations
+from speculators_hf.training.trainer import ttt_unroll
 
 
 def chat_prompts(tokenizer, n: int, offset: int = 0) -> list[list[int]]:
@@ -51,7 +54,15 @@ def fit_draft(
     acc = 0.0
     for step in range(steps):
         input_ids, aux, target = samples[step % len(samples)]
-        logits = draft(input_ids, aux_hidden_states=aux).logits[0]  # [T, Vd]
+        if draft.config.parallel_drafting:  # output k of row t predicts the token after target t + k
+            T, K = input_ids.shape[1], draft.config.speculative_tokens
+            docs = torch.zeros(1, T, dtype=torch.long)
+            masks = [ttt_attention_mask(docs, k) for k in range(K)]
+            states = ttt_unroll(draft, input_ids, aux, torch.arange(T)[None], masks, parallel=True)
+            logits = torch.cat([draft.lm_head(s[0, : T - k]) for k, s in enumerate(states)])  # [sum_k T - k, Vd]
+            target = torch.cat([target[k:] for k in range(K)])
+        else:
+            logits = draft(input_ids, aux_hidden_states=aux).logits[0]  # [T, Vd]
         if t2d is not None:
             keep = t2d[target]
             target_draft = torch.cumsum(t2d.long(), 0)[target] - 1  # verifier id -> draft index

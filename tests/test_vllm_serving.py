@@ -51,7 +51,52 @@ def served(tiny_verifier_path, tmp_path_factory):
     exported, _ = export_checkpoint(out / "raw", out / "draft", verifier_hub_id=str(tiny_verifier_path))
     hf = evaluate_transformers(draft, verifier, prompts, K, MAX_NEW, tokenizer.eos_token_id, baseline=False)
     vllm = evaluate_vllm(exported, tiny_verifier_path, prompts, K, MAX_NEW, mode="explicit", max_model_len=256)
-    return dict(prompts=prompts, reference=reference, exported=exported, hf=hf, vllm=vllm)
+    return dict(prompts=prompts, reference=reference, exported=exported, hf=hf, vllm=vllm, d2t=d2t, t2d=t2d)
+
+
+@pytest.fixture(scope="module")
+def served_parallel(served, tiny_verifier_path, tmp_path_factory):
+    """A parallel (P-EAGLE) draft of the same verifier, fitted on each of its K outputs, exported as `peagle`, drafted
+    by our engine and by vLLM with `parallel_drafting` (one engine)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.draft_fit import fit_draft
+
+    verifier = AutoModelForCausalLM.from_pretrained(tiny_verifier_path, dtype=torch.float32).eval()
+    prompts, eos = served["prompts"], verifier.config.eos_token_id
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel.from_verifier(
+        str(tiny_verifier_path),
+        torch.from_numpy(served["d2t"]),
+        torch.from_numpy(served["t2d"]),
+        aux_layer_ids=[1, 2, 3],
+        speculative_tokens=K,
+        parallel_drafting=True,
+        mask_token_id=0,
+    )
+    fit_draft(draft, verifier, prompts, MAX_NEW, steps=100)
+    out = tmp_path_factory.mktemp("served_parallel")
+    draft.save_pretrained(out / "raw")
+    exported, _ = export_checkpoint(out / "raw", out / "draft", verifier_hub_id=str(tiny_verifier_path))
+    hf = evaluate_transformers(draft, verifier, prompts, K, MAX_NEW, eos, baseline=False)
+    vllm = evaluate_vllm(exported, tiny_verifier_path, prompts, K, MAX_NEW, mode="explicit", max_model_len=256)
+    return dict(exported=exported, hf=hf, vllm=vllm)
+
+
+def test_vllm_parallel_drafting_serves_our_peagle_draft_as_we_draft(served, served_parallel):
+    """vLLM 0.32 loads the exported peagle draft with `parallel_drafting` (it refuses one without `mask_hidden`), its
+    greedy output is the verifier's, and its acceptance per position matches our engine's parallel drafting."""
+    hf, vllm = served_parallel["hf"], served_parallel["vllm"]
+    config = json.loads((served_parallel["exported"] / "config.json").read_text())
+    assert config["speculators_model_type"] == "peagle" and config["mask_token_id"] == 0
+    print(
+        f"parallel: tau transformers {hf.tau:.3f} {hf.acceptance_per_position} | vllm {vllm.tau:.3f} "
+        f"{vllm.acceptance_per_position} | vllm timings {vllm.extra['vllm_timings']}"
+    )
+    assert hf.output_ids == served["reference"] and vllm.output_ids == served["reference"]
+    assert vllm.num_draft_tokens == K * vllm.num_drafts and len(vllm.accepted_per_position) == K
+    assert vllm.tau > 1.5 and abs(hf.tau - vllm.tau) < 0.35
+    assert all(abs(a - b) < 0.15 for a, b in zip(hf.acceptance_per_position, vllm.acceptance_per_position))
 
 
 def test_exported_draft_passes_export_check(served):

@@ -5,7 +5,8 @@ the `__main__` guard; the caller doesn't).
 
 `evaluate_vllm` writes the request, runs this module and reads back the output ids, timings and vLLM's cumulative
 `spec_decode` counters (`llm.get_metrics()`): tau = 1 + accepted / drafts. Modes: `explicit`
-(`LLM(model=verifier, speculative_config={"model": draft, "method": "eagle3", ...})`), `auto` (`LLM(model=draft)`:
+(`LLM(model=verifier, speculative_config={"model": draft, "method": "eagle3", ...})`, with `"parallel_drafting": true`
+for a `peagle` draft), `auto` (`LLM(model=draft)`:
 vLLM reads the verifier and K from the draft's config) and `baseline` (the verifier alone).
 
 Mode `grid` (`run_grid`) starts the engine of one K (0: the verifier alone) and runs every (temperature, batch size)
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..formats.checkpoint import read_config, speculative_config
 from ..utils import RunFailed, UserError, get_logger, write_json
 from .online import SpecDecodeResult
 
@@ -150,6 +152,11 @@ def _counter_diff(after: dict, before: dict) -> dict:
     }
 
 
+def _draft_config(draft: str) -> dict:
+    """A local draft's `config.json` (what decides the speculative method); a hub id's: read by vLLM alone."""
+    return read_config(draft) if (Path(draft) / "config.json").is_file() else {}
+
+
 def _run(request: dict) -> dict:
     t0 = time.perf_counter()
     import vllm
@@ -166,12 +173,8 @@ def _run(request: dict) -> dict:
         disable_log_stats=False,
         trust_remote_code=request.get("trust_remote_code", False),
     )
-    spec = {
-        "model": request.get("draft"),
-        "method": "eagle3",
-        "num_speculative_tokens": request["num_speculative_tokens"],
-    }
     if request["mode"] == "explicit":
+        spec = speculative_config(_draft_config(request["draft"]), request["draft"], request["num_speculative_tokens"])
         llm = LLM(model=request["verifier"], speculative_config=spec, **kwargs)
     elif request["mode"] == "auto":
         llm = LLM(model=request["draft"], **kwargs)
@@ -274,7 +277,7 @@ def run_grid(request: dict) -> None:
     )
     for k in request["engines"]:
         t0 = time.perf_counter()
-        spec = {"model": request["draft"], "method": "eagle3", "num_speculative_tokens": k} if k else None
+        spec = speculative_config(_draft_config(request["draft"]), request["draft"], k) if k else None
         llm = LLM(model=request["verifier"], speculative_config=spec, **kwargs)
         engine_start = time.perf_counter() - t0
         llm.generate(  # warm-up

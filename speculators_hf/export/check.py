@@ -1,4 +1,5 @@
-"""What vLLM's EAGLE-3 loader reads, checked before a draft is exported or uploaded.
+"""What vLLM's EAGLE-3 loader reads, checked before a draft is exported or uploaded (a `peagle` draft, for parallel
+drafting: also its `mask_token_id` and `mask_hidden` tensor `[1, fc input size]`, without which vLLM refuses it).
 
 `check_checkpoint` compares `config.json` and the weights with exactly what vLLM's eagle3 speculators loader reads
 (names, shapes, dtypes, config keys), with the vocabulary mapping, and refuses weights holding NaN/inf; vLLM itself
@@ -38,6 +39,8 @@ _TORCH_DTYPES = {
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+# speculators_model_type values vLLM 0.32 serves from our drafts: chained, and parallel drafting (P-EAGLE).
+SERVED_MODEL_TYPES = ("eagle3", "peagle")
 # transformer_layer_config keys vLLM builds the draft decoder from.
 LAYER_KEYS = (
     "model_type",
@@ -106,6 +109,8 @@ def expected_tensors(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
         out |= {f"fc_norm.{i}.weight": ((Ht,), "float") for i in range(fused // Ht)}
     if Vd != V:
         out |= {"d2t": ((Vd,), "int64"), "t2d": ((V,), "bool")}
+    if config.get("speculators_model_type") == "peagle":  # parallel drafting: the mask slots' aux state
+        out["mask_hidden"] = ((1, fused), "float")
     return out
 
 
@@ -153,8 +158,13 @@ def _config_problems(config: dict) -> tuple[list[str], list[str]]:
     errors, warnings = _type_problems(config), []
     if errors:
         return errors, warnings
-    if config.get("speculators_model_type") != "eagle3":
-        errors.append(f"speculators_model_type is {config.get('speculators_model_type')!r}, vLLM needs 'eagle3'")
+    kind = config.get("speculators_model_type")
+    if kind not in SERVED_MODEL_TYPES:
+        errors.append(f"speculators_model_type is {kind!r}, vLLM needs 'eagle3' (or 'peagle': parallel drafting)")
+    if kind == "peagle":  # vLLM 0.32 reads the mask slots' token id (its `pard_token`) and refuses a config without
+        mask, vocab = config.get("mask_token_id"), (config.get("transformer_layer_config") or {}).get("vocab_size")
+        if not isinstance(mask, int) or isinstance(mask, bool) or not 0 <= mask < (vocab or mask + 1):
+            errors.append(f"mask_token_id is {json.dumps(mask)}: a peagle draft needs its mask slots' token id")
     spec = config.get("speculators_config") or {}
     methods = spec.get("proposal_methods") or [{}]
     if not methods[0].get("speculative_tokens"):

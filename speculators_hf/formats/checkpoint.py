@@ -71,6 +71,15 @@ def vllm_serves_eagle3(verifier_architectures: list[str] | None) -> bool:
     return any(arch in VLLM_EAGLE3_VERIFIERS for arch in verifier_architectures or ())
 
 
+def speculative_config(config: dict, model: str, num_speculative_tokens: int) -> dict:
+    """vLLM's `speculative_config` that serves the draft `model` whose `config.json` is `config`: method eagle3, and
+    `parallel_drafting` for a `peagle` draft (without it vLLM runs that draft chained, its `mask_hidden` unread)."""
+    spec = {"model": model, "method": "eagle3", "num_speculative_tokens": num_speculative_tokens}
+    if config.get("speculators_model_type") == "peagle":
+        spec["parallel_drafting"] = True
+    return spec
+
+
 def read_config(path: str | Path) -> dict:
     """A checkpoint's `config.json` (a JSON object)."""
     return read_json(Path(path) / CONFIG, fix=FIX)

@@ -19,6 +19,7 @@ from ..formats.checkpoint import (
     TRAINING_CONFIG,
     read_config,
     read_training_record,
+    speculative_config,
     training_record,
 )
 from ..validation import bad_file, describe, read_json_if_exists
@@ -106,7 +107,7 @@ def serve_commands(checkpoint: str | Path, repo_id: str) -> tuple[list[str], str
             "rerun evaluate --grid, or delete the card",
         )
     k = recommendation["num_speculative_tokens"] if recommendation else k_config
-    spec = json.dumps({"model": repo_id, "method": "eagle3", "num_speculative_tokens": k})
+    spec = json.dumps(speculative_config(config, repo_id, k))
     commands = [f"vllm serve {repo_id}", f"vllm serve {verifier} --speculative-config '{spec}'"]
     note = (
         f"The first form reads the verifier and the number of speculative tokens ({k_config}) from this repo's "

@@ -37,6 +37,14 @@ TRAINING_FIELDS = (
     "verifier_name_or_path",
     "verifier_architectures",
 )
+# Parallel drafting (P-EAGLE): written only for a parallel draft (`speculators_model_type` "peagle"), so that a chained
+# draft's config.json stays what it was.
+PARALLEL_FIELDS = ("parallel_drafting", "mask_token_id")
+# vLLM 0.32's peagle reader copies only some EAGLE-3 fields from the top level (not these): they go into
+# `transformer_layer_config` too, which it builds the draft's config from.
+PEAGLE_LAYER_FIELDS = ("fc_norm", "norm_output")
+# `speculators_model_type` "peagle": the architecture vLLM 0.32 maps each draft layer type to.
+PEAGLE_ARCHITECTURES = {"llama": "PeagleLlamaForCausalLM", "qwen3": "PeagleQwen3ForCausalLM"}
 # PreTrainedConfig bookkeeping that belongs at the top level, never inside `transformer_layer_config`.
 TOP_LEVEL_KEYS = (
     "architectures",
@@ -150,6 +158,14 @@ def check_eagle3_fields(draft_vocab_size, vocab_size, aux_layer_ids, verifier_nu
         raise UserError(f"speculative_tokens must be >= 1, got {speculative_tokens}")
 
 
+def check_parallel_fields(parallel_drafting: bool, mask_token_id, vocab_size: int) -> None:
+    if parallel_drafting and not (isinstance(mask_token_id, int) and 0 <= mask_token_id < vocab_size):
+        raise UserError(
+            f"mask_token_id {mask_token_id!r}: a parallel draft needs the id of its mask slots' token, in "
+            f"[0, vocab_size={vocab_size})."
+        )
+
+
 @strict
 class Eagle3Config(LlamaConfig):
     r"""
@@ -176,6 +192,11 @@ class Eagle3Config(LlamaConfig):
         verifier_name_or_path (`str`): hub id (preferred) or path of the verifier; vLLM's auto mode serves it.
         verifier_architectures (`list[str]`): the verifier's architectures.
         verifier_num_hidden_layers (`int`): the verifier's decoder layer count (to validate aux ids).
+        parallel_drafting (`bool`): P-EAGLE: the draft proposes its K tokens in one forward pass, from the real
+            context plus K - 1 mask slots (token `mask_token_id`, aux state the learned `mask_hidden`); written as
+            `speculators_model_type` "peagle", which vLLM serves with `parallel_drafting` (see `modeling_eagle3`).
+        mask_token_id (`int`, *optional*): the token id of the mask slots (parallel drafting; any verifier id: the
+            slots are told apart by `mask_hidden` and their positions).
     """
 
     model_type = "speculators"  # what vLLM maps speculators-format checkpoints to
@@ -194,6 +215,8 @@ class Eagle3Config(LlamaConfig):
     verifier_name_or_path: str | None = None
     verifier_architectures: list[str] | None = None
     verifier_num_hidden_layers: int | None = None
+    parallel_drafting: bool = False
+    mask_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.draft_vocab_size is None:
@@ -216,6 +239,7 @@ class Eagle3Config(LlamaConfig):
             self.verifier_num_hidden_layers,
             self.speculative_tokens,
         )
+        check_parallel_fields(self.parallel_drafting, self.mask_token_id, self.vocab_size)
 
     @property
     def num_aux_layers(self) -> int:
@@ -282,6 +306,7 @@ class Eagle3Config(LlamaConfig):
         check_eagle3_fields(
             draft_vocab_size or text.vocab_size, text.vocab_size, aux_layer_ids, n, kwargs.get("speculative_tokens", 3)
         )
+        check_parallel_fields(kwargs.get("parallel_drafting", False), kwargs.get("mask_token_id"), text.vocab_size)
         return cls(
             **{**shape, **kwargs},
             num_hidden_layers=num_hidden_layers,
@@ -301,17 +326,23 @@ class Eagle3Config(LlamaConfig):
         top = {k: flat.pop(k) for k in TOP_LEVEL_KEYS if k in flat}
         eagle = {k: flat.pop(k) for k in EAGLE3_FIELDS}
         training = {k: flat.pop(k) for k in TRAINING_FIELDS}
+        parallel = {k: flat.pop(k) for k in PARALLEL_FIELDS}
         layer = {k: v for k, v in flat.items() if k not in LAYER_CONFIG_DROP}
         layer["model_type"] = training["draft_layer_type"]  # vLLM: llama -> Eagle3Llama, qwen3 -> Eagle3Qwen3
         if layer.get("sliding_window"):
             layer["layer_types"] = ["sliding_attention"] * layer["num_hidden_layers"]
         else:
             layer.pop("sliding_window", None)
+        algorithm, extra = "eagle3", {}
+        if parallel["parallel_drafting"]:  # vLLM 0.32: "peagle" -> method eagle3 + parallel_drafting
+            algorithm, extra = "peagle", {"mask_token_id": parallel["mask_token_id"]}
+            top["architectures"] = [PEAGLE_ARCHITECTURES[training["draft_layer_type"]]]
+            layer |= {k: eagle[k] for k in PEAGLE_LAYER_FIELDS}
         return {
             **top,
-            "speculators_model_type": "eagle3",
+            "speculators_model_type": algorithm,
             "speculators_config": {
-                "algorithm": "eagle3",
+                "algorithm": algorithm,
                 "default_proposal_method": "greedy",
                 "proposal_methods": [
                     {
@@ -328,6 +359,7 @@ class Eagle3Config(LlamaConfig):
             },
             "transformer_layer_config": layer,
             **eagle,
+            **extra,
             "train_lm_head": training["train_lm_head"],
             "verifier_num_hidden_layers": training["verifier_num_hidden_layers"],
             "tie_word_embeddings": False,
@@ -355,6 +387,7 @@ def flatten_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
     draft_layer_type = layer.pop("model_type", None) or "llama"
     layer.pop("layer_types", None)  # all "sliding_attention" exactly when sliding_window is set
     spec = d.pop("speculators_config", None) or {}
+    parallel = d.get("speculators_model_type") == "peagle"
     methods = spec.get("proposal_methods") or [{}]
     verifier = spec.get("verifier") or {}
     for key in ("speculators_model_type", "speculators_version", "model_type", "auto_map", "torch_dtype"):
@@ -364,5 +397,10 @@ def flatten_config_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
     out.setdefault("speculative_tokens", methods[0].get("speculative_tokens", 3))
     out.setdefault("verifier_name_or_path", verifier.get("name_or_path"))
     out.setdefault("verifier_architectures", verifier.get("architectures"))
-    out.setdefault("norm_before_residual", True)  # vLLM's default when the key is missing
+    # vLLM's default when the key is missing (its peagle reader defaults to False)
+    out.setdefault("norm_before_residual", not parallel)
+    if parallel:
+        out["parallel_drafting"] = True
+        if out.get("architectures") == [PEAGLE_ARCHITECTURES.get(draft_layer_type)]:
+            out["architectures"] = ["Eagle3DraftModel"]
     return out

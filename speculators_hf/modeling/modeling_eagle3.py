@@ -10,6 +10,31 @@ One draft step (`Eagle3DraftModel.forward`):
     out = lm_head(norm(h))                                 draft vocab        [B, T, Vd]
 
 Draft index `j` is verifier token `j + d2t[j]`. Names and shapes match what vLLM's `Eagle3LlamaForCausalLM` loads.
+
+Chained drafting (EAGLE-3) runs K such steps per proposal, each fed the previous step's token and output state.
+
+Parallel drafting (P-EAGLE, `config.parallel_drafting`) proposes all K tokens in ONE forward pass. What vLLM 0.32
+computes (`v1/spec_decode/llm_base_proposer.py`: `set_inputs_first_pass` with `parallel_drafting`, the
+`copy_and_expand_eagle_inputs_kernel` of `v1/spec_decode/utils.py`; `llama_eagle3.py` loads `mask_hidden`), in the
+row notation of training (row s = verifier state g_s with token x_{s+1}, position s), when the verifier has just
+accepted up to position t and sampled x_{t+1}:
+
+    slot          token id         input state                  position   attends to              predicts
+    row s <= t    x_{s+1}          fc(g_s)                      s          rows <= s               (KV only, s < t)
+    row t         x_{t+1} (bonus)  fc(g_t)                      t          rows <= t               x_{t+2}  (d_1)
+    mask slot i   mask_token_id    fc(mask_hidden)              t + i      rows <= t, slots <= i   x_{t+2+i} (d_{i+1})
+    (i = 1..K-1)
+
+`fc(.)` is the whole fusion (`fuse`: `input_norm`/`fc_norm` then `fc`), applied to the learned `mask_hidden`
+`[1, num_aux * Ht]` exactly as to real aux states (vLLM: `combine_hidden_states(mask_hidden)`). Attention is plain
+causal over the request's slots; the K outputs of rows t, t+1.., t+K-1 are sampled at once (greedy: argmax, mapped
+through `d2t`); the output state is not carried anywhere. The mask slots' keys/values land at positions t+1..t+K-1
+and are overwritten in the next step by the real rows of the accepted tokens (rejected ones are padding), so every
+proposal reads keys of real rows only, besides its own mask slots.
+
+Training therefore reuses the TTT layout (`losses`): step 0 is the real rows; step k (1..K-1) is mask slot k of
+every row t at once (token `mask_token_id`, state `fc(mask_hidden)`, position t + k), under the TTT step-k mask (rows
+<= t of step 0 plus its own position in steps 1..k: exactly "rows <= t, slots <= i"), compared with target row t + k.
 """
 
 from __future__ import annotations
@@ -150,6 +175,8 @@ class Eagle3PreTrainedModel(PreTrainedModel):
             module.d2t.zero_()
             module.t2d.zero_()
             module.t2d[: module.config.draft_vocab_size] = True
+        if isinstance(module, Eagle3DraftModel) and module.mask_hidden is not None:
+            module.mask_hidden.normal_(0.0, 1.0)  # the scale of real aux states, which the verifier's norms keep ~1
 
 
 def check_local_checkpoint(path, config_given: bool = False) -> None:
@@ -206,6 +233,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         self.norm = LlamaRMSNorm(H, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(H, Vd, bias=False)
         self.lm_head.weight.requires_grad_(config.train_lm_head)
+        # Parallel drafting: the aux state of every mask slot (learned; vLLM fuses it like a real one)
+        self.mask_hidden = nn.Parameter(torch.zeros(1, fused)) if config.parallel_drafting else None
         self.rotary_emb = LlamaRotaryEmbedding(config)
 
         # Draft -> verifier vocabulary: target id = j + d2t[j]; t2d marks the verifier ids in the draft vocabulary.
@@ -255,6 +284,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         verifier_last_hidden_states: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
         loss_step_weights: list[float] | None = None,
+        mask_slots: bool = False,
         **kwargs,
     ) -> Eagle3Output:
         """One draft step, or (with `ttt_hidden_states`) the training loss of K draft steps.
@@ -278,9 +308,15 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             loss_mask (`torch.BoolTensor` of shape `[K, B, T]`): loss mode: the rows each step counts
                 (`losses.ttt_valid_rows`).
             loss_step_weights (K floats, *optional*): loss mode: step k's weight (e.g. `decay**k`; default 1).
+            mask_slots (`bool`): parallel drafting: every position is a mask slot (token `mask_token_id`, state
+                `fuse(mask_hidden)`); `position_ids` (required) give the shape, no ids or states are passed.
         """
         if ttt_hidden_states is not None:
             return self._ttt_loss(ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights)
+        if mask_slots:  # built here, inside forward: wrappers (FSDP) have mask_hidden and fc gathered
+            if input_ids is not None or aux_hidden_states is not None or hidden_states is not None:
+                raise ValueError("`mask_slots` builds its own inputs: pass `position_ids` only.")
+            input_ids, hidden_states = self.mask_slot_inputs(position_ids.shape)
         if (aux_hidden_states is None) == (hidden_states is None):
             raise ValueError("Pass exactly one of `aux_hidden_states` (first step) and `hidden_states` (later steps).")
         if aux_hidden_states is not None:
@@ -313,6 +349,15 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             past_key_values=past_key_values,
             normed_hidden_states=normed,
         )
+
+    def mask_slot_inputs(self, shape: tuple[int, ...]) -> tuple[torch.LongTensor, torch.Tensor]:
+        """Parallel drafting: the token ids `shape` (`mask_token_id`) and input states `[*shape, H]`
+        (`fuse(mask_hidden)`) of mask slots."""
+        if self.mask_hidden is None:
+            raise ValueError("This draft has no mask slots (config.parallel_drafting is False).")
+        ids = torch.full(shape, self.config.mask_token_id, dtype=torch.long, device=self.mask_hidden.device)
+        hidden = self.fuse(self.mask_hidden.to(self.fc.weight.dtype))  # [1, H]
+        return ids, hidden.expand(*shape, hidden.shape[-1])
 
     def _ttt_loss(self, ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights) -> Eagle3Output:
         if verifier_last_hidden_states is None or loss_mask is None:
@@ -368,9 +413,17 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         """Greedily draft `num_tokens` tokens after the prompt, returned as verifier token ids `[B, num_tokens]`.
 
         `input_ids[:, t]` is the token after verifier state `aux_hidden_states[:, t]` (the inputs are shifted by one,
-        as in training). Pass the returned cache back in to extend a draft incrementally; the caller crops it.
+        as in training). Pass the returned cache back in to extend a draft incrementally; the caller crops it (a
+        parallel draft leaves its mask slots' keys after the rows: crop to the rows fed with verifier states).
+        A parallel draft (`config.parallel_drafting`) drafts all tokens in one forward pass, as vLLM does (module
+        docstring); a chained one runs one step per token.
         """
         past_key_values = past_key_values if past_key_values is not None else DynamicCache(config=self.config)
+        if self.config.parallel_drafting:
+            logits, past_key_values = self.parallel_logits(
+                input_ids, aux_hidden_states, num_tokens, past_key_values, position_ids
+            )
+            return self.draft_to_target_ids(logits.argmax(-1)), past_key_values  # [B, K]
         out = self(
             input_ids,
             aux_hidden_states=aux_hidden_states,
@@ -387,6 +440,35 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
                     next_ids, hidden_states=out.hidden_states[:, -1:], past_key_values=past_key_values, use_cache=True
                 )
         return torch.cat(tokens, dim=1), past_key_values
+
+    @torch.no_grad()
+    def parallel_logits(
+        self,
+        input_ids: torch.LongTensor,
+        aux_hidden_states: torch.Tensor,
+        num_tokens: int,
+        past_key_values: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
+    ) -> tuple[torch.Tensor, Cache]:
+        """Parallel drafting as vLLM computes it (module docstring): one causal forward over the rows (`input_ids`,
+        `aux_hidden_states` as in `draft`) and `num_tokens - 1` mask slots after them, positions continuing the
+        rows'. Returns the draft logits of the last row and the slots `[B, num_tokens, Vd]` (draft token i from
+        output i) and the cache, which holds the slots' keys after the rows'."""
+        B, T = input_ids.shape
+        past_key_values = past_key_values if past_key_values is not None else DynamicCache(config=self.config)
+        mask_ids, mask_states = self.mask_slot_inputs((B, num_tokens - 1))
+        states = torch.cat([self.fuse(aux_hidden_states), mask_states.to(aux_hidden_states.dtype)], dim=1)
+        if position_ids is not None:
+            later = position_ids[:, -1:] + torch.arange(1, num_tokens, device=position_ids.device)
+            position_ids = torch.cat([position_ids, later], dim=1)
+        out = self(
+            torch.cat([input_ids, mask_ids], dim=1),
+            hidden_states=states,  # [B, T + K - 1, H]
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=True,
+        )
+        return out.logits[:, T - 1 :], past_key_values
 
     # -------------------------------------------------------------------------------------------- vocab mapping
 

@@ -142,6 +142,17 @@ class Eagle3ModelArguments:
         default=None, metadata={"help": "Draft MLP width (default: the verifier's)."}
     )
     train_lm_head: bool = field(default=True, metadata={"help": "Train the draft lm_head."})
+    parallel_drafting: bool = field(
+        default=False,
+        metadata={
+            "help": "P-EAGLE: train the draft to propose its K (--ttt-steps) tokens in one forward pass (the real "
+            "context plus K-1 mask slots), exported as a 'peagle' draft that vLLM serves with parallel_drafting."
+        },
+    )
+    mask_token_id: int | None = field(
+        default=None,
+        metadata={"help": "Parallel drafting: the mask slots' token id (default: the verifier's pad, else EOS id)."},
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Run a verifier folder's own code (auto_map): only code you trust."},

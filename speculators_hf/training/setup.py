@@ -231,11 +231,32 @@ def attach_hybrid_cache(model_args: Eagle3ModelArguments, dataset, run) -> None:
         dataset.use_cache(folder, hybrid_cache_meta(Path(model_args.data_path), dataset))
 
 
+def mask_token_id(model_args: Eagle3ModelArguments, verifier_config) -> int:
+    """`--mask-token-id`, else the verifier's pad id, else its (first) EOS id: the mask slots' token (its embedding is
+    the verifier's, frozen; `mask_hidden` and the positions tell the slots apart, so any id serves)."""
+    text = verifier_config.get_text_config()
+    vocab = text.vocab_size
+    if model_args.mask_token_id is not None:
+        if not 0 <= model_args.mask_token_id < vocab:
+            raise UserError(f"--mask-token-id {model_args.mask_token_id}: expected an id in [0, {vocab}).")
+        return model_args.mask_token_id
+    for candidate in (getattr(text, "pad_token_id", None), getattr(text, "eos_token_id", None)):
+        if isinstance(candidate, list):
+            candidate = candidate[0] if candidate else None
+        if isinstance(candidate, int) and 0 <= candidate < vocab:
+            return candidate
+    raise UserError("The verifier's config names no pad or EOS token id: pass --mask-token-id.")
+
+
 def build_draft(
-    model_args: Eagle3ModelArguments, train_dataset: PackedDataset, layer_ids: list[int] | None = None, seed: int = 42
+    model_args: Eagle3ModelArguments,
+    train_dataset: PackedDataset,
+    layer_ids: list[int] | None = None,
+    seed: int = 42,
+    ttt_steps: int | None = None,
 ) -> Eagle3DraftModel:
     """A new draft for the verifier (initialised with `seed`), checked against the data; flex attention on CUDA,
-    sdpa elsewhere."""
+    sdpa elsewhere. A parallel draft is served with the `ttt_steps` tokens it was trained to propose."""
     verifier_config = pretrained_config(
         model_args.verifier_name_or_path, "--verifier-name-or-path", trust_remote_code=model_args.trust_remote_code
     )
@@ -251,6 +272,11 @@ def build_draft(
     if mapping is not None:
         validate_vocab_mapping(*mapping, len(mapping[0]), verifier_config.get_text_config().vocab_size)
     d2t, t2d = mapping if mapping is not None else (None, None)
+    parallel = {}
+    if model_args.parallel_drafting:
+        parallel = dict(parallel_drafting=True, mask_token_id=mask_token_id(model_args, verifier_config))
+        if ttt_steps is not None:  # its mask slots beyond the trained ones would be untrained
+            parallel["speculative_tokens"] = ttt_steps
     set_seed(seed)
     shape = dict(
         hidden_size=model_args.draft_hidden_size,
@@ -271,6 +297,7 @@ def build_draft(
         train_lm_head=model_args.train_lm_head,
         trust_remote_code=model_args.trust_remote_code,
         **{k: v for k, v in shape.items() if v is not None},
+        **parallel,
     )
     model.set_attn_implementation("flex_attention" if torch.cuda.is_available() else "sdpa")
     return model

@@ -70,7 +70,7 @@ def train(
     # Data: datagen shards, packed into rows of --total-seq-len tokens; a held-out split for evaluation
     train_dataset, eval_dataset, layer_ids = build_datasets(model_args, args)
     # Draft: embedding, lm_head rows and final norm from the verifier; checked against the data and d2t/t2d
-    model = build_draft(model_args, train_dataset, layer_ids, seed=args.seed)
+    model = build_draft(model_args, train_dataset, layer_ids, seed=args.seed, ttt_steps=args.ttt_steps)
     # The run: what decides its weights, an explicit checkpoint's files, then the claim on --save-path
     pretrained = resolve_draft_folder(model_args.from_pretrained) if model_args.from_pretrained else None
     inputs = run_inputs(model, args, model_args.data_path, train_dataset.dataset, pretrained)

@@ -42,7 +42,41 @@ from .ttt_cache import TTTCache
 
 logger = get_logger(__name__)
 
-__all__ = ["TRAINING_CONFIG_FILE", "Eagle3Trainer"]
+__all__ = ["TRAINING_CONFIG_FILE", "Eagle3Trainer", "ttt_unroll"]
+
+
+def ttt_unroll(model, input_ids, aux, position_ids, attention_masks, parallel: bool = False) -> list[torch.Tensor]:
+    """The K steps of the training forward over one packed batch; returns each step's final-norm states `[B, S, H]`.
+
+    Chained (EAGLE-3): step k reads the ground-truth tokens shifted by k and the previous step's output state (not
+    detached). Parallel (`parallel`, P-EAGLE): step k >= 1 is mask slot k of every row (`mask_slots`: token
+    `mask_token_id`, state `fuse(mask_hidden)`), which vLLM computes for the proposal after row t (see
+    `modeling_eagle3`). Either way positions are + k and step k attends through `attention_masks[k]` (the TTT mask)
+    to the keys of steps 0..k: step k writes slot k and reads slots 0..k of every layer (replay-safe under gradient
+    checkpointing; no window eviction: the TTT masks, windowed ones too, index every step's keys).
+    """
+    cache = TTTCache()
+    hidden, states = None, []
+    for k, attention_mask in enumerate(attention_masks):
+        if parallel and k:
+            inputs = dict(mask_slots=True)
+        else:
+            inputs = dict(
+                input_ids=shift_for_step(input_ids, k),  # teacher forcing: ground truth shifted by k
+                aux_hidden_states=aux if k == 0 else None,
+                hidden_states=hidden,  # the previous step's output, not detached
+            )
+        out = model(
+            **inputs,
+            position_ids=position_ids + k,
+            attention_mask=attention_mask,
+            past_key_values=cache.step(k),
+            use_cache=True,
+            return_logits=False,
+        )
+        states.append(out.normed_hidden_states)  # [B, S, H]
+        hidden = out.hidden_states  # [B, S, H]
+    return states
 
 
 class Eagle3Trainer(Trainer):
@@ -132,24 +166,8 @@ class Eagle3Trainer(Trainer):
         if mode == "train":
             aux = add_uniform_noise(aux, self.args.hidden_states_noise)
 
-        # step k writes slot k and reads slots 0..k of every layer (replay-safe under gradient checkpointing; no
-        # window eviction: the TTT masks, windowed ones too, index every step's keys)
-        cache = TTTCache()
-        hidden, states = None, []
-        for k, attention_mask in enumerate(self._attention_masks(document_ids)):
-            out = model(
-                input_ids=shift_for_step(input_ids, k),  # teacher forcing: ground truth shifted by k
-                aux_hidden_states=aux if k == 0 else None,
-                hidden_states=hidden,  # the previous step's output, not detached
-                position_ids=position_ids + k,
-                attention_mask=attention_mask,
-                past_key_values=cache.step(k),
-                use_cache=True,
-                return_logits=False,
-            )
-            states.append(out.normed_hidden_states)  # [B, S, H]
-            hidden = out.hidden_states  # [B, S, H]
-
+        masks, parallel = self._attention_masks(document_ids), self.model.config.parallel_drafting
+        states = ttt_unroll(model, input_ids, aux, position_ids, masks, parallel)  # K x [B, S, H]
         K = len(states)
         valid = ttt_valid_rows(loss_mask, document_ids, K)  # [K, B, S]
         last = dequantize(
