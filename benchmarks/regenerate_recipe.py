@@ -6,7 +6,8 @@
 Each recipe runs `python -m speculators_hf.pipeline` (the embedded default: tiny peaked verifier, 360 chitchat chats,
 regenerate -> datagen -> vocab -> train -> evaluate -> export) in its own folder, once per training seed
 (`--train.seed`; regenerate, datagen and vocab are reused across seeds), with the transformers engine only
-(`--evaluate.engine transformers --evaluate.grid false`: greedy, K=3, the 12 held-out prompts). Recipes:
+(`--evaluate.engine transformers --evaluate.grid false`: greedy, K=3, the 12 held-out prompts); regeneration runs
+in vLLM (`--regenerate-backend`; greedy, the same chats as transformers). Recipes:
 
 - `end`: `--regenerate.after-truncation end --regenerate.max-new-tokens N` (the old recipe: a cut turn ends the chat),
 - `next-turn`: `--regenerate.after-truncation next-turn --regenerate.max-new-tokens N` (the cut turn is kept, marked,
@@ -36,10 +37,11 @@ RECIPES = {
 }
 
 
-def run_once(recipe: str, seed: int, max_new_tokens: int, out: Path) -> dict:
+def run_once(recipe: str, seed: int, max_new_tokens: int, out: Path, backend: str) -> dict:
     folder = out / recipe
     command = [sys.executable, "-m", "speculators_hf.pipeline", "--output-dir", str(folder), "--train.seed", str(seed)]
     command += ["--evaluate.engine", "transformers", "--evaluate.grid", "false", *RECIPES[recipe]]
+    command += ["--regenerate.backend", backend]
     if recipe != "unbounded":
         command += ["--regenerate.max-new-tokens", str(max_new_tokens)]
     start = time.perf_counter()
@@ -78,13 +80,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--out", default="/tmp/regenerate_recipe")
+    parser.add_argument(
+        "--regenerate-backend", default="vllm", help="vllm: same chats as transformers (greedy), faster on loaded CPUs"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for recipe in args.recipes:
         for seed in args.seeds:
-            row = run_once(recipe, seed, args.max_new_tokens, out)
+            row = run_once(recipe, seed, args.max_new_tokens, out, args.regenerate_backend)
             rows.append(row)
             with open(out / "runs.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -615,6 +615,15 @@ def test_after_a_cut_turn_the_rollout_goes_on_and_no_end_of_turn_is_trained():
     assert ids[edges[1]] == eos  # the template's <|im_end|> after the cut turn: in the context, not trained
     assert ids[edges[2] : edges[3]] == tokenizer("the end", add_special_tokens=False)["input_ids"] + [eos]
 
+    # A turn cut because the context is full ends the chat even with next-turn: nothing could follow it.
+    chat = [*TWO_TURNS, {"role": "user", "content": "more"}, {"role": "assistant", "content": "source"}]
+    config = RolloutConfig(tokenizer, Sampling(0.0, 1.0, 0, 0, (eos,), "greedy"), 64, 80, after_truncation="next-turn")
+    conv = Conversation("c", 0, chat, config)
+    while (request := conv.next_request()) is not None:
+        conv.accept(Generation(tokenizer("once upon a time", add_special_tokens=False)["input_ids"], "length"))
+    assert request is None and len(conv.turns) == 2 and conv.reason == "truncated at the token limit"
+    assert (conv.truncated_turns, conv.context_cut_turns) == (2, 1)  # the second had under 64 tokens of room
+
 
 def test_the_summary_line_counts_every_cut_turn_and_chat(peaked_verifier_path, tmp_path):
     """With `next-turn` a chat may hold several cut turns, and a chat whose only turn was cut and does not round-trip

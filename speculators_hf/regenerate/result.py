@@ -94,7 +94,7 @@ def summarize(records) -> dict:
         "dropped_turns": total("answered") - total("turns", ok),
         "truncated_turns": total("truncated_turns"),
         "answered_turns": total("answered"),
-        "context_cut_turns": total("context_full"),
+        "context_cut_turns": total("context_cut_turns"),
         "turns_not_round_trip": total("turns_not_round_trip"),
         "tool_call_stops": total("tool_call_stop", ok),
         "context_full": total("context_full", ok),

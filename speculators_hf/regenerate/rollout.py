@@ -78,6 +78,7 @@ class Conversation:
     status: str = "ok"  # ok | failed | skipped
     reason: str = ""  # why the rollout ended (or failed)
     truncated_turns: int = 0
+    context_cut_turns: int = 0  # of those, cut because the context was full (--max-model-len)
     answered: int = 0  # answers accepted from the engine (written or not)
     generated_tokens: int = 0
     tool_call_stop: bool = False
@@ -184,6 +185,7 @@ class Conversation:
         if truncated:
             self.truncated_turns += 1
             self.context_full = self.context_full or full
+            self.context_cut_turns += full
             if c.drop_truncated:
                 self._end("truncated (turn dropped: --drop-truncated)")
                 return
@@ -236,6 +238,7 @@ class Conversation:
             "answered": self.answered,  # answers the verifier gave: the output's turns and every dropped one
             "truncated": bool(self.truncated_turns),
             "truncated_turns": self.truncated_turns,
+            "context_cut_turns": self.context_cut_turns,
             "generated_tokens": self.generated_tokens,
             "trained_tokens": sum(len(t.trained_ids) for t in self.turns) if written else 0,
             "turns_not_round_trip": not_round_trip,
