@@ -87,8 +87,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for recipe in args.recipes:
-        for seed in args.seeds:
+    for seed in args.seeds:  # recipes interleaved: a run cut short still compares them seed for seed
+        for recipe in args.recipes:
             row = run_once(recipe, seed, args.max_new_tokens, out, args.regenerate_backend)
             rows.append(row)
             with open(out / "runs.jsonl", "a") as f:
