@@ -591,7 +591,7 @@ RAW_READERS = {
     ("training/trainer.py", 'open(probe, "wb")'): "exempt: a write (a probe of free space after a failed save)",
     ("regenerate/sampling.py", "GenerationConfig.from_pretrained("): "reader:generation-config",
     ("regenerate/rollout.py", "json.loads(value)"): "exempt: parses a tool call the model generated",
-    ("regenerate/sources.py", "json.loads(tools)"): "exempt: a row's tools string; unparsable tools are dropped",
+    ("datagen/sources.py", "json.loads(tools)"): "exempt: a row's tools string; unparsable tools are dropped",
     ("regenerate/hf_engine.py", "AutoModelForCausalLM.from_pretrained("): "reader:verifier-weights",
     ("regenerate/writer.py", "def open(self)"): "exempt: a definition",
     ("regenerate/writer.py", 'open(self.path, "a"'): "exempt: an append",

@@ -2,6 +2,8 @@
 
 import json
 import re
+from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
 from datasets import Dataset
@@ -154,3 +156,35 @@ def test_all_skipped_explains_the_template(tokenizer, tmp_path):
     # one short line; the rendered template (hundreds of characters on real templates) follows it as details
     assert "\n" not in str(err.value) and len(str(err.value)) < 200 and "im_start" not in str(err.value)
     assert re.search(r"roles \['user'\].*<\|im_start\|>user", err.value.details)
+
+
+def test_tool_turns_are_context_rendered_with_the_rows_tools(tokenizer, tmp_path):
+    """Tool results and assistant turns carrying `tool_calls` are rendered by a real template's tool branches (with
+    the row's `tools`) and not trained; the answer after them is. Before, such chats were skipped (unknown role)."""
+    vllm = find_spec("vllm")
+    if vllm is None:
+        pytest.skip("the template ships inside the vllm wheel")
+    # Qwen3's published chat template (tools, <tool_call>, <tool_response>), as vLLM ships it for MiniCPM-V 4.5
+    template = Path(vllm.submodule_search_locations[0], "transformers_utils/chat_templates/template_minicpmv45.jinja")
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "18C and sunny", "tool_call_id": "1", "name": "get_weather"},
+        {"role": "assistant", "content": "It is 18C and sunny."},
+    ]
+    path = tmp_path / "chats.jsonl"  # with a plain chat: Arrow gives its turns the tool keys, as None
+    path.write_text(
+        json.dumps({"messages": messages, "tools": tools}) + "\n" + json.dumps({"messages": CHAT[:3]}) + "\n"
+    )
+    tokenized, stats = tokenize_dataset(
+        load_source(str(path)), tokenizer, 4096, template.read_text(), cache_dir=str(tmp_path / "cache")
+    )
+    assert stats["num_skipped"] == 0
+    ids, mask = tokenized[0]["input_ids"], tokenized[0]["loss_mask"]
+    text = tokenizer.decode(ids)
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text  # the row's tools
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert "<|im_start|>user\n<tool_response>\n18C and sunny\n</tool_response><|im_end|>" in text
+    assert tokenizer.decode([t for t, m in zip(ids, mask) if m]) == "It is 18C and sunny.<|im_end|>"

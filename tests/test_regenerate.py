@@ -20,7 +20,14 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
-from speculators_hf.datagen import DatagenArguments, ShardDataset, build_dataset, tokenize_conversation
+from speculators_hf.datagen import (
+    DatagenArguments,
+    ShardDataset,
+    build_dataset,
+    normalize_messages,
+    tokenize_conversation,
+)
+from speculators_hf.datagen.sources import chat_tools
 from speculators_hf.regenerate import Generation, RegenerateArguments, make_engine, prepare, run
 from speculators_hf.regenerate.rollout import Conversation, RolloutConfig
 from speculators_hf.regenerate.sampling import Sampling
@@ -379,24 +386,27 @@ def test_non_canonical_tokens_are_cut_and_counted():
     assert record["status"] == "failed" and "round-trips" in record["reason"]
 
 
+TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+TOOL_CHAT = [
+    {"role": "user", "content": "weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+    {"role": "tool", "content": "18C and sunny", "tool_call_id": "1"},
+    {"role": "assistant", "content": "It is 18C."},
+]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def answer_with(city):
+    def answer(k):
+        if k == 0:
+            return f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>'
+        return "Sunny, 18 degrees."
+
+    return answer
+
+
 def test_tool_calls_splice_the_cached_result_or_stop():
-    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-    messages = [
-        {"role": "user", "content": "weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [call]},
-        {"role": "tool", "content": "18C and sunny", "tool_call_id": "1"},
-        {"role": "assistant", "content": "It is 18C."},
-    ]
-
-    def answer_with(city):
-        def answer(k):
-            if k == 0:
-                return f'<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>'
-            return "Sunny, 18 degrees."
-
-        return answer
-
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages, tools = TOOL_CHAT, TOOLS
     conv, record, prompts, _ = rollout(messages, answer_with("Paris"), tools=tools)
     roles = [m["role"] for m in record["row"]["messages"]]
     assert roles == ["user", "assistant", "tool", "assistant"] and "18C and sunny" in prompts[1]
@@ -406,6 +416,18 @@ def test_tool_calls_splice_the_cached_result_or_stop():
     _, record, prompts, _ = rollout(messages, answer_with("Rome"), tools=tools)
     assert len(prompts) == 1 and [m["role"] for m in record["row"]["messages"]] == ["user", "assistant"]
     assert record["stats"]["tool_call_stop"] is True
+
+
+def test_a_regenerated_tool_calling_chat_trains_in_datagen():
+    """The regenerated row keeps the spliced tool result as context: datagen reads it (role `tool`, the row's
+    `tools` to the template) and trains exactly the two answers the verifier produced."""
+    conv, record, _, tokenizer = rollout(TOOL_CHAT, answer_with("Paris"), tools=TOOLS)
+    row = json.loads(json.dumps(record["row"]))  # as datagen reads it from the file
+    result = tokenize_conversation(tokenizer, normalize_messages(row), 4096, None, chat_tools(row))
+    assert result["skip_reason"] == ""
+    trained = [t for t, m in zip(result["input_ids"], result["loss_mask"]) if m]
+    assert trained == conv.turns[0].token_ids + conv.turns[1].token_ids
+    assert "18C and sunny" in tokenizer.decode(result["input_ids"])
 
 
 # -------------------------------------------------------------------------------------------------- servers
@@ -561,6 +583,71 @@ def test_the_summary_counts_every_dropped_turn(peaked_verifier_path, tmp_path):
     assert "1 turns written, 1 dropped (1 cut: not round-tripping" in result.line()
     config = json.loads((tmp_path / "out.regenerate_config.json").read_text())
     assert config["counts"]["turns_not_round_trip"] == 1 and config["counts"]["dropped_turns"] == 1
+
+
+def test_after_a_cut_turn_the_rollout_goes_on_and_no_end_of_turn_is_trained():
+    """`--after-truncation next-turn`: a turn cut at --max-new-tokens is kept, marked, and the next user turn is
+    answered; datagen trains the cut turn's tokens but not the `<|im_end|>` the template appends (never produced)."""
+    tokenizer = build_tokenizer()
+    eos = tokenizer.eos_token_id
+    script = [("once upon a time there", "length"), ("the end", "stop")]
+    rows = {}
+    for after in ("next-turn", "end"):
+        config = RolloutConfig(tokenizer, Sampling(0.0, 1.0, 0, 0, (eos,), "greedy"), 64, 1024, after_truncation=after)
+        conv = Conversation("c", 0, TWO_TURNS, config)
+        while conv.next_request() is not None:
+            text, finish = script[len(conv.turns)]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            conv.accept(Generation(ids + [eos] * (finish == "stop"), finish))
+        record = conv.finalize()
+        rows[after] = record["row"]["messages"]
+        assert record["stats"]["truncated_turns"] == 1 and record["stats"]["turns_not_round_trip"] == 0
+    # the old recipe ends the chat at the cut turn; both mark it, and only it
+    assert [m["role"] for m in rows["end"]] == ["user", "assistant"] and rows["end"][1]["finish_reason"] == "length"
+    cut, user, answer = rows["next-turn"][1:]
+    assert cut == {"role": "assistant", "content": script[0][0], "finish_reason": "length"}
+    assert user == TWO_TURNS[2] and answer == {"role": "assistant", "content": "the end"}
+    result = tokenize_conversation(tokenizer, normalize_messages({"messages": rows["next-turn"]}), 4096)
+    ids, mask = result["input_ids"], result["loss_mask"]
+    edges = [t for t in range(1, len(mask)) if mask[t] != mask[t - 1]]  # start, end, start, end of the two spans
+    first = tokenizer(script[0][0], add_special_tokens=False)["input_ids"]
+    assert len(edges) == 4 and ids[edges[0] : edges[1]] == first
+    assert ids[edges[1]] == eos  # the template's <|im_end|> after the cut turn: in the context, not trained
+    assert ids[edges[2] : edges[3]] == tokenizer("the end", add_special_tokens=False)["input_ids"] + [eos]
+
+    # A turn cut because the context is full ends the chat even with next-turn: nothing could follow it.
+    chat = [*TWO_TURNS, {"role": "user", "content": "more"}, {"role": "assistant", "content": "source"}]
+    config = RolloutConfig(tokenizer, Sampling(0.0, 1.0, 0, 0, (eos,), "greedy"), 64, 80, after_truncation="next-turn")
+    conv = Conversation("c", 0, chat, config)
+    while (request := conv.next_request()) is not None:
+        conv.accept(Generation(tokenizer("once upon a time", add_special_tokens=False)["input_ids"], "length"))
+    assert request is None and len(conv.turns) == 2 and conv.reason == "truncated at the token limit"
+    assert (conv.truncated_turns, conv.context_cut_turns) == (2, 1)  # the second had under 64 tokens of room
+
+
+def test_the_summary_line_counts_every_cut_turn_and_chat(peaked_verifier_path, tmp_path):
+    """With `next-turn` a chat may hold several cut turns, and a chat whose only turn was cut and does not round-trip
+    leaves the output: the line counts both the cut turns (of all answered) and the chats they were in."""
+    chats = tmp_path / "chats.jsonl"
+    rows = [{"id": "kept", "messages": [{"role": "user", "content": "say hello"}]},
+            {"id": "gone", "messages": [{"role": "user", "content": "spell wonderful"}]},
+            {"id": "two", "messages": [{"role": "user", "content": "tell a story"},
+                                       {"role": "assistant", "content": "source answer"},
+                                       {"role": "user", "content": "go on"}]}]  # fmt: skip
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = AutoTokenizer.from_pretrained(peaked_verifier_path)
+    engine = Scripted(tokenizer, {"go on": ("and then", "length", True), "say hello": ("hello there", "stop", True),
+                                  "spell wonderful": ("absolutely wonderful", "length", False),
+                                  "tell a story": ("once upon", "length", True)})  # fmt: skip
+    args = make_args(peaked_verifier_path, chats, tmp_path / "out.jsonl", after_truncation="next-turn")
+    result = run(args, engine=engine)
+    assert (result.written, result.regenerated, result.truncated, result.turns) == (2, 1, 2, 3)
+    assert (result.truncated_turns, result.answered_turns, result.dropped_turns) == (3, 4, 1)
+    line = result.line()
+    assert "2 truncated" in line and "1 dropped (1 cut: not round-tripping" in line, line
+    assert "3 of 4 answered turns (75.0%) cut at --max-new-tokens 24 (0 for want of context)" in line, line
+    written = read_jsonl(tmp_path / "out.jsonl")
+    assert [m.get("finish_reason") for m in written[1]["messages"]] == [None, "length", None, "length"]
 
 
 def cli_argv(verifier, chats, out, *extra) -> list[str]:

@@ -11,6 +11,7 @@ with an unknown role or no content are skipped and counted.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,6 +37,14 @@ ROLE_ALIASES = {
     "model": "assistant",
     "system": "system",
 }
+# Tool results, read as context (never trained): the chat template renders them into the next prompt.
+TOOL_ROLES = {"tool": "tool", "function": "tool", "ipython": "tool", "observation": "tool"}
+# Keys a turn keeps for the chat template: an assistant turn's structured calls (context, not trained: the template
+# renders them, the model did not produce that text), a tool result's call id and tool name.
+TOOL_KEYS = ("tool_calls", "tool_call_id", "name")
+# `finish_reason: "length"` on an assistant turn (what `regenerate` writes on a turn cut at --max-new-tokens): its
+# tokens train, the end-of-turn token the template appends after it does not (the verifier never produced it).
+CUT = "length"
 MESSAGE_COLUMNS = ("messages", "conversations", "conversation")
 # An assistant turn's reasoning, under the names datasets use; templates read `reasoning_content` (Qwen3) or
 # `thinking` (gpt-oss), so a normalised message carries it under both.
@@ -144,12 +153,14 @@ def check_chat_rows(dataset: Dataset, label: str) -> None:
 
 
 def normalize_messages(row: dict) -> list[dict] | None:
-    """One row -> `[{"role", "content"}, ...]` with roles user/assistant/system, or None if a role is unknown, a turn
-    has no content, or there are no turns (such rows are skipped and counted).
+    """One row -> `[{"role", "content"}, ...]` with roles user/assistant/system/tool, or None if a role is unknown, a
+    turn has no content, or there are no turns (such rows are skipped and counted).
 
     Assistant turns with reasoning (`reasoning_content`, `thinking` or `reasoning`) also carry it as
-    `reasoning_content` and `thinking`, for the templates that render it. Raises `ChatRowError` for a row of the wrong
-    shape: turns that are not a list of objects, or a role, content or reasoning that is not a string.
+    `reasoning_content` and `thinking`, for the templates that render it. Tool turns (role `tool`, `function`,
+    `ipython` or `observation`) keep `tool_call_id` and `name`, assistant turns their `tool_calls` (content may then
+    be empty) and a cut marker (`finish_reason: "length"`). Raises `ChatRowError` for a row of the wrong shape: turns
+    that are not a list of objects, or a role, content or reasoning that is not a string.
     """
     turns = chat_turns(row)
     if not turns:
@@ -158,15 +169,33 @@ def normalize_messages(row: dict) -> list[dict] | None:
     for turn in turns:
         role = turn.get("role") if turn.get("role") is not None else turn.get("from")
         content = turn.get("content") if turn.get("content") is not None else turn.get("value")
-        role = ROLE_ALIASES.get(role.lower()) if role is not None else None
+        role = (ROLE_ALIASES.get(role.lower()) or TOOL_ROLES.get(role.lower())) if role is not None else None
+        if content is None and role == "assistant" and turn.get("tool_calls"):
+            content = ""
         if role is None or content is None:
             return None
         message = {"role": role, "content": content}
         reasoning = next((turn.get(key) for key in REASONING_KEYS if turn.get(key)), None)
         if role == "assistant" and reasoning:
             message["reasoning_content"] = message["thinking"] = reasoning
+        for key in TOOL_KEYS if role in ("assistant", "tool") else ():
+            if turn.get(key) is not None:  # (Arrow fills keys other rows have with None)
+                message[key] = turn[key]
+        if role == "assistant" and turn.get("finish_reason") == CUT:
+            message["finish_reason"] = CUT
         messages.append(message)
     return messages
+
+
+def chat_tools(row: dict) -> list | None:
+    """The row's `tools` (a list, or a JSON string of one) for the chat template; None when it has none."""
+    tools = row.get("tools") if isinstance(row, Mapping) else None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            return None
+    return tools if isinstance(tools, list) and tools else None
 
 
 def chat_turns(row) -> list[dict] | None:

@@ -13,6 +13,7 @@ BACKENDS = ("auto", "vllm", "transformers")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TURNS = ("all", "last")
 REASONING = ("keep", "strip", "disable")
+AFTER_TRUNCATION = ("end", "next-turn")
 # The range of every numeric flag: (flag, lower bound, whether the bound itself is allowed); None = the default.
 # Float flags must also be finite (a NaN passes every comparison).
 RANGES = (
@@ -135,9 +136,17 @@ class RegenerateArguments:
             "chat template (enable_thinking=False)."
         },
     )
+    after_truncation: str = field(
+        default="end",
+        metadata={
+            "help": "After a turn cut at --max-new-tokens (kept, marked `finish_reason: length`; datagen trains its "
+            "tokens but no end-of-turn token after it): `end` the conversation there, or go on to the `next-turn` "
+            "(the cut answer stays in the history). A turn cut because the context is full always ends it."
+        },
+    )
     drop_truncated: bool = field(
         default=False,
-        metadata={"help": "Drop a turn cut at --max-new-tokens (default: keep it and end the conversation there)."},
+        metadata={"help": "Drop a turn cut at --max-new-tokens and end the conversation there."},
     )
     batch_size: int = field(default=32, metadata={"help": "Prompts per `generate` call (transformers backend)."})
     chunk_size: int = field(
@@ -172,7 +181,13 @@ class RegenerateArguments:
     world_size: int = field(default=1, metadata={"help": "Internal (--data-parallel-size): number of replicas."})
 
     def __post_init__(self):
-        for flag, choices in (("backend", BACKENDS), ("dtype", DTYPES), ("turns", TURNS), ("reasoning", REASONING)):
+        for flag, choices in (
+            ("backend", BACKENDS),
+            ("dtype", DTYPES),
+            ("turns", TURNS),
+            ("reasoning", REASONING),
+            ("after_truncation", AFTER_TRUNCATION),
+        ):
             if getattr(self, flag) not in choices:
                 raise UserError(f"--{_flag(flag)} {getattr(self, flag)!r}: choose one of {', '.join(choices)}.")
         suffix = Path(self.output_path).suffix

@@ -30,7 +30,9 @@ class RegenerateResult:
     turns: int = 0  # assistant turns in the output
     dropped_turns: int = 0  # answered by the verifier but not in the output (cut, dropped, or in a failed chat)
     turns_not_round_trip: int = 0  # of those, cut because they do not round-trip through the chat template
-    truncated_turns: int = 0
+    truncated_turns: int = 0  # cut at the token limit (--max-new-tokens, or a full context), written or not
+    answered_turns: int = 0  # every answer the verifier gave (turns + dropped_turns)
+    context_cut_turns: int = 0  # of the truncated turns, those cut because the context was full (--max-model-len)
     tool_call_stops: int = 0
     context_full: int = 0
     generated_tokens: int = 0  # by the verifier, over every conversation
@@ -43,6 +45,7 @@ class RegenerateResult:
     seconds: float = 0.0  # this run's generation time
     reused: bool = False  # True: the recorded result of a finished run with the same inputs (nothing ran)
     max_model_len: int | None = None  # the longest conversation this run allowed
+    max_new_tokens: int | None = None
     replicas: int = 1
     reasons: dict = field(default_factory=dict)  # why conversations are not in the output (the 10 most common)
 
@@ -60,8 +63,11 @@ class RegenerateResult:
             f"regenerate complete: {self.conversations} conversations -> {self.regenerated} regenerated, "
             f"{self.truncated} truncated, {self.failed} failed, {self.skipped} skipped; {self.turns} turns written, "
             f"{self.dropped_turns} dropped ({self.turns_not_round_trip} cut: not round-tripping through the "
-            f"template), {self.tool_call_stops} tool-call stops; {self.tokens_per_second:.0f} generated tokens/s this "
-            f"run ({self.engine or 'nothing to generate'}) -> {self.output_path}"
+            f"template); {self.truncated_turns} of {self.answered_turns} answered turns "
+            f"({100 * self.truncated_turns / max(self.answered_turns, 1):.1f}%) cut at --max-new-tokens "
+            f"{self.max_new_tokens} ({self.context_cut_turns} for want of context), {self.tool_call_stops} tool-call "
+            f"stops; {self.tokens_per_second:.0f} generated tokens/s this run ({self.engine or 'nothing to generate'})"
+            f" -> {self.output_path}"
         )
 
 
@@ -87,6 +93,8 @@ def summarize(records) -> dict:
         "turns": total("turns", ok),
         "dropped_turns": total("answered") - total("turns", ok),
         "truncated_turns": total("truncated_turns"),
+        "answered_turns": total("answered"),
+        "context_cut_turns": total("context_cut_turns"),
         "turns_not_round_trip": total("turns_not_round_trip"),
         "tool_call_stops": total("tool_call_stop", ok),
         "context_full": total("context_full", ok),
@@ -111,6 +119,7 @@ def make_result(plan: Plan, summary: dict, this_run: dict) -> RegenerateResult:
         tokens_per_second=round(this_run["generated_tokens"] / max(this_run["seconds"], 1e-9), 1),
         seconds=this_run["seconds"],
         max_model_len=this_run.get("max_model_len"),
+        max_new_tokens=plan.args.max_new_tokens,
         replicas=this_run.get("replicas", 1),
     )
 
@@ -151,6 +160,7 @@ def provenance_record(plan: Plan, summary: dict, result: RegenerateResult) -> di
             "turns": args.turns,
             "reasoning": args.reasoning,
             "drop_truncated": args.drop_truncated,
+            "after_truncation": args.after_truncation,
             "shuffle": args.shuffle,
             "seed": args.seed,
         },

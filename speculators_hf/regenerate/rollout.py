@@ -12,7 +12,11 @@ assistant turn (token ids, with the verifier's chat template), `accept(generatio
 - Tool calls (rows with `tools`, `tool_calls` or `tool` turns): the model's call is parsed from its answer and compared
   with the source's call; when equal, the source's cached tool results are spliced in (tools never run), otherwise the
   conversation ends with the model's call.
-- A turn cut at the token limit ends the conversation (kept, or dropped with `--drop-truncated`).
+- A turn cut at `--max-new-tokens` is kept and marked `finish_reason: "length"` in the output (datagen trains its
+  tokens, not the end-of-turn token the template appends after it: the verifier never produced one). Then
+  `--after-truncation end` ends the conversation there; `next-turn` goes on to the next user turn, the cut answer in
+  the history as a client would send it back. `--drop-truncated` drops the cut turn and ends the conversation. A turn
+  cut because the context is full (`--max-model-len`) always ends it.
 - `finalize()` keeps only turns whose trained tokens round-trip through datagen's tokenisation (see `roundtrip`).
 """
 
@@ -23,6 +27,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 
+from ..datagen.sources import CUT
 from .generation import Generation, GenerationRequest
 from .roundtrip import keep_round_trip_turns
 from .sampling import Sampling
@@ -44,6 +49,7 @@ class RolloutConfig:
     reasoning: str = "keep"
     max_turns: int | None = None
     drop_truncated: bool = False
+    after_truncation: str = "end"  # or "next-turn"
     lock: threading.Lock = field(default_factory=threading.Lock)  # fast tokenizers are not safe across threads
 
 
@@ -72,6 +78,7 @@ class Conversation:
     status: str = "ok"  # ok | failed | skipped
     reason: str = ""  # why the rollout ended (or failed)
     truncated_turns: int = 0
+    context_cut_turns: int = 0  # of those, cut because the context was full (--max-model-len)
     answered: int = 0  # answers accepted from the engine (written or not)
     generated_tokens: int = 0
     tool_call_stop: bool = False
@@ -174,17 +181,21 @@ class Conversation:
         answer = strip_reasoning(text)
         trained_ids = ids[start:]
         truncated = generation.finish_reason == "length"
+        full = truncated and self._limit < c.max_new_tokens  # cut for want of room: nothing can follow
         if truncated:
             self.truncated_turns += 1
-            if self._limit < c.max_new_tokens:
-                self.context_full = True
+            self.context_full = self.context_full or full
+            self.context_cut_turns += full
             if c.drop_truncated:
                 self._end("truncated (turn dropped: --drop-truncated)")
                 return
-        self.messages.append({"role": "assistant", "content": answer if c.reasoning == "strip" else text})
+        message = {"role": "assistant", "content": answer if c.reasoning == "strip" else text}
+        if truncated:
+            message["finish_reason"] = CUT  # datagen trains no end-of-turn token after it
+        self.messages.append(message)
         self.history.append({"role": "assistant", "content": answer})
         self.turns.append(Turn(len(self.messages) - 1, self._prompt, ids, trained_ids, generation.finish_reason))
-        if truncated:
+        if truncated and (full or c.after_truncation == "end"):
             self._end("truncated at the token limit")
             return
         if self.tool_mode:
@@ -227,6 +238,7 @@ class Conversation:
             "answered": self.answered,  # answers the verifier gave: the output's turns and every dropped one
             "truncated": bool(self.truncated_turns),
             "truncated_turns": self.truncated_turns,
+            "context_cut_turns": self.context_cut_turns,
             "generated_tokens": self.generated_tokens,
             "trained_tokens": sum(len(t.trained_ids) for t in self.turns) if written else 0,
             "turns_not_round_trip": not_round_trip,

@@ -9,7 +9,9 @@ So every regenerated conversation is tokenised here exactly as datagen will, and
 - its masked span starts there and begins with the ids the verifier produced (`--reasoning strip`: the answer ids,
   after datagen's own skip of an inserted empty `<think></think>`).
 
-The span ends at the stop token (`<|im_end|>`): what a template appends after it is never generated and not trained.
+The span ends where the produced ids end: at the stop token (`<|im_end|>`), or, for a turn cut at the token limit
+(marked `finish_reason: "length"`), at its last token; what a template appends after that is never generated and not
+trained.
 A turn that does not round-trip is first retried without the turns after it (a template may render an earlier turn
 differently once a later one follows: Qwen3 drops its reasoning); if it still fails it is cut off with everything
 after it. Cut turns are counted.
@@ -22,28 +24,13 @@ from ..datagen.tokenize import tokenize_conversation
 NO_LIMIT = 1 << 62
 
 
-class _WithTools:
-    """A tokenizer whose chat template also receives `tools` (datagen's rendering, for rows that carry tools)."""
-
-    def __init__(self, tokenizer, tools):
-        self._tokenizer, self._tools = tokenizer, tools
-
-    def apply_chat_template(self, messages, **kwargs):
-        return self._tokenizer.apply_chat_template(messages, tools=self._tools, **kwargs)
-
-    def __call__(self, *args, **kwargs):
-        return self._tokenizer(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-
 def first_failing_turn(conversation) -> tuple[int | None, str]:
     """`(index of the first turn that does not round-trip, why)`, or `(None, "")` when all do."""
     c = conversation.config
-    tokenizer = _WithTools(c.tokenizer, conversation.tools) if conversation.tools else c.tokenizer
     end = conversation.turns[-1].message_index + 1
-    result = tokenize_conversation(tokenizer, conversation.messages[:end], NO_LIMIT, c.chat_template)
+    result = tokenize_conversation(
+        c.tokenizer, conversation.messages[:end], NO_LIMIT, c.chat_template, conversation.tools
+    )
     if result["skip_reason"]:
         return len(conversation.turns) - 1, result["skip_reason"]
     ids, mask = result["input_ids"], result["loss_mask"]
@@ -55,10 +42,12 @@ def first_failing_turn(conversation) -> tuple[int | None, str]:
         start = n
         while not exact_start and start < len(mask) and not mask[start]:
             start += 1
+        stop = start + len(expected)
         if (
             (n and mask[n - 1])
-            or ids[start : start + len(expected)] != expected
-            or not all(mask[start : start + len(expected)])
+            or ids[start:stop] != expected
+            or not all(mask[start:stop])
+            or any(mask[stop : stop + 1])
         ):
             return j, "the template or tokenizer turns the generated answer into other tokens"
     return None, ""

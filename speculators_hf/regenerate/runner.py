@@ -182,6 +182,7 @@ def _generate(plan: Plan, todo: list[int], engine: Engine) -> dict:
         reasoning=args.reasoning,
         max_turns=args.max_turns,
         drop_truncated=args.drop_truncated,
+        after_truncation=args.after_truncation,
     )
     store = PartialStore(plan.layout, args.rank).open()
     progress = Progress(len(todo), f"Regenerating ({engine.name})", disable=args.rank != 0)

@@ -6,9 +6,8 @@ import hashlib
 import json
 from collections import Counter
 
-from ..datagen.sources import MESSAGE_COLUMNS, ROLE_ALIASES, chat_turns, normalize_messages
+from ..datagen.sources import MESSAGE_COLUMNS, ROLE_ALIASES, TOOL_ROLES, chat_tools, chat_turns, normalize_messages
 
-TOOL_ROLES = {"tool": "tool", "function": "tool", "ipython": "tool", "observation": "tool"}
 ID_COLUMNS = ("id", "conversation_id", "prompt_id")
 
 
@@ -25,12 +24,7 @@ def source_conversation(row: dict) -> tuple[list[dict] | None, list | None]:
     Rows without tool turns go through datagen's `normalize_messages` unchanged. Rows with `tool_calls` or `tool`
     turns keep those (`tool_calls`, `tool_call_id`, `name`), and `tools` (a list, or a JSON string of one) is returned
     for the chat template."""
-    tools = row.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except ValueError:
-            tools = None
+    tools = chat_tools(row)
     turns = chat_turns(row)  # checked for shape (as every row was when the source was loaded)
     if not turns or not _has_tools(turns):
         return normalize_messages(row), tools or None
