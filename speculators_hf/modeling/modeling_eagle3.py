@@ -255,6 +255,9 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         verifier_last_hidden_states: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
         loss_step_weights: list[float] | None = None,
+        loss_function: str = "kl",
+        loss_temperature: float = 1.0,
+        loss_eta: float = losses.DEFAULT_LOSS_ETA,
         **kwargs,
     ) -> Eagle3Output:
         """One draft step, or (with `ttt_hidden_states`) the training loss of K draft steps.
@@ -278,9 +281,16 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             loss_mask (`torch.BoolTensor` of shape `[K, B, T]`): loss mode: the rows each step counts
                 (`losses.ttt_valid_rows`).
             loss_step_weights (K floats, *optional*): loss mode: step k's weight (e.g. `decay**k`; default 1).
+            loss_function, loss_temperature, loss_eta: loss mode: the per-row objective (`losses.LOSSES`; default
+                `kl`), the temperature of both distributions (default 1) and `kl_tv`'s eta.
         """
         if ttt_hidden_states is not None:
-            return self._ttt_loss(ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights)
+            objective = {}  # the default KL at T = 1: called exactly as before
+            if (loss_function, loss_temperature) != ("kl", 1.0):
+                objective = dict(loss=loss_function, temperature=loss_temperature, eta=loss_eta)
+            return self._ttt_loss(
+                ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights, **objective
+            )
         if (aux_hidden_states is None) == (hidden_states is None):
             raise ValueError("Pass exactly one of `aux_hidden_states` (first step) and `hidden_states` (later steps).")
         if aux_hidden_states is not None:
@@ -314,7 +324,9 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             normed_hidden_states=normed,
         )
 
-    def _ttt_loss(self, ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights) -> Eagle3Output:
+    def _ttt_loss(
+        self, ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights, **objective
+    ) -> Eagle3Output:
         if verifier_last_hidden_states is None or loss_mask is None:
             raise ValueError("The loss needs `verifier_last_hidden_states` and `loss_mask` with `ttt_hidden_states`.")
         loss, kl, agree = losses.fused_ttt_kl(
@@ -324,6 +336,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             self.verifier_logits,
             loss_mask,
             loss_step_weights,
+            **objective,
         )
         return Eagle3Output(loss=loss, step_kl=kl, step_agree=agree)
 

@@ -20,6 +20,7 @@ from transformers import TrainerState
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..formats.checkpoint import LOSS_KEYS
 from ..runstate import Claim, claim, fingerprint
 from ..utils import UserError, get_logger, write_json
 from ..validation import bad_file, describe, read_json, read_json_if_exists, safetensors_header, torch_load
@@ -159,6 +160,7 @@ def training_record(args, state, inputs: dict | None) -> dict:
     """`training_config.json` of a checkpoint or draft: the objective's settings, the held-out split (evaluation
     scores exactly those samples), where training stood, and the run's inputs."""
     keys = ("ttt_steps", "ttt_step_loss_decay", "loss_mask_alignment", "total_seq_len", "hidden_states_noise")
+    keys += LOSS_KEYS  # which objective: what evaluation and the model card say was trained
     record = {key: getattr(args, key) for key in keys}
     record["eval_split"] = args.eval_split  # the held-out samples: train_eval_split(n, eval_split, seed)
     record["eval_split_seed"] = args.data_seed or 0
