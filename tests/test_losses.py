@@ -222,6 +222,8 @@ def test_each_loss_equals_its_reference(loss, temperature, monkeypatch):
     def fused(states):
         return fused_ttt_kl(states, weight, verifier_rows, head, valid, decay, loss, temperature, eta)[:2]
 
+    shapes = saved_for_backward(lambda: fused([torch.tanh(u) for u in upstream]))
+    assert shapes and not [s for s in shapes if s.numel() >= T * weight.shape[0]]  # nothing of T x Vd kept
     results = []
     for fn in (fused, reference):
         value, per_row = fn([torch.tanh(u) for u in upstream])

@@ -19,7 +19,8 @@ softmax over the draft vocabulary and `q^k` the draft head's at step k, both at 
     tv      TV(p, q) = 1/2 sum_i |p_i - q_i|           acceptance at temperature T is alpha = 1 - TV(p_T, q_T)
     lk      -log alpha = -log(1 - TV(p, q))            LK's negative log-acceptance (arXiv 2602.23881)
     kl_tv   lambda KL(p || q) + (1 - lambda) TV(p, q),  lambda = exp(-eta * alpha), no gradient through lambda
-            (LK's adaptive hybrid: KL while the row's acceptance is low, TV as it grows; `eta` = `--loss-eta`)
+            (after LK's adaptive hybrid: KL while the row's acceptance is low, TV as it grows; `eta` = `--loss-eta`;
+            this per-row lambda schedule is ours: the summaries of the paper we could read name the form, not it)
 
 Their gradients w.r.t. the draft logits `z` (`q = softmax(z / T)`, `s = sign(q - p)`), formed in the chunk:
 
@@ -492,8 +493,9 @@ def fused_ttt_kl(
     KL by default, or another of `LOSSES` at a temperature; the module docstring gives the formulas).
 
     Target rows are visited in chunks: each chunk's verifier logits are computed once and serve every step whose
-    row `t` compares with them (row `t + k`), each step's draft logits for those rows are computed, and the KL, the
-    argmax agreement and the loss gradients (`scale * (softmax(q) - p)` pushed through the draft head) are taken
+    row `t` compares with them (row `t + k`), each step's draft logits for those rows are computed, and the per-row
+    loss, the argmax agreement and the loss gradients (for KL `scale * (softmax(q) - p)`; the module docstring gives
+    each loss's) pushed through the draft head are taken
     before the next chunk. Backward only scales the saved `[N, H]`/`[Vd, H]` gradients: no logits are kept or
     recomputed. Rows that do not count are skipped (neither head runs on them).
 
