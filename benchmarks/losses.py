@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from speculators_hf import evaluation, training
 from speculators_hf.evaluation import EvaluateArguments
 from speculators_hf.pipeline import Pipeline, PipelineArguments, compose
+from speculators_hf.tiny_kit import tiny_verifier
 
 RECIPES = {"kl": [], "tv": ["--loss", "tv"], "lk": ["--loss", "lk"], "kl_tv": ["--loss", "kl_tv"]}
 
@@ -38,9 +41,14 @@ def recipe_values(flags: list[str]) -> dict:
     return values
 
 
-def prepare(work_dir: Path) -> Pipeline:
-    """The embedded default's stages up to the vocabulary (each skipped when up to date)."""
+def prepare(work_dir: Path, *, run: bool = True) -> Pipeline:
+    """The embedded default's stages up to the vocabulary (each skipped when up to date); with `run=False` only the
+    pipeline's inputs, for a process that trains one recipe and seed after another process prepared the data."""
     pipeline = Pipeline(PipelineArguments(output_dir=str(work_dir)))
+    if not run:
+        pipeline.args.verifier = str(tiny_verifier("peaked"))
+        pipeline.args.eval_prompts = str(pipeline.out / "eval_chats.jsonl")
+        return pipeline
     pipeline.resolve_inputs()
     pipeline.regenerate()
     pipeline.datagen()
@@ -122,21 +130,40 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/losses"))
     parser.add_argument("--recipes", nargs="+", default=["kl", "tv", "kl_tv"], help="names or name=--flag value ...")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
+    parser.add_argument(
+        "--parallel", action="store_true", help="Prepare the data, then one process per recipe and seed."
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: RECIPE:SEED in this process, data prepared
     args = parser.parse_args()
     recipes = {}
     for recipe in args.recipes:
         name, _, flags = recipe.partition("=")
         recipes[name] = flags.split() if flags else RECIPES[name]
     out = args.work_dir / "losses.json"
+    if args.one:
+        name, seed = args.one.rsplit(":", 1)
+        record = run_one(prepare(args.work_dir, run=False), name, recipes[name], int(seed))
+        (args.work_dir / "losses" / f"{name}-s{seed}.json").write_text(json.dumps(record, indent=1))
+        return
     records = json.loads(out.read_text()) if out.exists() else []
     pipeline = prepare(args.work_dir)
-    for seed in args.seeds:  # seed-major: every recipe gets its first seed before any gets a third
-        for name, flags in recipes.items():
-            if any(r["recipe"] == name and r["seed"] == seed for r in records):
-                continue
-            records.append(run_one(pipeline, name, flags, seed))
-            out.write_text(json.dumps(records, indent=1))
-            print(table(records), flush=True)
+    todo = [
+        (name, seed)
+        for seed in args.seeds  # seed-major: every recipe gets its first seed before any gets a third
+        for name in recipes
+        if not any(r["recipe"] == name and r["seed"] == seed for r in records)
+    ]
+    if args.parallel:
+        argv = [sys.executable, __file__, "--work-dir", str(args.work_dir), "--recipes", *args.recipes]
+        procs = [subprocess.Popen([*argv, "--one", f"{name}:{seed}"]) for name, seed in todo]
+        if any(p.wait() for p in procs):
+            raise SystemExit("a run failed")
+        records += [json.loads((args.work_dir / "losses" / f"{n}-s{s}.json").read_text()) for n, s in todo]
+        out.write_text(json.dumps(records, indent=1))
+    for name, seed in [] if args.parallel else todo:
+        records.append(run_one(pipeline, name, recipes[name], seed))
+        out.write_text(json.dumps(records, indent=1))
+        print(table(records), flush=True)
     print(table([r for r in records if r["recipe"] in recipes and r["seed"] in args.seeds]))
 
 

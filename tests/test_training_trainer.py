@@ -295,6 +295,7 @@ def test_another_loss_trains_differently_and_is_recorded_and_fingerprinted(
     from speculators_hf.evaluation.card import build_eval_card, render_eval_card
     from speculators_hf.formats.checkpoint import training_objective
     from speculators_hf.hub.card import build_model_card
+    from speculators_hf.training.records import run_inputs
 
     argv = train_argv(peaked_verifier_path, peaked_data, tmp_path / "tv", "--max-steps", "1", "--loss", "tv")
     model_args, args = parse_args(argv)
@@ -307,9 +308,14 @@ def test_another_loss_trains_differently_and_is_recorded_and_fingerprinted(
     assert 0 < loss_tv < 3 and loss_tv != loss_kl  # TV <= 1 per step, K = 3 steps
     assert not torch.allclose(grads_tv["fc.weight"], grads_kl["fc.weight"])
 
+    # the objective's flags are fingerprinted where they change the weights: at today's KL at T = 1 they are left out
+    # (a run recorded before they existed resumes); eta only with kl_tv
+    inputs = run_inputs(trainer.model, args, peaked_data, train_ds)  # args.loss is kl here
+    assert not {"--loss", "--loss-temperature", "--loss-eta"} & set(inputs)
     assert main(argv) == 0
     record = json.loads((tmp_path / "tv" / "0" / "training_config.json").read_text())
     assert record["loss"] == "tv" and record["loss_temperature"] == 1.0 and record["run_inputs"]["--loss"] == "tv"
+    assert "--loss-eta" not in record["run_inputs"]
     objective = training_objective(tmp_path / "tv" / "0")
     assert objective == {"loss": "tv", "loss_temperature": 1.0, "loss_eta": 3.0}
     card = build_eval_card([], draft="d", verifier="v", dataset={}, objective=objective)

@@ -31,6 +31,7 @@ RUN_KEY = "train"  # the run's manifest: <save-path>/.speculators_hf/train.json
 TRAINING_CONFIG_FILE = "training_config.json"  # the record inside every checkpoint and draft
 RUN_FINGERPRINT_KEY, RUN_INPUTS_KEY = "run_fingerprint", "run_inputs"  # keys of training_config.json
 CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+DEFAULT_OBJECTIVE = {"loss": "kl", "loss_temperature": 1.0}  # the objective's flags a fingerprint leaves out at these
 
 # TrainingArguments fields that do not change the trained weights (a run may resume with other values).
 NOT_FINGERPRINTED = frozenset(
@@ -147,6 +148,11 @@ def run_inputs(model, args, data_path: str | Path, dataset) -> dict:
     """What decides the trained weights: data, the draft before training, the result-changing flags, world size."""
     vocab = None if model.d2t is None else hashlib.sha256(model.d2t.cpu().numpy().tobytes()).hexdigest()[:16]
     flags = {k: v for k, v in args.to_dict().items() if k not in NOT_FINGERPRINTED}
+    for key, default in DEFAULT_OBJECTIVE.items():  # today's KL at T = 1, what runs recorded before `--loss` trained:
+        if flags.get(key) == default:  # left out, so that those runs resume and their fingerprints stay the same
+            flags.pop(key)
+    if flags.get("loss", "kl") != "kl_tv":  # eta weighs nothing else
+        flags.pop("loss_eta", None)
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
     return {
         "data": data_fingerprint(data_path, dataset),
