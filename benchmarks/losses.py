@@ -5,10 +5,10 @@
 The embedded default's stages before training (regenerate, datagen, vocab) run once in `<work-dir>` (reused when up to
 date: the pipeline's own run state); then, per recipe and seed, the pipeline's training arguments with `--seed` and
 the recipe's flags (`kl` = today's default, `tv` = `--loss tv`, `name=--flag value ...` for any other) train a draft in
-`<work-dir>/losses/<recipe>-s<seed>/`, and the evaluation stage scores it: the transformers engine (exact acceptance
+`<work-dir>-losses/<recipe>-s<seed>/`, and the evaluation stage scores it: the transformers engine (exact acceptance
 rule) at K = 3 on the held-out prompts at T = 0 (tau) and T = 1 (tau and acceptance per position, seeded), and
-tau_sim on the held-out shards. Each run's numbers go to `<work-dir>/losses.json` as it finishes (a rerun skips the
-runs recorded there); the table gives mean and spread (min-max) per recipe.
+tau_sim on the held-out shards. Each run's numbers go to `<work-dir>-losses/losses.json` as it finishes (a rerun
+skips the runs recorded there); the table gives mean and spread (min-max) per recipe.
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ def recipe_values(flags: list[str]) -> dict:
     return values
 
 
+def runs_dir(work_dir: Path) -> Path:
+    """Where the recipes' runs go: beside the pipeline's folder (which holds only what the pipeline writes)."""
+    return work_dir.parent / f"{work_dir.name}-losses"
+
+
 def prepare(work_dir: Path, *, run: bool = True) -> Pipeline:
     """The embedded default's stages up to the vocabulary (each skipped when up to date); with `run=False` only the
     pipeline's inputs, for a process that trains one recipe and seed after another process prepared the data."""
@@ -57,7 +62,7 @@ def prepare(work_dir: Path, *, run: bool = True) -> Pipeline:
 
 
 def run_one(pipeline: Pipeline, name: str, flags: list[str], seed: int) -> dict:
-    folder = pipeline.out / "losses" / f"{name}-s{seed}"
+    folder = runs_dir(pipeline.out) / f"{name}-s{seed}"
     model_args, _ = pipeline.train_arguments()
     values = {
         **pipeline._values("train"),
@@ -139,11 +144,11 @@ def main() -> None:
     for recipe in args.recipes:
         name, _, flags = recipe.partition("=")
         recipes[name] = flags.split() if flags else RECIPES[name]
-    out = args.work_dir / "losses.json"
+    out = runs_dir(args.work_dir) / "losses.json"
     if args.one:
         name, seed = args.one.rsplit(":", 1)
         record = run_one(prepare(args.work_dir, run=False), name, recipes[name], int(seed))
-        (args.work_dir / "losses" / f"{name}-s{seed}.json").write_text(json.dumps(record, indent=1))
+        (runs_dir(args.work_dir) / f"{name}-s{seed}.json").write_text(json.dumps(record, indent=1))
         return
     records = json.loads(out.read_text()) if out.exists() else []
     pipeline = prepare(args.work_dir)
@@ -158,7 +163,7 @@ def main() -> None:
         procs = [subprocess.Popen([*argv, "--one", f"{name}:{seed}"]) for name, seed in todo]
         if any(p.wait() for p in procs):
             raise SystemExit("a run failed")
-        records += [json.loads((args.work_dir / "losses" / f"{n}-s{s}.json").read_text()) for n, s in todo]
+        records += [json.loads((runs_dir(args.work_dir) / f"{n}-s{s}.json").read_text()) for n, s in todo]
         out.write_text(json.dumps(records, indent=1))
     for name, seed in [] if args.parallel else todo:
         records.append(run_one(pipeline, name, recipes[name], seed))

@@ -1,5 +1,5 @@
-"""The training-time-test (TTT) objective: step masks, the fused draft head + loss (KL, TV, LK) of all steps, and the step
-metrics.
+"""The training-time-test (TTT) objective: step masks, the fused draft head + loss (KL, TV, LK) of all steps, and the
+step metrics.
 
 Notation (one packed row of `T` positions; `k` = TTT step, `0 <= k < K`):
 
