@@ -187,6 +187,55 @@ def test_fused_loss_equals_the_unfused_reference(chunk_rows, train_head, monkeyp
     assert not again[0].requires_grad and torch.equal(again[0], loss.detach()) and torch.equal(again[1], kl)
 
 
+def reference_objective(logits, target_logits, loss: str, temperature: float, eta: float) -> torch.Tensor:
+    """The plain per-row objective `[..., V] -> [...]` of `--loss` at a temperature, from its definition (autograd
+    differentiates it): KL, TV = 1/2 sum |p - q|, -log(1 - TV), lambda KL + (1 - lambda) TV with a constant lambda."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_q = F.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    log_p = F.log_softmax(target_logits.to(dtype) / temperature, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    tv = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    lam = torch.exp(-eta * (1 - tv)).detach()
+    return {"kl": kl, "tv": tv, "lk": -torch.log(1 - tv), "kl_tv": lam * kl + (1 - lam) * tv}[loss]
+
+
+@pytest.mark.parametrize(("loss", "temperature"), [("kl", 0.7), ("tv", 1.0), ("tv", 0.7), ("lk", 1.5), ("kl_tv", 0.7)])
+def test_each_loss_equals_its_reference(loss, temperature, monkeypatch):
+    """`--loss` tv, lk, kl_tv (and kl at a temperature): the fused value, per-row values and gradients (draft head
+    and states) of every step, with step decay, masked rows, packing and several chunks, equal the plain
+    computation on full `[B, T, Vd]` logits differentiated by autograd, in fp64."""
+    upstream, weight, verifier_rows, head, valid = ttt_case()
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", {"cpu": 3 * weight.shape[0]})  # 3 rows per chunk, a ragged last
+    weight.requires_grad_(True)
+    decay, eta = [0.8**k for k in range(len(valid))], 2.0
+    K, B, T = valid.shape
+
+    def reference(states):
+        targets, total, values = head(verifier_rows), 0.0, []
+        for k, state in enumerate(states):
+            value = reference_objective((state @ weight.T)[:, : T - k], targets[:, k:], loss, temperature, eta)
+            value = torch.cat([value, value.new_zeros(B, k)], dim=1) * valid[k]
+            total = total + decay[k] * value.sum() / valid[k].sum().clamp(min=1)
+            values.append(value)
+        return total, torch.stack(values)
+
+    def fused(states):
+        return fused_ttt_kl(states, weight, verifier_rows, head, valid, decay, loss, temperature, eta)[:2]
+
+    shapes = saved_for_backward(lambda: fused([torch.tanh(u) for u in upstream]))
+    assert shapes and not [s for s in shapes if s.numel() >= T * weight.shape[0]]  # nothing of T x Vd kept
+    results = []
+    for fn in (fused, reference):
+        value, per_row = fn([torch.tanh(u) for u in upstream])
+        results.append((value, per_row, *torch.autograd.grad(value, [upstream, weight])))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
+    d_upstream = results[0][2]
+    assert d_upstream.abs().sum() > 0 and (d_upstream.sum(-1)[~valid] == 0).all()  # masked rows: no gradient
+    kl = fused_ttt_kl([torch.tanh(u) for u in upstream], weight, verifier_rows, head, valid, decay)[0]
+    assert not torch.allclose(results[0][0], kl)  # another objective than the default KL
+
+
 def saved_for_backward(fn) -> list[torch.Size]:
     """Shapes of the tensors autograd keeps for backward while `fn()` runs."""
     shapes = []

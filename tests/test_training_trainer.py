@@ -414,3 +414,57 @@ def test_warm_start_mismatches_are_one_line_before_anything_is_written(
         lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(lines) == 1 and expected in lines[0], (expected, lines)
         assert not save.exists()
+
+
+def test_another_loss_trains_differently_and_is_recorded_and_fingerprinted(
+    peaked_verifier_path, peaked_data, tmp_path, capsys
+):
+    """`--loss tv` trains through the CLI, with other gradients than KL's from the same draft and batch. The loss is
+    recorded in the draft's training_config.json (and so in the eval card and the model card) and is one of the run's
+    inputs: resuming its run with another loss or temperature is refused in one line naming the flag."""
+    from speculators_hf.evaluation.card import build_eval_card, render_eval_card
+    from speculators_hf.formats.checkpoint import training_objective
+    from speculators_hf.hub.card import build_model_card
+    from speculators_hf.training.records import run_inputs
+
+    argv = train_argv(peaked_verifier_path, peaked_data, tmp_path / "tv", "--max-steps", "1", "--loss", "tv")
+    model_args, args = parse_args(argv)
+    train_ds, _, layer_ids = build_datasets(model_args, args)
+    trainer = Eagle3Trainer(model=build_draft(model_args, train_ds, layer_ids), args=args, train_dataset=train_ds)
+    batch = DataCollatorForEagle3(total_seq_len=256)([[train_ds.dataset[0], train_ds.dataset[1]]])
+    loss_tv, grads_tv = loss_and_grads(trainer, batch, "sdpa")
+    trainer.args.loss = "kl"
+    loss_kl, grads_kl = loss_and_grads(trainer, batch, "sdpa")
+    assert 0 < loss_tv < 3 and loss_tv != loss_kl  # TV <= 1 per step, K = 3 steps
+    assert not torch.allclose(grads_tv["fc.weight"], grads_kl["fc.weight"])
+
+    # the objective's flags are fingerprinted where they change the weights: at today's KL at T = 1 they are left out
+    # (a run recorded before they existed resumes); eta only with kl_tv
+    inputs = run_inputs(trainer.model, args, peaked_data, train_ds)  # args.loss is kl here
+    assert not {"--loss", "--loss-temperature", "--loss-eta"} & set(inputs)
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "tv" / "0" / "training_config.json").read_text())
+    assert record["loss"] == "tv" and record["loss_temperature"] == 1.0 and record["run_inputs"]["--loss"] == "tv"
+    assert "--loss-eta" not in record["run_inputs"]
+    objective = training_objective(tmp_path / "tv" / "0")
+    assert objective == {"loss": "tv", "loss_temperature": 1.0, "loss_eta": 3.0}
+    card = build_eval_card([], draft="d", verifier="v", dataset={}, objective=objective)
+    assert "Trained with `--loss tv` `--loss-temperature 1.0` `--loss-eta 3.0`." in render_eval_card(card)
+    assert '"loss": "tv", "loss_temperature": 1.0' in build_model_card(tmp_path / "tv" / "0", "my-org/x")
+
+    capsys.readouterr()
+    for flag, value in (("--loss", "kl"), ("--loss-temperature", "2")):
+        assert main(argv + [flag, value]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(lines) == 1 and f"({flag} changed since" in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    "value", ["--loss foo", "--loss-temperature 0", "--loss-temperature -1", "--loss-temperature nan"]
+)
+def test_bad_loss_flags_are_one_line(value, peaked_verifier_path, tmp_path, capsys):
+    flag, bad = value.split()
+    assert main(train_argv(peaked_verifier_path, tmp_path / "data", tmp_path / "c", flag, bad)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"error: {flag} " in lines[0] and bad in lines[0], lines
+    assert not (tmp_path / "c").exists()

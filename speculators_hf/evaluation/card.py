@@ -80,6 +80,7 @@ def build_eval_card(
     recommendation: dict | None = None,
     plots: dict | None = None,
     extra_runs: list[dict] | None = None,
+    objective: dict | None = None,
 ) -> dict:
     """The eval card dict.
 
@@ -90,6 +91,7 @@ def build_eval_card(
         grid, recommendation, plots (`dict`, *optional*): the vLLM serving grid (`evaluate --grid`, see `grid.py`),
             its recommended K and its PNG files (next to the card).
         extra_runs (`list[dict]`, *optional*): runs already summarised (grid cells shown in the runs table).
+        objective (`dict`, *optional*): the loss the draft was trained with (`formats.checkpoint.training_objective`).
     """
     runs = []
     for r in results:
@@ -103,6 +105,7 @@ def build_eval_card(
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "runs": runs + list(extra_runs or []),
         "offline": offline,
+        "objective": objective,
     }
     if grid is not None:
         card.update(grid=grid, recommendation=recommendation, plots=plots or {})
@@ -269,6 +272,11 @@ def recommendation_table(card: dict) -> str:
     return "\n".join(lines)
 
 
+def objective_flags(objective: dict) -> str:
+    """The training objective as the flags that set it, e.g. `--loss tv --loss-temperature 1.0`."""
+    return " ".join(f"`--{key.replace('_', '-')} {value}`" for key, value in objective.items())
+
+
 def render_eval_card(card: dict) -> str:
     ds, hw = card["dataset"], card["hardware"]
     where = _where(hw)
@@ -287,6 +295,7 @@ def render_eval_card(card: dict) -> str:
             "Speed-up is output tokens/s with the draft over the verifier alone (same engine, prompts and batch; "
             "the ratio of generation times when both emit the same tokens).",
             *([f"Versions: {versions}."] if versions else []),
+            *([f"Trained with {objective_flags(card['objective'])}."] if card.get("objective") else []),
             "",
             *table,
             *grid,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from ..formats.checkpoint import training_objective
 from ..modeling import Eagle3DraftModel
 from ..modeling.verifier_weights import check_verifier_weights
 from ..runstate import claim, file_signature
@@ -270,6 +271,7 @@ def run(args: EvaluateArguments, *, replace_stale: bool = False) -> EvaluateResu
         recommendation=recommendation,
         plots=plots,
         extra_runs=grid_runs,
+        objective=training_objective(args.draft),
     )
     same_draft = out_dir.resolve() == Path(args.draft).resolve()
     card = carry_over(card, previous, grid=args.grid, same_draft=same_draft)

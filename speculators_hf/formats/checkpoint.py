@@ -26,6 +26,10 @@ TRAINING_CONFIG = "training_config.json"  # written by the trainer next to every
 TRAINER_STATE = "trainer_state.json"  # written by Trainer in each checkpoint-<step>/
 DATA_CONFIG = "data_config.json"  # written by datagen in its output folder
 TRAINING_FILES = (TRAINING_CONFIG, TRAINER_STATE, DATA_CONFIG)
+# The training objective's keys in `training_config.json` (`train --loss`, `--loss-temperature`, `--loss-eta`) and
+# what a record written before they existed trained with.
+LOSS_KEYS = ("loss", "loss_temperature", "loss_eta")
+LOSS_BEFORE_RECORDED = {"loss": "kl", "loss_temperature": 1.0}
 # Files copied along with the checkpoint when it is exported into another folder or uploaded.
 SIDE_FILES = (
     "eval_card.json",
@@ -196,6 +200,18 @@ def training_record(checkpoint: str | Path, data_path: str | Path | None = None)
 def read_training_record(files: dict[str, Path]) -> tuple[dict | None, dict | None, dict | None]:
     """`(training_config, trainer_state, data_config)` of a `training_record` (None for a file not found)."""
     return tuple(_read_record(files.get(name)) for name in TRAINING_FILES)  # type: ignore[return-value]
+
+
+def training_objective(checkpoint: str | Path) -> dict | None:
+    """The loss `checkpoint` was trained with (`LOSS_KEYS` of its `training_config.json`), None without a record; a
+    record older than the choice of loss trained KL at temperature 1."""
+    record = (
+        _read_record(Path(checkpoint) / TRAINING_CONFIG) if (Path(checkpoint) / TRAINING_CONFIG).is_file() else None
+    )
+    if record is None:
+        return None
+    found = {key: record[key] for key in LOSS_KEYS if key in record}
+    return found or dict(LOSS_BEFORE_RECORDED)
 
 
 def served_files(folder: str | Path) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..evaluation.card import EVAL_CARD_JSON, render_eval_card
 from ..formats.checkpoint import (
     DATA_CONFIG,
+    LOSS_KEYS,
     TRAINER_STATE,
     TRAINING_CONFIG,
     read_config,
@@ -24,7 +25,14 @@ from ..formats.checkpoint import (
 )
 from ..validation import bad_file, describe, read_json_if_exists
 
-OBJECTIVE_KEYS = ("ttt_steps", "ttt_step_loss_decay", "loss_mask_alignment", "total_seq_len", "hidden_states_noise")
+OBJECTIVE_KEYS = (
+    "ttt_steps",
+    "ttt_step_loss_decay",
+    "loss_mask_alignment",
+    "total_seq_len",
+    "hidden_states_noise",
+    *LOSS_KEYS,
+)
 LAST_LOGGED_KEYS = ("loss", "tau_sim", "eval_loss", "eval_tau_sim", "eval_acc_0")
 
 

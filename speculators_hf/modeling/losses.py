@@ -1,4 +1,5 @@
-"""The training-time-test (TTT) objective: step masks, the fused draft head + KL of all steps, and the step metrics.
+"""The training-time-test (TTT) objective: step masks, the fused draft head + loss (KL, TV, LK) of all steps, and the
+step metrics.
 
 Notation (one packed row of `T` positions; `k` = TTT step, `0 <= k < K`):
 
@@ -11,14 +12,33 @@ row whose row `t + k` lies in another document (packing) or in padding (`documen
 Attention at step k (`ttt_attention_mask`): row t sees the step-0 keys `s <= t` of its own document plus its own
 position's key in every later step `1..k` (one diagonal per step). Padding rows see only themselves.
 
-Loss (`fused_ttt_kl`): `sum_k w_k * mean over counted rows t of KL(p_{t+k} || q^k_t)`, with `p` the verifier head's
-softmax over the draft vocabulary and `q^k` the draft head's at step k. It takes the K steps' final-norm states, never
-`[T, Vd]` logits: target rows are visited chunk by chunk, each chunk's verifier logits serve all K steps, and the
-gradients are formed in the same pass, so backward keeps only `[T, H]`- and `[Vd, H]`-sized tensors.
+Loss (`fused_ttt_kl`): `sum_k w_k * mean over counted rows t of D(p_{t+k}, q^k_t)`, with `p` the verifier head's
+softmax over the draft vocabulary and `q^k` the draft head's at step k, both at the loss temperature `T`
+(`p = softmax(z_p / T)`, `q = softmax(z / T)`; `T = 1` by default). The per-row objective `D` (`--loss`, `LOSSES`):
+
+    kl      KL(p || q) = sum_i p_i log(p_i / q_i)                         (the default: EAGLE-3's objective)
+    tv      TV(p, q) = 1/2 sum_i |p_i - q_i|           acceptance at temperature T is alpha = 1 - TV(p_T, q_T)
+    lk      -log alpha = -log(1 - TV(p, q))            LK's negative log-acceptance (arXiv 2602.23881)
+    kl_tv   lambda KL(p || q) + (1 - lambda) TV(p, q),  lambda = exp(-eta * alpha), no gradient through lambda
+            (after LK's adaptive hybrid: KL while the row's acceptance is low, TV as it grows; `eta` = `--loss-eta`;
+            this per-row lambda schedule is ours: the summaries of the paper we could read name the form, not it)
+
+Their gradients w.r.t. the draft logits `z` (`q = softmax(z / T)`, `s = sign(q - p)`), formed in the chunk:
+
+    d KL / d z_j = (q_j - p_j) / T
+    d TV / d z_j = 1/2 q_j (s_j - sum_i s_i q_i) / T
+    d(-log alpha) / d z_j = (d TV / d z_j) / alpha,   alpha = sum_i min(p_i, q_i) (= 1 - TV, summed directly)
+    d kl_tv / d z_j = lambda d KL / d z_j + (1 - lambda) d TV / d z_j
+
+The loss takes the K steps' final-norm states, never `[T, Vd]` logits: target rows are visited chunk by chunk, each
+chunk's verifier logits serve all K steps, and the gradients are formed in the same pass, so backward keeps only
+`[T, H]`- and `[Vd, H]`-sized tensors.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +52,9 @@ logger = get_logger(__name__)
 
 # Per-step statistics summed over the masked rows of each packed row (see `step_statistics`).
 STEP_STATS = ("loss_sum", "count", "correct", "cond_correct", "cond_count")
+
+LOSSES = ("kl", "tv", "lk", "kl_tv")  # the per-row objectives (module docstring)
+DEFAULT_LOSS_ETA = 3.0  # kl_tv's eta: lambda = exp(-eta * alpha)
 
 
 # ------------------------------------------------------------------------------------------------------- masks
@@ -232,21 +255,78 @@ def _matmul_dtype(states: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(states.dtype, weight.dtype)
 
 
-def _kl_terms(logits: torch.Tensor, p_rows: torch.Tensor, neg_entropy: torch.Tensor, scale: torch.Tensor, grad: bool):
-    """Per-row KL and `d loss / d logits = scale * (softmax(logits) - p)` of one chunk of rows.
+def _kl_terms(
+    logits: torch.Tensor,
+    p_rows: torch.Tensor,
+    neg_entropy: torch.Tensor,
+    scale: torch.Tensor,
+    grad: bool,
+    inv_t: float = 1.0,
+    eta: float = 0.0,
+):
+    """Per-row KL and `d loss / d logits = scale * (softmax(logits / T) - p) / T` of one chunk of rows.
 
     Args:
-        logits (`[n, Vd]`): draft logits. p_rows (`[n, Vd]`): target probabilities (fp32/fp64).
-        neg_entropy (`[n]`): `sum p log p` of the targets. scale: 0-d, the rows' loss weight.
+        logits (`[n, Vd]`): draft logits. p_rows (`[n, Vd]`): target probabilities (fp32/fp64), at temperature T.
+        neg_entropy (`[n]`): `sum p log p` of the targets. scale: 0-d, the rows' loss weight. inv_t: `1 / T`.
 
     Returns:
         `(kl [n], grad [n, Vd] in the logits' dtype or None)`.
     """
-    log_q = torch.log_softmax(logits.to(p_rows.dtype), dim=-1)  # [n, Vd]
+    z = logits.to(p_rows.dtype)
+    if inv_t != 1.0:
+        z = z * inv_t
+    log_q = torch.log_softmax(z, dim=-1)  # [n, Vd]
     kl = neg_entropy - (p_rows * log_q).sum(-1)  # KL(p || q) = sum p log p - sum p log q   [n]
     if not grad:
         return kl, None
+    if inv_t != 1.0:
+        scale = scale * inv_t
     return kl, log_q.exp_().sub_(p_rows).mul_(scale).to(logits.dtype)  # in place: no second [n, Vd] fp32
+
+
+def _tv_terms(
+    logits: torch.Tensor,
+    p_rows: torch.Tensor,
+    neg_entropy: torch.Tensor | None,
+    scale: torch.Tensor,
+    grad: bool,
+    inv_t: float,
+    eta: float,
+    loss: str,
+):
+    """Per-row `tv`, `lk` or `kl_tv` (module docstring) and its gradient w.r.t. the logits, of one chunk of rows.
+
+    Same arguments as `_kl_terms` (`neg_entropy` only for `kl_tv`), plus `loss`. Returns `(value [n], grad or None)`.
+    """
+    z = logits.to(p_rows.dtype)
+    if inv_t != 1.0:
+        z = z * inv_t
+    log_q = torch.log_softmax(z, dim=-1)  # [n, Vd]
+    del z
+    kl = neg_entropy - (p_rows * log_q).sum(-1) if loss == "kl_tv" else None  # [n]
+    q = log_q.exp_()  # [n, Vd]
+    alpha = torch.minimum(q, p_rows).sum(-1) if loss != "tv" else None  # sum_i min(p_i, q_i) = 1 - TV   [n]
+    s = q - p_rows  # [n, Vd]
+    tv = 0.5 * s.abs().sum(-1)  # [n]
+    if loss == "tv":
+        value, coef = tv, None
+    elif loss == "lk":
+        alpha = alpha.clamp(min=torch.finfo(alpha.dtype).tiny)
+        value, coef = -torch.log(alpha), 1.0 / alpha  # d(-log alpha) = dTV / alpha
+    else:  # kl_tv
+        lam = torch.exp(-eta * alpha)  # [n], a weight: no gradient through it
+        value, coef = lam * kl + (1 - lam) * tv, 1 - lam
+    if not grad:
+        return value, None
+    s.sign_()
+    # dTV/dz_j = 1/2 q_j (s_j - sum_i s_i q_i) / T, per row times `coef` (lk: 1 / alpha; kl_tv: 1 - lambda)
+    row = 0.5 * inv_t * scale * (coef if coef is not None else 1.0)  # [n] or 0-d
+    row = row.reshape(-1, 1) if row.dim() else row
+    g = s.sub_((s * q).sum(-1, keepdim=True)).mul_(q).mul_(row)  # [n, Vd]
+    if loss == "kl_tv":  # + lambda dKL/dz = lambda (q - p) / T
+        g.add_((q - p_rows).mul_((lam * (inv_t * scale)).unsqueeze(1)))
+    return value, g.to(logits.dtype)
 
 
 class _CompiledOrEager:
@@ -268,14 +348,23 @@ class _CompiledOrEager:
 _KL_TERMS: dict[str, Callable] = {}
 
 
-def _kl_terms_for(device: torch.device) -> Callable:
-    """`_kl_terms`, compiled where `SPECULATORS_HF_COMPILE_LOSS` says so: `auto` (default: CUDA only), `1`, `0`."""
+def _terms(loss: str) -> Callable:
+    """The eager per-chunk terms of `loss`: `(logits, p_rows, neg_entropy, scale, grad, inv_t, eta) -> (value, g)`."""
+    if loss == "kl":
+        return _kl_terms
+    return functools.partial(_tv_terms, loss=loss)
+
+
+def _kl_terms_for(device: torch.device, loss: str = "kl") -> Callable:
+    """`loss`'s terms (`_kl_terms`, `_tv_terms`), compiled where `SPECULATORS_HF_COMPILE_LOSS` says so: `auto`
+    (default: CUDA only), `1`, `0`."""
     mode = os.environ.get("SPECULATORS_HF_COMPILE_LOSS", "auto")
     if mode == "0" or (mode == "auto" and device.type != "cuda"):
-        return _kl_terms
-    if device.type not in _KL_TERMS:
-        _KL_TERMS[device.type] = _CompiledOrEager(_kl_terms)
-    return _KL_TERMS[device.type]
+        return _terms(loss)
+    key = device.type if loss == "kl" else f"{device.type}/{loss}"
+    if key not in _KL_TERMS:
+        _KL_TERMS[key] = _CompiledOrEager(_terms(loss))
+    return _KL_TERMS[key]
 
 
 def _fused_kl(
@@ -287,16 +376,20 @@ def _fused_kl(
     scales: list[float],
     grad_states: bool,
     grad_weight: bool,
+    loss_fn: str = "kl",
+    temperature: float = 1.0,
+    eta: float = DEFAULT_LOSS_ETA,
 ):
-    """The loss, per-row KL and argmax agreement, and (optionally) the gradients of the loss, chunk by chunk.
+    """The loss, per-row loss values and argmax agreement, and (optionally) the gradients of the loss, chunk by chunk.
 
     Args:
         states: K x `[N, H]` draft final-norm states (flat rows). weight: `[Vd, H]` draft head.
         verifier_states: `[N, Ht]` verifier pre-norm last states. verifier_logits: `[..., Ht] -> [..., Vd]`.
         scales: the loss weight of one row of step k (`step_weight / valid rows`).
+        loss_fn, temperature, eta: the per-row objective (`LOSSES`), its temperature T and kl_tv's eta.
 
     Returns:
-        `(loss, kl [K, N], agree [K, N], d_states (K x [N, H]) or None, d_weight [Vd, H] fp32 or None)`.
+        `(loss, per-row loss [K, N], agree [K, N], d_states (K x [N, H]) or None, d_weight [Vd, H] fp32 or None)`.
     """
     K, N = len(states), verifier_states.shape[0]
     device = verifier_states.device
@@ -308,17 +401,23 @@ def _fused_kl(
     agree_out = torch.zeros(K, N, dtype=torch.bool, device=device)
     d_states = [torch.zeros_like(s) for s in states] if grad_states else None
     d_weight = torch.zeros(weight.shape, dtype=acc, device=device) if grad_weight else None
-    kl_terms = _kl_terms_for(device)
+    terms = _kl_terms_for(device, loss_fn)
+    inv_t = 1.0 / temperature
     scale = torch.tensor(scales, dtype=acc, device=device)  # [K]
     with_grad = d_states is not None or d_weight is not None
 
     for c, (t0, t1) in enumerate(plan.chunks):
         target_logits = verifier_logits(verifier_states[plan.targets[t0:t1]])  # [c, Vd]
         target_ids = target_logits.argmax(-1)  # [c]
-        log_p = torch.log_softmax(target_logits.to(acc), dim=-1)  # [c, Vd]
+        target_logits = target_logits.to(acc)
+        if inv_t != 1.0:
+            target_logits = target_logits * inv_t
+        log_p = torch.log_softmax(target_logits, dim=-1)  # [c, Vd]
         del target_logits
         p = log_p.exp()
-        neg_entropy = (p * log_p.clamp_(min=torch.finfo(acc).min)).sum(-1)  # sum p log p; p = 0 -> 0   [c]
+        neg_entropy = None
+        if loss_fn in ("kl", "kl_tv"):
+            neg_entropy = (p * log_p.clamp_(min=torch.finfo(acc).min)).sum(-1)  # sum p log p; p = 0 -> 0   [c]
         del log_p
         for k in range(K):
             lo, hi, first, tfirst = plan.spans[k][c]
@@ -333,7 +432,8 @@ def _fused_kl(
             h = states[k][rows].to(mm)  # [n, H]
             logits = h @ w.T  # [n, Vd]
             agree_out[k, rows] = logits.argmax(-1) == target_ids[at]
-            kl, g = kl_terms(logits, p[at], neg_entropy[at], scale[k], with_grad)  # [n], [n, Vd]; p[at]: view/gather
+            ne = neg_entropy[at] if neg_entropy is not None else None
+            kl, g = terms(logits, p[at], ne, scale[k], with_grad, inv_t, eta)  # [n], [n, Vd]; p[at]: view/gather
             del logits
             loss = loss + kl.sum() * scale[k]
             kl_out[k, rows] = kl
@@ -350,7 +450,7 @@ class _FusedTTTKL(torch.autograd.Function):
     nothing of `N x Vd` elements."""
 
     @staticmethod
-    def forward(ctx, weight, verifier_states, verifier_logits, plan, scales, *states):
+    def forward(ctx, weight, verifier_states, verifier_logits, plan, scales, objective, *states):
         loss, kl, agree, d_states, d_weight = _fused_kl(
             list(states),
             weight,
@@ -358,8 +458,9 @@ class _FusedTTTKL(torch.autograd.Function):
             verifier_logits,
             plan,
             scales,
-            grad_states=any(ctx.needs_input_grad[5:]),
+            grad_states=any(ctx.needs_input_grad[6:]),
             grad_weight=ctx.needs_input_grad[0],
+            **objective,
         )
         ctx.mark_non_differentiable(kl, agree)
         ctx.has_states, ctx.has_weight, ctx.weight_dtype = d_states is not None, d_weight is not None, weight.dtype
@@ -373,9 +474,9 @@ class _FusedTTTKL(torch.autograd.Function):
         except RuntimeError as error:  # the first backward scaled them in place (version counter)
             raise RuntimeError("fused_ttt_kl supports one backward pass per forward (no retain_graph).") from error
         d_weight = saved.pop().mul_(grad_loss).to(ctx.weight_dtype) if ctx.has_weight else None
-        K = len(ctx.needs_input_grad) - 5
+        K = len(ctx.needs_input_grad) - 6
         d_states = [d.mul_(grad_loss.to(d.dtype)) for d in saved] if ctx.has_states else [None] * K
-        return (d_weight, None, None, None, None, *d_states)
+        return (d_weight, None, None, None, None, None, *d_states)
 
 
 def fused_ttt_kl(
@@ -385,12 +486,17 @@ def fused_ttt_kl(
     verifier_logits: Callable[[torch.Tensor], torch.Tensor],
     valid: torch.Tensor,
     step_weights: Sequence[float] | None = None,
+    loss: str = "kl",
+    temperature: float = 1.0,
+    eta: float = DEFAULT_LOSS_ETA,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The TTT objective `sum_k w_k * masked_mean_t KL(p_{t+k} || q^k_t)` without `[T, Vd]` logits kept anywhere.
+    """The TTT objective `sum_k w_k * masked_mean_t D(p_{t+k}, q^k_t)` without `[T, Vd]` logits kept anywhere (`D`:
+    KL by default, or another of `LOSSES` at a temperature; the module docstring gives the formulas).
 
     Target rows are visited in chunks: each chunk's verifier logits are computed once and serve every step whose
-    row `t` compares with them (row `t + k`), each step's draft logits for those rows are computed, and the KL, the
-    argmax agreement and the loss gradients (`scale * (softmax(q) - p)` pushed through the draft head) are taken
+    row `t` compares with them (row `t + k`), each step's draft logits for those rows are computed, and the per-row
+    loss, the argmax agreement and the loss gradients (for KL `scale * (softmax(q) - p)`; the module docstring gives
+    each loss's) pushed through the draft head are taken
     before the next chunk. Backward only scales the saved `[N, H]`/`[Vd, H]` gradients: no logits are kept or
     recomputed. Rows that do not count are skipped (neither head runs on them).
 
@@ -401,10 +507,13 @@ def fused_ttt_kl(
         verifier_logits: the frozen verifier head, row-wise: `[n, Ht] -> [n, Vd]` (opaque; runs under no_grad).
         valid (`[K, B, T]` bool): row `t` of step `k` counts (`ttt_valid_rows`); its target is row `t + k`.
         step_weights: `w_k` (default 1.0 each; `decay**k` for a decayed objective).
+        loss: the per-row objective `D`, one of `LOSSES` (default `kl`).
+        temperature: `T` of both distributions (default 1.0). eta: `kl_tv`'s `lambda = exp(-eta * alpha)`.
 
     Returns:
-        `(loss, kl, agree)`: the loss (scalar, differentiable), the per-row KL `[K, B, T]` and the per-row argmax
-        agreement `[K, B, T]` (draft argmax == verifier argmax), both 0/False on rows that do not count.
+        `(loss, kl, agree)`: the loss (scalar, differentiable), the per-row objective `[K, B, T]` (the KL with the
+        default `loss`) and the per-row argmax agreement `[K, B, T]` (draft argmax == verifier argmax), both 0/False
+        on rows that do not count.
     """
     K, (B, T) = len(hidden_states), verifier_hidden_states.shape[:2]
     step_weights = [1.0] * K if step_weights is None else list(step_weights)
@@ -413,11 +522,17 @@ def fused_ttt_kl(
     scales = [w / max(n, 1) for w, n in zip(step_weights, plan.counts)]
     states = [h.reshape(B * T, -1) for h in hidden_states]
     rows = verifier_hidden_states.detach().reshape(B * T, -1)
+    if loss not in LOSSES:
+        raise ValueError(f"loss {loss!r}: expected one of {', '.join(LOSSES)}.")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature {temperature}: expected a finite number > 0.")
+    objective = dict(loss_fn=loss, temperature=float(temperature), eta=float(eta))
     if torch.is_grad_enabled() and (lm_head_weight.requires_grad or any(s.requires_grad for s in states)):
-        loss, kl, agree = _FusedTTTKL.apply(lm_head_weight, rows, verifier_logits, plan, scales, *states)
+        loss, kl, agree = _FusedTTTKL.apply(lm_head_weight, rows, verifier_logits, plan, scales, objective, *states)
     else:
         with torch.no_grad():
-            loss, kl, agree = _fused_kl(states, lm_head_weight, rows, verifier_logits, plan, scales, False, False)[:3]
+            out = _fused_kl(states, lm_head_weight, rows, verifier_logits, plan, scales, False, False, **objective)
+            loss, kl, agree = out[:3]
     return loss, kl.view(K, B, T), agree.view(K, B, T)
 
 

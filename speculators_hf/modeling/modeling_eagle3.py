@@ -285,6 +285,9 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         loss_mask: torch.Tensor | None = None,
         loss_step_weights: list[float] | None = None,
         mask_slots: bool = False,
+        loss_function: str = "kl",
+        loss_temperature: float = 1.0,
+        loss_eta: float = losses.DEFAULT_LOSS_ETA,
         **kwargs,
     ) -> Eagle3Output:
         """One draft step, or (with `ttt_hidden_states`) the training loss of K draft steps.
@@ -310,9 +313,16 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             loss_step_weights (K floats, *optional*): loss mode: step k's weight (e.g. `decay**k`; default 1).
             mask_slots (`bool`): parallel drafting: every position is a mask slot (token `mask_token_id`, state
                 `fuse(mask_hidden)`); `position_ids` (required) give the shape, no ids or states are passed.
+            loss_function, loss_temperature, loss_eta: loss mode: the per-row objective (`losses.LOSSES`; default
+                `kl`), the temperature of both distributions (default 1) and `kl_tv`'s eta.
         """
         if ttt_hidden_states is not None:
-            return self._ttt_loss(ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights)
+            objective = {}  # the default KL at T = 1: called exactly as before
+            if (loss_function, loss_temperature) != ("kl", 1.0):
+                objective = dict(loss=loss_function, temperature=loss_temperature, eta=loss_eta)
+            return self._ttt_loss(
+                ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights, **objective
+            )
         if mask_slots:  # built here, inside forward: wrappers (FSDP) have mask_hidden and fc gathered
             if input_ids is not None or aux_hidden_states is not None or hidden_states is not None:
                 raise ValueError("`mask_slots` builds its own inputs: pass `position_ids` only.")
@@ -359,7 +369,9 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         hidden = self.fuse(self.mask_hidden.to(self.fc.weight.dtype))  # [1, H]
         return ids, hidden.expand(*shape, hidden.shape[-1])
 
-    def _ttt_loss(self, ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights) -> Eagle3Output:
+    def _ttt_loss(
+        self, ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights, **objective
+    ) -> Eagle3Output:
         if verifier_last_hidden_states is None or loss_mask is None:
             raise ValueError("The loss needs `verifier_last_hidden_states` and `loss_mask` with `ttt_hidden_states`.")
         loss, kl, agree = losses.fused_ttt_kl(
@@ -369,6 +381,7 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
             self.verifier_logits,
             loss_mask,
             loss_step_weights,
+            **objective,
         )
         return Eagle3Output(loss=loss, step_kl=kl, step_agree=agree)
 

@@ -21,6 +21,7 @@ import torch
 from accelerate import PartialState
 from transformers import TrainingArguments
 
+from ..modeling.losses import DEFAULT_LOSS_ETA, LOSSES
 from ..utils import UserError
 from .collator import LOSS_MASK_ALIGNMENTS
 
@@ -58,6 +59,8 @@ TRAINING_RANGES = {
     "learning_rate": ("--lr", POSITIVE),
     "ttt_steps": ("--ttt-steps", AT_LEAST_1),
     "ttt_step_loss_decay": ("--ttt-step-loss-decay", POSITIVE),
+    "loss_temperature": ("--loss-temperature", POSITIVE),
+    "loss_eta": ("--loss-eta", NON_NEGATIVE),
     "total_seq_len": ("--total-seq-len", (lambda v: v >= 2, "an integer >= 2 (tokens per packed row)")),
     "eval_split": ("--eval-split", FRACTION),
     "hidden_states_noise": ("--hidden-states-noise", NON_NEGATIVE),
@@ -215,6 +218,12 @@ class Eagle3TrainingArguments(TrainingArguments):
 
     ttt_steps (`int`, defaults to 3): draft steps unrolled per position (K).
     ttt_step_loss_decay (`float`, defaults to 1.0): the loss is `sum_k decay**k * loss_k`.
+    loss (`str`, defaults to `"kl"`): the per-row objective `loss_k` averages: `kl` (KL(p || q)), `tv` (total
+        variation; acceptance at temperature T is `1 - TV(p_T, q_T)`), `lk` (`-log(1 - TV)`) or `kl_tv`
+        (`lambda KL + (1 - lambda) TV`, `lambda = exp(-eta * acceptance)`); formulas in `modeling/losses.py`.
+    loss_temperature (`float`, defaults to 1.0): the temperature T both distributions are taken at (the serving
+        temperature the objective aims at).
+    loss_eta (`float`, defaults to 3.0): `kl_tv`'s eta.
     total_seq_len (`int`, defaults to 8192): tokens per packed row.
     loss_mask_alignment (`str`, defaults to `"predicted"`): row t counts when the token it predicts (`l_{t+2}`,
         "predicted") or the token it reads (`l_{t+1}`, "input", vllm-project/speculators) is an assistant token.
@@ -261,6 +270,22 @@ class Eagle3TrainingArguments(TrainingArguments):
     # TTT objective and data
     ttt_steps: int = field(default=3, metadata={"help": "TTT steps K unrolled per position."})
     ttt_step_loss_decay: float = field(default=1.0, metadata={"help": "Loss weight decay**k of step k."})
+    loss: str = field(
+        default="kl",
+        metadata={
+            "help": "Per-row objective: kl (KL(p||q), EAGLE-3's), tv (total variation: acceptance at temperature T "
+            "is 1 - TV(p_T, q_T)), lk (-log(1 - TV)), kl_tv (lambda KL + (1 - lambda) TV, lambda = exp(-eta * "
+            "acceptance)).",  # no argparse `choices`: a bad value is the one line of __post_init__
+        },
+    )
+    loss_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Temperature T of both distributions in the loss (the serving temperature aimed at)."},
+    )
+    loss_eta: float = field(
+        default=DEFAULT_LOSS_ETA,
+        metadata={"help": "kl_tv: lambda = exp(-eta * acceptance) (KL while acceptance is low)."},
+    )
     total_seq_len: int = field(default=8192, metadata={"help": "Tokens per packed row."})
     loss_mask_alignment: str = field(
         default="predicted",
@@ -318,6 +343,8 @@ class Eagle3TrainingArguments(TrainingArguments):
             )
         if self.eval_strategy is None:
             self.eval_strategy = "epoch" if self.eval_split > 0 else "no"
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}.")
         self.check_numbers()
         self.overwrite = self.overwrite or self.no_resume_from_checkpoint
         self.label_names = []  # the loss needs no labels; evaluation still computes it

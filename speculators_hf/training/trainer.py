@@ -148,8 +148,9 @@ class Eagle3Trainer(Trainer):
             yield build(document_ids, k, step0, sliding_window=window)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """`sum_k decay**k * KL_k`: K draft steps over one packed batch, each fed the previous step's hidden state,
-        then the fused head + KL over the K steps' final states (`losses.fused_ttt_kl`, inside the model's forward)."""
+        """`sum_k decay**k * loss_k` (`loss_k`: the masked mean of `--loss`, KL by default): K draft steps over one
+        packed batch, each fed the previous step's hidden state, then the fused head + loss over the K steps' final
+        states (`losses.fused_ttt_kl`, inside the model's forward)."""
         mode = "train" if model.training else "eval"
         if self._interval_start[mode] is None:
             self._interval_start[mode] = time.perf_counter()
@@ -178,6 +179,9 @@ class Eagle3Trainer(Trainer):
             verifier_last_hidden_states=last,
             loss_mask=valid,
             loss_step_weights=[self.args.ttt_step_loss_decay**k for k in range(K)],
+            loss_function=self.args.loss,
+            loss_temperature=self.args.loss_temperature,
+            loss_eta=self.args.loss_eta,
         )
         tokens = (document_ids >= 0).sum(-1, keepdim=True).float()  # [B, 1]
         per_row = self._record(mode, torch.cat([step_statistics(out.step_kl, out.step_agree, valid), tokens], dim=1))
