@@ -61,7 +61,7 @@ def file_signature(path: str | Path | None) -> dict | str | None:
     if p.is_file():
         digest = hashlib.sha256()
         with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
+            for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         return {"path": str(p.resolve()), "sha256": digest.hexdigest()}
     if p.is_dir() and (p / STATE_DIR).is_dir():

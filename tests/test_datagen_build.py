@@ -250,3 +250,28 @@ def test_yaml_config_and_chat_template_file(tiny_verifier_path, chats, cache_dir
     assert tokenizer.decode(sample["input_ids"][:6]).startswith("user: ")
     saved = json.loads((tmp_path / "o" / "data_config.json").read_text())
     assert saved["arguments"]["chat_template"] == str(template) and saved["arguments"]["seq_length"] == 64
+
+
+def test_planning_reads_the_tokenized_columns_once_not_row_by_row(
+    built, tiny_verifier_path, chats, cache_dir, monkeypatch
+):
+    """`prepare` on a cached tokenization reads the lengths as one column: indexing a lazy `datasets` column row by
+    row rebuilds a table per row (its cost grows with the table: minutes at 100k chats)."""
+    import datasets
+
+    from speculators_hf.datagen.plan import prepare
+
+    calls = Counter()
+    real = datasets.Dataset.__getitem__
+
+    def counted(self, key):
+        calls[type(key).__name__] += 1
+        return real(self, key)
+
+    monkeypatch.setattr(datasets.Dataset, "__getitem__", counted)
+    plan = prepare(make_args(tiny_verifier_path, chats, built[0], cache_dir))
+    assert plan.token_stats["cache_hit"] and len(plan.lengths) >= 20
+    assert sum(calls.values()) <= 3, calls
+    assert [plan.index_entry(k)["num_tokens"] for k in range(len(plan.shards))] == [
+        sum(plan.lengths[i] for i in shard) for shard in plan.shards
+    ]

@@ -773,3 +773,40 @@ def test_a_run_that_regenerates_nothing_fails_with_its_failures_written(peaked_v
         assert read_jsonl(tmp_path / "out" / "out.failures.jsonl") == [
             {"index": 0, "id": "a", "status": "skipped", "reason": "no user turn"}
         ]
+
+
+def test_finishing_a_run_streams_its_records_from_the_partial_store(tmp_path):
+    """Resume and the final write keep where each record lies, not the records: a million regenerated chats do not
+    fit in memory. 40 records of 250 kB, finished out of source order: the traced peak stays at a few records (and
+    the 1 MiB blocks the output's checksum reads)."""
+    import tracemalloc
+
+    from speculators_hf.regenerate.result import summarize
+    from speculators_hf.regenerate.writer import OutputLayout, PartialStore, read_records, write_final
+    from speculators_hf.runstate import claim
+
+    layout = OutputLayout(tmp_path / "out.jsonl")
+    store = PartialStore(layout).open()
+    text = "x" * 250_000
+    for i in reversed(range(40)):
+        ok = bool(i % 4)
+        row = {"id": f"c{i}", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]}
+        status = {"status": "ok", "row": row} if ok else {"status": "failed", "reason": "boom"}
+        store.write(
+            {"id": f"c{i}", "index": i, "reason": "", "stats": {"truncated": 0, "turns": 1, "answered": 1}, **status}
+        )
+    store.close()
+    state = claim(tmp_path, layout.key, {"test": 1}, owned=False, label="--output-path")
+    tracemalloc.start()
+    records = read_records(layout)
+    summary = summarize(records)
+    output = write_final(state, layout, records, {"counts": summary})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert "c3" in records and "c40" not in records and len(records) == 40
+    assert summary["written"] == output["rows"] == 30 and summary["failed"] == 10 and summary["turns"] == 30
+    rows = [json.loads(line) for line in layout.output.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"c{i}" for i in range(40) if i % 4]  # source order
+    failures = [json.loads(line)["id"] for line in layout.failures.read_text().splitlines()]
+    assert failures == [f"c{i}" for i in range(0, 40, 4)]
+    assert peak < 3_000_000, f"{peak} bytes traced: the 10 MB of records were held"

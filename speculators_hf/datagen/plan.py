@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..formats.chat_template import read_chat_template
@@ -51,6 +51,7 @@ class Plan:
     fingerprint: str
     storage_dtype: str | None = None  # how hidden states are stored (`--storage-dtype` resolved; None: as `dtype`)
     inputs: dict | None = None  # what the fingerprint covers, by name (the run-state manifest records it)
+    _shard_tokens: dict[int, int] = field(default_factory=dict, repr=False)
 
     @property
     def output_dir(self) -> Path:
@@ -86,12 +87,18 @@ class Plan:
     def is_done(self, k: int) -> bool:
         return all(p.exists() for p in self.files(k))
 
+    def shard_tokens(self, k: int) -> int:
+        """Tokens of shard `k` (summed once: index.json is rewritten after every shard)."""
+        if k not in self._shard_tokens:
+            self._shard_tokens[k] = sum(self.lengths[i] for i in self.shards[k])
+        return self._shard_tokens[k]
+
     def index_entry(self, k: int) -> dict:
         ids = self.shards[k]
         return {
             "file": shard_name(k),
             "num_samples": len(ids),
-            "num_tokens": sum(self.lengths[i] for i in ids),
+            "num_tokens": self.shard_tokens(k),
             "first_sample_id": ids[0],
             "last_sample_id": ids[-1],
         }
@@ -125,7 +132,7 @@ def prepare(args: DatagenArguments) -> Plan:
         source=f"--train-data-path {args.train_data_path}",
     )
 
-    num_tokens = tokenized["num_tokens"]
+    num_tokens = tokenized["num_tokens"][:]  # one read of the column: `column[i]` costs a table rebuild per row
     kept = [i for i, n in enumerate(num_tokens) if n > 0]
     lengths = {i: num_tokens[i] for i in kept}
     bytes_per_token = int(len(layer_ids) * verifier["hidden_size"] * storage_bytes_per_value(storage_dtype)) + 9

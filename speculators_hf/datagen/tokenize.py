@@ -267,7 +267,10 @@ def tokenize_dataset(
         load_from_cache_file=True,
         desc="Tokenizing chats",
     )
-    reasons = Counter(r for r in tokenized["skip_reason"] if r)
+    reasons, merges = Counter(), 0
+    for batch in tokenized.select_columns(["skip_reason", "boundary_merge"]).iter(batch_size=10_000):  # streamed
+        reasons.update(r for r in batch["skip_reason"] if r)
+        merges += sum(batch["boundary_merge"])
     stats = {
         "fingerprint": fingerprint,
         "cache_file": str(cache_file),
@@ -275,7 +278,7 @@ def tokenize_dataset(
         "num_rows": len(tokenized),
         "num_skipped": sum(reasons.values()),
         "skip_reasons": dict(reasons),
-        "boundary_merges": int(sum(tokenized["boundary_merge"])),
+        "boundary_merges": int(merges),
     }
     if stats["num_skipped"] == len(tokenized):
         raise _all_skipped_error(dataset, tokenizer, chat_template, reasons, source)

@@ -30,6 +30,7 @@ the CLI says it in one line.
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 import re
@@ -296,7 +297,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.files = files
         self.offsets: list[torch.Tensor] = []
         self.sample_ids: list[torch.Tensor] = []
-        self._where: list[tuple[int, int]] = []
+        self._starts = [0]  # the dataset index of each shard's first sample, then the total (not one entry per sample)
         for k, file in enumerate(files):
             shape, offsets, sample_ids = check_shard(file)
             self.sample_ids.append(sample_ids)
@@ -320,7 +321,7 @@ class ShardDataset(torch.utils.data.Dataset):
                     f"[N, {self.hidden_shape[0]}, {self.hidden_shape[1]}]; one data folder holds one datagen run."
                 )
             self.offsets.append(offsets)
-            self._where += [(k, s) for s in range(len(offsets) - 1)]
+            self._starts.append(self._starts[-1] + len(offsets) - 1)
         declared = declared_storage(self.data_dir)
         if declared is not None and self.storage is not None and self.storage != declared:
             raise UserError(
@@ -331,7 +332,16 @@ class ShardDataset(torch.utils.data.Dataset):
         self._handles: dict[int, object] = {}
 
     def __len__(self) -> int:
-        return len(self._where)
+        return self._starts[-1]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        """Sample `i` (negative: from the end) -> (shard, sample within it)."""
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} of a dataset of {len(self)}")
+        k = bisect.bisect_right(self._starts, i) - 1
+        return k, i - self._starts[k]
 
     def _handle(self, k: int):
         if k not in self._handles:  # opened lazily, so each DataLoader worker maps its own files
@@ -342,16 +352,16 @@ class ShardDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_handles": {}}
 
     def sample_length(self, i: int) -> int:
-        k, s = self._where[i]
+        k, s = self._locate(i)
         return int(self.offsets[k][s + 1] - self.offsets[k][s])
 
     def sample_id(self, i: int) -> int:
         """Sample `i`'s row in datagen's tokenized dataset (stable across runs: the key of online caches)."""
-        k, s = self._where[i]
+        k, s = self._locate(i)
         return int(self.sample_ids[k][s])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        k, s = self._where[i]
+        k, s = self._locate(i)
         a, b = int(self.offsets[k][s]), int(self.offsets[k][s + 1])
         f = self._handle(k)
         sample = {"input_ids": f.get_slice("input_ids")[a:b].long(), "loss_mask": f.get_slice("loss_mask")[a:b].long()}

@@ -73,34 +73,46 @@ class RegenerateResult:
 
 def summarize(records) -> dict:
     """Counts over every record (the `counts` of the provenance): regenerated + truncated + failed + skipped ==
-    conversations, and every turn the verifier answered is written or counted as dropped."""
-    records = list(records)
-    statuses = Counter(r["status"] for r in records)
-    ok = [r for r in records if r["status"] == "ok"]
-    truncated_written = sum(r["stats"]["truncated"] for r in ok)
-
-    def total(key: str, among: list[dict] = records) -> int:
-        return int(sum(r.get("stats", {}).get(key, 0) for r in among))
-
-    reasons = Counter(r["reason"][:120] for r in records if r["status"] != "ok")
+    conversations, and every turn the verifier answered is written or counted as dropped. One pass over `records`
+    (an iterable: a large run's records are streamed from disk)."""
+    statuses, reasons, engines = Counter(), Counter(), Counter()
+    every = dict.fromkeys(
+        ("answered", "truncated_turns", "context_cut_turns", "turns_not_round_trip", "generated_tokens"), 0
+    )
+    written = dict.fromkeys(("turns", "tool_call_stop", "context_full", "trained_tokens"), 0)
+    conversations = ok = truncated_written = 0
+    for r in records:
+        conversations += 1
+        stats = r.get("stats", {})
+        statuses[r["status"]] += 1
+        for key in every:
+            every[key] += stats.get(key, 0)
+        if r["status"] == "ok":
+            ok += 1
+            truncated_written += r["stats"]["truncated"]
+            for key in written:
+                written[key] += stats.get(key, 0)
+            engines[r.get("engine")] += 1
+        else:
+            reasons[r["reason"][:120]] += 1
     return {
-        "conversations": len(records),
-        "written": len(ok),
-        "regenerated": len(ok) - truncated_written,
+        "conversations": conversations,
+        "written": ok,
+        "regenerated": ok - truncated_written,
         "truncated": truncated_written + statuses["truncated"],
         "failed": statuses["failed"],
         "skipped": statuses["skipped"],
-        "turns": total("turns", ok),
-        "dropped_turns": total("answered") - total("turns", ok),
-        "truncated_turns": total("truncated_turns"),
-        "answered_turns": total("answered"),
-        "context_cut_turns": total("context_cut_turns"),
-        "turns_not_round_trip": total("turns_not_round_trip"),
-        "tool_call_stops": total("tool_call_stop", ok),
-        "context_full": total("context_full", ok),
-        "generated_tokens": total("generated_tokens"),
-        "trained_tokens": total("trained_tokens", ok),
-        "engines": dict(Counter(r.get("engine") for r in ok)),
+        "turns": int(written["turns"]),
+        "dropped_turns": int(every["answered"]) - int(written["turns"]),
+        "truncated_turns": int(every["truncated_turns"]),
+        "answered_turns": int(every["answered"]),
+        "context_cut_turns": int(every["context_cut_turns"]),
+        "turns_not_round_trip": int(every["turns_not_round_trip"]),
+        "tool_call_stops": int(written["tool_call_stop"]),
+        "context_full": int(written["context_full"]),
+        "generated_tokens": int(every["generated_tokens"]),
+        "trained_tokens": int(written["trained_tokens"]),
+        "engines": dict(engines),
         "reasons": dict(reasons.most_common(10)),
     }
 

@@ -54,7 +54,7 @@ def run(args: RegenerateArguments, *, replace_stale: bool = False, engine: Engin
     decision = _claim(plan, replace_stale, readonly=True)  # refusals first; nothing written yet
     if decision.finished:
         return _finished(plan, decision, replace_stale)
-    records = read_records(layout) if decision.resumed else {}
+    records = read_records(layout) if decision.resumed else ()
     todo = [i for i, cid in enumerate(plan.ids) if cid not in records]
     if records:
         logger.warning("Resuming %s: %d of %d conversations already done.", layout.output, len(records), len(plan.ids))
@@ -153,9 +153,9 @@ def _complete(plan: Plan, state: Claim, this_run: dict) -> RegenerateResult:
     missing = [cid for cid in plan.ids if cid not in records]
     if missing:
         raise RunFailed(f"{len(missing)} conversations were not regenerated (e.g. {missing[0]!r}); rerun to resume.")
-    summary = summarize(records.values())
+    summary = summarize(records)
     result = make_result(plan, summary, this_run)
-    write_final(state, layout, list(records.values()), provenance_record(plan, summary, result))
+    write_final(state, layout, records, provenance_record(plan, summary, result))
     nothing = f"conversations ({result.truncated} truncated, {result.failed} failed, {result.skipped} skipped of "
     nothing += f"{result.conversations}: see {layout.failures})"
     state.finish(asdict(result), produced=result.written, what=nothing)

@@ -116,60 +116,131 @@ class PartialStore:
 
 
 def repair(path: Path) -> None:
-    """Cut a torn last line (a kill during a write) off a records file."""
+    """Cut a torn last line (a kill during a write) off a records file (reading back from its end only)."""
     if not path.exists():
         return
     with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            f.truncate(keep)
-            logger.warning("%s: dropped a partly written record (the run was killed while writing it).", path)
+        end = f.seek(0, os.SEEK_END)
+        if not end:
+            return
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        keep, position = 0, end
+        while position > 0:  # the last newline, in blocks from the end
+            start = max(0, position - (1 << 16))
+            f.seek(start)
+            newline = f.read(position - start).rfind(b"\n")
+            if newline != -1:
+                keep = start + newline + 1
+                break
+            position = start
+        f.truncate(keep)
+        logger.warning("%s: dropped a partly written record (the run was killed while writing it).", path)
 
 
-def read_records(layout: OutputLayout) -> dict[str, dict]:
-    """Every finished conversation of earlier runs, by id (torn last lines are repaired first)."""
-    records: dict[str, dict] = {}
+def read_records(layout: OutputLayout) -> Records:
+    """Every finished conversation of earlier runs, by id (torn last lines are repaired first).
+
+    Only where each record lies is kept (its index, file and byte offset); the records stay on disk and are read back
+    one at a time, so a run of a million conversations resumes and finishes without holding their text in memory."""
+    files = sorted(layout.partial.glob("records-*.jsonl"))
+    where: dict[str, tuple[int, int, int]] = {}  # id -> (index, file number, byte offset)
     fix = f"pass --overwrite to regenerate every chat of {layout.output}"
-    for path in sorted(layout.partial.glob("records-*.jsonl")):
+    for k, path in enumerate(files):
         repair(path)
         with open(path, "rb") as f:  # streamed: the records of a large run do not fit in memory twice
+            offset = 0
             for number, line in enumerate(f, 1):
-                label = f"{path} line {number}"
                 if line.strip():
-                    record = parse_json(line, label, fix=fix)
-                    if not isinstance(record.get("id"), str) or not isinstance(record.get("index"), int):
-                        raise bad_file(label, "is not a regenerate record (no id and index)", fix)
-                    records[record["id"]] = record
-    return records
+                    record = _parse_record(line, f"{path} line {number}", fix)
+                    where[record["id"]] = (record["index"], k, offset)
+                offset += len(line)
+    return Records(files, where, fix)
 
 
-def write_final(claim: Claim, layout: OutputLayout, records: list[dict], provenance: dict) -> dict | None:
+def _parse_record(line: bytes, label: str, fix: str) -> dict:
+    record = parse_json(line, label, fix=fix)
+    if not isinstance(record.get("id"), str) or not isinstance(record.get("index"), int):
+        raise bad_file(label, "is not a regenerate record (no id and index)", fix)
+    return record
+
+
+class Records:
+    """The finished conversations in a partial folder, by id, read from disk on demand (`read_records`).
+
+    `id in records` and `len(records)` need no reading; iterating reads them in the order they were first recorded,
+    `by_index()` in source order."""
+
+    def __init__(self, files: list[Path], where: dict[str, tuple[int, int, int]], fix: str = ""):
+        self.files, self._where, self._fix = files, where, fix
+
+    def __contains__(self, conversation_id: str) -> bool:
+        return conversation_id in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __iter__(self):
+        return self._read(self._where.values())
+
+    def by_index(self):
+        """The records sorted by their conversation's index (the source order of the output)."""
+        return self._read(sorted(self._where.values(), key=lambda w: w[0]))
+
+    def _read(self, places):
+        handles: dict[int, object] = {}
+        try:
+            for _, k, offset in places:
+                if k not in handles:
+                    handles[k] = open(self.files[k], "rb")
+                handles[k].seek(offset)
+                yield _parse_record(handles[k].readline(), f"{self.files[k]} at byte {offset}", self._fix)
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+
+def write_final(claim: Claim, layout: OutputLayout, records: Records, provenance: dict) -> dict | None:
     """Write the output, the failures and the provenance from every record, each atomically, through `claim`.
+
+    The records are streamed in source order (read twice: failures, then rows), never held all at once, except for a
+    `save_to_disk` folder output, which `datasets` builds from the list of rows.
 
     Returns the `output` section of the provenance (format, rows, checksum); None when no conversation made it into
     the output: then only the failures are written (the run has produced nothing)."""
-    records = sorted(records, key=lambda r: r["index"])
-    rows = [r["row"] for r in records if r["status"] == "ok"]
-    failures = [{k: r[k] for k in ("index", "id", "status", "reason")} for r in records if r["status"] != "ok"]
+    num_rows = 0
+
+    def failures():
+        nonlocal num_rows
+        for r in records.by_index():
+            if r["status"] == "ok":
+                num_rows += 1
+            else:
+                yield {k: r[k] for k in ("index", "id", "status", "reason")}
+
+    def rows():
+        return (r["row"] for r in records.by_index() if r["status"] == "ok")
+
     out = layout.output
     if layout.is_file:
-        _write_jsonl(claim.path(layout.failures.name), failures)
-        if not rows:
+        _write_jsonl(claim.path(layout.failures.name), failures())
+        if not num_rows:
             return None
-        _write_jsonl(claim.path(out.name), rows)
-        output = {"path": str(out), "format": "jsonl", "rows": len(rows), "sha256": file_sha256(out)}
+        _write_jsonl(claim.path(out.name), rows())
+        output = {"path": str(out), "format": "jsonl", "rows": num_rows, "sha256": file_sha256(out)}
         write_json(claim.path(layout.config.name), {**provenance, "output": output})
         return output
     staging = _fresh(claim, layout.staging.name)
-    output = None
-    if rows:
-        dataset = Dataset.from_list(rows)
+    output, kept = None, list(rows())
+    if kept:
+        dataset = Dataset.from_list(kept)
         dataset.save_to_disk(str(staging))
-        output = {"path": str(out), "format": "save_to_disk", "rows": len(rows), "fingerprint": dataset._fingerprint}
+        output = {"path": str(out), "format": "save_to_disk", "rows": len(kept), "fingerprint": dataset._fingerprint}
         write_json(staging / CONFIG_NAME, {**provenance, "output": output})
+    del kept
     staging.mkdir(exist_ok=True)
-    _write_jsonl(staging / FAILURES_NAME, failures)
+    _write_jsonl(staging / FAILURES_NAME, failures())
     old = _fresh(claim, layout.replaced.name)
     if claim.path(out.name).exists():
         os.replace(out, old)
@@ -186,7 +257,7 @@ def _fresh(claim: Claim, name: str) -> Path:
     return claim.path(name)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def _write_jsonl(path: Path, rows) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:

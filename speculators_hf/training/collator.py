@@ -45,11 +45,12 @@ def align_sample(sample: dict[str, torch.Tensor], loss_mask_alignment: str = "pr
         raise ValueError(f"loss_mask_alignment must be one of {LOSS_MASK_ALIGNMENTS}, got {loss_mask_alignment!r}")
     row = {
         "input_ids": x[1:],  # [T-1]
-        "aux_hidden_states": hs[:-1, :-1].reshape(T - 1, -1),  # [T-1, (L-1) H]
-        "verifier_last_hidden_states": hs[1:, -1],  # [T-1, H]
         "loss_mask": mask,  # [T-1]
         "position_ids": torch.arange(T - 1),  # [T-1]
     }
+    if hs is not None:  # (None: the collator copies the states into the batch itself)
+        row["aux_hidden_states"] = hs[:-1, :-1].reshape(T - 1, -1)  # [T-1, (L-1) H]
+        row["verifier_last_hidden_states"] = hs[1:, -1]  # [T-1, H]
     if SCALE_KEY in sample:  # fp8: one scale per token and layer, aligned like the states
         scale = sample[SCALE_KEY]  # [T, L]
         row["aux_hidden_states_scale"] = scale[:-1, :-1]  # [T-1, L-1]
@@ -73,9 +74,7 @@ class DataCollatorForEagle3:
     dtype: torch.dtype | None = None  # the hidden states' dtype in the batch (None: as stored)
 
     def __call__(self, packs: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
-        rows = [self.pack_row(p) for p in packs]
-        keys = (*self.KEYS, *(key for key in rows[0] if key not in self.KEYS))  # + the fp8 scales
-        batch = {key: torch.stack([row[key] for row in rows]) for key in keys}
+        batch = self._collate_states(packs)
         stats = [s["fetch_stats"] for pack in packs for s in pack if "fetch_stats" in s]
         if stats:  # online hidden states: what fetching this batch's samples cost, for the trainer's metrics
             batch[FETCH_STATS] = torch.stack(stats)  # [samples, len(FETCH_STATS_COLUMNS)]
@@ -85,6 +84,58 @@ class DataCollatorForEagle3:
             batch[SAMPLE_SKIPPED] = torch.tensor(
                 [[s.get("skipped", False) for s in p] + [False] * (D - len(p)) for p in packs]
             )
+        return batch
+
+    def _collate_states(self, packs: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        """Every row written straight into the batch: each hidden state is copied once, from the sample (a view of
+        the memory-mapped shard) into its place, instead of aligned, concatenated per row and stacked."""
+        first = next(s for pack in packs for s in pack)
+        fp8 = SCALE_KEY in first
+        if (fp8 and self.dtype is not None) or any(len(s["input_ids"]) < 2 for pack in packs for s in pack):
+            rows = [self.pack_row(p) for p in packs]  # dequantized here, or one-token samples: the reference path
+            keys = (*self.KEYS, *(key for key in rows[0] if key not in self.KEYS))  # + the fp8 scales
+            return {key: torch.stack([row[key] for row in rows]) for key in keys}
+        B, S = len(packs), self.total_seq_len
+        states = first["hidden_states"]  # [T, L, H]
+        L, H = states.shape[1], states.shape[2]
+        dtype = states.dtype if self.dtype is None or fp8 else self.dtype
+        batch = {
+            "input_ids": torch.zeros(B, S, dtype=torch.long),
+            "position_ids": torch.zeros(B, S, dtype=torch.long),
+            "loss_mask": torch.zeros(B, S, dtype=torch.long),
+            "document_ids": torch.full((B, S), -1, dtype=torch.long),
+            "aux_hidden_states": torch.zeros(B, S, (L - 1) * H, dtype=dtype),
+            "verifier_last_hidden_states": torch.zeros(B, S, H, dtype=dtype),
+        }
+        if fp8:
+            scale = first[SCALE_KEY]
+            batch["aux_hidden_states_scale"] = torch.zeros(B, S, L - 1, dtype=scale.dtype)
+            batch["verifier_last_hidden_states_scale"] = torch.zeros(B, S, 1, dtype=scale.dtype)
+        for b, samples in enumerate(packs):
+            used = sum(len(s["input_ids"]) - 1 for s in samples)
+            if used > S:
+                raise ValueError(f"a pack of {used} aligned tokens does not fit total_seq_len={S}")
+            if any((SCALE_KEY in s) != fp8 for s in samples):
+                raise ValueError(
+                    "a pack mixes fp8 and unscaled hidden states (one data folder holds one storage dtype)"
+                )
+            start = 0
+            for d, sample in enumerate(samples):
+                row = align_sample({k: sample[k] for k in ("input_ids", "loss_mask")} | {"hidden_states": None},
+                                   self.loss_mask_alignment)  # fmt: skip
+                hs, n = sample["hidden_states"], len(sample["input_ids"]) - 1
+                if hs.shape[1:] != (L, H):
+                    raise ValueError(f"hidden states {list(hs.shape)} in a batch of [T, {L}, {H}] samples")
+                end = start + n
+                for key in ("input_ids", "position_ids", "loss_mask"):
+                    batch[key][b, start:end] = row[key]
+                batch["document_ids"][b, start:end] = d
+                batch["aux_hidden_states"][b, start:end].view(n, L - 1, H).copy_(hs[:-1, :-1])
+                batch["verifier_last_hidden_states"][b, start:end].copy_(hs[1:, -1])
+                if fp8:
+                    batch["aux_hidden_states_scale"][b, start:end].copy_(sample[SCALE_KEY][:-1, :-1])
+                    batch["verifier_last_hidden_states_scale"][b, start:end].copy_(sample[SCALE_KEY][1:, -1:])
+                start = end
         return batch
 
     KEYS = (
