@@ -108,7 +108,7 @@ def data_key(args, sections: dict) -> str:
     args = copy.deepcopy(args)
     typed = compose.stage_sections(args, sections)
     key = {
-        "regenerate": args.regenerate,
+        "regenerate_chats": args.regenerate,  # not "regenerate": that is the regenerate stage's section below
         "verifier": args.verifier,
         "data": args.train_data_path,
         "preset": args.preset,
@@ -209,7 +209,7 @@ def summarize(records: list[dict]) -> dict:
     """Per (setting, recipe): every metric's spread over the seeds (acceptance per position: one per position)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["setting"], r["recipe"], r.get("checkout") or ""), []).append(r)
+        groups.setdefault((r["setting"], r["recipe"], r.get("commit") or r.get("checkout") or ""), []).append(r)
     out = []
     for (setting, recipe, checkout), runs in groups.items():
         row = {"setting": setting, "recipe": recipe, "checkout": checkout, "seeds": [r["seed"] for r in runs]}
@@ -263,8 +263,8 @@ def parse_args(argv=None):
     )
     p.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     p.add_argument("--checkout", type=Path, default=None, help="run this checkout's pipeline CLI instead (old commit)")
-    p.add_argument("--larger-chats", type=int, default=400, help="chitchat chats of the larger setting")
-    p.add_argument("--larger-verifier-steps", type=int, default=600, help="training steps of the larger verifier")
+    p.add_argument("--larger-chats", type=int, default=300, help="chitchat chats of the larger setting")
+    p.add_argument("--larger-verifier-steps", type=int, default=400, help="training steps of the larger verifier")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--rerun", action="store_true", help="rerun seeds whose result is already recorded")
     p.add_argument("--work-dir", type=Path, default=C.DEFAULT_WORK_DIR)

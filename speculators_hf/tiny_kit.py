@@ -213,7 +213,7 @@ def tiny_verifier(kind: str = "random", tie_word_embeddings: bool = False, train
     return _llama_verifier(f"verifier-{kind}", TINY_LLAMA, build_tokenizer(), kind, tie_word_embeddings, train_steps)
 
 
-def larger_verifier(root: Path | None = None, train_steps: int = 600) -> Path:
+def larger_verifier(root: Path | None = None, train_steps: int = 400) -> Path:
     """Path of the larger CPU setting's verifier (`LARGER_LLAMA`, a `LARGER_VOCAB_SIZE` tokenizer), trained like the
     peaked tiny one for `train_steps` steps (a few minutes on 2 cores); deterministic, cached under `root` (default
     `cache_root()`). Used by `benchmarks/seeds.py`, not by the tests."""
