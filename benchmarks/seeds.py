@@ -47,6 +47,8 @@ import sys
 import time
 from pathlib import Path
 
+from filelock import FileLock
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
@@ -118,15 +120,21 @@ def data_key(args, sections: dict) -> str:
 
 
 def run_in_process(base: list[str], recipe: list[str], seed: int, folder_root: Path, seed_dir: Path) -> dict:
-    from speculators_hf import evaluation
-    from speculators_hf.evaluation import EvaluateArguments
-    from speculators_hf.pipeline import Pipeline
-
     argv = [*base, *recipe, *EVAL_FLAGS, "--train.seed", str(seed)]
     args, sections = parse_pipeline(argv)
     key = data_key(args, sections)
     args.output_dir = str(folder_root / f"run-{key}")
     C.log(f"pipeline {shlex.join(argv)} -> {args.output_dir}")
+    Path(args.output_dir).parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{args.output_dir}.lock"):  # two harnesses with the same data flags take turns in one folder
+        return _run_locked(args, sections, argv, seed_dir)
+
+
+def _run_locked(args, sections: dict, argv: list[str], seed_dir: Path) -> dict:
+    from speculators_hf import evaluation
+    from speculators_hf.evaluation import EvaluateArguments
+    from speculators_hf.pipeline import Pipeline
+
     pipeline = Pipeline(args, sections)
     result = pipeline.run()
     ev = result.results["evaluate"]
@@ -166,12 +174,14 @@ def run_checkout(checkout: Path, base: list[str], recipe: list[str], seed: int, 
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     C.log(f"{checkout}: {shlex.join(cmd)}")
     log = seed_dir / "pipeline.log"
-    with open(log, "w") as f:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"), open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=checkout, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        card_path = folder / "draft" / "eval_card.json"
+        card = json.loads(card_path.read_text()) if rc == 0 else None
     text = log.read_text()
     if rc != 0:
         raise RuntimeError(f"exit {rc}: {text[-2000:]}")
-    card = json.loads((folder / "draft" / "eval_card.json").read_text())
     out = {"argv": argv, "checkout": str(checkout), "commit": git_head(checkout)}
     for run in card["runs"]:
         if run["temperature"] == 0.0:
