@@ -245,7 +245,7 @@ def markdown(summary: dict) -> str:
     headers = ["setting", "recipe", "n"] + [label for _, label in METRICS]
     rows = []
     for r in summary["rows"]:
-        acc = " / ".join(cell(s, 2).split(" [")[0] for s in r["acc_t1"]) or "-"
+        acc = " / ".join(cell(s, 2).split(" [")[0].removesuffix(" (n=1)") for s in r["acc_t1"]) or "-"
         name = r["recipe"] + (f" @ {r['checkout']}" if r["checkout"] else "")
         rows.append(
             [r["setting"], name, str(len(r["seeds"])), cell(r["tau_t0_transformers"]), cell(r["tau_t0_vllm"]), acc]
@@ -277,6 +277,7 @@ def parse_args(argv=None):
     p.add_argument("--larger-verifier-steps", type=int, default=400, help="training steps of the larger verifier")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--rerun", action="store_true", help="rerun seeds whose result is already recorded")
+    p.add_argument("--summarize", action="store_true", help="only rebuild seeds.json/.md from the recorded runs")
     p.add_argument("--work-dir", type=Path, default=C.DEFAULT_WORK_DIR)
     return p.parse_args(argv)
 
@@ -293,7 +294,7 @@ def main(argv=None) -> dict:
     results.mkdir(parents=True, exist_ok=True)
     recipes = [r.split("=", 1) if "=" in r else (r, "") for r in (a.recipe or ["baseline="])]
     info = C.machine_info("cpu")
-    for setting in a.setting or ["embedded"]:
+    for setting in [] if a.summarize else a.setting or ["embedded"]:
         base = setting_argv(setting, work, a)
         tag = f"{setting}" + (f"-{git_head(a.checkout)}" if a.checkout else "")
         for name, flags in recipes:
