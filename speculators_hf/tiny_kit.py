@@ -49,14 +49,26 @@ TINY_LLAMA = dict(
 )
 VOCAB_SIZE = 2048
 
+# The larger CPU setting (benchmarks/seeds.py): 6 layers (aux ids [1, 3, 5]), hidden 192, a 4,096-token vocabulary;
+# ~4M parameters, trained for a few minutes on the same chat text. Still head size 32 for vLLM's CPU attention.
+LARGER_LLAMA = dict(
+    TINY_LLAMA,
+    hidden_size=192,
+    intermediate_size=512,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    num_key_value_heads=3,
+)
+LARGER_VOCAB_SIZE = 4096
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("SPECULATORS_HF_CACHE", Path.home() / ".cache" / "speculators_hf"))
 
 
-def _recipe_dir(name: str, recipe: dict) -> Path:
+def _recipe_dir(name: str, recipe: dict, root: Path | None = None) -> Path:
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_root() / "tiny" / f"{name}-{digest}"
+    return Path(root or cache_root()) / "tiny" / f"{name}-{digest}"
 
 
 def _build_atomically(target: Path, build) -> Path:
@@ -114,13 +126,14 @@ def write_chat_jsonl(path: str | Path, limit: int, offset: int = 0) -> Path:
 # ----------------------------------------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer(vocab_size: int = VOCAB_SIZE):
-    """A byte-level BPE tokenizer trained locally on chitchat text, with a ChatML chat template."""
+def build_tokenizer(vocab_size: int = VOCAB_SIZE, root: Path | None = None):
+    """A byte-level BPE tokenizer trained locally on chitchat text, with a ChatML chat template (cached under `root`,
+    default `cache_root()`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     recipe = {"kit": KIT_VERSION, "vocab_size": vocab_size, "template": CHATML_TEMPLATE}
-    target = _recipe_dir("tokenizer", recipe)
+    target = _recipe_dir("tokenizer", recipe, root)
 
     def build(tmp: Path) -> None:
         tok = Tokenizer(models.BPE())
@@ -197,18 +210,37 @@ def tiny_verifier(kind: str = "random", tie_word_embeddings: bool = False, train
     """
     if kind not in ("random", "peaked"):
         raise ValueError(f"kind must be 'random' or 'peaked', got {kind!r}")
+    return _llama_verifier(f"verifier-{kind}", TINY_LLAMA, build_tokenizer(), kind, tie_word_embeddings, train_steps)
+
+
+def larger_verifier(root: Path | None = None, train_steps: int = 400) -> Path:
+    """Path of the larger CPU setting's verifier (`LARGER_LLAMA`, a `LARGER_VOCAB_SIZE` tokenizer), trained like the
+    peaked tiny one for `train_steps` steps (a few minutes on 2 cores); deterministic, cached under `root` (default
+    `cache_root()`). Used by `benchmarks/seeds.py`, not by the tests."""
+    tokenizer = build_tokenizer(LARGER_VOCAB_SIZE, root)
+    return _llama_verifier("verifier-larger", LARGER_LLAMA, tokenizer, "peaked", False, train_steps, root)
+
+
+def _llama_verifier(
+    name: str,
+    shape: dict,
+    tokenizer,
+    kind: str,
+    tie_word_embeddings: bool,
+    train_steps: int,
+    root: Path | None = None,
+) -> Path:
     from transformers import LlamaForCausalLM
 
-    tokenizer = build_tokenizer()
     recipe = {
         "kit": KIT_VERSION,
         "kind": kind,
-        "config": TINY_LLAMA,
+        "config": shape,
         "tie": tie_word_embeddings,
         "vocab": len(tokenizer),
         "steps": train_steps if kind == "peaked" else 0,
     }
-    target = _recipe_dir(f"verifier-{kind}", recipe)
+    target = _recipe_dir(name, recipe, root)
 
     def build(tmp: Path) -> None:
         torch.manual_seed(0)
@@ -218,12 +250,13 @@ def tiny_verifier(kind: str = "random", tie_word_embeddings: bool = False, train
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=None,
+            **{k: v for k, v in shape.items() if k != "tie_word_embeddings"},
         )
         model = LlamaForCausalLM(config)
         if kind == "peaked":
-            logger.info("Training the tiny peaked verifier for %d steps (cached afterwards)...", train_steps)
+            logger.info("Training the %s verifier for %d steps (cached afterwards)...", name, train_steps)
             final = _train_briefly(model, tokenizer, train_steps)
-            logger.info("Tiny peaked verifier: final training loss %.3f", final)
+            logger.info("%s verifier: final training loss %.3f", name, final)
         model.generation_config.do_sample = False
         # Small shards so that loaders are tested against the sharded layout real checkpoints use.
         model.save_pretrained(tmp, max_shard_size="300KB")
