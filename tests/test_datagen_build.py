@@ -275,3 +275,20 @@ def test_planning_reads_the_tokenized_columns_once_not_row_by_row(
     assert [plan.index_entry(k)["num_tokens"] for k in range(len(plan.shards))] == [
         sum(plan.lengths[i] for i in shard) for shard in plan.shards
     ]
+
+
+def test_index_is_rewritten_a_bounded_number_of_times(
+    built, tiny_verifier_path, chats, cache_dir, tmp_path, monkeypatch
+):
+    """Each index.json rewrite looks at every planned shard: rewritten after every shard, a 31k-shard run would make
+    ~1e9 checks. It is rewritten at most `INDEX_REWRITES` times in the loop (plus the last), and ends the same."""
+    from speculators_hf.datagen import builder
+
+    calls = []
+    real = builder.write_index
+    monkeypatch.setattr(builder, "write_index", lambda *a: (calls.append(1), real(*a)))
+    monkeypatch.setattr(builder, "INDEX_REWRITES", 1, raising=False)  # 1 rewrite per run: every shard count shows it
+    out, summary = built
+    assert build_dataset(make_args(tiny_verifier_path, chats, tmp_path / "out", cache_dir))["shards"] > 2
+    assert len(calls) <= 2, len(calls)
+    assert json.loads((tmp_path / "out" / "index.json").read_text()) == json.loads((out / "index.json").read_text())

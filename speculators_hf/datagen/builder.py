@@ -239,6 +239,9 @@ def _extract_and_write(plan: Plan, backend: HiddenStatesBackend | None = None) -
         desc="Token shards (tokens only)" if args.tokens_only else f"Hidden states ({backend.name})",
         disable=(args.rank != 0 and args.world_size > 1) or not hf_logging.is_progress_bar_enabled(),
     )
+    # index.json is rewritten after every `every` shards (each rewrite looks at every planned shard: after each shard
+    # that is O(shards^2), ~1e9 checks for a 31k-shard run), and when the loop ends, however it ends
+    every = max(1, len(plan.shards) // INDEX_REWRITES)
     try:
         for k in todo:
             samples = _extract_shard(plan, backend, k)
@@ -248,8 +251,12 @@ def _extract_and_write(plan: Plan, backend: HiddenStatesBackend | None = None) -
             written["samples"] += len(samples)
             written["tokens"] += tokens
             bar.update(tokens)
+            if written["shards"] % every == 0:
+                _update_index(plan)
     finally:
         bar.close()
+        if written["shards"] % every:
+            _index_what_was_written(plan)
         written["seconds"] = round(time.perf_counter() - started, 3)
         if owned:
             backend.close()
@@ -274,6 +281,9 @@ def _extract_shard(plan: Plan, backend, k: int) -> list[dict]:
     return samples
 
 
+INDEX_REWRITES = 100  # index.json rewrites per run at most (plus the last): linear in the shards
+
+
 class _TokensOnly:
     """The "backend" of `--tokens-only`: no verifier, no states (training fetches them from servers)."""
 
@@ -295,11 +305,21 @@ def _write_shard(plan: Plan, k: int, samples: list[dict]) -> None:
             write_v1_sample(path, sample, plan.storage_dtype)
         return
     write_shard(plan.shard_path(k), samples, plan.shards[k], plan.storage_dtype)
-    _update_index(plan)
+
+
+def _index_what_was_written(plan: Plan) -> None:
+    """The last index rewrite of a loop that may be failing: a second error (the disk is still full) is logged, and
+    the first one goes on up; a rerun rewrites the index from the shards on disk."""
+    try:
+        _update_index(plan)
+    except OSError as err:
+        logger.warning("index.json not updated (%s); rerun the same command to resume and rewrite it.", err)
 
 
 def _update_index(plan: Plan) -> None:
     """Rewrite index.json from the shards on disk, under a lock (ranks may share the folder)."""
+    if plan.args.data_format_version != 2:
+        return  # format 1: one .pt file per sample, no index
     with runstate.lock(plan.output_dir, f"{KEY}-index"):
         done = [k for k in range(len(plan.shards)) if plan.is_done(k)]
         write_index(
@@ -353,8 +373,7 @@ def _finish(plan: Plan, claim: runstate.Claim, written: dict, seconds: float) ->
         tokens_only=plan.args.tokens_only,
         this_run={**written, "tokens_per_second": tokens_per_second},
     )
-    if plan.args.data_format_version == 2:
-        _update_index(plan)
+    _update_index(plan)
     if result.complete:
         write_json(plan.output_dir / DATA_CONFIG, data_config(plan, status="complete", summary=result.summary()))
         claim.finish(asdict(result), produced=result.samples, what="samples")
