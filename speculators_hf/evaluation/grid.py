@@ -6,8 +6,9 @@ One vLLM engine per K (plus one for the verifier alone) runs every (temperature,
 (the prompts, cycled up to the batch size), `batch size` of them in flight at a time, sampled requests seeded per
 request. Per cell: tau and acceptance per position (vLLM's `spec_decode` counters), output tokens/s and time per
 output token with and without the draft, the speed-up (tokens/s with over without), and at temperature 0 whether the
-output ids are the verifier's own. The recommendation: the K with the best speed-up per (temperature, batch size), and
-one K for `vllm serve` (the best geometric mean of the speed-up over every cell).
+output ids are the verifier's own. The recommendation: the K with the best speed-up per (temperature, batch size), one
+K for `vllm serve` (the best geometric mean of the speed-up over every cell), and a batch-size schedule for K
+(`num_speculative_tokens_per_batch_size`) when the best K differs across batch sizes.
 
 Each engine runs in a subprocess of its own; its raw record is kept in `<card folder>/eval_grid/k<K>.json` (its log
 in `vllm_k<K>.log`). Each engine is a run of its own for the run-state module (`runstate`, key `k<K>` in that folder):
@@ -219,6 +220,7 @@ def recommend(cells: list[dict]) -> dict:
     k_best = max(scores, key=lambda k: (scores[k], -k))
     return {
         "num_speculative_tokens": k_best,
+        "num_speculative_tokens_per_batch_size": batch_size_schedule(trusted),
         # False: no K beat the verifier alone in any cell that counts
         "speculate": any(row["speculate"] for row in per_load if not row.get("caveat")),
         "geomean_speedup": round(scores[k_best], 3),
@@ -227,6 +229,30 @@ def recommend(cells: list[dict]) -> dict:
         "over every temperature and batch size measured",
         "per_load": per_load,
     }
+
+
+def batch_size_schedule(cells: list[dict]) -> list[list[int]] | None:
+    """vLLM's `num_speculative_tokens_per_batch_size` when the best K differs across the batch sizes measured, else
+    None: inclusive `[start, end, K]` ranges from 1. Per batch size, the K with the best geometric-mean speed-up over
+    the temperatures measured (ties: the smaller K), or 0 (no drafting) where no K beats the verifier alone; a batch
+    size between two measured ones takes the nearer one's K (geometric midpoint); vLLM carries the last K on."""
+    best = {}
+    for b in sorted({c["batch_size"] for c in cells}):
+        scores = {}
+        for k in sorted({c["k"] for c in cells if c["batch_size"] == b}):
+            speedups = [c["speedup"] for c in cells if c["batch_size"] == b and c["k"] == k]
+            scores[k] = math.exp(sum(math.log(max(s, 1e-9)) for s in speedups) / len(speedups))
+        k = max(scores, key=lambda k: (scores[k], -k))
+        best[b] = k if scores[k] > 1.0 else 0
+    sizes = list(best)
+    ranges: list[list[int]] = []
+    for i, b in enumerate(sizes):
+        end = math.isqrt(b * sizes[i + 1]) if i + 1 < len(sizes) else b
+        if ranges and ranges[-1][2] == best[b]:
+            ranges[-1][1] = end
+        else:
+            ranges.append([ranges[-1][1] + 1 if ranges else 1, end, best[b]])
+    return ranges if len(ranges) > 1 else None
 
 
 def build_grid(

@@ -75,12 +75,20 @@ def vllm_serves_eagle3(verifier_architectures: list[str] | None) -> bool:
     return any(arch in VLLM_EAGLE3_VERIFIERS for arch in verifier_architectures or ())
 
 
-def speculative_config(config: dict, model: str, num_speculative_tokens: int) -> dict:
+def speculative_config(
+    config: dict, model: str, num_speculative_tokens: int, per_batch_size: list[list[int]] | None = None
+) -> dict:
     """vLLM's `speculative_config` that serves the draft `model` whose `config.json` is `config`: method eagle3, and
-    `parallel_drafting` for a `peagle` draft (without it vLLM runs that draft chained, its `mask_hidden` unread)."""
+    `parallel_drafting` for a `peagle` draft (without it vLLM runs that draft chained, its `mask_hidden` unread).
+    `per_batch_size` (`[start, end, K]` ranges) becomes `num_speculative_tokens_per_batch_size`, with
+    `num_speculative_tokens` its largest K (vLLM caps every range's K at it)."""
+    if per_batch_size:
+        num_speculative_tokens = max(k for _, _, k in per_batch_size)
     spec = {"model": model, "method": "eagle3", "num_speculative_tokens": num_speculative_tokens}
     if config.get("speculators_model_type") == "peagle":
         spec["parallel_drafting"] = True
+    if per_batch_size:
+        spec["num_speculative_tokens_per_batch_size"] = [list(r) for r in per_batch_size]
     return spec
 
 

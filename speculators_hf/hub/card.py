@@ -115,7 +115,10 @@ def serve_commands(checkpoint: str | Path, repo_id: str) -> tuple[list[str], str
             "rerun evaluate --grid, or delete the card",
         )
     k = recommendation["num_speculative_tokens"] if recommendation else k_config
-    spec = json.dumps(speculative_config(config, repo_id, k))
+    schedule = recommendation.get("num_speculative_tokens_per_batch_size") if recommendation else None
+    if recommendation and not recommendation.get("speculate", True):
+        schedule = None
+    spec = json.dumps(speculative_config(config, repo_id, k, schedule))
     commands = [f"vllm serve {repo_id}", f"vllm serve {verifier} --speculative-config '{spec}'"]
     note = (
         f"The first form reads the verifier and the number of speculative tokens ({k_config}) from this repo's "
@@ -127,6 +130,12 @@ def serve_commands(checkpoint: str | Path, repo_id: str) -> tuple[list[str], str
             f"{recommendation['geomean_speedup']:.2f}x, over the temperatures and loads measured); its table gives "
             "the best K for each temperature and load."
         )
+        if schedule:
+            ranges = ", ".join(f"{a}-{b}: K={n}" for a, b, n in schedule)
+            note += (
+                f" Since the best K differs across batch sizes, it sets K per batch size ({ranges}; K=0: no "
+                "drafting) with `num_speculative_tokens_per_batch_size`."
+            )
         if not recommendation.get("speculate", True):
             note += " On the hardware of that grid no K beat the verifier alone: serve the verifier alone there."
     return commands, note

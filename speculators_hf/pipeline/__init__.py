@@ -13,6 +13,7 @@ checkpoint). `--overwrite STAGE|all` reruns stages from scratch.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from ..commandline import run_command
 from ..datagen.holdout import hold_out_prompts
 from ..evaluation import eval_table
 from ..evaluation.card import recommendation_table
+from ..formats.checkpoint import read_config, speculative_config
 from ..online.fleet import serve_for_training
 from ..tiny_kit import tiny_verifier, write_chat_jsonl
 from ..utils import UserError, get_logger, vllm_is_available
@@ -256,11 +258,13 @@ def report(pipeline: Pipeline, result: PipelineResult) -> None:
     card = read_json(pipeline.results["evaluate"].card, fix="rerun with --overwrite evaluate")
     ran = ", ".join(f"{k} {v:.0f}s" for k, v in result.timings.items()) or "nothing (all stages up to date)"
     print(eval_table(card))
-    k = pipeline.sections["train"].get("ttt_steps", 3)
+    k, schedule = pipeline.sections["train"].get("ttt_steps", 3), None
     if card.get("grid"):
         print(recommendation_table(card))
         print(f"Plots: {', '.join(str(pipeline.draft_dir / f) for f in (card.get('plots') or {}).values())}")
         k = card["recommendation"]["num_speculative_tokens"]
+        if card["recommendation"].get("speculate", True):
+            schedule = card["recommendation"].get("num_speculative_tokens_per_batch_size")
     print(f"\nPipeline done in {result.seconds:.0f} s; ran: {ran}.")
     r = pipeline.results["train"].hidden_states
     if pipeline.args.online and r:
@@ -272,10 +276,8 @@ def report(pipeline: Pipeline, result: PipelineResult) -> None:
             f"skipped {r['skipped']}; left on disk: {left / 2**20:.2f} MiB of states"
         )
     print(f"Draft (served format): {pipeline.draft_dir}")
-    print(
-        f"Serve it: vllm serve {pipeline.args.verifier} --speculative-config "
-        f'\'{{"model": "{pipeline.draft_dir}", "method": "eagle3", "num_speculative_tokens": {k}}}\''
-    )
+    spec = speculative_config(read_config(pipeline.draft_dir), str(pipeline.draft_dir), k, schedule)
+    print(f"Serve it: vllm serve {pipeline.args.verifier} --speculative-config '{json.dumps(spec)}'")
 
 
 def _holds_states(path: Path) -> bool:
