@@ -81,19 +81,24 @@ def test_parallel_loss_trains_mask_hidden(tiny_verifier_path):
     assert model.mask_hidden.grad is not None and model.mask_hidden.grad.abs().sum() > 0
 
 
-def test_peagle_config_and_checkpoint_are_what_vllm_reads(tmp_path):
+def saved_peagle_draft(folder, **options) -> tuple[Eagle3Config, Eagle3DraftModel, dict]:
+    """A parallel-drafting draft of the tiny verifier saved in `folder`: its config, the model and the saved config."""
     config = Eagle3Config.from_verifier(
         tiny_llama_config(),
         draft_vocab_size=VD,
         parallel_drafting=True,
         mask_token_id=MASK,
-        fc_norm=True,
         verifier_name_or_path="org/verifier",
+        **options,
     )
     model = Eagle3DraftModel(config)
     model.set_vocab_mapping(*mapping())
-    model.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
+    model.save_pretrained(folder)
+    return config, model, json.loads((folder / "config.json").read_text())
+
+
+def test_peagle_config_and_checkpoint_are_what_vllm_reads(tmp_path):
+    config, model, saved = saved_peagle_draft(tmp_path, fc_norm=True)
     assert saved["speculators_model_type"] == "peagle" and saved["speculators_config"]["algorithm"] == "peagle"
     assert saved["mask_token_id"] == MASK and saved["architectures"] == ["PeagleLlamaForCausalLM"]
     assert saved["transformer_layer_config"]["fc_norm"] is True  # vLLM's peagle reader copies no fc_norm itself
@@ -113,17 +118,7 @@ def test_peagle_config_and_checkpoint_are_what_vllm_reads(tmp_path):
 def test_export_check_refuses_a_peagle_draft_without_mask_hidden_or_token(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    config = Eagle3Config.from_verifier(
-        tiny_llama_config(),
-        draft_vocab_size=VD,
-        parallel_drafting=True,
-        mask_token_id=MASK,
-        verifier_name_or_path="org/verifier",
-    )
-    model = Eagle3DraftModel(config)
-    model.set_vocab_mapping(*mapping())
-    model.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
+    _, _, saved = saved_peagle_draft(tmp_path)
     with pytest.raises(UserError, match="mask_token_id"):
         check_checkpoint(tmp_path, {k: v for k, v in saved.items() if k != "mask_token_id"})
     tensors = load_file(tmp_path / "model.safetensors")
