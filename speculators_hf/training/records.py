@@ -20,7 +20,7 @@ from transformers import TrainerState
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..formats.checkpoint import LOSS_KEYS
+from ..formats.checkpoint import LOSS_BEFORE_RECORDED, LOSS_KEYS
 from ..runstate import Claim, claim, file_signature, fingerprint
 from ..utils import UserError, get_logger, write_json
 from ..validation import bad_file, describe, read_json, read_json_if_exists, safetensors_header, torch_load
@@ -33,7 +33,6 @@ RUN_FINGERPRINT_KEY, RUN_INPUTS_KEY = "run_fingerprint", "run_inputs"  # keys of
 CHECKPOINT = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 # The files of a pretrained draft that decide its weights (`--from-pretrained`): config and weights
 PRETRAINED_FILES = re.compile(r"config\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|pytorch_model\.bin")
-DEFAULT_OBJECTIVE = {"loss": "kl", "loss_temperature": 1.0}  # the objective's flags a fingerprint leaves out at these
 
 # TrainingArguments fields that do not change the trained weights (a run may resume with other values).
 NOT_FINGERPRINTED = frozenset(
@@ -159,7 +158,7 @@ def run_inputs(model, args, data_path: str | Path, dataset, pretrained: str | Pa
     came from: `pretrained_fingerprint`), the result-changing flags, world size."""
     vocab = None if model.d2t is None else hashlib.sha256(model.d2t.cpu().numpy().tobytes()).hexdigest()[:16]
     flags = {k: v for k, v in args.to_dict().items() if k not in NOT_FINGERPRINTED}
-    for key, default in DEFAULT_OBJECTIVE.items():  # today's KL at T = 1, what runs recorded before `--loss` trained:
+    for key, default in LOSS_BEFORE_RECORDED.items():  # KL at T = 1, what runs before `--loss` trained:
         if flags.get(key) == default:  # left out, so that those runs resume and their fingerprints stay the same
             flags.pop(key)
     if flags.get("loss", "kl") != "kl_tv":  # eta weighs nothing else
