@@ -22,7 +22,8 @@ run once and are reused by every seed and every recipe with the same data flags 
 evaluation and export repeat. Evaluation: τ at T = 0 in the transformers engine and in vLLM (K = the trained TTT
 steps, 3 by default; no grid, no verifier-alone engine), τ_sim on the held-out shards the training set aside (the same
 split for every seed: `--data-seed` stays 0), and acceptance per position at T = 1 in the transformers engine (its
-exact speculative-sampling rule; requests seeded per prompt). Training time is the train stage's wall time.
+exact speculative-sampling rule; requests seeded per prompt). Training time is the train stage's wall time (plus
+the on-policy stage's, with `--on-policy`).
 
 `--checkout DIR` runs another commit's pipeline CLI (a subprocess, `PYTHONPATH=DIR`) per seed, with the seed as
 `--train-args "--seed N"` (a form every version takes), and reads its eval card: T = 0 τ of both engines and τ_sim
@@ -138,8 +139,11 @@ def _run_locked(args, sections: dict, argv: list[str], seed_dir: Path) -> dict:
     pipeline = Pipeline(args, sections)
     result = pipeline.run()
     ev = result.results["evaluate"]
-    train = result.results["train"]
-    out = {"argv": argv, "run_dir": args.output_dir, "timings": result.timings, "train_seconds": train.seconds}
+    train, on_policy = result.results["train"], result.results.get("on_policy")
+    seconds = train.seconds + (on_policy.seconds if on_policy is not None else 0.0)  # both training stages
+    out = {"argv": argv, "run_dir": args.output_dir, "timings": result.timings, "train_seconds": seconds}
+    if on_policy is not None:
+        out["on_policy"] = on_policy.on_policy  # acceptance per step while training, rows continued, verifier cost
     for row in ev.rows:
         if row.temperature == 0.0:
             out[f"tau_t0_{row.engine}"] = row.tau

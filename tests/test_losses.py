@@ -624,3 +624,47 @@ def test_fused_loss_under_fsdp2_and_ddp_equals_one_process(tiny_verifier_path, t
             r = report[mode]
             assert r["loss"] < 1e-6 and r["stats"] and r["names"] and r["grad"] < 1e-5, r
             assert r["frozen"] == [] and r["sharded"], r
+
+
+@pytest.mark.parametrize(("loss", "temperature"), [("kl", 1.0), ("tv", 0.7)])
+def test_targets_anywhere_and_reverse_rows_equal_their_reference(loss, temperature, monkeypatch):
+    """The on-policy stage's form: each row's target is any row of a flat `[M, Ht]` (`target_index`) and some rows
+    take the reverse KL `KL(q || p)`: values, per-row values and gradients equal autograd on full logits, in fp64
+    (one target ruled out by the verifier's head included: its reverse KL stays finite)."""
+    upstream, weight, _, head, valid = ttt_case()
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", {"cpu": 3 * weight.shape[0]})
+    weight.requires_grad_(True)
+    K, B, T = valid.shape
+    g = torch.Generator().manual_seed(1)
+    flat = torch.randn(2 * B * T, 5, generator=g, dtype=torch.float64)
+    index = torch.randint(0, len(flat), (K, B, T), generator=g)
+    reverse = valid & (torch.rand(K, B, T, generator=g) < 0.5)
+
+    def ruled_out(rows):  # the last draft token has probability 0 under the verifier
+        logits = head(rows)
+        return torch.cat([logits[:, :-1], torch.full_like(logits[:, -1:], float("-inf"))], dim=1)
+
+    def reference(states):
+        total, values = 0.0, []
+        for k, state in enumerate(states):
+            logits, target = state @ weight.T, ruled_out(flat)[index[k]].clamp(min=-1e4)  # [B, T, Vd]; p = 0 stays
+            forward = reference_objective(logits, target, loss, temperature, 0.0)
+            log_q = F.log_softmax(logits / temperature, dim=-1)
+            log_p = F.log_softmax(target / temperature, dim=-1).clamp(min=math.log(torch.finfo(torch.float64).tiny))
+            backward = (log_q.exp() * (log_q - log_p)).sum(-1)
+            value = torch.where(reverse[k], backward, forward) * valid[k]
+            total = total + value.sum() / valid[k].sum().clamp(min=1)
+            values.append(value)
+        return total, torch.stack(values)
+
+    def fused(states):
+        out = fused_ttt_kl(states, weight, flat, ruled_out, valid, None, loss, temperature, 0.0, index, reverse)
+        return out[:2]
+
+    results = []
+    for fn in (fused, reference):
+        value, per_row = fn([torch.tanh(u) for u in upstream])
+        results.append((value, per_row, *torch.autograd.grad(value, [upstream, weight])))
+    assert torch.isfinite(results[0][1]).all() and reverse.sum() > 0 and (valid & ~reverse).sum() > 0
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)

@@ -68,6 +68,24 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, peaked_verifier_pat
     forced.run()
     assert set(forced.timings) == {"vocab"}
 
+    # --on-policy: the on-policy stage continues train's final draft (train's values, its own section over them);
+    # evaluate and export read its draft
+    exported = (draft / "model.safetensors").read_bytes()
+    on_policy = {"train": {"lr": 1e-3}, "on_policy": {"max_steps": 2, "on_policy_targets": "shards"}}
+    continued = Pipeline(small_args(tmp_path, peaked_verifier_path, on_policy, on_policy=True))
+    continued.run()
+    assert set(continued.timings) == {"on_policy", "evaluate", "export"}
+    result = continued.results["on_policy"]
+    assert (
+        result.global_step == 2
+        and result.on_policy["accept"]
+        and Path(result.draft).parent.name == ("checkpoints-on-policy")
+    )
+    record = json.loads((Path(result.draft) / "training_config.json").read_text())
+    assert record["stage"] == "on-policy" and record["run_inputs"]["--learning-rate"] == 1e-3  # train's value
+    assert record["run_inputs"]["--from-pretrained"]  # train's final draft, fingerprinted
+    assert (draft / "model.safetensors").read_bytes() != exported
+
 
 def test_pipeline_flag_errors_are_one_line(tmp_path, capsys):
     assert main(["--verifier", "x"]) == 2

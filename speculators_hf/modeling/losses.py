@@ -30,6 +30,10 @@ Their gradients w.r.t. the draft logits `z` (`q = softmax(z / T)`, `s = sign(q -
     d(-log alpha) / d z_j = (d TV / d z_j) / alpha,   alpha = sum_i min(p_i, q_i) (= 1 - TV, summed directly)
     d kl_tv / d z_j = lambda d KL / d z_j + (1 - lambda) d TV / d z_j
 
+The on-policy stage (`training/on_policy.py`) passes each row's target explicitly (`target_index`: a row of the
+data path or a continuation the verifier scored) and marks rejected proposals, whose objective is the reverse KL
+`KL(q || p) = sum_i q_i log(q_i / p_i)`, `d / d z_j = q_j (log(q_j / p_j) - KL(q || p)) / T`.
+
 The loss takes the K steps' final-norm states, never `[T, Vd]` logits: target rows are visited chunk by chunk, each
 chunk's verifier logits serve all K steps, and the gradients are formed in the same pass, so backward keeps only
 `[T, H]`- and `[Vd, H]`-sized tensors.
@@ -200,30 +204,40 @@ def _chunk_rows(vocab_size: int, device: torch.device) -> int:
     return max(1, _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"]) // vocab_size)
 
 
-def _plan(valid: torch.Tensor, vocab_size: int) -> _Plan:
+def _plan(valid: torch.Tensor, vocab_size: int, target_index: torch.Tensor | None = None) -> _Plan:
     K, N = valid.shape  # [K, B * T]
     rows = [valid[k].nonzero().squeeze(1) for k in range(K)]
-    targets = torch.cat([r + k for k, r in enumerate(rows)]).unique()  # sorted
-    tpos = [torch.searchsorted(targets, r + k) for k, r in enumerate(rows)]
+    # the target row of each counted row: row + k (the data path), or where `target_index` points
+    wanted = [r + k if target_index is None else target_index[k][r] for k, r in enumerate(rows)]
+    targets = torch.cat(wanted).unique()  # sorted
+    tpos = [torch.searchsorted(targets, w) for w in wanted]
+    if target_index is not None:  # chunks select rows by target: each step's rows in the order of their targets
+        order = [torch.argsort(t, stable=True) for t in tpos]
+        rows, tpos = [r[o] for r, o in zip(rows, order)], [t[o] for t, o in zip(tpos, order)]
     size = _chunk_rows(vocab_size, valid.device)
     edges = list(range(0, len(targets), size)) + [len(targets)]  # [C + 1]
     chunks = list(zip(edges[:-1], edges[1:]))
     if not chunks:
         return _Plan(targets, [], rows, tpos, [[] for _ in range(K)], [0] * K)
     edges_t = torch.tensor(edges, device=valid.device)
-    table = []  # per step and chunk: lo, hi, first row, last row, first target position
+    table = []  # per step and chunk: lo, hi, first row, last row, first and last target position
     for k in range(K):
         bounds = torch.searchsorted(tpos[k], edges_t)  # [C + 1]
         lo, hi = bounds[:-1], bounds[1:]
         if len(rows[k]):
             at_lo, at_last = lo.clamp(max=len(rows[k]) - 1), (hi - 1).clamp(min=0)
-            first, last, tfirst = rows[k][at_lo], rows[k][at_last], tpos[k][at_lo]
+            first, last = rows[k][at_lo], rows[k][at_last]
+            tfirst, tlast = tpos[k][at_lo], tpos[k][at_last]
         else:
-            first = last = tfirst = torch.zeros_like(lo)
-        table.append(torch.stack([lo, hi, first, last, tfirst], 1))  # [C, 5]
-    host = torch.stack(table).tolist()  # [K, C, 5]: the one host sync of the table
+            first = last = tfirst = tlast = torch.zeros_like(lo)
+        table.append(torch.stack([lo, hi, first, last, tfirst, tlast], 1))  # [C, 6]
+    host = torch.stack(table).tolist()  # [K, C, 6]: the one host sync of the table
+    consecutive = target_index is None  # rows ascending and unique: equal ends mean a run (not so when reordered)
     spans = [
-        [(lo, hi, first if last - first == hi - lo - 1 else -1, tfirst) for lo, hi, first, last, tfirst in t]
+        [
+            (lo, hi, first if consecutive and last - first == tlast - tfirst == hi - lo - 1 else -1, tfirst)
+            for lo, hi, first, last, tfirst, tlast in t
+        ]
         for t in host
     ]
     return _Plan(targets, chunks, rows, tpos, spans, [len(r) for r in rows])
@@ -329,6 +343,24 @@ def _tv_terms(
     return value, g.to(logits.dtype)
 
 
+def _rkl_terms(logits: torch.Tensor, log_p_rows: torch.Tensor, scale: torch.Tensor, grad: bool, inv_t: float):
+    """Per-row reverse KL `KL(q || p) = sum_i q_i log(q_i / p_i)` and `d / d z_j = q_j (log(q_j / p_j) - KL) / T`
+    (scaled by `scale`) of one chunk of rows; `log_p_rows` `[n, Vd]` at temperature T, floored at the log of the
+    smallest normal number (a token the verifier rules out costs a large but finite amount)."""
+    z = logits.to(log_p_rows.dtype)
+    if inv_t != 1.0:
+        z = z * inv_t
+    log_q = torch.log_softmax(z, dim=-1)  # [n, Vd]
+    del z
+    ratio = log_q - log_p_rows  # log(q / p)   [n, Vd]
+    q = log_q.exp_()
+    rkl = (q * ratio).sum(-1)  # [n]
+    if not grad:
+        return rkl, None
+    g = ratio.sub_(rkl.unsqueeze(1)).mul_(q).mul_(scale * inv_t)  # [n, Vd]
+    return rkl, g.to(logits.dtype)
+
+
 class _CompiledOrEager:
     """`torch.compile(fn)` (dynamic shapes), falling back to eager `fn` for good if compiling or running it fails."""
 
@@ -379,6 +411,7 @@ def _fused_kl(
     loss_fn: str = "kl",
     temperature: float = 1.0,
     eta: float = DEFAULT_LOSS_ETA,
+    reverse: torch.Tensor | None = None,
 ):
     """The loss, per-row loss values and argmax agreement, and (optionally) the gradients of the loss, chunk by chunk.
 
@@ -387,11 +420,12 @@ def _fused_kl(
         verifier_states: `[N, Ht]` verifier pre-norm last states. verifier_logits: `[..., Ht] -> [..., Vd]`.
         scales: the loss weight of one row of step k (`step_weight / valid rows`).
         loss_fn, temperature, eta: the per-row objective (`LOSSES`), its temperature T and kl_tv's eta.
+        reverse: `[K, N]` bool, the rows whose objective is the reverse KL `KL(q || p)` instead (`None`: none).
 
     Returns:
         `(loss, per-row loss [K, N], agree [K, N], d_states (K x [N, H]) or None, d_weight [Vd, H] fp32 or None)`.
     """
-    K, N = len(states), verifier_states.shape[0]
+    K, N = len(states), states[0].shape[0]
     device = verifier_states.device
     mm = _matmul_dtype(states[0], weight)
     acc = torch.promote_types(mm, torch.float32)  # fp32, or fp64 for fp64 inputs
@@ -416,9 +450,12 @@ def _fused_kl(
         del target_logits
         p = log_p.exp()
         neg_entropy = None
+        if reverse is not None:  # kept for the reverse KL, floored: p = 0 gives a large finite log
+            log_p = log_p.clamp(min=math.log(torch.finfo(acc).tiny))
         if loss_fn in ("kl", "kl_tv"):
             neg_entropy = (p * log_p.clamp_(min=torch.finfo(acc).min)).sum(-1)  # sum p log p; p = 0 -> 0   [c]
-        del log_p
+        if reverse is None:
+            del log_p
         for k in range(K):
             lo, hi, first, tfirst = plan.spans[k][c]
             if lo == hi:
@@ -434,6 +471,12 @@ def _fused_kl(
             agree_out[k, rows] = logits.argmax(-1) == target_ids[at]
             ne = neg_entropy[at] if neg_entropy is not None else None
             kl, g = terms(logits, p[at], ne, scale[k], with_grad, inv_t, eta)  # [n], [n, Vd]; p[at]: view/gather
+            if reverse is not None:
+                back = reverse[k, rows]  # [n]: these rows take KL(q || p) instead
+                if back.any():
+                    rkl, rg = _rkl_terms(logits, log_p[at], scale[k], with_grad, inv_t)
+                    kl = torch.where(back, rkl, kl)
+                    g = torch.where(back.unsqueeze(1), rg, g) if g is not None else None
             del logits
             loss = loss + kl.sum() * scale[k]
             kl_out[k, rows] = kl
@@ -489,6 +532,8 @@ def fused_ttt_kl(
     loss: str = "kl",
     temperature: float = 1.0,
     eta: float = DEFAULT_LOSS_ETA,
+    target_index: torch.Tensor | None = None,
+    reverse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The TTT objective `sum_k w_k * masked_mean_t D(p_{t+k}, q^k_t)` without `[T, Vd]` logits kept anywhere (`D`:
     KL by default, or another of `LOSSES` at a temperature; the module docstring gives the formulas).
@@ -509,24 +554,32 @@ def fused_ttt_kl(
         step_weights: `w_k` (default 1.0 each; `decay**k` for a decayed objective).
         loss: the per-row objective `D`, one of `LOSSES` (default `kl`).
         temperature: `T` of both distributions (default 1.0). eta: `kl_tv`'s `lambda = exp(-eta * alpha)`.
+        target_index (`[K, B, T]` long, *optional*): the target of row `t` of step `k` as a row of the flat
+            `verifier_hidden_states` (then `[M, Ht]`: e.g. the data path's rows followed by continuations the verifier
+            scored; `training.on_policy`); default row `t + k` of `[B, T, Ht]`.
+        reverse (`[K, B, T]` bool, *optional*): rows whose objective is the reverse KL `KL(q || p)` instead of `loss`
+            (the on-policy stage's rejected proposals).
 
     Returns:
         `(loss, kl, agree)`: the loss (scalar, differentiable), the per-row objective `[K, B, T]` (the KL with the
         default `loss`) and the per-row argmax agreement `[K, B, T]` (draft argmax == verifier argmax), both 0/False
         on rows that do not count.
     """
-    K, (B, T) = len(hidden_states), verifier_hidden_states.shape[:2]
+    K, (B, T) = len(hidden_states), valid.shape[1:]
     step_weights = [1.0] * K if step_weights is None else list(step_weights)
     with torch.no_grad():
-        plan = _plan(valid.reshape(K, B * T), lm_head_weight.shape[0])
+        index = None if target_index is None else target_index.reshape(K, B * T)
+        plan = _plan(valid.reshape(K, B * T), lm_head_weight.shape[0], index)
     scales = [w / max(n, 1) for w, n in zip(step_weights, plan.counts)]
     states = [h.reshape(B * T, -1) for h in hidden_states]
-    rows = verifier_hidden_states.detach().reshape(B * T, -1)
+    rows = verifier_hidden_states.detach().reshape(-1, verifier_hidden_states.shape[-1])
     if loss not in LOSSES:
         raise ValueError(f"loss {loss!r}: expected one of {', '.join(LOSSES)}.")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature {temperature}: expected a finite number > 0.")
     objective = dict(loss_fn=loss, temperature=float(temperature), eta=float(eta))
+    if reverse is not None:
+        objective["reverse"] = reverse.reshape(K, B * T)
     if torch.is_grad_enabled() and (lm_head_weight.requires_grad or any(s.requires_grad for s in states)):
         loss, kl, agree = _FusedTTTKL.apply(lm_head_weight, rows, verifier_logits, plan, scales, objective, *states)
     else:

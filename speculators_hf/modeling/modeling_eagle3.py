@@ -288,6 +288,8 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
         loss_function: str = "kl",
         loss_temperature: float = 1.0,
         loss_eta: float = losses.DEFAULT_LOSS_ETA,
+        loss_target_index: torch.Tensor | None = None,
+        loss_reverse_rows: torch.Tensor | None = None,
         **kwargs,
     ) -> Eagle3Output:
         """One draft step, or (with `ttt_hidden_states`) the training loss of K draft steps.
@@ -315,11 +317,15 @@ class Eagle3DraftModel(Eagle3PreTrainedModel):
                 `fuse(mask_hidden)`); `position_ids` (required) give the shape, no ids or states are passed.
             loss_function, loss_temperature, loss_eta: loss mode: the per-row objective (`losses.LOSSES`; default
                 `kl`), the temperature of both distributions (default 1) and `kl_tv`'s eta.
+            loss_target_index, loss_reverse_rows: loss mode, the on-policy stage: where each row's target is in
+                `verifier_last_hidden_states` and which rows take the reverse KL (`losses.fused_ttt_kl`).
         """
         if ttt_hidden_states is not None:
             objective = {}  # the default KL at T = 1: called exactly as before
             if (loss_function, loss_temperature) != ("kl", 1.0):
                 objective = dict(loss=loss_function, temperature=loss_temperature, eta=loss_eta)
+            if loss_target_index is not None or loss_reverse_rows is not None:
+                objective.update(target_index=loss_target_index, reverse=loss_reverse_rows)
             return self._ttt_loss(
                 ttt_hidden_states, verifier_last_hidden_states, loss_mask, loss_step_weights, **objective
             )

@@ -38,7 +38,16 @@ logger = get_logger(__name__)
 # The embedded data: real chats from the `chitchat-dataset` wheel; evaluation prompts come from chats far past them.
 EMBEDDED_CHATS, EMBEDDED_EVAL_OFFSET, EMBEDDED_EVAL_CHATS = 1200, 6000, 64
 # The run folder's entries (the pipeline's manifest records them; each stage records its own files inside).
-ENTRIES = ("chats.jsonl", "eval_chats.jsonl", "inputs", "data", "checkpoints", "logs", "draft")
+ENTRIES = (
+    "chats.jsonl",
+    "eval_chats.jsonl",
+    "inputs",
+    "data",
+    "checkpoints",
+    "checkpoints-on-policy",
+    "logs",
+    "draft",
+)
 
 
 @dataclass
@@ -56,6 +65,7 @@ class Pipeline:
         self.args = args
         self.out = Path(args.output_dir).resolve()
         self.data_dir, self.checkpoints = self.out / "data", self.out / "checkpoints"
+        self.on_policy_checkpoints = self.out / "checkpoints-on-policy"
         self.draft_dir, self.log_dir = self.out / "draft", self.out / "logs"
         self.sections = compose.stage_sections(args, cli_sections)
         self.overwrite = set(STAGES) if "all" in args.overwrite else set(args.overwrite)
@@ -150,7 +160,8 @@ class Pipeline:
         )
         self._run("vocab", vocab.run, compose.build("vocab", values))
 
-    def train_arguments(self, servers: list[str] | None = None):
+    def train_arguments(self, servers: list[str] | None = None, stage: str = "train"):
+        """The train stage's arguments; `stage="on_policy"`: the on-policy stage's, continuing train's final draft."""
         a = self.args
         wired = dict(
             verifier_name_or_path=a.verifier,
@@ -159,19 +170,26 @@ class Pipeline:
             log_dir=str(self.log_dir),
             **self._trust("train"),
         )
+        if stage == "on_policy":
+            wired.update(
+                output_dir=str(self.on_policy_checkpoints),
+                from_pretrained=str(self.last_draft(self.checkpoints)),
+                stage="on-policy",
+            )
         if a.verifier_hub_id:
             wired["verifier_hub_id"] = a.verifier_hub_id
         if a.online:
             wired.update(hidden_states_source=a.online_mode, hidden_states_servers=servers)
-        return compose.build("train", {**self._values("train"), **wired})
+        return compose.build("train", {**self._values(stage), **wired})
 
     def train(self) -> None:
+        """train, then (`--on-policy`) the on-policy stage, with the same hidden-state servers when online."""
         a = self.args
-        if not a.online:
-            self._train(*self.train_arguments(), env={})
-            return
-        if a.hidden_states_servers:  # a running fleet: nothing to start or stop
-            self._train(*self.train_arguments(a.hidden_states_servers), env={})
+        if not a.online or a.hidden_states_servers:  # offline, or a running fleet: nothing to start or stop
+            servers = a.hidden_states_servers if a.online else None
+            self._train(*self.train_arguments(servers), env={})
+            if a.on_policy:
+                self._train(*self.train_arguments(servers, "on_policy"), env={}, stage="on_policy")
             return
         with serve_for_training(
             a.verifier,
@@ -184,18 +202,25 @@ class Pipeline:
             trust_remote_code=a.trust_remote_code,
         ) as (urls, env):
             self._train(*self.train_arguments(urls), env=env)
+            if a.on_policy:
+                self._train(*self.train_arguments(urls, "on_policy"), env=env, stage="on_policy")
 
-    def _train(self, model_args, train_args, env: dict[str, str]) -> None:
+    def _train(self, model_args, train_args, env: dict[str, str], stage: str = "train") -> None:
         self.train_args = train_args  # evaluate scores exactly the samples it held out
         if self.args.accelerate_config or env:  # several processes, or the trainer's own GPUs / CPU threads
-            self._run("train", training.launch, model_args, train_args, self.args.accelerate_config, env)
+            self._run(stage, training.launch, model_args, train_args, self.args.accelerate_config, env)
         else:
-            self._run("train", training.run, model_args, train_args)
+            self._run(stage, training.run, model_args, train_args)
+
+    @staticmethod
+    def last_draft(folder: Path) -> Path:
+        """The last epoch draft in a training run's folder."""
+        epochs = sorted((int(p.name) for p in folder.glob("[0-9]*") if p.name.isdigit()), reverse=True)
+        return folder / str(epochs[0]) if epochs else folder / "missing"
 
     def final_checkpoint(self) -> Path:
-        """The last epoch draft under the run's checkpoints folder (what evaluate and export read)."""
-        epochs = sorted((int(p.name) for p in self.checkpoints.glob("[0-9]*") if p.name.isdigit()), reverse=True)
-        return self.checkpoints / str(epochs[0]) if epochs else self.checkpoints / "missing"
+        """The draft evaluate and export read: the on-policy stage's last one with `--on-policy`, else train's."""
+        return self.last_draft(self.on_policy_checkpoints if self.args.on_policy else self.checkpoints)
 
     def evaluate(self) -> None:
         a = self.args

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..utils import UserError
 
-STAGES = ("regenerate", "datagen", "vocab", "train", "evaluate", "export")
+STAGES = ("regenerate", "datagen", "vocab", "train", "on_policy", "evaluate", "export")
 PRESETS = ("general", "embedded")
 
 # Flags the pipeline used to declare for its stages -> the stage flags they set now.
@@ -48,7 +48,7 @@ class PipelineArguments:
     or a YAML file (`--config run.yaml`) with one section per stage whose keys are that stage's flags
     (`speculators-hf <stage> --help`) and this command's flags at the top level. Precedence: the preset's file
     (speculators_hf/pipeline/presets/), then yours, then the command line. Stages: regenerate, datagen, vocab, train,
-    evaluate, export."""
+    on_policy (train's flags; its values start from train's), evaluate, export."""
 
     verifier: str | None = field(
         default=None, metadata={"help": "Verifier hub id or folder (default: the offline kit's tiny peaked verifier)."}
@@ -86,6 +86,16 @@ class PipelineArguments:
             "help": "First regenerate the chats' responses with the verifier (on-policy data), then run datagen on "
             "them (default from the preset: general off, embedded on; `--regenerate false` turns it off).",
             "nargs": "?",  # a bare `--regenerate` means true
+            "const": True,
+        },
+    )
+    on_policy: bool | None = field(
+        default=None,
+        metadata={
+            "help": "After train, the on-policy stage (`train --stage on-policy`): the draft continues on its own "
+            "proposals, scored by the verifier; evaluate and export read its draft. Its section `on_policy:` "
+            "(`--on_policy.<flag>`) takes train's flags and starts from train's values (default from the preset).",
+            "nargs": "?",
             "const": True,
         },
     )

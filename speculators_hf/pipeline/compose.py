@@ -34,6 +34,15 @@ WIRED = {
     "datagen": ("target_model_path", "train_data_path", "output_dir", "tokens_only"),
     "vocab": ("token_freq_path", "target_model_path", "output_path"),
     "train": ("verifier_name_or_path", "data_path", "output_dir", "hidden_states_source", "hidden_states_servers"),
+    "on_policy": (
+        "verifier_name_or_path",
+        "data_path",
+        "output_dir",
+        "hidden_states_source",
+        "hidden_states_servers",
+        "from_pretrained",  # the train stage's final draft
+        "stage",
+    ),
     "evaluate": ("draft", "verifier", "prompts", "shards", "held_out_fraction", "held_out_seed"),
     "export": ("checkpoint", "output_dir", "data_path"),
 }
@@ -58,6 +67,7 @@ STAGE_TYPES: dict[str, tuple[type, ...]] = {
     "datagen": (DatagenArguments,),
     "vocab": (VocabArguments,),
     "train": (Eagle3ModelArguments, Eagle3TrainingArguments),
+    "on_policy": (Eagle3ModelArguments, Eagle3TrainingArguments),
     "evaluate": (EvaluateArguments,),
     "export": (ExportArguments,),
 }
@@ -104,7 +114,7 @@ def translate_moved(argv: list[str]) -> list[str]:
 
 def stage_sections(args: PipelineArguments, cli_sections: dict | None = None) -> dict[str, dict]:
     """Every stage's typed values: preset, then `args.stages` (YAML/JSON), then the command line's; wired keys
-    refused, followed keys filled in."""
+    refused, followed keys filled in; `on_policy` starts from `train`'s values."""
     given = args.stages
     if isinstance(given, str):
         given = parse_json(given, "--stages", fix="give a JSON object {stage: {flag: value}}")
@@ -132,6 +142,9 @@ def stage_sections(args: PipelineArguments, cli_sections: dict | None = None) ->
         sections[stage] = merged
     if args.regenerate is None:
         args.regenerate = bool(preset.get("pipeline", {}).get("regenerate", False))
+    if args.on_policy is None:
+        args.on_policy = bool(preset.get("pipeline", {}).get("on_policy", False))
+    sections["on_policy"] = {**sections["train"], **sections["on_policy"]}  # train's values unless set
     for stage, follows in FOLLOW.items():
         for flag, (source, source_flag) in follows.items():
             if flag not in sections[stage]:

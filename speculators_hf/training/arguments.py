@@ -26,6 +26,10 @@ from ..utils import UserError
 from .collator import LOSS_MASK_ALIGNMENTS
 
 LOGGERS = ("trackio", "wandb", "tensorboard")
+TRAINING_STAGES = ("ttt", "on-policy")  # --stage: the TTT objective on the data, or the on-policy stage after it
+ON_POLICY_TARGETS = ("verifier", "shards")
+ON_POLICY_REJECTED_LOSSES = ("reverse_kl", "same")
+DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")  # vLLM's `draft_sample_method`
 HIDDEN_STATES_SOURCES = ("offline", "online", "hybrid")
 # what each logger imports (transformers' TensorBoard callback takes torch's writer, which needs tensorboard, or X)
 LOGGER_PACKAGES = {"trackio": ("trackio",), "wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
@@ -61,6 +65,7 @@ TRAINING_RANGES = {
     "ttt_step_loss_decay": ("--ttt-step-loss-decay", POSITIVE),
     "loss_temperature": ("--loss-temperature", POSITIVE),
     "loss_eta": ("--loss-eta", NON_NEGATIVE),
+    "on_policy_temperature": ("--on-policy-temperature", NON_NEGATIVE),
     "total_seq_len": ("--total-seq-len", (lambda v: v >= 2, "an integer >= 2 (tokens per packed row)")),
     "eval_split": ("--eval-split", FRACTION),
     "hidden_states_noise": ("--hidden-states-noise", NON_NEGATIVE),
@@ -224,6 +229,17 @@ class Eagle3TrainingArguments(TrainingArguments):
     loss_temperature (`float`, defaults to 1.0): the temperature T both distributions are taken at (the serving
         temperature the objective aims at).
     loss_eta (`float`, defaults to 3.0): `kl_tv`'s eta.
+    stage (`str`, defaults to `"ttt"`): `ttt` (the TTT objective on the data's tokens) or `on-policy` (continue a
+        trained draft, `--from-pretrained`, on its own proposals scored by the verifier: `training/on_policy.py`).
+    on_policy_temperature (`float`, defaults to 0.0): the serving temperature the on-policy stage drafts and accepts
+        at (0: greedy proposals, accepted when they are the verifier's argmax).
+    on_policy_draft_sample_method (`str`, defaults to `"greedy"`): at T > 0, the draft proposes its argmax (accepted
+        with probability `p_T(d)`, vLLM's default) or a sample of `q_T` (`probabilistic`: `min(1, p_T(d) / q_T(d))`).
+    on_policy_targets (`str`, defaults to `"verifier"`): where the verifier's distributions after proposals that
+        left the data's tokens come from: `verifier` (the verifier, loaded in the training process, scores them in
+        one extra forward pass per batch) or `shards` (none: those rows do not count).
+    on_policy_rejected_loss (`str`, defaults to `"reverse_kl"`): the objective of a rejected proposal: `reverse_kl`
+        (`KL(q || p)`, forward `--loss` where accepted) or `same` (`--loss` everywhere).
     total_seq_len (`int`, defaults to 8192): tokens per packed row.
     loss_mask_alignment (`str`, defaults to `"predicted"`): row t counts when the token it predicts (`l_{t+2}`,
         "predicted") or the token it reads (`l_{t+1}`, "input", vllm-project/speculators) is an assistant token.
@@ -286,6 +302,42 @@ class Eagle3TrainingArguments(TrainingArguments):
         default=DEFAULT_LOSS_ETA,
         metadata={"help": "kl_tv: lambda = exp(-eta * acceptance) (KL while acceptance is low)."},
     )
+    stage: str = field(
+        default="ttt",
+        metadata={
+            "help": "ttt: the TTT objective on the data; on-policy: continue a trained draft (--from-pretrained) on "
+            "its own chained proposals, scored by the verifier (forward --loss where accepted, reverse KL where "
+            "rejected, nothing after a rejection).",
+            "choices": list(TRAINING_STAGES),
+        },
+    )
+    on_policy_temperature: float = field(
+        default=0.0,
+        metadata={"help": "On-policy: the temperature the draft proposes and the verifier accepts at (0: greedy)."},
+    )
+    on_policy_draft_sample_method: str = field(
+        default="greedy",
+        metadata={
+            "help": "On-policy at T > 0: greedy (the draft's argmax, accepted with probability p(d): vLLM's default "
+            "draft_sample_method) or probabilistic (a sample of q, accepted with probability min(1, p/q)).",
+            "choices": list(DRAFT_SAMPLE_METHODS),
+        },
+    )
+    on_policy_targets: str = field(
+        default="verifier",
+        metadata={
+            "help": "On-policy: verifier (the verifier, loaded here, scores proposals that left the data's tokens: "
+            "one extra forward per batch) or shards (no extra passes; such rows do not count).",
+            "choices": list(ON_POLICY_TARGETS),
+        },
+    )
+    on_policy_rejected_loss: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "On-policy: the objective of a rejected proposal: reverse_kl (KL(q||p)) or same (--loss).",
+            "choices": list(ON_POLICY_REJECTED_LOSSES),
+        },
+    )
     total_seq_len: int = field(default=8192, metadata={"help": "Tokens per packed row."})
     loss_mask_alignment: str = field(
         default="predicted",
@@ -345,6 +397,14 @@ class Eagle3TrainingArguments(TrainingArguments):
             self.eval_strategy = "epoch" if self.eval_split > 0 else "no"
         if self.loss not in LOSSES:
             raise UserError(f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}.")
+        for flag, value, choices in (
+            ("--stage", self.stage, TRAINING_STAGES),
+            ("--on-policy-targets", self.on_policy_targets, ON_POLICY_TARGETS),
+            ("--on-policy-rejected-loss", self.on_policy_rejected_loss, ON_POLICY_REJECTED_LOSSES),
+            ("--on-policy-draft-sample-method", self.on_policy_draft_sample_method, DRAFT_SAMPLE_METHODS),
+        ):
+            if value not in choices:
+                raise UserError(f"{flag} {value!r}: choose one of {', '.join(choices)}.")
         self.check_numbers()
         self.overwrite = self.overwrite or self.no_resume_from_checkpoint
         self.label_names = []  # the loss needs no labels; evaluation still computes it

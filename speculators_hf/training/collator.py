@@ -31,6 +31,9 @@ HIDDEN_KEYS = ("aux_hidden_states", "verifier_last_hidden_states")
 FETCH_STATS = "hidden_states_fetch_stats"
 # Batch keys of the samples in each row (`PackedDataset`'s `index`, -1 after the last) and which were skipped.
 SAMPLE_INDEX, SAMPLE_SKIPPED = "sample_index", "sample_skipped"
+# Batch key of the tokens the verifier read at each row's position (x_t; `input_ids` holds x_{t+1}): the on-policy
+# stage runs the verifier over the context again to score the draft's own continuations.
+VERIFIER_IDS = "verifier_input_ids"
 
 
 def align_sample(sample: dict[str, torch.Tensor], loss_mask_alignment: str = "predicted") -> dict[str, torch.Tensor]:
@@ -67,11 +70,16 @@ class DataCollatorForEagle3:
     also their scales `aux_hidden_states_scale` (`[B, S, L-1]`) and `verifier_last_hidden_states_scale` (`[B, S, 1]`)
     unless `dtype` is set (then the states are dequantized here). Samples from `PackedDataset` also give
     `sample_index` and `sample_skipped` (`[B, D]`, D = the most samples in a row), which the trainer counts.
+    With `verifier_ids`, also `verifier_input_ids` (`[B, S]`, `x_t` at row t, 0 on padding).
     """
 
     total_seq_len: int
     loss_mask_alignment: str = "predicted"
     dtype: torch.dtype | None = None  # the hidden states' dtype in the batch (None: as stored)
+    verifier_ids: bool = False  # also `verifier_input_ids` [B, S]: x_t, the token the verifier read at row t
+
+    def __post_init__(self):
+        self.keys = (*self.KEYS, VERIFIER_IDS) if self.verifier_ids else self.KEYS
 
     def __call__(self, packs: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
         batch = self._collate_states(packs)
@@ -93,7 +101,7 @@ class DataCollatorForEagle3:
         fp8 = SCALE_KEY in first
         if (fp8 and self.dtype is not None) or any(len(s["input_ids"]) < 2 for pack in packs for s in pack):
             rows = [self.pack_row(p) for p in packs]  # dequantized here, or one-token samples: the reference path
-            keys = (*self.KEYS, *(key for key in rows[0] if key not in self.KEYS))  # + the fp8 scales
+            keys = (*self.keys, *(key for key in rows[0] if key not in self.keys))  # + the fp8 scales
             return {key: torch.stack([row[key] for row in rows]) for key in keys}
         B, S = len(packs), self.total_seq_len
         states = first["hidden_states"]  # [T, L, H]
@@ -107,6 +115,8 @@ class DataCollatorForEagle3:
             "aux_hidden_states": torch.zeros(B, S, (L - 1) * H, dtype=dtype),
             "verifier_last_hidden_states": torch.zeros(B, S, H, dtype=dtype),
         }
+        if self.verifier_ids:
+            batch[VERIFIER_IDS] = torch.zeros(B, S, dtype=torch.long)
         if fp8:
             scale = first[SCALE_KEY]
             batch["aux_hidden_states_scale"] = torch.zeros(B, S, L - 1, dtype=scale.dtype)
@@ -129,6 +139,8 @@ class DataCollatorForEagle3:
                 end = start + n
                 for key in ("input_ids", "position_ids", "loss_mask"):
                     batch[key][b, start:end] = row[key]
+                if self.verifier_ids:
+                    batch[VERIFIER_IDS][b, start:end] = sample["input_ids"][:-1]
                 batch["document_ids"][b, start:end] = d
                 batch["aux_hidden_states"][b, start:end].view(n, L - 1, H).copy_(hs[:-1, :-1])
                 batch["verifier_last_hidden_states"][b, start:end].copy_(hs[1:, -1])
@@ -158,6 +170,9 @@ class DataCollatorForEagle3:
         out = {"document_ids": doc.long()}  # [S]
         for key in ("input_ids", "position_ids", "loss_mask"):
             out[key] = torch.cat([r[key].long() for r in rows] + [torch.zeros(pad, dtype=torch.long)])  # [S]
+        if self.verifier_ids:
+            tokens = [s["input_ids"][:-1].long() for s in samples]
+            out[VERIFIER_IDS] = torch.cat(tokens + [torch.zeros(pad, dtype=torch.long)])  # [S]
         fp8 = "aux_hidden_states_scale" in rows[0]
         if any(("aux_hidden_states_scale" in r) != fp8 for r in rows):
             raise ValueError("a pack mixes fp8 and unscaled hidden states (one data folder holds one storage dtype)")

@@ -27,6 +27,12 @@ from ..validation import bad_file, describe, read_json, read_json_if_exists, saf
 
 logger = get_logger(__name__)
 
+ON_POLICY_KEYS = (
+    "on_policy_temperature",
+    "on_policy_draft_sample_method",
+    "on_policy_targets",
+    "on_policy_rejected_loss",
+)
 RUN_KEY = "train"  # the run's manifest: <save-path>/.speculators_hf/train.json
 TRAINING_CONFIG_FILE = "training_config.json"  # the record inside every checkpoint and draft
 RUN_FINGERPRINT_KEY, RUN_INPUTS_KEY = "run_fingerprint", "run_inputs"  # keys of training_config.json
@@ -163,6 +169,9 @@ def run_inputs(model, args, data_path: str | Path, dataset, pretrained: str | Pa
             flags.pop(key)
     if flags.get("loss", "kl") != "kl_tv":  # eta weighs nothing else
         flags.pop("loss_eta", None)
+    if flags.get("stage") == "ttt":  # the on-policy stage's flags weigh nothing in a TTT run (nor did they exist)
+        for key in ("stage", *ON_POLICY_KEYS):
+            flags.pop(key, None)
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
     warm = {} if pretrained is None else {"--from-pretrained": pretrained_fingerprint(pretrained)}
     return {
@@ -180,6 +189,8 @@ def training_record(args, state, inputs: dict | None) -> dict:
     keys = ("ttt_steps", "ttt_step_loss_decay", "loss_mask_alignment", "total_seq_len", "hidden_states_noise")
     keys += LOSS_KEYS  # which objective: what evaluation and the model card say was trained
     record = {key: getattr(args, key) for key in keys}
+    if args.stage != "ttt":  # the on-policy stage: its rule, for the model card
+        record.update({key: getattr(args, key) for key in ("stage", *ON_POLICY_KEYS)})
     record["eval_split"] = args.eval_split  # the held-out samples: train_eval_split(n, eval_split, seed)
     record["eval_split_seed"] = args.data_seed or 0
     record["loss_mask_alignment_note"] = (

@@ -22,8 +22,9 @@ from ..modeling.pretrained import resolve_draft_folder
 from ..online.dataset import HIDDEN_STATES_REPORT, describe_report, hidden_states_report
 from ..replicas import to_argv
 from ..runstate import read_manifest, require_complete
-from ..utils import RunFailed, get_logger, write_json
+from ..utils import RunFailed, UserError, get_logger, write_json
 from .arguments import Eagle3ModelArguments, Eagle3TrainingArguments
+from .on_policy import ContinuationScorer, OnPolicyObjective
 from .records import RUN_KEY, claim_save_path, explicit_checkpoint, last_checkpoint, run_inputs
 from .setup import attach_hybrid_cache, build_datasets, build_draft
 from .trainer import Eagle3Trainer
@@ -46,6 +47,9 @@ class TrainResult:
         samples_skipped: sample reads skipped for unusable hidden states.
         hidden_states: online/hybrid runs: the hidden-states report (`hidden_states_report.json`).
         seconds: wall time of the run that produced this.
+        on_policy: `--stage on-policy`: acceptance per step over the run, tau, rows the verifier continued and what
+            its passes cost (`{"accept", "tau", "continued_rows", "verifier_tokens", "verifier_seconds"}`; the cost
+            is the first process's).
     """
 
     save_path: str
@@ -59,6 +63,7 @@ class TrainResult:
     hidden_states: dict | None
     seconds: float
     reused: bool = False  # True: the recorded result of a finished run with the same inputs (nothing ran)
+    on_policy: dict | None = None
 
 
 def train(
@@ -67,6 +72,7 @@ def train(
     """Check the inputs, build the draft, claim `--save-path` and train (resuming the same run's last complete
     checkpoint). Returns the Trainer, with `.result` (a `TrainResult`); a run found finished is not run again."""
     start = time.perf_counter()
+    check_stage(model_args, args)
     # Data: datagen shards, packed into rows of --total-seq-len tokens; a held-out split for evaluation
     train_dataset, eval_dataset, layer_ids = build_datasets(model_args, args)
     # Draft: embedding, lm_head rows and final norm from the verifier; checked against the data and d2t/t2d
@@ -84,6 +90,7 @@ def train(
         eval_dataset=eval_dataset,
         claim=run,
         run_inputs=inputs,
+        on_policy=on_policy_objective(model_args, args) if args.stage == "on-policy" and not run.finished else None,
     )
     if run.finished:
         logger.warning(
@@ -100,6 +107,35 @@ def train(
         write_json(run.path(HIDDEN_STATES_REPORT), trainer.result.hidden_states)
     run.finish(asdict(trainer.result), produced=trainer.result.samples_trained, what="trained samples")
     return trainer
+
+
+def check_stage(model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments) -> None:
+    """`--stage on-policy` continues a trained chained draft: one line when it has none to continue."""
+    if args.stage != "on-policy":
+        return
+    if not model_args.from_pretrained:
+        raise UserError(
+            "--stage on-policy continues a trained draft: pass --from-pretrained DRAFT (e.g. the <epoch>/ folder "
+            "of a train run, or an exported draft)."
+        )
+    if model_args.parallel_drafting:
+        raise UserError(
+            "--stage on-policy trains the chained draft on its own proposals; a --parallel-drafting draft proposes "
+            "all its tokens at once from the context: drop one of the two."
+        )
+
+
+def on_policy_objective(model_args: Eagle3ModelArguments, args: Eagle3TrainingArguments) -> OnPolicyObjective:
+    """The on-policy objective of `args`, with the verifier loaded on the training device when it scores the
+    draft's continuations (`--on-policy-targets verifier`)."""
+    scorer = None
+    if args.on_policy_targets == "verifier":
+        logger.info("On-policy stage: verifier %s scores the draft's continuations.", model_args.verifier_name_or_path)
+        scorer = ContinuationScorer.from_pretrained(
+            model_args.verifier_name_or_path, args.device, trust_remote_code=model_args.trust_remote_code
+        )
+    sample = args.on_policy_draft_sample_method == "probabilistic"
+    return OnPolicyObjective(args.on_policy_temperature, args.on_policy_rejected_loss, scorer, args.seed, sample)
 
 
 def run(
@@ -138,7 +174,13 @@ def _result(trainer: Eagle3Trainer, args: Eagle3TrainingArguments, start: float)
         samples_skipped=guard.skipped,
         hidden_states=hidden,
         seconds=round(time.perf_counter() - start, 1),
+        on_policy=_on_policy_result(trainer),
     )
+
+
+def _on_policy_result(trainer: Eagle3Trainer) -> dict | None:
+    """The on-policy stage's acceptance per step over the run and the verifier passes it cost (None: a TTT run)."""
+    return None if trainer.on_policy is None else trainer.on_policy.summary(trainer.accelerator)
 
 
 # ------------------------------------------------------------------------------------------ several processes

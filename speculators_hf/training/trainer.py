@@ -37,6 +37,7 @@ from .arguments import Eagle3TrainingArguments
 from .callbacks import DataFeed, EpochDrafts, StepGuard
 from .collator import FETCH_STATS, SAMPLE_INDEX, SAMPLE_SKIPPED, DataCollatorForEagle3
 from .data import add_uniform_noise
+from .on_policy import OnPolicyObjective
 from .records import CHECKPOINT, TRAINING_CONFIG_FILE, claim_save_path, run_inputs, write_training_record
 from .ttt_cache import TTTCache
 
@@ -45,7 +46,9 @@ logger = get_logger(__name__)
 __all__ = ["TRAINING_CONFIG_FILE", "Eagle3Trainer", "ttt_unroll"]
 
 
-def ttt_unroll(model, input_ids, aux, position_ids, attention_masks, parallel: bool = False) -> list[torch.Tensor]:
+def ttt_unroll(
+    model, input_ids, aux, position_ids, attention_masks, parallel: bool = False, propose=None
+) -> list[torch.Tensor]:
     """The K steps of the training forward over one packed batch; returns each step's final-norm states `[B, S, H]`.
 
     Chained (EAGLE-3): step k reads the ground-truth tokens shifted by k and the previous step's output state (not
@@ -54,15 +57,18 @@ def ttt_unroll(model, input_ids, aux, position_ids, attention_masks, parallel: b
     `modeling_eagle3`). Either way positions are + k and step k attends through `attention_masks[k]` (the TTT mask)
     to the keys of steps 0..k: step k writes slot k and reads slots 0..k of every layer (replay-safe under gradient
     checkpointing; no window eviction: the TTT masks, windowed ones too, index every step's keys).
+    With `propose` (the on-policy stage, `on_policy.OnPolicyObjective.start`), step k >= 1 reads the token ids
+    `propose` returned for step k - 1's states instead of the ground truth (it is called after every step).
     """
     cache = TTTCache()
-    hidden, states = None, []
+    hidden, states, proposed = None, [], None
     for k, attention_mask in enumerate(attention_masks):
         if parallel and k:
             inputs = dict(mask_slots=True)
         else:
             inputs = dict(
-                input_ids=shift_for_step(input_ids, k),  # teacher forcing: ground truth shifted by k
+                # teacher forcing: ground truth shifted by k (on-policy: the draft's own previous proposals)
+                input_ids=shift_for_step(input_ids, k) if proposed is None else proposed,
                 aux_hidden_states=aux if k == 0 else None,
                 hidden_states=hidden,  # the previous step's output, not detached
             )
@@ -76,6 +82,8 @@ def ttt_unroll(model, input_ids, aux, position_ids, attention_masks, parallel: b
         )
         states.append(out.normed_hidden_states)  # [B, S, H]
         hidden = out.hidden_states  # [B, S, H]
+        if propose is not None:
+            proposed = propose(out.normed_hidden_states)  # [B, S] verifier ids
     return states
 
 
@@ -91,6 +99,9 @@ class Eagle3Trainer(Trainer):
             without one, `train` claims the folder itself for the draft and `args`.
         run_inputs (`dict`, *optional*): what decides the weights (`records.run_inputs`), recorded in every checkpoint
             and draft.
+        on_policy (`on_policy.OnPolicyObjective`, *optional*): `--stage on-policy`: training batches unroll the
+            draft's own proposals and count what the verifier accepts (evaluation stays the TTT objective, comparable
+            across stages).
     """
 
     args: Eagle3TrainingArguments
@@ -104,13 +115,16 @@ class Eagle3Trainer(Trainer):
         data_collator=None,
         claim: Claim | None = None,
         run_inputs: dict | None = None,
+        on_policy: OnPolicyObjective | None = None,
         **kwargs,
     ):
         if getattr(model, "verifier_head", None) is None:
             raise UserError(VERIFIER_HEAD_MISSING)  # else every target would come from a random head
         args.apply_logging_env()
         if data_collator is None:
-            data_collator = DataCollatorForEagle3(args.total_seq_len, args.loss_mask_alignment)
+            data_collator = DataCollatorForEagle3(
+                args.total_seq_len, args.loss_mask_alignment, verifier_ids=on_policy is not None
+            )
         super().__init__(
             model=model,
             args=args,
@@ -128,10 +142,16 @@ class Eagle3Trainer(Trainer):
                 "every process holds the whole draft.",
                 self.accelerator.device.type,
             )
+        if on_policy is not None and self.is_fsdp_enabled:  # it runs the draft head and verifier head outside forward
+            raise UserError(
+                "--stage on-policy runs on one process or under DDP (accelerate_configs/ddp.yaml); FSDP shards the "
+                "draft and verifier heads it reads between forward passes: use a DDP config for this stage."
+            )
         self.model_accepts_loss_kwargs = False  # the loss is a per-row masked mean: let Trainer scale it for GA
         self._metrics: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._interval_start: dict[str, float | None] = {"train": None, "eval": None}
         self.claim = claim
+        self.on_policy = on_policy
         self.run_inputs = run_inputs  # recorded in every checkpoint and draft (`records.run_inputs`)
         self.feed, self.guard, self.drafts = DataFeed(), StepGuard(self), EpochDrafts(self)
         for callback in (self.feed, self.guard, self.drafts):
@@ -168,16 +188,24 @@ class Eagle3Trainer(Trainer):
             aux = add_uniform_noise(aux, self.args.hidden_states_noise)
 
         masks, parallel = self._attention_masks(document_ids), self.model.config.parallel_drafting
-        states = ttt_unroll(model, input_ids, aux, position_ids, masks, parallel)  # K x [B, S, H]
+        on_policy = self.on_policy if mode == "train" else None
+        draft = self.accelerator.unwrap_model(model)
+        propose = on_policy.start(draft, input_ids.device, self.state.global_step) if on_policy else None
+        states = ttt_unroll(model, input_ids, aux, position_ids, masks, parallel, propose)  # K x [B, S, H]
         K = len(states)
         valid = ttt_valid_rows(loss_mask, document_ids, K)  # [K, B, S]
         last = dequantize(
             inputs["verifier_last_hidden_states"], inputs.get("verifier_last_hidden_states_scale"), dtype
         )  # [B, S, H]
+        where = {}
+        if on_policy is not None:  # the rows the served draft reaches, their targets, and the rejected ones
+            valid, last, index, reverse = on_policy.step(draft, inputs, last, valid)
+            where = dict(loss_target_index=index, loss_reverse_rows=reverse)
         out = model(
             ttt_hidden_states=states,
             verifier_last_hidden_states=last,
             loss_mask=valid,
+            **where,
             loss_step_weights=[self.args.ttt_step_loss_decay**k for k in range(K)],
             loss_function=self.args.loss,
             loss_temperature=self.args.loss_temperature,
@@ -235,6 +263,8 @@ class Eagle3Trainer(Trainer):
         self._metrics[mode], self._interval_start[mode] = None, None
         if mode == "train":  # the same on every process: reduced together
             logs.update(self.feed.interval_logs(self.accelerator))
+            if self.on_policy is not None:
+                logs.update(self.on_policy.interval_logs(self.accelerator))
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------------------------------------------- saving
