@@ -176,8 +176,9 @@ def _no_gain(rec: dict) -> str:
 
 
 def _setting(row: dict) -> str:
-    """How a cell or per-load row served the draft (`grid.setup_name`); a card from before these axes: chain."""
-    method = row.get("draft_sample_method", "greedy")
+    """How a cell or per-load row served the draft (`grid.setup_name`; the method only at temperature > 0, where it
+    counts); a card from before these axes: chain."""
+    method = row.get("draft_sample_method", "greedy") if row.get("temperature", 0) > 0 else "greedy"
     return row.get("drafting", "chain") + ("" if method == "greedy" else f" + {method}")
 
 
