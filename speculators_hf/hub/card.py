@@ -12,9 +12,11 @@ import json
 from importlib.metadata import PackageNotFoundError, metadata
 from pathlib import Path
 
-from ..evaluation.card import EVAL_CARD_JSON, render_eval_card
+from ..evaluation.card import EVAL_CARD_JSON, render_eval_card, serving_sentence, serving_settings
 from ..formats.checkpoint import (
     DATA_CONFIG,
+    DRAFT_SAMPLE_METHODS,
+    DRAFTING,
     LOSS_KEYS,
     TRAINER_STATE,
     TRAINING_CONFIG,
@@ -97,28 +99,31 @@ def _project_link() -> str:
 
 
 def serve_commands(checkpoint: str | Path, repo_id: str) -> tuple[list[str], str]:
-    """`(vllm serve commands, a sentence about K)`: the explicit form uses the K the eval grid recommends, when the
-    checkpoint's eval card has a grid, else the K in `config.json` (what `vllm serve <repo>` alone uses)."""
+    """`(vllm serve commands, a sentence about K)`: the explicit form uses what the eval grid recommends (K, batch-size
+    schedule, drafting mode, draft_sample_method), when the checkpoint's eval card has a grid, else the K in
+    `config.json` (what `vllm serve <repo>` alone uses)."""
     checkpoint = Path(checkpoint)
     config = read_config(checkpoint)  # checked by check_checkpoint before
     verifier = config["speculators_config"]["verifier"]["name_or_path"]
     k_config = config["speculators_config"]["proposal_methods"][0]["speculative_tokens"]
-    recommendation = (_read_json(checkpoint / EVAL_CARD_JSON) or {}).get("recommendation")
+    card = _read_json(checkpoint / EVAL_CARD_JSON) or {}
+    recommendation = card.get("recommendation")
     if recommendation is not None and not (
         isinstance(recommendation, dict)
         and isinstance(recommendation.get("num_speculative_tokens"), int)
         and isinstance(recommendation.get("geomean_speedup"), (int, float))
+        and recommendation.get("drafting", "chain") in DRAFTING
+        and recommendation.get("draft_sample_method", "greedy") in DRAFT_SAMPLE_METHODS
     ):
         raise bad_file(
             str(checkpoint / EVAL_CARD_JSON),
-            '"recommendation" lacks num_speculative_tokens or geomean_speedup',
+            '"recommendation" lacks num_speculative_tokens or geomean_speedup, or names a drafting mode or '
+            "draft_sample_method vLLM does not take",
             "rerun evaluate --grid, or delete the card",
         )
-    k = recommendation["num_speculative_tokens"] if recommendation else k_config
-    schedule = recommendation.get("num_speculative_tokens_per_batch_size") if recommendation else None
-    if recommendation and not recommendation.get("speculate", True):
-        schedule = None
-    spec = json.dumps(speculative_config(config, repo_id, k, schedule))
+    settings = serving_settings(recommendation, k_config)
+    k, schedule = settings["num_speculative_tokens"], settings.get("per_batch_size")
+    spec = json.dumps(speculative_config(config, repo_id, **settings))
     commands = [f"vllm serve {repo_id}", f"vllm serve {verifier} --speculative-config '{spec}'"]
     note = (
         f"The first form reads the verifier and the number of speculative tokens ({k_config}) from this repo's "
@@ -136,6 +141,8 @@ def serve_commands(checkpoint: str | Path, repo_id: str) -> tuple[list[str], str
                 f" Since the best K differs across batch sizes, it sets K per batch size ({ranges}; K=0: no "
                 "drafting) with `num_speculative_tokens_per_batch_size`."
             )
+        if isinstance(card.get("grid"), dict) and "drafting" in recommendation:
+            note += f" {serving_sentence(card['grid'], recommendation)}"
         if not recommendation.get("speculate", True):
             note += " On the hardware of that grid no K beat the verifier alone: serve the verifier alone there."
     return commands, note

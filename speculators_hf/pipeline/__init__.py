@@ -24,7 +24,7 @@ from ..cli.accelerate_config import resolve_accelerate_config
 from ..commandline import run_command
 from ..datagen.holdout import hold_out_prompts
 from ..evaluation import eval_table
-from ..evaluation.card import recommendation_table
+from ..evaluation.card import recommendation_table, serving_settings
 from ..formats.checkpoint import read_config, speculative_config
 from ..online.fleet import serve_for_training
 from ..tiny_kit import tiny_verifier, write_chat_jsonl
@@ -283,13 +283,10 @@ def report(pipeline: Pipeline, result: PipelineResult) -> None:
     card = read_json(pipeline.results["evaluate"].card, fix="rerun with --overwrite evaluate")
     ran = ", ".join(f"{k} {v:.0f}s" for k, v in result.timings.items()) or "nothing (all stages up to date)"
     print(eval_table(card))
-    k, schedule = pipeline.sections["train"].get("ttt_steps", 3), None
     if card.get("grid"):
         print(recommendation_table(card))
         print(f"Plots: {', '.join(str(pipeline.draft_dir / f) for f in (card.get('plots') or {}).values())}")
-        k = card["recommendation"]["num_speculative_tokens"]
-        if card["recommendation"].get("speculate", True):
-            schedule = card["recommendation"].get("num_speculative_tokens_per_batch_size")
+    settings = serving_settings(card.get("recommendation"), pipeline.sections["train"].get("ttt_steps", 3))
     print(f"\nPipeline done in {result.seconds:.0f} s; ran: {ran}.")
     r = pipeline.results["train"].hidden_states
     if pipeline.args.online and r:
@@ -301,7 +298,7 @@ def report(pipeline: Pipeline, result: PipelineResult) -> None:
             f"skipped {r['skipped']}; left on disk: {left / 2**20:.2f} MiB of states"
         )
     print(f"Draft (served format): {pipeline.draft_dir}")
-    spec = speculative_config(read_config(pipeline.draft_dir), str(pipeline.draft_dir), k, schedule)
+    spec = speculative_config(read_config(pipeline.draft_dir), str(pipeline.draft_dir), **settings)
     print(f"Serve it: vllm serve {pipeline.args.verifier} --speculative-config '{json.dumps(spec)}'")
 
 
