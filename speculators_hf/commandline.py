@@ -141,8 +141,8 @@ def parse(parser: HfArgumentParser, argv: list[str] | None, sections: Sequence[s
 
 
 def split_section_flags(argv: list[str], sections: Sequence[str]) -> tuple[list[str], dict[str, dict[str, list]]]:
-    """Take `--<section>.<flag> VALUE...` and `--<section>.<flag>=VALUE` out of `argv`; a flag with no value is
-    `[]` (a bare boolean flag)."""
+    """Take `--<section>.<flag> VALUE...` and `--<section>.<flag>=VALUE` out of `argv` (dashes or underscores in
+    either); a flag with no value is `[]` (a bare boolean flag)."""
     rest: list[str] = []
     found: dict[str, dict[str, list]] = {name: {} for name in sections}
     i = 0
@@ -150,6 +150,7 @@ def split_section_flags(argv: list[str], sections: Sequence[str]) -> tuple[list[
         token = argv[i]
         head = token[2:].split("=", 1)[0] if token.startswith("--") else ""
         section, dot, flag = head.partition(".")
+        section = section.replace("-", "_")  # --on-policy.epochs is --on_policy.epochs
         if not dot or section not in found:
             rest.append(token)
             i += 1

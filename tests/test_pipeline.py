@@ -246,3 +246,9 @@ def test_pipeline_passes_train_from_pretrained_to_training(tmp_path):
     args, cli = parse(make_parser(PipelineArguments), [*argv, "--train.from-pretrained", "org/draft"], STAGES)
     model_args, _ = Pipeline(args, cli).train_arguments()
     assert model_args.from_pretrained == "org/draft" and not (tmp_path / "out").exists()
+    # the on-policy stage: train's values unless its own section sets them (dashes or underscores in its name)
+    extra = ["--train.lr", "1e-3", "--train.epochs", "3", "--on-policy.epochs", "1", "--on-policy"]
+    args, cli = parse(make_parser(PipelineArguments), [*argv, *extra], STAGES)
+    model_args, train_args = Pipeline(args, cli).train_arguments(stage="on_policy")
+    assert (train_args.stage, train_args.learning_rate, train_args.num_train_epochs) == ("on-policy", 1e-3, 1)
+    assert model_args.from_pretrained.endswith("checkpoints/missing")  # wired: train's final draft (none yet)
