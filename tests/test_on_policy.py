@@ -77,8 +77,8 @@ def test_the_rule_follows_the_served_draft_row_by_row(peaked_verifier_path, data
     d2t, t2d = load_vocab_mapping(data / "d2t.npy", data / "t2d.npy")
     draft = Eagle3DraftModel.from_verifier(str(peaked_verifier_path), d2t, t2d, aux_layer_ids=[1, 2, 3])
     dataset = ShardDataset(data)
-    samples = [dataset[i] for i in range(3)]
-    batch = DataCollatorForEagle3(total_seq_len=160, verifier_ids=True)([samples])
+    samples = [dataset[i] for i in range(2)]
+    batch = DataCollatorForEagle3(total_seq_len=100, verifier_ids=True)([samples])
     K, (B, S) = 3, batch["input_ids"].shape
     valid = ttt_valid_rows(batch["loss_mask"], batch["document_ids"], K)
     last = batch["verifier_last_hidden_states"]
