@@ -395,9 +395,8 @@ class Eagle3TrainingArguments(TrainingArguments):
             )
         if self.eval_strategy is None:
             self.eval_strategy = "epoch" if self.eval_split > 0 else "no"
-        if self.loss not in LOSSES:
-            raise UserError(f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}.")
         for flag, value, choices in (
+            ("--loss", self.loss, LOSSES),
             ("--stage", self.stage, TRAINING_STAGES),
             ("--on-policy-targets", self.on_policy_targets, ON_POLICY_TARGETS),
             ("--on-policy-rejected-loss", self.on_policy_rejected_loss, ON_POLICY_REJECTED_LOSSES),

@@ -189,7 +189,7 @@ class Eagle3Trainer(Trainer):
 
         masks, parallel = self._attention_masks(document_ids), self.model.config.parallel_drafting
         on_policy = self.on_policy if mode == "train" else None
-        draft = self.accelerator.unwrap_model(model)
+        draft = self.accelerator.unwrap_model(model) if on_policy else None
         propose = on_policy.start(draft, input_ids.device, self.state.global_step) if on_policy else None
         states = ttt_unroll(model, input_ids, aux, position_ids, masks, parallel, propose)  # K x [B, S, H]
         K = len(states)
