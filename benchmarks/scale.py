@@ -10,7 +10,8 @@ difference (what the stage itself held at most). Inputs are made once per N unde
 
 * `holdout`       `datagen.holdout.hold_out_prompts`: the pipeline's split of a local chat file (64 held out)
 * `source`        `datagen.sources.load_source`: JSONL -> Arrow (datasets' own cache in the work dir) + row checks
-* `tokenize`      `datagen.tokenize.tokenize_dataset` with the tiny kit's tokenizer and ChatML template (cache miss)
+* `tokenize`      `datagen.tokenize.tokenize_dataset` with the tiny kit's tokenizer and ChatML template (cache miss;
+                  `--num-proc` processes: the peak RSS is the parent's)
 * `datagen`       `datagen.run --tokens-only` (tokenization cached by the stage above): plan, shards of
                   --shard-size-mb 1 (~116k tokens, where a 1 GiB bf16 shard of Llama-3.1-8B holds 32k), index.json,
                   data_config.json, token_freq.pt
@@ -53,6 +54,7 @@ STAGES = (
     "regenerate_store",
     "eval_prompts",
 )
+NUM_PROC = int(os.environ.get("SCALE_NUM_PROC", "1"))  # tokenize's and datagen's --num-proc (set by --num-proc)
 WORDS = (
     "the of and to a in is it you that he was for on are with as I his they be at one have this from or had by hot "
     "word but what some we can out other were all there when up use your how said an each she which do their time if "
@@ -137,7 +139,7 @@ def stage_tokenize(n: int, work: Path, chats: Path):
 
     def go():
         raw = load_source(str(chats), cache_dir=str(work / "hf"))
-        tokenized, stats = tokenize_dataset(raw, tokenizer, 2048, None, str(work / "hf"))
+        tokenized, stats = tokenize_dataset(raw, tokenizer, 2048, None, str(work / "hf"), num_proc=NUM_PROC)
         return {"tokens": int(sum(tokenized["num_tokens"])), "skipped": stats["num_skipped"]}
 
     return go
@@ -155,6 +157,7 @@ def _datagen_args(work: Path, chats: Path):
         tokens_only=True,
         shard_size_mb=1,
         overwrite=True,
+        num_proc=NUM_PROC,
     )
 
 
@@ -312,6 +315,7 @@ def main(argv=None):
     p.add_argument("--work-dir", default=str(HERE / ".work" / "scale"))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per stage before it is given up")
     p.add_argument("--label", default="", help="a note recorded with each result (e.g. 'before')")
+    p.add_argument("--num-proc", type=int, default=1, help="tokenize's processes (datagen --num-proc)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -323,6 +327,7 @@ def main(argv=None):
     print(f"{platform.machine()}, python {platform.python_version()}, load {os.getloadavg()[0]:.1f}")
     print(f"{'stage':<17} {'N':>9} {'s':>8} {'base MiB':>9} {'peak MiB':>9} {'grown':>8}  info")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    env["SCALE_NUM_PROC"] = str(a.num_proc)
     for n in a.sizes:
         work = Path(a.work_dir) / f"n{n}"
         work.mkdir(parents=True, exist_ok=True)
@@ -339,6 +344,7 @@ def main(argv=None):
                 print(f"{stage:<17} {n:>9} FAILED (exit {proc.returncode}): {proc.stderr.strip()[-800:]}", flush=True)
                 continue
             row = json.loads(lines[-1]) | {"label": a.label, "load": round(os.getloadavg()[0], 1)}
+            row |= {"num_proc": a.num_proc} if stage in ("tokenize", "datagen") else {}
             with open(results, "a") as f:
                 f.write(json.dumps(row) + "\n")
             extra = {k: v for k, v in row.items() if k not in ("stage", "n", "seconds", "base_mib", "peak_mib",

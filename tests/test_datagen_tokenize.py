@@ -145,6 +145,21 @@ def test_map_cache_hit_and_misses(tokenizer, tmp_path):
     assert not tokenize_dataset(changed, tokenizer, 64, cache_dir=str(cache))[1]["cache_hit"]
 
 
+def test_processes_share_the_work_with_the_same_rows(tokenizer, tmp_path):
+    chats = [CHAT, CHAT[1:3], CHAT[:2], CHAT[:4], CHAT]
+    cache = tmp_path / "cache"
+    raw = load_source(str(_write_jsonl(tmp_path / "a.jsonl", chats)), cache_dir=str(cache))
+    shared, stats = tokenize_dataset(raw, tokenizer, 64, cache_dir=str(cache), num_proc=2)
+    assert not stats["cache_hit"] and stats["num_skipped"] == 1
+    again, stats2 = tokenize_dataset(raw, tokenizer, 64, cache_dir=str(cache), num_proc=2)
+    names = [f"tokenized-{stats['fingerprint']}_0000{rank}_of_00002.arrow" for rank in (0, 1)]
+    assert stats2["cache_hit"] and [f["filename"] for f in again.cache_files] == [
+        str(cache / "speculators_hf" / name) for name in names
+    ]
+    alone, stats3 = tokenize_dataset(raw, tokenizer, 64, cache_dir=str(tmp_path / "other"))
+    assert stats3["fingerprint"] == stats["fingerprint"] and alone.to_list() == shared.to_list()
+
+
 def test_all_skipped_explains_the_template(tokenizer, tmp_path):
     raw = Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}] * 3)
     with pytest.raises(UserError, match="all 3 chats were skipped.*--chat-template") as err:

@@ -34,6 +34,7 @@ NOT_FINGERPRINTED = (
     "gpu_memory_utilization",
     "overwrite",
     "trust_remote_code",  # consent to run the verifier's code: the data are the same either way
+    "num_proc",
 )
 
 
@@ -130,6 +131,7 @@ def prepare(args: DatagenArguments) -> Plan:
         chat_template,
         args.cache_dir,
         source=f"--train-data-path {args.train_data_path}",
+        num_proc=args.num_proc,
     )
 
     num_tokens = tokenized["num_tokens"][:]  # one read of the column: `column[i]` costs a table rebuild per row

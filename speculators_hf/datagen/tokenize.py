@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -166,11 +165,12 @@ def tokenize_conversation(
         return _skipped(f"template: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
     if not spans:
         return _skipped("no assistant turn")
-    input_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     cuts = sorted({0, len(full), *(c for span in spans for c in span)})
+    segments = list(zip(cuts[:-1], cuts[1:]))  # non-empty: the cuts are distinct
+    # one call for the whole text and every segment: each is encoded alone, as separate calls would
+    input_ids, *encoded = tokenizer([full, *(full[a:b] for a, b in segments)], add_special_tokens=False)["input_ids"]
     segment_ids, segment_mask = [], []
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        ids = tokenizer(full[a:b], add_special_tokens=False)["input_ids"] if b > a else []
+    for (a, b), ids in zip(segments, encoded):
         inside = any(s <= a and b <= e for s, e in spans)
         segment_ids += ids
         segment_mask += [int(inside)] * len(ids)
@@ -234,13 +234,16 @@ def tokenize_dataset(
     chat_template: str | None = None,
     cache_dir: str | None = None,
     source: str = "the chats",
+    num_proc: int = 1,
 ) -> tuple[Dataset, dict]:
     """Tokenize every chat; returns the tokenized dataset (one row per input row, skipped rows empty) and stats.
 
-    `source` names the chats in errors (e.g. `--train-data-path chats.jsonl`).
+    `source` names the chats in errors (e.g. `--train-data-path chats.jsonl`); `num_proc` processes share the work
+    (the rows and their order are the same for any value).
 
-    The result is cached under `<cache_dir>/speculators_hf/tokenized-<fingerprint>.arrow`; the fingerprint covers the
-    input dataset's own fingerprint, the tokenizer, the chat template, `seq_length` and this module's version.
+    The result is cached under `<cache_dir>/speculators_hf/tokenized-<fingerprint>.arrow` (one file per process,
+    `..._00000_of_00008.arrow`, with `num_proc` > 1); the fingerprint covers the input dataset's own fingerprint, the
+    tokenizer, the chat template, `seq_length` and this module's version.
     """
     fingerprint = hashlib.sha256(
         json.dumps(
@@ -255,7 +258,9 @@ def tokenize_dataset(
     root = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "speculators_hf"
     root.mkdir(parents=True, exist_ok=True)
     cache_file = root / f"tokenized-{fingerprint}.arrow"
-    cache_hit = cache_file.exists()
+    num_proc = max(1, min(num_proc, len(dataset)))
+    parts = [root / f"{cache_file.stem}_{rank:05d}_of_{num_proc:05d}.arrow" for rank in range(num_proc)]
+    cache_hit = cache_file.exists() or (num_proc > 1 and all(part.exists() for part in parts))  # datasets' names
     tokenized = dataset.map(
         _map_batch,
         fn_kwargs={"tokenizer": tokenizer, "seq_length": seq_length, "chat_template": chat_template},
@@ -265,6 +270,7 @@ def tokenize_dataset(
         new_fingerprint=fingerprint,
         cache_file_name=str(cache_file),
         load_from_cache_file=True,
+        num_proc=num_proc if num_proc > 1 else None,
         desc="Tokenizing chats",
     )
     reasons, merges = Counter(), 0
@@ -273,7 +279,7 @@ def tokenize_dataset(
         merges += sum(batch["boundary_merge"])
     stats = {
         "fingerprint": fingerprint,
-        "cache_file": str(cache_file),
+        "cache_file": tokenized.cache_files[0]["filename"],
         "cache_hit": cache_hit,
         "num_rows": len(tokenized),
         "num_skipped": sum(reasons.values()),
@@ -287,7 +293,7 @@ def tokenize_dataset(
         len(tokenized),
         stats["num_skipped"],
         "hit" if cache_hit else "miss",
-        os.fspath(cache_file),
+        ", ".join(f["filename"] for f in tokenized.cache_files),
     )
     return tokenized, stats
 
