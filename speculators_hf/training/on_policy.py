@@ -267,7 +267,11 @@ class OnPolicyObjective:
                 for k in range(1, K):
                     index[k] = torch.where(off[k] & continued, B * S * k + rows, index[k])
                 known = inside & (on_path | continued[None])
-                reached, accepted = self._accept(draft, targets, index, known, proposals, q_probs, uniform)
+                # only the continued rows' verdicts change: judge those again (rows are independent)
+                again = self._accept(draft, targets, index, known & continued[None], proposals, q_probs, uniform)
+                reached, accepted = (
+                    torch.where(continued[None], new, old) for new, old in zip(again, (reached, accepted))
+                )
         count = valid & known & reached  # [K, B, S]
         reverse = count & ~accepted if self.rejected_loss == "reverse_kl" else None
         self._add(count, accepted, continued)
