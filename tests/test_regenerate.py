@@ -185,8 +185,9 @@ def test_turns_last_and_truncation(peaked_verifier_path, chats, tmp_path):
         end = max(i for i, m in enumerate(src["messages"]) if m["role"] == "assistant")
         assert [dict(m) for m in row["messages"][:end]] == src["messages"][:end] and len(row["messages"]) == end + 1
 
-    # A turn cut at --max-new-tokens ends the conversation (kept by default) ...
-    cut = run(make_args(peaked_verifier_path, chats, tmp_path / "cut.jsonl", max_new_tokens=2, max_samples=3))
+    # With --after-truncation end, a turn cut at --max-new-tokens ends the conversation (kept by default) ...
+    cut_args = dict(max_new_tokens=2, max_samples=3, after_truncation="end")
+    cut = run(make_args(peaked_verifier_path, chats, tmp_path / "cut.jsonl", **cut_args))
     assert cut.truncated == cut.truncated_turns == 3 and cut.regenerated == 0
     assert all(len(r["messages"]) in (2, 3) for r in read_jsonl(tmp_path / "cut.jsonl"))  # [system,] user, answer
     # ... or dropped with --drop-truncated; nothing disappears silently (here nothing is left: the run fails).
@@ -639,7 +640,7 @@ def test_the_summary_line_counts_every_cut_turn_and_chat(peaked_verifier_path, t
     engine = Scripted(tokenizer, {"go on": ("and then", "length", True), "say hello": ("hello there", "stop", True),
                                   "spell wonderful": ("absolutely wonderful", "length", False),
                                   "tell a story": ("once upon", "length", True)})  # fmt: skip
-    args = make_args(peaked_verifier_path, chats, tmp_path / "out.jsonl", after_truncation="next-turn")
+    args = make_args(peaked_verifier_path, chats, tmp_path / "out.jsonl")  # --after-truncation next-turn: the default
     result = run(args, engine=engine)
     assert (result.written, result.regenerated, result.truncated, result.turns) == (2, 1, 2, 3)
     assert (result.truncated_turns, result.answered_turns, result.dropped_turns) == (3, 4, 1)

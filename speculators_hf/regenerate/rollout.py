@@ -14,9 +14,9 @@ assistant turn (token ids, with the verifier's chat template), `accept(generatio
   conversation ends with the model's call.
 - A turn cut at `--max-new-tokens` is kept and marked `finish_reason: "length"` in the output (datagen trains its
   tokens, not the end-of-turn token the template appends after it: the verifier never produced one). Then
-  `--after-truncation end` ends the conversation there; `next-turn` goes on to the next user turn, the cut answer in
-  the history as a client would send it back. `--drop-truncated` drops the cut turn and ends the conversation. A turn
-  cut because the context is full (`--max-model-len`) always ends it.
+  `--after-truncation next-turn` (default) goes on to the next user turn, the cut answer in the history as a client
+  would send it back; `end` ends the conversation there. `--drop-truncated` drops the cut turn and ends the
+  conversation. A turn cut because the context is full (`--max-model-len`) always ends it.
 - `finalize()` keeps only turns whose trained tokens round-trip through datagen's tokenisation (see `roundtrip`).
 """
 
@@ -49,7 +49,7 @@ class RolloutConfig:
     reasoning: str = "keep"
     max_turns: int | None = None
     drop_truncated: bool = False
-    after_truncation: str = "end"  # or "next-turn"
+    after_truncation: str = "next-turn"  # or "end"
     lock: threading.Lock = field(default_factory=threading.Lock)  # fast tokenizers are not safe across threads
 
 
