@@ -110,9 +110,11 @@ class JSONClient:
                 with self.session.request(method, url, json=body, timeout=seconds, stream=True) as response:
                     data = _read_body(response, url, end)
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as err:
-                if watch.expired:
+                reason = _reason(err)
+                # the watch, or the socket's read timeout if it fired first: the same budget ran out
+                if watch.expired or (reason == _READ_TIMEOUT and time.monotonic() >= end):
                     raise Retryable(url, f"no complete answer within {round(seconds, 1):g} s") from err
-                raise Retryable(url, _reason(err)) from err
+                raise Retryable(url, reason) from err
         status = response.status_code
         if status >= 400:
             problem = f"HTTP {status}" + (f": {_detail(data)}" if data.strip() else f" {response.reason or ''}")
@@ -145,6 +147,9 @@ def _read_body(response: requests.Response, url: str, end: float) -> bytes:
     return b"".join(chunks)
 
 
+_READ_TIMEOUT = "timed out waiting for an answer"
+
+
 def _reason(err: BaseException) -> str:
     """A failed connection or read, in a few words ("cannot connect (Connection refused)", "timed out")."""
     chain, seen = [], err
@@ -159,7 +164,7 @@ def _reason(err: BaseException) -> str:
     if any(isinstance(e, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)) for e in chain):
         return "cannot connect (timed out)"
     if any(isinstance(e, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)) for e in chain):
-        return "timed out waiting for an answer"
+        return _READ_TIMEOUT
     if isinstance(err, requests.ConnectionError) and not isinstance(err, requests.exceptions.ChunkedEncodingError):
         return f"connection failed ({describe(err)})"
     return f"connection lost ({describe(err)})"

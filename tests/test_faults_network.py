@@ -162,6 +162,25 @@ def test_online_fetch_fails_within_its_deadline(behaviour, fake):
     assert seconds < 2 + 1.5, seconds  # the deadline, one backoff check, no more
 
 
+def test_a_silent_server_reads_the_same_when_the_socket_times_out_first(fake, monkeypatch):
+    """The watch's timer and the socket's read timeout expire together; under load the socket may win the race (a
+    flaky message until 2026-12-07). Either way the answer did not come within the budget, and the line says so."""
+    from speculators_hf import http
+
+    late = http._Deadline.__init__
+
+    def watch_fires_late(self, seconds):
+        late(self, seconds + 5)
+
+    monkeypatch.setattr(http._Deadline, "__init__", watch_fires_late)
+    server = fake("silent")
+    client = http.JSONClient()
+    error, seconds = within(20, lambda: client.post(server.url + "/v1/completions", {}, timeout=1))
+    client.close()
+    assert isinstance(error, http.Retryable) and "no complete answer within 1 s" in str(error), error
+    assert seconds < 1 + 1.5, seconds
+
+
 @pytest.mark.parametrize("behaviour", ["trickle", "silent"])
 def test_server_engine_fails_within_its_deadline(behaviour, fake):
     from speculators_hf.regenerate.generation import GenerationRequest
