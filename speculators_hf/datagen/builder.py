@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
@@ -196,11 +197,16 @@ def _write_token_freq(plan: Plan, claim: runstate.Claim, replace_stale: bool) ->
 
 def write_token_freq(plan: Plan, path: Path) -> dict[int, int]:
     """Counts of loss-masked tokens over every kept sample, as `{token_id: count}` (the seed's layout)."""
-    counts: Counter = Counter()
-    for batch in plan.tokenized.select_columns(["input_ids", "loss_mask"]).iter(batch_size=1024):
-        for ids, mask in zip(batch["input_ids"], batch["loss_mask"]):
-            counts.update(t for t, m in zip(ids, mask) if m)
-    freq = {int(t): int(c) for t, c in sorted(counts.items())}
+    counts = np.zeros(0, dtype=np.int64)  # [V seen so far]
+    columns = plan.tokenized.select_columns(["input_ids", "loss_mask"]).with_format("arrow")
+    for batch in columns.iter(batch_size=8192):  # Arrow batches: the token lists are counted in numpy, not Python
+        ids = pc.list_flatten(batch["input_ids"]).to_numpy()
+        mask = pc.list_flatten(batch["loss_mask"]).to_numpy()
+        kept = np.bincount(ids[mask != 0])
+        if len(kept) > len(counts):
+            counts = np.pad(counts, (0, len(kept) - len(counts)))
+        counts[: len(kept)] += kept
+    freq = {int(t): int(counts[t]) for t in np.flatnonzero(counts)}
     save_pt(freq, path)
     return freq
 
