@@ -54,7 +54,7 @@ STAGES = (
     "regenerate_store",
     "eval_prompts",
 )
-NUM_PROC = int(os.environ.get("SCALE_NUM_PROC", "1"))  # tokenize's and datagen's --num-proc (set by --num-proc)
+NUM_PROC = 1  # tokenize's and datagen's --num-proc (a child sets it from its own --num-proc)
 WORDS = (
     "the of and to a in is it you that he was for on are with as I his they be at one have this from or had by hot "
     "word but what some we can out other were all there when up use your how said an each she which do their time if "
@@ -319,6 +319,8 @@ def main(argv=None):
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    global NUM_PROC
+    NUM_PROC = a.num_proc
     if a.child:
         work = Path(a.work_dir) / f"n{a.n}"
         child(a.child, a.n, work, work / "chats.jsonl")
@@ -327,13 +329,13 @@ def main(argv=None):
     print(f"{platform.machine()}, python {platform.python_version()}, load {os.getloadavg()[0]:.1f}")
     print(f"{'stage':<17} {'N':>9} {'s':>8} {'base MiB':>9} {'peak MiB':>9} {'grown':>8}  info")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    env["SCALE_NUM_PROC"] = str(a.num_proc)
     for n in a.sizes:
         work = Path(a.work_dir) / f"n{n}"
         work.mkdir(parents=True, exist_ok=True)
         write_chats(work / "chats.jsonl", n)
         for stage in a.stages:
             cmd = [sys.executable, __file__, "--child", stage, "--n", str(n), "--work-dir", a.work_dir]
+            cmd += ["--num-proc", str(a.num_proc)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env)
             except subprocess.TimeoutExpired:
