@@ -279,7 +279,8 @@ def run_command(
     moved: dict | None = None,
 ) -> int:
     """Parse, run `fn(*args)`, and turn user errors into one line on stderr (details after it) and exit status 2; a
-    failed run (`RunFailed`) or a fault of the machine (disk full, read-only folder) is one line and exit status 1."""
+    failed run (`RunFailed`) or a fault of the machine (disk full, read-only folder) is one line and exit status 1.
+    A process launched with others (`accelerate launch`) leaves its process group before it returns."""
     parser = make_parser(dataclass_types, prog=prog, epilog=epilog)
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
@@ -301,7 +302,18 @@ def run_command(
         fault.__cause__ = err
         _report(prog or parser.prog, fault, verbose)
         return fault.exit_code
+    finally:
+        leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Destroy the process group this process started (`accelerate launch`), if any, before the interpreter exits:
+    torch's finalizers tearing a gloo group down can abort a rank after a clean run ("terminate called without an
+    active exception"), and torchrun's exit barrier then holds every other node up to 300 s."""
+    dist = sys.modules.get("torch.distributed")  # a command that never imported torch started no group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _report(prog: str, err: Exception, verbose: bool) -> None:

@@ -7,6 +7,10 @@ The report holds the process's ranks, what accelerate chose, the checkpoint it r
 collectives made by the trainer's metric code (`_record`, `log`), which modules FSDP sharded and how large each
 process's piece of every parameter is, and how far each frozen parameter (verifier head, embedding) moved in training.
 With `DISTRIBUTED_TEST_PIDS` set, the process first writes its pid there (the test kills what is left on failure).
+With `DISTRIBUTED_TEST_EXITS` set, the process writes there, at interpreter exit, whether it still held its process
+group (`in group`) or had left it (`left`): torch's finalizers tearing a gloo group down can abort a rank after a clean
+run. With `DISTRIBUTED_TEST_WATCHDOG=S`, a process still running after S seconds prints every thread's stack and exits
+(a hang then shows where it hung in the launch's output, instead of only running out the test's time).
 
 `--stop-at-step N`: the last process stops (sleeps) at the end of optimizer step N, after writing its pid to
 `<save-path>/stopped-<process index>`, for the test to kill it there.
@@ -19,6 +23,8 @@ checkpoints, the full state dict of the saved drafts.
 
 from __future__ import annotations
 
+import atexit
+import faulthandler
 import json
 import os
 import runpy
@@ -151,6 +157,11 @@ def write_report(trainer, frozen: dict[str, torch.Tensor]) -> None:
 def main() -> None:
     if os.environ.get("DISTRIBUTED_TEST_PIDS"):
         Path(os.environ["DISTRIBUTED_TEST_PIDS"], str(os.getpid())).touch()
+    if os.environ.get("DISTRIBUTED_TEST_EXITS"):
+        exits = Path(os.environ["DISTRIBUTED_TEST_EXITS"], str(os.getpid()))
+        atexit.register(lambda: exits.write_text("in group" if dist.is_initialized() else "left"))
+    if os.environ.get("DISTRIBUTED_TEST_WATCHDOG"):
+        faulthandler.dump_traceback_later(float(os.environ["DISTRIBUTED_TEST_WATCHDOG"]), exit=True)
     argv = sys.argv[1:]
     if "--fsdp-on-cpu" in argv[:3]:
         argv.remove("--fsdp-on-cpu")

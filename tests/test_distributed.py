@@ -38,6 +38,7 @@ STEPS = 6  # 2 epochs x 3 optimizer steps
 # What must match the one-process run at every logged step (train and held-out).
 CURVE = ("loss", "grad_norm", "tokens", "acc_0", "acc_1", "cond_acc_1", "tau_sim", "eval_loss", "eval_tokens")
 CURVE += ("eval_acc_0", "eval_tau_sim")
+WATCHDOG = 240  # seconds: a worker still running then prints its threads' stacks and exits (see distributed_worker)
 
 
 def free_port() -> int:
@@ -69,16 +70,22 @@ def reference(tiny_verifier_path, data, tmp_path_factory):
 
 @pytest.fixture
 def launch(tmp_path):
-    """`launch(config, overrides, worker flags, train flags)`: `accelerate launch` of the worker; whatever is still
-    running when the test ends (a failed test) is killed."""
-    pids, procs = tmp_path / "pids", []
+    """`launch(config, overrides, worker flags, train flags)`: `accelerate launch` of the worker, its output in a file
+    (`proc.log`), never a pipe: a pipe nobody reads while the test waits on another launch fills up and blocks its
+    writer, and torchrun's exit barrier then holds every other node up to 300 s. Whatever is still running when the
+    test ends (a failed test) is killed."""
+    pids, exits, procs = tmp_path / "pids", tmp_path / "exits", []
     pids.mkdir()
+    exits.mkdir()
 
     def start(config: Path, overrides: list[str], worker: list[str], argv: list[str]) -> subprocess.Popen:
         cmd = [ACCELERATE, "launch", "--config_file", str(config), "--mixed_precision", "no", *overrides, WORKER]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DISTRIBUTED_TEST_PIDS": str(pids)}
-        procs.append(subprocess.Popen([*cmd, *worker, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, env=env))  # fmt: skip
+        env.update(DISTRIBUTED_TEST_EXITS=str(exits), DISTRIBUTED_TEST_WATCHDOG=str(WATCHDOG))
+        log = tmp_path / f"launch-{len(procs)}.log"
+        with log.open("w") as out:
+            procs.append(subprocess.Popen([*cmd, *worker, *argv], stdout=out, stderr=subprocess.STDOUT, env=env))
+        procs[-1].log = log
         return procs[-1]
 
     yield start
@@ -91,13 +98,25 @@ def launch(tmp_path):
         except (FileNotFoundError, ProcessLookupError):
             pass
     for proc in procs:
-        proc.communicate()
+        proc.wait()
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
+def output(proc: subprocess.Popen) -> str:
+    return proc.log.read_text(errors="replace")
+
+
+def finish(*procs: subprocess.Popen, timeout: float = WATCHDOG + 60) -> list[str]:
+    """Wait for every launch to exit 0 and return their outputs; the first that fails (or the first still running
+    after `timeout`) fails the test with its own output, without waiting for the others."""
+    deadline = time.time() + timeout
+    while any(proc.poll() is None for proc in procs):
+        failed = [proc for proc in procs if proc.poll() not in (None, 0)]
+        assert not failed, f"exit {failed[0].returncode}:\n{output(failed[0])[-4000:]}"
+        assert time.time() < deadline, f"still running after {timeout} s:\n{output(procs[0])[-4000:]}"
+        time.sleep(0.2)
+    for proc in procs:
+        assert proc.returncode == 0, f"exit {proc.returncode}:\n{output(proc)[-4000:]}"
+    return [output(proc) for proc in procs]
 
 
 def reports(save: Path) -> list[dict]:
@@ -153,9 +172,11 @@ def test_ddp_on_two_processes_equals_one_process(tiny_verifier_path, data, refer
     save = tmp_path / "ddp"
     proc = launch(CONFIGS / "cpu_ddp.yaml", ["--main_process_port", str(free_port())], [],
                   train_argv(tiny_verifier_path, data, save, *FLAGS))  # fmt: skip
-    out = finish(proc)
+    (out,) = finish(proc)
     first, second = reports(save)
     assert (first["process_index"], second["process_index"]) == (0, 1) and first["num_processes"] == 2
+    # each process left its process group before the interpreter's finalizers (which can abort a rank mid-teardown)
+    assert [p.read_text() for p in (tmp_path / "exits").iterdir()] == ["left", "left"]
     assert (first["should_save"], second["should_save"]) == (True, False)
     assert first["distributed_type"] == "DistributedType.MULTI_CPU"
     assert_same_run(reference, save, first["log_history"])
@@ -182,7 +203,7 @@ def test_fsdp2_on_two_cpu_processes_shards_and_resumes(tiny_verifier_path, data,
 
     def run():
         overrides = ["--num_processes", "2", "--main_process_port", str(free_port())]
-        return finish(launch(CONFIGS / "fsdp2.yaml", overrides, ["--fsdp-on-cpu"], argv))
+        return finish(launch(CONFIGS / "fsdp2.yaml", overrides, ["--fsdp-on-cpu"], argv))[0]
 
     run()
     ranks = reports(save)
@@ -241,7 +262,8 @@ def test_two_nodes_on_localhost_fail_on_a_stuck_node_and_resume(tiny_verifier_pa
         assert time.time() < deadline and all(n.poll() is None for n in nodes), "no node stopped at step 4"
         time.sleep(0.1)
     stopped = time.time()
-    out, _ = nodes[0].communicate(timeout=120)
+    nodes[0].wait(timeout=120)
+    out = output(nodes[0])
     waited = time.time() - stopped
     assert nodes[0].returncode != 0 and "Timed out waiting 20000ms" in out, out[-3000:]
     os.kill(int((save / "stopped-1").read_text()), signal.SIGKILL)  # the stuck process on the second machine
@@ -250,8 +272,7 @@ def test_two_nodes_on_localhost_fail_on_a_stuck_node_and_resume(tiny_verifier_pa
     print(f"\nthe first node failed {waited:.1f} s after the second stopped (--ddp-timeout 20)")
 
     port = free_port()
-    for node in start([]):
-        finish(node)
+    finish(*start([]))
     first, second = reports(save)
     assert first["resumed_from"] == second["resumed_from"] == str(save / "checkpoint-3")
     assert (first["process_index"], first["local_process_index"]) == (0, 0)

@@ -7,21 +7,13 @@
 
 from __future__ import annotations
 
-import torch.distributed as dist
-
 from ..commandline import run_command
 from .arguments import Eagle3ModelArguments, Eagle3TrainingArguments
 from .stage import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run_command((Eagle3ModelArguments, Eagle3TrainingArguments), run, argv, prog="speculators-hf train")
-    finally:
-        # A launched process leaves its process group before the interpreter exits: a gloo group torn down by the
-        # interpreter's finalizers can abort ("terminate called without an active exception") after a clean run.
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    return run_command((Eagle3ModelArguments, Eagle3TrainingArguments), run, argv, prog="speculators-hf train")
 
 
 if __name__ == "__main__":
