@@ -193,3 +193,42 @@ def test_acceptance_at_a_temperature_is_the_rejection_samplers(sample):
     accepted = objective.outcome(lambda z: z, target_logits, ids.view(-1), q.view(-1), uniform)
     p = torch.softmax(target_logits / 0.7, dim=-1).gather(1, ids.view(-1, 1))[:, 0]
     assert torch.equal(accepted, uniform < p / q.view(-1)) and 0 < accepted.sum() < 150
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_serves_a_warm_started_on_policy_draft_as_we_draft(peaked_verifier_path, data, trained, tmp_path):
+    """The options of the recipe chained into one draft: `--from-pretrained` (warm start) with `--loss kl_tv`, then
+    `--stage on-policy`; exported, vLLM serves it (auto mode) with the verifier's greedy output and our engine's
+    acceptance per position (a strong draft's parity: tests/test_vllm_serving.py)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from speculators_hf.evaluation.online import evaluate_transformers, greedy_baseline
+    from speculators_hf.evaluation.vllm_engine import evaluate_vllm
+    from speculators_hf.export import export_checkpoint
+    from tests.draft_fit import chat_prompts
+
+    warm, on_policy = tmp_path / "warm", tmp_path / "op"
+    flags = ("--max-steps", "2", "--save-strategy", "no")
+    argv = train_argv(peaked_verifier_path, data, warm, "--from-pretrained", str(trained), "--loss", "kl_tv", *flags)
+    assert main(argv) == 0
+    argv = train_argv(peaked_verifier_path, data, on_policy, "--stage", "on-policy", *flags)
+    assert main([*argv, "--from-pretrained", str(warm / "0")]) == 0
+    record = json.loads((on_policy / "0" / "training_config.json").read_text())
+    assert record["stage"] == "on-policy"
+    exported, _ = export_checkpoint(on_policy / "0", tmp_path / "served", verifier_hub_id=str(peaked_verifier_path))
+
+    k, max_new = 3, 16
+    verifier = AutoModelForCausalLM.from_pretrained(peaked_verifier_path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(peaked_verifier_path)
+    prompts = chat_prompts(tokenizer, 4, offset=500)
+    reference, _ = greedy_baseline(verifier, prompts, max_new, tokenizer.eos_token_id)
+    draft = Eagle3DraftModel.from_pretrained(on_policy / "0").eval()
+    ours = evaluate_transformers(draft, verifier, prompts, k, max_new, tokenizer.eos_token_id, baseline=False)
+    served = evaluate_vllm(exported, None, prompts, k, max_new, mode="auto", max_model_len=256)
+    print(f"\ntau transformers {ours.tau:.3f} {ours.acceptance_per_position} | vllm {served.tau:.3f} "
+          f"{served.acceptance_per_position}")  # fmt: skip
+    assert ours.output_ids == reference and served.output_ids == reference
+    assert served.num_drafts > 0 and served.num_draft_tokens == k * served.num_drafts
+    assert abs(ours.tau - served.tau) < 0.35  # (a weak draft: 16 human-response chats; the parity is the point)
+    assert all(abs(a - b) < 0.15 for a, b in zip(ours.acceptance_per_position, served.acceptance_per_position))
