@@ -22,25 +22,27 @@ def data(tiny_verifier_path, tmp_path_factory):
     return make_training_data(tiny_verifier_path, tmp_path_factory.mktemp("data"), num_samples=16, max_len=64)
 
 
-def _run(argv, cwd, **kwargs):
-    return subprocess.Popen(
-        [sys.executable, EXAMPLE, *argv],
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        **kwargs,
-    )
+def _run(argv, cwd, name: str) -> subprocess.Popen:
+    """The example in a process, its stderr in `<cwd>/<name>.err` (a pipe nobody reads while waiting could fill up
+    and block it)."""
+    with open(Path(cwd) / f"{name}.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, EXAMPLE, *argv], cwd=cwd, stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    proc.err = Path(cwd) / f"{name}.err"
+    return proc
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, proc.err.read_text()[-3000:]
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_verifier_path, data, tmp_path):
     common = ["--epochs", "3", "--total-seq-len", "128", "--hidden-states-noise", "0.05"]
-    full = _run(train_argv(tiny_verifier_path, data, tmp_path / "full", *common), tmp_path)
-    assert full.wait(timeout=300) == 0, full.stderr.read()[-3000:]
+    _finish(_run(train_argv(tiny_verifier_path, data, tmp_path / "full", *common), tmp_path, "full"))
 
     killed_dir = tmp_path / "killed"
-    proc = _run(train_argv(tiny_verifier_path, data, killed_dir, *common), tmp_path)
+    proc = _run(train_argv(tiny_verifier_path, data, killed_dir, *common), tmp_path, "killed")
     deadline = time.time() + 300
     while not (killed_dir / "0" / "model.safetensors").exists():  # killed during the second epoch
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
@@ -49,8 +51,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_verifier_path, data, t
     proc.wait()
     assert not (killed_dir / "2").exists()
 
-    resumed = _run(train_argv(tiny_verifier_path, data, killed_dir, *common), tmp_path)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    _finish(_run(train_argv(tiny_verifier_path, data, killed_dir, *common), tmp_path, "resumed"))
     a = load_file(tmp_path / "full" / "2" / "model.safetensors")
     b = load_file(killed_dir / "2" / "model.safetensors")
     assert a.keys() == b.keys()
