@@ -5,6 +5,7 @@ import re
 from importlib.util import find_spec
 from pathlib import Path
 
+import datasets
 import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
@@ -152,12 +153,35 @@ def test_processes_share_the_work_with_the_same_rows(tokenizer, tmp_path):
     shared, stats = tokenize_dataset(raw, tokenizer, 64, cache_dir=str(cache), num_proc=2)
     assert not stats["cache_hit"] and stats["num_skipped"] == 1
     again, stats2 = tokenize_dataset(raw, tokenizer, 64, cache_dir=str(cache), num_proc=2)
-    names = [f"tokenized-{stats['fingerprint']}_0000{rank}_of_00002.arrow" for rank in (0, 1)]
+    names = [f"tokenized-{stats['fingerprint']}-i32u8_0000{rank}_of_00002.arrow" for rank in (0, 1)]
     assert stats2["cache_hit"] and [f["filename"] for f in again.cache_files] == [
         str(cache / "speculators_hf" / name) for name in names
     ]
     alone, stats3 = tokenize_dataset(raw, tokenizer, 64, cache_dir=str(tmp_path / "other"))
     assert stats3["fingerprint"] == stats["fingerprint"] and alone.to_list() == shared.to_list()
+
+
+def test_the_cache_holds_five_bytes_per_token_and_an_older_one_is_not_misread(tokenizer, tmp_path):
+    """ids int32 and the mask uint8 (the inferred int64 mask took 12 bytes per token). A cache of the inferred types
+    (an earlier version's) is left alone and tokenized anew, with the same fingerprint and rows."""
+    from speculators_hf.tiny_kit import chitchat_conversations
+
+    raw = Dataset.from_list([{"messages": c} for c in chitchat_conversations(200)])
+    tokenized, stats = tokenize_dataset(raw, tokenizer, 512, cache_dir=str(tmp_path / "cache"))
+    tokens = sum(tokenized["num_tokens"])
+    assert tokenized.features["input_ids"].feature.dtype == "int32"
+    assert tokenized.features["loss_mask"].feature.dtype == "uint8"
+    assert Path(stats["cache_file"]).stat().st_size / tokens < 6.5, stats["cache_file"]  # + Arrow's offsets
+
+    older = tmp_path / "cache" / "speculators_hf" / f"tokenized-{stats['fingerprint']}.arrow"  # an earlier name
+    tokenized.cast_column("loss_mask", datasets.List(datasets.Value("int64"))).save_to_disk(tmp_path / "old")
+    [arrow] = (tmp_path / "old").glob("*.arrow")
+    older.write_bytes(arrow.read_bytes())
+    Path(stats["cache_file"]).unlink()
+    again, stats2 = tokenize_dataset(raw, tokenizer, 512, cache_dir=str(tmp_path / "cache"))
+    assert not stats2["cache_hit"] and stats2["fingerprint"] == stats["fingerprint"]
+    assert again.features == tokenized.features and again.to_list() == tokenized.to_list()
+    assert older.read_bytes() == arrow.read_bytes()  # not ours to replace
 
 
 def test_all_skipped_explains_the_template(tokenizer, tmp_path):

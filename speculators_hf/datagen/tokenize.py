@@ -42,6 +42,19 @@ from .sources import CUT, chat_tools, normalize_messages
 logger = get_logger(__name__)
 
 TOKENIZE_VERSION = 2  # bump when the function below changes what it produces, so old caches are not reused
+# The cached columns' types: 5 bytes per token (ids int32, mask uint8) where inferred types took 12 (an int64 mask).
+# They name the cache file, not the fingerprint (the rows are the same): datasets refuses to read a file of other
+# types, so a cache of the inferred types is a miss, re-tokenized once, while the fingerprint datagen records stays.
+FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "loss_mask": datasets.List(datasets.Value("uint8")),
+        "num_tokens": datasets.Value("int64"),
+        "skip_reason": datasets.Value("string"),
+        "boundary_merge": datasets.Value("bool"),
+    }
+)
+CACHE_LAYOUT = "i32u8"
 _EMPTY_THINK = re.compile(r"\s*<think>\s*</think>\s*")  # an empty reasoning block is not supervised
 _MARK = "\ue000"  # a private-use character, put after each assistant content to find where it ends in the rendering
 
@@ -241,9 +254,9 @@ def tokenize_dataset(
     `source` names the chats in errors (e.g. `--train-data-path chats.jsonl`); `num_proc` processes share the work
     (the rows and their order are the same for any value).
 
-    The result is cached under `<cache_dir>/speculators_hf/tokenized-<fingerprint>.arrow` (one file per process,
-    `..._00000_of_00008.arrow`, with `num_proc` > 1); the fingerprint covers the input dataset's own fingerprint, the
-    tokenizer, the chat template, `seq_length` and this module's version.
+    The result is cached under `<cache_dir>/speculators_hf/tokenized-<fingerprint>-i32u8.arrow` (one file per
+    process, `..._00000_of_00008.arrow`, with `num_proc` > 1); the fingerprint covers the input dataset's own
+    fingerprint, the tokenizer, the chat template, `seq_length` and this module's version.
     """
     fingerprint = hashlib.sha256(
         json.dumps(
@@ -257,7 +270,7 @@ def tokenize_dataset(
     ).hexdigest()[:16]
     root = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "speculators_hf"
     root.mkdir(parents=True, exist_ok=True)
-    cache_file = root / f"tokenized-{fingerprint}.arrow"
+    cache_file = root / f"tokenized-{fingerprint}-{CACHE_LAYOUT}.arrow"
     num_proc = max(1, min(num_proc, len(dataset)))
     parts = [root / f"{cache_file.stem}_{rank:05d}_of_{num_proc:05d}.arrow" for rank in range(num_proc)]
     cache_hit = cache_file.exists() or (num_proc > 1 and all(part.exists() for part in parts))  # datasets' names
@@ -267,7 +280,8 @@ def tokenize_dataset(
         batched=True,
         batch_size=256,
         remove_columns=dataset.column_names,
-        new_fingerprint=fingerprint,
+        features=FEATURES,
+        new_fingerprint=f"{fingerprint}-{CACHE_LAYOUT}",
         cache_file_name=str(cache_file),
         load_from_cache_file=True,
         num_proc=num_proc if num_proc > 1 else None,
