@@ -273,6 +273,8 @@ def test_two_nodes_on_localhost_fail_on_a_stuck_node_and_resume(tiny_verifier_pa
 
     port = free_port()
     finish(*start([]))
+    # the rank that failed on the timeout left its group too (the killed one recorded nothing), as did both reruns
+    assert sorted(p.read_text() for p in (tmp_path / "exits").iterdir()) == ["left"] * 3
     first, second = reports(save)
     assert first["resumed_from"] == second["resumed_from"] == str(save / "checkpoint-3")
     assert (first["process_index"], first["local_process_index"]) == (0, 0)
