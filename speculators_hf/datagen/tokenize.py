@@ -54,7 +54,7 @@ FEATURES = datasets.Features(
         "boundary_merge": datasets.Value("bool"),
     }
 )
-CACHE_LAYOUT = "i32u8"
+CACHE_LAYOUT = "i32u8"  # the types above, in the cache file's name: change it with them
 _EMPTY_THINK = re.compile(r"\s*<think>\s*</think>\s*")  # an empty reasoning block is not supervised
 _MARK = "\ue000"  # a private-use character, put after each assistant content to find where it ends in the rendering
 
